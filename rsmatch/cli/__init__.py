@@ -1,0 +1,1 @@
+"""Command-line entry points (thin: parse, then call the library)."""

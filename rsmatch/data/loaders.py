@@ -1,0 +1,169 @@
+"""Training data in RAM as uint8 tensors, and batches that are a pure function of the step.
+
+The global batch at step k is drawn from generators seeded by (seed, stream, k or epoch), and
+each rank takes its contiguous slice. So resuming needs only the step counter, and the global
+batch (indices and augmentation draws) is the same for any number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+
+from rsmatch.config import DataConfig
+from rsmatch.data import augment
+from rsmatch.data.benchmark import SplitSpec, build_split, load_benchmark
+from rsmatch.data.sources import decode, load_real, load_synthetic
+
+# Stream ids keep the random draws of different consumers independent.
+LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from an arbitrary tuple of ints (e.g. seed, stream, step)."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Provenance:
+    """Ground truth about the unlabeled pool: evaluation and the real-only oracle only."""
+
+    is_synthetic: torch.Tensor  # [N_u] bool
+    generator: list[str]
+
+
+@dataclass
+class TrainData:
+    labeled: torch.Tensor  # [N_l, 3, H, W] uint8
+    labeled_y: torch.Tensor
+    unlabeled: torch.Tensor  # [N_u, 3, H, W] uint8; labels are never loaded
+    test: torch.Tensor
+    test_y: torch.Tensor
+    class_names: list[str]
+    provenance: Provenance
+    split_meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_benchmark_from_config(cfg: DataConfig) -> tuple[datasets.DatasetDict, dict]:
+    """A saved benchmark (`data.benchmark`) or one built from the sources by `split_seed`."""
+    if cfg.benchmark:
+        return load_benchmark(cfg.benchmark)
+    real = load_real(cfg.real)
+    synthetic = {g: load_synthetic(p, real.class_names) for g, p in sorted(cfg.synthetic.items())}
+    spec = SplitSpec(
+        cfg.labels_per_class, cfg.replace_ratio, cfg.unlabeled_per_class, cfg.split_seed
+    )
+    meta = {"real": cfg.real, "synthetic": dict(cfg.synthetic), **spec.__dict__}
+    return build_split(real, synthetic, spec), meta
+
+
+def load_train_data(cfg: DataConfig) -> TrainData:
+    dd, meta = load_benchmark_from_config(cfg)
+    unlabeled = dd["unlabeled"]
+    is_synthetic = torch.tensor(unlabeled["is_synthetic"], dtype=torch.bool)
+    generators = list(unlabeled["generator"])
+    if cfg.real_only:  # the oracle: the single training path allowed to read provenance
+        keep = torch.flatnonzero(~is_synthetic)
+        unlabeled = unlabeled.select(keep.tolist())
+        is_synthetic = is_synthetic[keep]
+        generators = [generators[i] for i in keep.tolist()]
+    return TrainData(
+        labeled=decode(dd["labeled"]),
+        labeled_y=torch.tensor(dd["labeled"]["label"]),
+        unlabeled=decode(unlabeled),
+        test=decode(dd["test"]),
+        test_y=torch.tensor(dd["test"]["label"]),
+        class_names=dd["test"].features["label"].names,
+        provenance=Provenance(is_synthetic, generators),
+        split_meta={**meta, "real_only": cfg.real_only},
+    )
+
+
+class IndexStream:
+    """Endless epochs of a seeded permutation of range(n); batch k is a pure function of k."""
+
+    def __init__(self, n: int, batch: int, seed: int, stream: int) -> None:
+        self.n, self.batch, self.seed, self.stream = n, batch, seed, stream
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(
+                self.n, generator=step_generator(self.seed, self.stream, epoch)
+            )
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        positions = torch.arange(step * self.batch, (step + 1) * self.batch)
+        out = torch.empty(self.batch, dtype=torch.long)
+        for epoch in positions.div(self.n, rounding_mode="floor").unique().tolist():
+            sel = positions // self.n == epoch
+            out[sel] = self._permutation(epoch)[positions[sel] % self.n]
+        return out
+
+
+@dataclass
+class Batch:
+    """A rank's share of the global batch; images are augmented uint8 views."""
+
+    x_lb: torch.Tensor
+    y_lb: torch.Tensor
+    idx_lb: torch.Tensor
+    x_lb_s: torch.Tensor | None = None  # strong labeled view (RSMatch option)
+    u_w: torch.Tensor | None = None
+    u_s: torch.Tensor | None = None
+    idx_ulb: torch.Tensor | None = None
+
+
+class BatchMaker:
+    """Builds the batch of step k for one rank of `world` processes."""
+
+    def __init__(
+        self,
+        data: TrainData,
+        batch_size: int,
+        uratio: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+        unlabeled: bool = True,
+        strong_labeled: bool = False,
+    ) -> None:
+        self.data, self.seed, self.device = data, seed, device
+        self.b, self.ub = batch_size, batch_size * uratio
+        self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world
+        self.ulo, self.uhi = self.lo * uratio, self.hi * uratio
+        self.use_unlabeled, self.strong_labeled = unlabeled, strong_labeled
+        self.lb_stream = IndexStream(len(data.labeled), batch_size, seed, LABELED)
+        self.ulb_stream = IndexStream(len(data.unlabeled), self.ub, seed, UNLABELED)
+
+    def __call__(self, step: int) -> Batch:
+        d, dev = self.data, self.device
+        gen = step_generator(self.seed, AUG_LABELED, step)
+        idx = self.lb_stream.indices(step)[self.lo : self.hi]
+        weak = augment.sample_weak(self.b, gen)[self.lo : self.hi].to(dev)
+        strong = augment.sample_strong(self.b, gen)[self.lo : self.hi].to(dev)
+        x = d.labeled[idx].to(dev, non_blocking=True)
+        batch = Batch(augment.apply_weak(x, weak), d.labeled_y[idx].to(dev), idx.to(dev))
+        if self.strong_labeled:
+            batch.x_lb_s = augment.apply_strong(x, strong)
+        if self.use_unlabeled:
+            gen = step_generator(self.seed, AUG_UNLABELED, step)
+            uidx = self.ulb_stream.indices(step)[self.ulo : self.uhi]
+            weak = augment.sample_weak(self.ub, gen)[self.ulo : self.uhi].to(dev)
+            strong = augment.sample_strong(self.ub, gen)[self.ulo : self.uhi].to(dev)
+            u = d.unlabeled[uidx].to(dev, non_blocking=True)
+            batch.u_w = augment.apply_weak(u, weak)  # own crop and flip, as in USB
+            batch.u_s = augment.apply_strong(u, strong)
+            batch.idx_ulb = uidx.to(dev)
+        return batch

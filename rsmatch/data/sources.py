@@ -1,0 +1,147 @@
+"""Load real and synthetic image sources as `datasets.Dataset`s with columns `image`, `label`.
+
+A real source is a Hub id (`uoft-cs/cifar10`), a folder with `train/` and `test/` holding one
+subfolder per class, or a DatasetDict saved with `save_to_disk`. A synthetic source is a folder
+with one subfolder per class or a saved Dataset. Image files are stored as their original bytes
+(no re-encoding), so real and synthetic images keep exactly the compression they came with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+LABEL_COLUMNS = ("label", "fine_label", "labels")  # uoft-cs/cifar100 uses fine_label
+
+
+class SourceError(ValueError):
+    """A source that cannot be used; the message names the path or id."""
+
+
+@dataclass
+class RealSource:
+    train: datasets.Dataset
+    test: datasets.Dataset
+    class_names: list[str]
+
+
+def _features(class_names: list[str]) -> datasets.Features:
+    return datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)}
+    )
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_class_folder(root: Path, class_names: list[str] | None = None) -> datasets.Dataset:
+    """One subfolder per class; the class index is the position of its name in `class_names`
+    (sorted folder names when not given). Unknown class folders are an error."""
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder")
+    folders = _class_folders(root)
+    if not folders:
+        raise SourceError(f"{root}: no class subfolders")
+    names = class_names or [f.name for f in folders]
+    unknown = [f.name for f in folders if f.name not in names]
+    if unknown:
+        raise SourceError(f"{root}: class folders {unknown} are not among the classes {names}")
+    images, labels = [], []
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append({"bytes": path.read_bytes(), "path": f"{folder.name}/{path.name}"})
+                labels.append(names.index(folder.name))
+    if not images:
+        raise SourceError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=_features(names))
+
+
+def _standardise(ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    """Rename a dataset's image and label columns to `image` and `label`."""
+    image_col = next((k for k, v in ds.features.items() if isinstance(v, datasets.Image)), None)
+    label_col = next((k for k in LABEL_COLUMNS if k in ds.features), None)
+    if image_col is None or label_col is None:
+        raise SourceError(f"{where}: needs an Image column and one of {LABEL_COLUMNS}")
+    ds = ds.select_columns([image_col, label_col])
+    if image_col != "image":
+        ds = ds.rename_column(image_col, "image")
+    if label_col != "label":
+        ds = ds.rename_column(label_col, "label")
+    if not isinstance(ds.features["label"], datasets.ClassLabel):
+        names = [str(i) for i in range(int(max(ds["label"])) + 1)]
+        ds = ds.cast_column("label", datasets.ClassLabel(names=names))
+    return ds
+
+
+def load_real(spec: str) -> RealSource:
+    """Real images with a train and a test split (see the module doc for `spec`)."""
+    path = Path(spec)
+    if (path / "dataset_dict.json").is_file():
+        dd = datasets.load_from_disk(str(path))
+    elif (path / "train").is_dir() and (path / "test").is_dir():
+        train = read_class_folder(path / "train")
+        names = train.features["label"].names
+        return RealSource(train, read_class_folder(path / "test", names), names)
+    elif path.exists():
+        raise SourceError(f"{spec}: expected train/ and test/ class folders or a saved DatasetDict")
+    else:
+        try:
+            dd = datasets.load_dataset(spec)  # a Hub id (or a local dataset repository)
+        except Exception as e:  # datasets raises many types; name the source in one line
+            raise SourceError(
+                f"{spec}: cannot load from the Hub ({type(e).__name__}: {e})"
+            ) from None
+    missing = {"train", "test"} - set(dd)
+    if missing:
+        raise SourceError(f"{spec}: missing split(s) {sorted(missing)}")
+    train, test = _standardise(dd["train"], spec), _standardise(dd["test"], spec)
+    return RealSource(train, test, train.features["label"].names)
+
+
+def load_synthetic(spec: str, class_names: list[str]) -> datasets.Dataset:
+    """Synthetic images whose labels are re-indexed to the real set's classes."""
+    path = Path(spec)
+    if (path / "dataset_info.json").is_file():
+        ds = _standardise(datasets.load_from_disk(str(path)), spec)
+        names = ds.features["label"].names
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise SourceError(f"{spec}: classes {unknown} are not among {class_names}")
+        remap = np.array([class_names.index(n) for n in names])
+        labels = remap[np.asarray(ds["label"])].tolist()
+        ds = ds.remove_columns("label").add_column("label", labels)
+        return ds.cast_column("label", datasets.ClassLabel(names=class_names))
+    return read_class_folder(path, class_names)
+
+
+def decode(ds: datasets.Dataset, column: str = "image") -> torch.Tensor:
+    """Decode every image once into a uint8 [N, 3, H, W] tensor (all images must share a size)."""
+    raw = ds.cast_column(column, datasets.Image(decode=False))[column]
+    out = None
+    for i, item in enumerate(raw):
+        data = item["bytes"] if item["bytes"] is not None else Path(item["path"]).read_bytes()
+        try:
+            img = decode_image(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
+            )
+        except RuntimeError as e:
+            raise SourceError(f"cannot decode image {i} ({item.get('path')}): {e}") from None
+        if out is None:
+            out = torch.empty((len(raw), *img.shape), dtype=torch.uint8)
+        if img.shape != out.shape[1:]:
+            raise SourceError(
+                f"image {i} ({item.get('path')}) is {tuple(img.shape[1:])}, "
+                f"expected {tuple(out.shape[2:])} like the first image"
+            )
+        out[i] = img
+    if out is None:
+        raise SourceError("no images to decode")
+    return out

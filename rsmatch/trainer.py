@@ -1,0 +1,314 @@
+"""The one Accelerate training loop shared by every algorithm.
+
+It owns everything around the algorithm: devices and processes, mixed precision, backward,
+clipping, the optimizer step and the schedule, EMA, evaluation, logging, progress, checkpoints,
+resume and signals. The trajectory is a function of (seed, step) and the saved state, so a
+resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from rsmatch import checkpoint, evaluate
+from rsmatch.algorithms import make_algorithm
+from rsmatch.algorithms.base import StepContext
+from rsmatch.config import Config, ConfigError, to_dict, validate
+from rsmatch.data.loaders import ALGORITHM, BatchMaker, TrainData, load_train_data, step_generator
+from rsmatch.models import Normalize, param_groups
+from rsmatch.runinfo import write_run_record
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=cfg.train.output_dir,
+        step_scheduler_with_optimizer=False,  # our schedule counts iterations, not processes
+        # USB's WRN leaves some BN parameters unused (see models/wrn.py); each rank keeps its
+        # own BN statistics as in USB.
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+        ],
+    )
+
+
+def cosine_schedule(steps: int, cycles: float):
+    return lambda k: math.cos(math.pi * cycles * k / steps)
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    best_acc: float = 0.0
+    best_step: int = 0
+    seconds: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: Config, accelerator: Accelerator | None = None, data: TrainData | None = None
+    ) -> None:
+        datasets.disable_progress_bars()
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
+        validate(cfg, acc.num_processes)  # batch sizes against the real world size
+        self.cfg, t = cfg, cfg.train
+        self.out = Path(t.output_dir)
+        self.data = data or load_train_data(cfg.data)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        set_seed(t.seed)  # identical initial weights on every rank
+        self.algorithm = make_algorithm(
+            cfg, self.data.num_classes, len(self.data.labeled), len(self.data.unlabeled),
+            tuple(self.data.unlabeled.shape[1:]),
+        )  # fmt: skip
+        model = self.algorithm.build_model()
+        if t.sync_bn and self.world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            for m in model.modules():
+                if isinstance(m, Normalize):
+                    m.channels_last = True
+        optimizer = torch.optim.SGD(
+            param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum, nesterov=True
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(t.steps, t.cosine_cycles)
+        )
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.ema = ModelEmaV3(
+            acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
+            warmup_power=1.0, exclude_buffers=True,
+        )  # fmt: skip
+        self.algorithm.to(acc.device)
+        self.batches = BatchMaker(
+            self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
+            unlabeled=self.algorithm.uses_unlabeled,
+            strong_labeled=cfg.algorithm == "rsmatch" and cfg.rsmatch.strong_labeled,
+        )  # fmt: skip
+        self.state = TrainerState()
+        self.ckpt_root = self.out / "checkpoints"
+        self._stop = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def prepare_output(self, resume: bool) -> None:
+        """Refuse to overwrite a run unless resuming; write the run record; start trackers."""
+        acc = self.accelerator
+        found = checkpoint.latest(self.ckpt_root)
+        if resume:
+            if found is None:
+                raise ConfigError(f"--resume: no checkpoint under {self.ckpt_root}")
+        elif found is not None or (self.out / "metrics.json").exists():
+            raise ConfigError(
+                f"train.output_dir={str(self.out)!r}: holds a run already; pass --resume or "
+                "choose another train.output_dir"
+            )
+        if acc.is_main_process:
+            write_run_record(self.out, self.cfg, {
+                "world_size": self.world, "device": str(acc.device), "resumed_from": str(found) if resume else None,
+                "mixed_precision": self.cfg.train.mixed_precision, "split": self.data.split_meta,
+                "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
+            })  # fmt: skip
+        acc.wait_for_everyone()
+        acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
+        if resume:
+            algo_state, trainer_state = checkpoint.load(acc, found, self.ema)
+            self.algorithm.load_state_dict(algo_state)
+            self.state = TrainerState(**trainer_state)
+            acc.print(f"resumed from {found} at step {self.state.step}")
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.accelerator.set_trigger()  # all ranks learn of it at the next step's check
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        self.prepare_output(resume)
+        acc, t = self.accelerator, self.cfg.train
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=t.steps, initial=self.state.step, disable=not (t.progress and acc.is_local_main_process),
+                   dynamic_ncols=True, desc=self.cfg.algorithm)  # fmt: skip
+        window: dict[str, list[torch.Tensor]] = defaultdict(list)
+        start = time.time() - self.state.seconds
+        interrupted = False
+        try:
+            while self.state.step < t.steps:
+                for k, v in self._train_step(self.state.step).items():
+                    window[k].append(v)
+                self.state.step += 1
+                step = self.state.step
+                self.state.seconds = time.time() - start
+                if step % t.log_every == 0 or step == t.steps:
+                    logs = self._reduce(window)
+                    window.clear()
+                    acc.log(logs, step=step)
+                    bar.set_postfix(
+                        {
+                            k: f"{v:.3g}"
+                            for k, v in logs.items()
+                            if k in ("loss", "mask_rate", "batch_detector_acc")
+                        }
+                    )
+                if step % t.eval_every == 0 or step == t.steps:
+                    self._evaluate(step)
+                    bar.set_postfix(acc=f"{self.state.last_eval['test_acc']:.4f}")
+                if acc.check_trigger():
+                    interrupted = True
+                    self._save(step)
+                    acc.print(
+                        f"\nstopped by signal at step {step}; checkpoint saved. Continue with --resume"
+                    )
+                    break
+                if step % t.save_every == 0 or step == t.steps:
+                    self._save(step)
+                bar.update(1)
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            acc.end_training()
+        if interrupted:
+            return {"interrupted": True, "step": self.state.step}
+        return self._finish()
+
+    def _train_step(self, step: int) -> dict[str, torch.Tensor]:
+        acc, t = self.accelerator, self.cfg.train
+        self.model.train()
+        batch = self.batches(step)
+        ctx = StepContext(
+            step=step, generator=step_generator(t.seed, ALGORITHM, step), gather=acc.gather,
+            all_reduce_mean=lambda x: acc.reduce(x, "mean"), rank=self.rank, world=self.world,
+        )  # fmt: skip
+        with acc.autocast():
+            out = self.algorithm.step(self.model, batch, ctx)
+            loss = sum(out.losses.values())
+        acc.backward(loss)
+        if t.clip_grad_norm > 0:
+            acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(acc.unwrap_model(self.model), step=step + 1)
+        logged = {
+            "loss": loss.detach(),
+            **{k: v.detach() for k, v in out.losses.items()},
+            **out.metrics,
+        }
+        logged["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
+        if "synthetic_pred" in out.probes:  # evaluation only: compare with provenance
+            logged["batch_detector_acc"] = evaluate.batch_detector_acc(
+                out.probes["synthetic_pred"], batch.idx_ulb, self.data.provenance
+            )
+        return logged
+
+    def _reduce(self, window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        device = self.accelerator.device
+        means = torch.stack([torch.stack(v).float().mean().to(device) for v in window.values()])
+        means = self.accelerator.reduce(means, "mean")
+        return {k: float(v) for k, v in zip(window, means)}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _predict(self, fn, images: torch.Tensor) -> torch.Tensor:
+        acc = self.accelerator
+        with acc.autocast():
+            return evaluate.predict(fn, images, self.cfg.train.eval_batch_size // self.world,
+                                    acc.device, self.rank, self.world, acc.gather)  # fmt: skip
+
+    def _evaluate(self, step: int) -> None:
+        model = self.ema.module
+        model.eval()
+        classifier = getattr(model, "classifier", model)
+        test_acc = evaluate.accuracy(
+            self._predict(lambda x: classifier(x)["logits"], self.data.test), self.data.test_y
+        )
+        results = {"step": step, "test_acc": test_acc}
+        if hasattr(model, "detect"):
+            prov = self.data.provenance
+            pool = self._predict(model.detect, self.data.unlabeled)
+            results.update(evaluate.detector_metrics(pool, prov))
+            labeled = self._predict(model.detect, self.data.labeled)
+            results["labeled_called_synthetic"] = float(labeled.float().mean())
+            results["queue_purity"] = evaluate.queue_purity(
+                self.algorithm.queue.held_sources(), prov
+            )
+            warning = evaluate.collapse_warning(
+                results["detector_called_synthetic"], results["labeled_called_synthetic"]
+            )
+            if warning:
+                self.accelerator.print(f"\nWARNING step {step}: {warning}")
+        if test_acc > self.state.best_acc:
+            self.state.best_acc, self.state.best_step = test_acc, step
+        results.update(best_acc=self.state.best_acc, best_step=self.state.best_step)
+        self.state.last_eval = results
+        self.accelerator.log({f"eval/{k}": v for k, v in results.items() if k != "step"}, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.out / "evals.jsonl", "a") as f:
+                f.write(json.dumps(results) + "\n")
+
+    # -- saving -------------------------------------------------------------------------------
+    def _save(self, step: int) -> None:
+        checkpoint.save(
+            self.accelerator, self.ckpt_root, step, self.ema.module, self.algorithm.state_dict(),
+            self.state.__dict__, self.cfg.train.keep_checkpoints,
+        )  # fmt: skip
+
+    def export(self) -> Path:
+        """EMA classifier (encoder + real head) as safetensors with a small config."""
+        model = self.ema.module
+        classifier = getattr(model, "classifier", model)
+        out = self.out / "model"
+        out.mkdir(exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in classifier.inference_state_dict().items()},
+            str(out / "model.safetensors"),
+        )
+        (out / "config.json").write_text(json.dumps({
+            "backbone": classifier.backbone_name, "class_names": self.data.class_names,
+            "mean": self.cfg.data.mean, "std": self.cfg.data.std, "small_stem": self.cfg.model.small_stem,
+        }, indent=2))  # fmt: skip
+        return out
+
+    def _finish(self) -> dict:
+        ev = self.state.last_eval
+        metrics = {
+            "algorithm": self.cfg.algorithm,
+            "test_acc": ev["test_acc"],
+            "best_acc": self.state.best_acc,
+            "best_step": self.state.best_step,
+            "step": self.state.step,
+            "seconds": round(self.state.seconds, 2),
+            **{
+                k: v
+                for k, v in ev.items()
+                if k not in ("step", "test_acc", "best_acc", "best_step")
+            },
+        }
+        if self.accelerator.is_main_process:
+            self.export()
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard hparams take flat scalars and strings."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
