@@ -8,6 +8,7 @@ which is what users of a long-running trainer need before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +101,7 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay of the weights used for evaluation.")
     ema_warmup: bool = _f(
         False,
-        "Ramp the EMA decay up as min(decay, (1+k)/(10+k)) so short runs evaluate sensibly.",
+        "Ramp the EMA decay up as min(ema_decay, 1 - 1/(1+k)) so short runs evaluate sensibly.",
     )
     eval_every: int = _f(5120, "Evaluate the EMA model on the test split every N steps.")
     log_every: int = _f(256, "Log losses and metrics to TensorBoard every N steps.")
@@ -189,6 +190,30 @@ class Config:
 # --- loading -------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false, so `mixed_precision: no` stays the string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+# YAML 1.1 reads 1e-3 as a string; scientific notation without a dot is a float here.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -253,7 +278,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"{text}: overrides are key=value, e.g. train.lr=0.01")
     try:
-        return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+        return key.strip(), _yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.problem})") from None
 
@@ -266,7 +291,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"--config: no such file {str(path)!r}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
         if not isinstance(tree, dict):

@@ -127,7 +127,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
         if resume:
-            algo_state, trainer_state = checkpoint.load(acc, found, self.ema)
+            algo_state, trainer_state = checkpoint.load(acc, found, self.ema.module)
             self.algorithm.load_state_dict(algo_state)
             self.state = TrainerState(**trainer_state)
             acc.print(f"resumed from {found} at step {self.state.step}")

@@ -71,7 +71,7 @@ def load_train_data(cfg: DataConfig) -> TrainData:
     is_synthetic = torch.tensor(unlabeled["is_synthetic"], dtype=torch.bool)
     generators = list(unlabeled["generator"])
     if cfg.real_only:  # the oracle: the single training path allowed to read provenance
-        keep = torch.flatnonzero(~is_synthetic)
+        keep = torch.nonzero(~is_synthetic).flatten()
         unlabeled = unlabeled.select(keep.tolist())
         is_synthetic = is_synthetic[keep]
         generators = [generators[i] for i in keep.tolist()]

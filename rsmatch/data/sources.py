@@ -90,14 +90,13 @@ def load_real(spec: str) -> RealSource:
         train = read_class_folder(path / "train")
         names = train.features["label"].names
         return RealSource(train, read_class_folder(path / "test", names), names)
-    elif path.exists():
-        raise SourceError(f"{spec}: expected train/ and test/ class folders or a saved DatasetDict")
     else:
-        try:
-            dd = datasets.load_dataset(spec)  # a Hub id (or a local dataset repository)
+        try:  # a Hub id, or a local folder laid out like a Hub dataset repository
+            dd = datasets.load_dataset(spec)
         except Exception as e:  # datasets raises many types; name the source in one line
+            kind = "folder" if path.exists() else "Hub id"
             raise SourceError(
-                f"{spec}: cannot load from the Hub ({type(e).__name__}: {e})"
+                f"{spec}: cannot load this {kind} ({type(e).__name__}: {e})"
             ) from None
     missing = {"train", "test"} - set(dd)
     if missing:

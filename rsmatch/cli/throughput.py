@@ -1,0 +1,76 @@
+"""Training throughput of one algorithm's step for a config (warm-up excluded), as one JSON line.
+
+    rsmatch-throughput --config configs/fixmatch.yaml --steps 20 --warmup 5 train.batch_size=64
+
+`samples_per_s` counts the labeled and unlabeled images consumed per second (B + mu*B per
+step); `forward_images_per_s` counts every image pushed through a network (FixMatch forwards
+B + 2*mu*B; RSMatch adds its detector's forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from rsmatch.config import ConfigError, load_config
+from rsmatch.data.sources import SourceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rsmatch-throughput", description=__doc__.splitlines()[0])
+    ap.add_argument("--config")
+    ap.add_argument("--steps", type=int, default=20, help="measured steps")
+    ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, "train.progress=false"])
+        from rsmatch.trainer import Trainer
+
+        trainer = Trainer(cfg)
+    except (ConfigError, SourceError) as e:
+        print(f"rsmatch-throughput: error: {e}", file=sys.stderr)
+        return 2
+    t = cfg.train
+    for step in range(args.warmup):
+        trainer._train_step(step)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sync()
+    start = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        trainer._train_step(step)
+    sync()
+    seconds = time.perf_counter() - start
+    b, mu = t.batch_size, t.uratio
+    per_step = b + mu * b if trainer.algorithm.uses_unlabeled else b
+    forwards = b + 2 * mu * b if trainer.algorithm.uses_unlabeled else b
+    if cfg.algorithm == "rsmatch":
+        forwards += 2 * b + 2 * mu * b  # detector: labeled, queue sample, weak, strong
+    result = {
+        "algorithm": cfg.algorithm,
+        "backbone": cfg.model.backbone,
+        "batch_size": b,
+        "uratio": mu,
+        "mixed_precision": t.mixed_precision,
+        "channels_last": t.channels_last,
+        "processes": trainer.world,
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "s_per_step": round(seconds / args.steps, 4),
+        "samples_per_s": round(per_step * args.steps / seconds, 1),
+        "forward_images_per_s": round(forwards * args.steps / seconds, 1),
+    }
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny offline image sources and configs that train in seconds."""
+
+import os
+
+# Hub variables are read at import time: no test may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import io  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rsmatch.config import Config, load_config  # noqa: E402
+
+CLASSES = ["cat", "dog", "ship"]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _jpeg(rng: np.random.Generator, colour: int, synthetic: bool) -> bytes:
+    """A 32x32 image whose dominant channel encodes the class; synthetic ones are smoother."""
+    pixels = rng.integers(0, 90, (32, 32, 3))
+    pixels[..., colour] += 120
+    if synthetic:
+        pixels = (pixels + np.roll(pixels, 1, axis=0) + np.roll(pixels, 1, axis=1)) // 3 + 30
+    buf = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=75)
+    return buf.getvalue()
+
+
+def write_class_folder(root: Path, per_class: int, seed: int, synthetic: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / name / f"{i:04d}.jpg").write_bytes(_jpeg(rng, c, synthetic))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    write_class_folder(root / "real" / "train", 30, seed=0)
+    write_class_folder(root / "real" / "test", 10, seed=1)
+    write_class_folder(root / "gen_a", 12, seed=2, synthetic=True)
+    write_class_folder(root / "gen_b", 12, seed=3, synthetic=True)
+    return {"real": root / "real", "gen_a": root / "gen_a", "gen_b": root / "gen_b"}
+
+
+def tiny_overrides(sources: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    """A config that trains a few steps in seconds on the tiny sources."""
+    base = {
+        "data.real": str(sources["real"]),
+        "data.synthetic": f"{{a: {sources['gen_a']}, b: {sources['gen_b']}}}",
+        "data.labels_per_class": 4,
+        "data.replace_ratio": 0.5,
+        "model.backbone": "wrn10_1",
+        "model.bn_momentum": 0.1,
+        "rsmatch.detector_backbone": "wrn10_1",
+        "rsmatch.queue_length": 4,
+        "rsmatch.queue_picks": 2,
+        "train.output_dir": str(out),
+        "train.steps": 4,
+        "train.batch_size": 6,
+        "train.uratio": 2,
+        "train.eval_every": 2,
+        "train.log_every": 1,
+        "train.save_every": 2,
+        "train.eval_batch_size": 16,
+        "train.progress": False,
+        "ssl.threshold": 0.5,
+        "rsmatch.detector_threshold": 0.5,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(sources: dict[str, Path], out: Path, **extra: object) -> Config:
+    return load_config(None, tiny_overrides(sources, out, **extra))

@@ -1,0 +1,146 @@
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from rsmatch.data import augment
+from rsmatch.data.benchmark import SplitSpec, build_split, generator_shares, summary
+from rsmatch.data.loaders import BatchMaker, IndexStream, Provenance, TrainData
+from rsmatch.data.sources import SourceError, decode, load_real, load_synthetic
+
+from .conftest import CLASSES, SHARED
+
+
+def _split(sources, seed=0, ratio=0.5, labels=4, cap=None):
+    real = load_real(str(sources["real"]))
+    synth = {g: load_synthetic(str(sources[f"gen_{g}"]), real.class_names) for g in ("a", "b")}
+    return build_split(real, synth, SplitSpec(labels, ratio, cap, seed))
+
+
+def _ids(dd, split):
+    return list(dd[split]["source_id"])
+
+
+def test_split_is_deterministic_by_seed(sources):
+    a, b, c = _split(sources, 0), _split(sources, 0), _split(sources, 1)
+    for split in ("labeled", "unlabeled"):
+        assert _ids(a, split) == _ids(b, split)
+    assert _ids(a, "labeled") != _ids(c, "labeled")
+    assert set(_ids(a, "unlabeled")) != set(_ids(c, "unlabeled"))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7])
+def test_replacement_is_exactly_class_balanced(sources, ratio):
+    dd = _split(sources, ratio=ratio)
+    counts = summary(dd)
+    pool = 30 - 4  # per class
+    n_syn = round(ratio * pool)
+    labels = np.asarray(dd["unlabeled"]["label"])
+    synthetic = np.asarray(dd["unlabeled"]["is_synthetic"])
+    for c in range(len(CLASSES)):
+        assert (labels == c).sum() == pool  # the pool keeps its size
+        assert (synthetic & (labels == c)).sum() == n_syn
+    gens = counts["unlabeled"]["per_generator"]
+    shares = generator_shares(n_syn, ["a", "b"])
+    assert gens.get("a", 0) == 3 * shares["a"] and gens.get("b", 0) == 3 * shares["b"]
+    assert counts["labeled"]["per_class"] == dict.fromkeys(CLASSES, 4)
+    # labeled and unlabeled reals never overlap; the test split is real only
+    assert not set(_ids(dd, "labeled")) & set(_ids(dd, "unlabeled"))
+    assert not any(dd["test"]["is_synthetic"]) and not any(dd["labeled"]["is_synthetic"])
+
+
+def test_unlabeled_cap_and_errors(sources):
+    dd = _split(sources, cap=10, ratio=0.5)
+    assert len(dd["unlabeled"]) == 30 and sum(dd["unlabeled"]["is_synthetic"]) == 15
+    with pytest.raises(SourceError, match="unlabeled_per_class=99"):
+        _split(sources, cap=99)
+    with pytest.raises(SourceError, match="generator 'a' has 12 images of class 'cat', 13 needed"):
+        _split(sources, ratio=1.0)
+
+
+def test_generator_shares_are_equal():
+    assert generator_shares(7, ["b", "a", "c"]) == {"a": 3, "b": 2, "c": 2}
+
+
+def test_synthetic_with_unknown_class_is_rejected(sources, tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "unicorn").mkdir()
+    with pytest.raises(SourceError, match="unicorn"):
+        load_synthetic(str(tmp_path), CLASSES)
+
+
+def test_hub_style_dataset_with_img_and_fine_label(tmp_path, sources):
+    """A local copy laid out like uoft-cs/cifar100 loads through the Hub code path."""
+    real = load_real(str(sources["real"]))
+    for split, ds in (("train", real.train), ("test", real.test)):
+        ds = ds.rename_columns({"image": "img", "label": "fine_label"})
+        ds = ds.add_column("coarse_label", [0] * len(ds))
+        (tmp_path / "data").mkdir(exist_ok=True)
+        ds.to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    hub = load_real(str(tmp_path / "data" / ".."))  # not train/test folders: goes to load_dataset
+    assert hub.class_names == CLASSES
+    assert torch.equal(decode(hub.train), decode(real.train))
+
+
+def _data(n_lab=12, n_unl=40):
+    g = torch.Generator().manual_seed(0)
+    img = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)  # noqa: E731
+    return TrainData(img(n_lab), torch.arange(n_lab) % 3, img(n_unl), img(6), torch.arange(6) % 3,
+                     CLASSES, Provenance(torch.zeros(n_unl, dtype=torch.bool), ["real"] * n_unl), {})  # fmt: skip
+
+
+def test_global_batch_is_independent_of_world_size():
+    data = _data()
+    one = BatchMaker(data, 6, 2, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    two = [
+        BatchMaker(data, 6, 2, seed=3, rank=r, world=2, device=torch.device("cpu")) for r in (0, 1)
+    ]
+    for step in (0, 5, 17):
+        full, halves = one(step), [m(step) for m in two]
+        for name in ("x_lb", "y_lb", "idx_lb", "u_w", "u_s", "idx_ulb"):
+            joined = torch.cat([getattr(h, name) for h in halves])
+            assert torch.equal(getattr(full, name), joined), (step, name)
+
+
+def test_index_stream_covers_each_epoch_once():
+    stream = IndexStream(10, 4, seed=0, stream=1)
+    first = torch.cat([stream.indices(k) for k in range(5)])  # 20 draws = 2 epochs
+    assert sorted(first[:10].tolist()) == list(range(10))
+    assert sorted(first[10:].tolist()) == list(range(10))
+    assert torch.equal(IndexStream(10, 4, 0, 1).indices(3), stream.indices(3))
+
+
+def test_augment_views():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    still = augment.WeakParams(torch.full((64, 2), 4), torch.zeros(64, dtype=torch.bool))
+    assert torch.equal(augment.apply_weak(x, still), x)
+    flipped = augment.WeakParams(torch.full((64, 2), 4), torch.ones(64, dtype=torch.bool))
+    assert torch.equal(augment.apply_weak(x, flipped), x.flip(-1))
+    p = augment.sample_strong(64, g)
+    s = augment.apply_strong(x, p)
+    assert s.dtype == torch.uint8 and s.shape == x.shape
+    assert torch.equal(augment.apply_strong(x[10:20], p[10:20]), s[10:20])  # per-image, sliceable
+    assert (s != augment.apply_weak(x, p.weak)).any()
+
+
+def test_each_randaugment_op_keeps_range_and_shape():
+    x = torch.randint(0, 256, (8, 3, 32, 32)).float()
+    for name in augment.OPS:
+        for m in (torch.zeros(8), torch.ones(8), torch.rand(8)):
+            y = augment._OP_FNS[name](x.clone(), m)
+            assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255, name
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.gz").exists(), reason="needs ../shared/data")
+def test_bundled_demo_matches_shared_data():
+    """The committed demo images are byte-identical to files of the shared CIFAR-10 set."""
+    import tarfile
+    from pathlib import Path
+
+    real = load_real(str(Path(__file__).resolve().parents[1] / "data" / "demo" / "real"))
+    row = real.train.cast_column("image", datasets.Image(decode=False))[0]
+    first, name = row["image"], real.class_names[row["label"]]
+    with tarfile.open(SHARED / "cifar10-jpeg.tar.gz") as tar:
+        member = tar.extractfile(f"cifar10/train/{name}/{first['path']}")
+        assert member is not None and member.read() == first["bytes"]

@@ -1,0 +1,128 @@
+"""The Accelerate loop: end to end, resume exactness, signals, provenance isolation."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsmatch.config import ConfigError
+from rsmatch.data.loaders import load_train_data
+from rsmatch.trainer import Trainer
+
+from .conftest import tiny_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run(cfg, resume=False, data=None) -> Trainer:
+    trainer = Trainer(cfg, data=data)
+    trainer.fit(resume=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("algorithm", ["supervised", "fixmatch", "rsmatch"])
+def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
+    out = tmp_path / "run"
+    trainer = _run(tiny_config(sources, out, algorithm=algorithm))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_acc", "best_acc", "step", "seconds"):
+        assert key in metrics
+    assert metrics["step"] == 4 and 0 <= metrics["test_acc"] <= 1
+    assert ("detector_acc" in metrics) == (algorithm == "rsmatch")
+    run = json.loads((out / "run.json").read_text())
+    assert run["seed"] == 0 and "torch" in run["versions"] and "commit" in run["git"]
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
+    exported = load_file(str(out / "model" / "model.safetensors"))
+    assert exported and all(k.split(".")[0] in ("encoder", "head") for k in exported)
+    assert len((out / "evals.jsonl").read_text().splitlines()) == 2
+    assert trainer.state.step == 4
+    # a second run into the same folder is refused instead of overwriting it
+    with pytest.raises(ConfigError, match="train.output_dir"):
+        Trainer(tiny_config(sources, out)).prepare_output(resume=False)
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_resume_continues_the_exact_trajectory(sources, tmp_path, algorithm):
+    straight = _run(
+        tiny_config(sources, tmp_path / "a", algorithm=algorithm, **{"train.keep_checkpoints": 5})
+    )
+    # a second run is given only the step-2 checkpoint of the first, then resumed to step 4
+    resumed_dir = tmp_path / "b" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000002", resumed_dir / "step_00000002")
+    (resumed_dir / "latest").write_text("step_00000002\n")
+    resumed = _run(tiny_config(sources, tmp_path / "b", algorithm=algorithm), resume=True)
+    a, b = _weights(straight), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    for k, v in straight.algorithm.state_dict().items():
+        assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
+    ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_provenance_never_reaches_training(sources, tmp_path, algorithm):
+    """Shuffling the is_synthetic column leaves training bit-identical."""
+    cfg = tiny_config(sources, tmp_path / "a", algorithm=algorithm, **{"train.eval_every": 100})
+    data = load_train_data(cfg.data)
+    plain = _run(cfg, data=data)
+    shuffled = load_train_data(cfg.data)
+    perm = torch.randperm(
+        len(shuffled.provenance.is_synthetic), generator=torch.Generator().manual_seed(1)
+    )
+    shuffled.provenance.is_synthetic = ~shuffled.provenance.is_synthetic[perm]
+    cfg_b = tiny_config(sources, tmp_path / "b", algorithm=algorithm, **{"train.eval_every": 100})
+    other = _run(cfg_b, data=shuffled)
+    a, b = _weights(plain), _weights(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.algorithm.state_dict().keys() == other.algorithm.state_dict().keys()
+    for k, v in plain.algorithm.state_dict().items():
+        assert torch.equal(v, other.algorithm.state_dict()[k]), k
+
+
+def test_real_only_oracle_drops_synthetic_images(sources, tmp_path):
+    cfg = tiny_config(sources, tmp_path, **{"data.real_only": True})
+    data = load_train_data(cfg.data)
+    assert len(data.unlabeled) == 3 * 13 and not data.provenance.is_synthetic.any()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_loadable_checkpoint(sources, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(
+        sources, out, **{"train.steps": 2000, "train.save_every": 1000, "train.eval_every": 1000}
+    )
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "tb").exists() and time.time() < deadline:  # the loop has started
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 0 < stopped_at < 2000
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    assert not (out / "metrics.json").exists()
+    # the checkpoint loads and training goes on from it
+    cfg = tiny_config(sources, out, **{"train.steps": stopped_at + 2, "train.eval_every": 1000})
+    trainer = Trainer(cfg)
+    trainer.fit(resume=True)
+    assert trainer.state.step == stopped_at + 2
