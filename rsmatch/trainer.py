@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections import defaultdict
@@ -34,7 +35,9 @@ from rsmatch.runinfo import write_run_record
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
+        # Without a GPU, cpu=True is what turns several launched processes into gloo DDP.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
@@ -45,6 +48,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
             DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
         ],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # N copies each training alone would be silent
+        raise ConfigError(
+            f"WORLD_SIZE={launched}: but Accelerate formed a group of {accelerator.num_processes}; "
+            "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
+    return accelerator
 
 
 def cosine_schedule(steps: int, cycles: float):
@@ -180,7 +190,8 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            acc.end_training()
+            for tracker in acc.trackers:  # the process group stays up for the caller
+                tracker.finish()
         if interrupted:
             return {"interrupted": True, "step": self.state.step}
         return self._finish()

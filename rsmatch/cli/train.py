@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.accelerator.is_main_process:
         print(json.dumps(metrics))
+    trainer.accelerator.end_training()
     return 0
 
 
