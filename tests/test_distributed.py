@@ -45,7 +45,7 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
         ckpt = out / "checkpoints" / "step_00000003"
         runs[n] = (load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "algorithm.safetensors")),
                    json.loads((out / "ranks.json").read_text()))  # fmt: skip
-    (w1, q1, ranks1), (w2, q2, ranks2) = runs[1], runs[2]
+    (w1, q1, _), (w2, q2, ranks2) = runs[1], runs[2]
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different queues"
     assert int(q2["queue.pushed"].sum()) > 0
     assert torch.equal(q1["queue.sources"], q2["queue.sources"])
