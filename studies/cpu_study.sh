@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue #3 CPU study: RSMatch vs FixMatch vs FixMatch (real only) on CIFAR-10 JPEGs with half of
+# a 1000-per-class unlabeled pool replaced by the ddpm and cgan images (equal shares),
+# 25 labels per class, seeds 0 and 1, the same step budget for every method.
+#   bash studies/cpu_study.sh [SHARED_DATA_DIR] [OUT_DIR] [STEPS]
+set -euo pipefail
+SHARED=${1:-../shared/data}
+OUT=${2:-runs/study}
+STEPS=${3:-500}
+DATA=$OUT/data
+mkdir -p "$DATA"
+for f in cifar10-jpeg synth-ddpm-jpeg synth-cgan-jpeg; do
+  [ -e "$DATA/.$f" ] || { tar xzf "$SHARED/$f.tar.gz" -C "$DATA" && touch "$DATA/.$f"; }
+done
+common=(--config configs/study_cpu.yaml data.real="$DATA/cifar10"
+        "data.synthetic={ddpm: $DATA/synth/ddpm, cgan: $DATA/synth/cgan}" train.steps="$STEPS")
+for seed in 0 1; do
+  for method in rsmatch fixmatch fixmatch_real_only; do
+    run=$OUT/$method-seed$seed
+    [ -f "$run/metrics.json" ] && continue
+    case $method in
+      fixmatch_real_only) extra=(algorithm=fixmatch data.real_only=true) ;;
+      *) extra=(algorithm=$method) ;;
+    esac
+    python launch/train.py "${common[@]}" "${extra[@]}" train.seed=$seed data.split_seed=$seed \
+      train.output_dir="$run" train.progress=false
+  done
+done
+python tools/summarize_study.py "$OUT"

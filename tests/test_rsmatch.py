@@ -1,0 +1,205 @@
+"""RSMatch: the CSQueue, the losses' routing and gradient isolation, ablations, the detector."""
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rsmatch.algorithms import make_algorithm
+from rsmatch.algorithms.base import StepContext
+from rsmatch.algorithms.rsmatch import RSMatch
+from rsmatch.config import load_config
+from rsmatch.csqueue import CSQueue
+from rsmatch.data.loaders import Batch
+
+SHAPE = (3, 4, 4)
+
+
+def _images(ids: list[int]) -> torch.Tensor:
+    """Images whose pixels all equal their id, so queue contents can be read back."""
+    return torch.tensor(ids, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
+
+
+def _queued_ids(q: CSQueue, row: int) -> list[int]:
+    return [int(q.images[row, s, 0, 0, 0]) for s in q.row_order(row)]
+
+
+def test_queue_is_fifo_with_capacity():
+    q = CSQueue(num_classes=2, length=3, picks=2, topk=1, image_shape=SHAPE)
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):  # each step: class 0 gets candidate 10+i
+        q.update(
+            torch.tensor([0.9]), torch.tensor([0]), _images([10 + i]), torch.tensor([10 + i]), g
+        )
+    assert _queued_ids(q, 0) == [12, 13, 14]  # oldest dropped first
+    assert q.fill().tolist() == [3, 0] and len(q) == 3
+    assert sorted(q.held_sources().tolist()) == [12, 13, 14]
+
+
+def test_queue_pushes_classwise_topk_of_picked_classes():
+    q = CSQueue(num_classes=3, length=4, picks=3, topk=2, image_shape=SHAPE)
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.7, 0.2, 0.95])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    ids = list(range(7))
+    q.update(scores, labels, _images(ids), torch.tensor(ids), torch.Generator().manual_seed(0))
+    assert sorted(_queued_ids(q, 0)) == [1, 2]  # top-2 scores of class 0
+    assert sorted(_queued_ids(q, 1)) == [3, 6]  # top-2 of class 1
+    assert _queued_ids(q, 2) == []  # no candidate
+
+
+def test_queue_picks_m_random_classes():
+    q = CSQueue(num_classes=10, length=4, picks=3, topk=1, image_shape=SHAPE)
+    labels = torch.arange(10)
+    q.update(
+        torch.rand(10),
+        labels,
+        _images(list(range(10))),
+        torch.arange(10),
+        torch.Generator().manual_seed(1),
+    )
+    assert int((q.fill() > 0).sum()) == 3
+
+
+def test_single_queue_mode_takes_global_top():
+    q = CSQueue(num_classes=2, length=2, picks=2, topk=1, image_shape=SHAPE, class_wise=False)
+    assert q.capacity == 4 and q.images.shape[0] == 1
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.3])
+    q.update(
+        scores,
+        torch.tensor([0, 0, 0, 1]),
+        _images([0, 1, 2, 3]),
+        torch.arange(4),
+        torch.Generator(),
+    )
+    assert _queued_ids(q, 0) == [1, 2]  # M*k = 2 best overall, easy class dominates
+
+
+def test_queue_state_roundtrip_and_shape_check():
+    q = CSQueue(2, 3, 2, 1, SHAPE)
+    q.update(
+        torch.tensor([0.5]), torch.tensor([1]), _images([7]), torch.tensor([7]), torch.Generator()
+    )
+    r = CSQueue(2, 3, 2, 1, SHAPE)
+    r.load_state_dict(q.state_dict())
+    assert _queued_ids(r, 1) == [7] and torch.equal(r.pushed, q.pushed)
+    with pytest.raises(ValueError, match="queue_length"):
+        CSQueue(2, 4, 2, 1, SHAPE).load_state_dict(q.state_dict())
+
+
+def test_queue_sample_draws_only_held_items():
+    q = CSQueue(2, 3, 2, 1, SHAPE)
+    assert len(q.sample(5, torch.Generator())) == 0
+    q.update(
+        torch.tensor([0.5]), torch.tensor([1]), _images([7]), torch.tensor([7]), torch.Generator()
+    )
+    assert (q.sample(6, torch.Generator())[:, 0, 0, 0] == 7).all()
+
+
+# --- the algorithm ---------------------------------------------------------------------------
+
+
+def _setup(**overrides):
+    base = {"algorithm": "rsmatch", "model.backbone": "wrn10_1", "rsmatch.detector_backbone": "wrn10_1",
+            "ssl.threshold": 0.01, "rsmatch.detector_threshold": 0.01, "model.bn_momentum": 0.1}  # fmt: skip
+    base.update(overrides)
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    algo = make_algorithm(
+        cfg, num_classes=3, num_labeled=6, num_unlabeled=20, image_shape=(3, 32, 32)
+    )
+    model = algo.build_model()
+    g = torch.Generator().manual_seed(0)
+    img = lambda n: torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)  # noqa: E731
+    batch = Batch(x_lb=img(4), y_lb=torch.tensor([0, 1, 2, 0]), idx_lb=torch.arange(4),
+                  x_lb_s=img(4), u_w=img(8), u_s=img(8), idx_ulb=torch.arange(8))  # fmt: skip
+    # prime the queue so loss (2) has synthetic items
+    algo.queue.update(
+        torch.rand(8), torch.arange(8) % 3, batch.u_w, batch.idx_ulb, torch.Generator()
+    )
+    return algo, model, batch
+
+
+def _ctx():
+    return StepContext(step=0, generator=torch.Generator().manual_seed(0))
+
+
+def _changed(model, loss, prefix):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    return {
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and p.grad.abs().sum() > 0 and n.startswith(prefix)
+    }
+
+
+def test_gradient_isolation_between_detector_and_classifier():
+    algo, model, batch = _setup()
+    out = algo.step(model, batch, _ctx())
+    det_loss = out.losses["loss_ds"] + out.losses["loss_du"]
+    cls_loss = out.losses["loss_s"] + out.losses["loss_ur"] + out.losses["loss_uf"]
+    assert _changed(model, det_loss, "classifier") == set()
+    assert _changed(model, det_loss, "detector")  # it does train the detector
+    assert _changed(model, cls_loss, "detector") == set()
+    assert _changed(model, cls_loss, "classifier.head")
+    assert _changed(model, out.losses["loss_uf"], "classifier.fake_head")
+    assert (
+        _changed(model, out.losses["loss_uf"], "classifier.head") == set()
+    )  # h_r untouched by (6)
+
+
+def test_each_unlabeled_sample_feeds_at_most_one_of_real_and_fake_loss(monkeypatch):
+    algo, model, batch = _setup()
+    seen = {}
+    import rsmatch.algorithms.rsmatch as mod
+
+    original = mod.cross_entropy
+
+    def spy(logits, targets):
+        ce = original(logits, targets)
+        seen.setdefault("calls", []).append(ce)
+        return ce
+
+    monkeypatch.setattr(mod, "cross_entropy", spy)
+    out = algo.step(model, batch, _ctx())
+    zhat = out.probes["synthetic_pred"]
+    real_w, fake_w = (zhat == 0).float(), (zhat == 1).float()
+    assert torch.all(real_w * fake_w == 0) and torch.all(real_w + fake_w == 1)
+    ce_real, ce_fake = seen["calls"]
+    torch.testing.assert_close(out.losses["loss_ur"], (ce_real * real_w).mean())  # mask ~ all 1
+    torch.testing.assert_close(out.losses["loss_uf"], (ce_fake * fake_w).mean())
+
+
+def test_ablation_switches():
+    algo, model, batch = _setup(**{"rsmatch.fake_head": False})
+    assert model.classifier.fake_head is None
+    assert "loss_uf" not in algo.step(model, batch, _ctx()).losses
+    algo, model, batch = _setup(**{"rsmatch.shared_encoder": True})
+    assert model.detector is None and model.shared_head is not None
+    out = algo.step(model, batch, _ctx())
+    # "w/o ind. models": the detector's losses now reach the shared encoder
+    assert _changed(model, out.losses["loss_ds"] + out.losses["loss_du"], "classifier.encoder")
+    algo, _, _ = _setup(**{"rsmatch.class_wise": False})
+    assert not algo.queue.class_wise
+
+
+def test_rsmatch_composes_with_its_base():
+    algo, _, _ = _setup()
+    assert isinstance(algo, RSMatch) and algo.base.name == "fixmatch"
+
+
+def test_detector_costs_at_most_a_quarter_of_the_classifier():
+    def macs(name):
+        with FlopCounterMode(display=False) as counter:
+            timm.create_model(name, num_classes=0)(torch.randn(1, 3, 32, 32))
+        return counter.get_total_flops()
+
+    assert macs("wrn16_1") <= 0.25 * macs("wrn28_2")
+
+
+def test_wrn_matches_usb_parameter_counts():
+    count = lambda c: sum(
+        p.numel() for p in timm.create_model("wrn28_2", num_classes=c).parameters()
+    )  # noqa: E731
+    assert count(10) == 1_467_626 and count(100) == 1_479_236
+    m = timm.create_model("wrn28_2", num_classes=0)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 128)

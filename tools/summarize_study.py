@@ -1,0 +1,89 @@
+"""Summarise a study folder of runs named METHOD-seedN: a markdown table and a curves plot.
+
+    python tools/summarize_study.py runs/study
+
+Writes OUT/summary.md (test accuracy mean and std per method, detector numbers for RSMatch)
+and OUT/curves.png (test accuracy, detector accuracy and queue purity over steps).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f} (n={len(values)})"
+
+
+def main(root: Path) -> None:
+    runs = sorted(p.parent for p in root.glob("*-seed*/metrics.json"))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    curves: dict[str, list[list[dict]]] = defaultdict(list)
+    for run in runs:
+        method = run.name.rsplit("-seed", 1)[0]
+        by_method[method].append(json.loads((run / "metrics.json").read_text()))
+        curves[method].append(
+            [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
+        )
+    lines = [
+        f"# Study: {root}",
+        "",
+        "| method | final test acc % | best test acc % | detector acc % | queue purity % | s/run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, ms in by_method.items():
+        det = [m["detector_acc"] for m in ms if "detector_acc" in m]
+        pur = [m["queue_purity"] for m in ms if "queue_purity" in m]
+        secs = statistics.mean(m["seconds"] for m in ms)
+        lines.append(
+            f"| {method} | {_mean_std([m['test_acc'] for m in ms])} | "
+            f"{_mean_std([m['best_acc'] for m in ms])} | {_mean_std(det)} | {_mean_std(pur)} | {secs:.0f} |"
+        )
+    lines += [
+        "",
+        "Per-run detector trajectory (step: detector acc / queue purity / pool called synthetic):",
+        "",
+    ]
+    for method, seeds in curves.items():
+        for i, evals in enumerate(seeds):
+            if evals and "detector_acc" in evals[0]:
+                points = ", ".join(
+                    f"{e['step']}: {e['detector_acc']:.3f}/{e['queue_purity']:.3f}/{e['detector_called_synthetic']:.3f}"
+                    for e in evals
+                )
+                lines.append(f"- {method} run {i}: {points}")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for method, seeds in curves.items():
+        for i, evals in enumerate(seeds):
+            steps = [e["step"] for e in evals]
+            label = f"{method} s{i}"
+            axes[0].plot(steps, [e["test_acc"] for e in evals], label=label)
+            if evals and "detector_acc" in evals[0]:
+                axes[1].plot(steps, [e["detector_acc"] for e in evals], label=label)
+                axes[2].plot(steps, [e["queue_purity"] for e in evals], label=label)
+    for ax, title in zip(axes, ("test accuracy", "detector accuracy (pool)", "queue purity")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study"))
