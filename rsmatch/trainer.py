@@ -36,8 +36,9 @@ from rsmatch.runinfo import write_run_record
 
 def make_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(
-        # Without a GPU, cpu=True is what turns several launched processes into gloo DDP.
-        cpu=not torch.cuda.is_available(),
+        # Without a GPU, cpu=True is what turns several launched processes into gloo DDP;
+        # it would also switch DeepSpeed off, so a DeepSpeed launch keeps its own path.
+        cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
