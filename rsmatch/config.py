@@ -145,6 +145,11 @@ class SimMatchConfig:
     lambda_in: float = _f(1.0, "Weight of the similarity loss L_in.")
     warmup_steps: int = _f(1024, "L_in and aggregation are off for the first N steps.")
     bank_momentum: float = _f(0.7, "Labeled bank update: normalize(m*bank + (1-m)*feat).")
+    usb_bank_norm: bool = _f(
+        False,
+        "Reproduce USB's bank update, which L2-normalises the [dim, n] slab along the sample "
+        "axis instead of each item's feature vector.",
+    )
 
 
 @dataclass

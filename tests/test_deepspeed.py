@@ -18,7 +18,10 @@ def test_deepspeed_imports():
     import deepspeed  # noqa: F401
     from accelerate.utils import DeepSpeedPlugin
 
-    assert DeepSpeedPlugin(hf_ds_config=str(ROOT / "configs" / "deepspeed" / "zero2.json")).zero_stage == 2
+    assert (
+        DeepSpeedPlugin(hf_ds_config=str(ROOT / "configs" / "deepspeed" / "zero2.json")).zero_stage
+        == 2
+    )
 
 
 @pytest.mark.slow

@@ -32,7 +32,9 @@ def _run(cfg, resume=False, data=None) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("algorithm", ["supervised", "fixmatch", "rsmatch"])
+@pytest.mark.parametrize(
+    "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
+)
 def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
     out = tmp_path / "run"
     trainer = _run(tiny_config(sources, out, algorithm=algorithm))
@@ -53,7 +55,7 @@ def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
         Trainer(tiny_config(sources, out)).prepare_output(resume=False)
 
 
-@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+@pytest.mark.parametrize("algorithm", ["fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"])
 def test_resume_continues_the_exact_trajectory(sources, tmp_path, algorithm):
     straight = _run(
         tiny_config(sources, tmp_path / "a", algorithm=algorithm, **{"train.keep_checkpoints": 5})

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from rsmatch.algorithms.base import Algorithm, FixMatch, SSLAlgorithm, Supervised
+from rsmatch.algorithms.flexmatch import FlexMatch
+from rsmatch.algorithms.freematch import FreeMatch
 from rsmatch.algorithms.rsmatch import RSMatch
+from rsmatch.algorithms.simmatch import SimMatch
 from rsmatch.config import Config
 
-SSL_ALGORITHMS: dict[str, type[SSLAlgorithm]] = {"fixmatch": FixMatch}
+SSL_ALGORITHMS: dict[str, type[SSLAlgorithm]] = {
+    "fixmatch": FixMatch,
+    "flexmatch": FlexMatch,
+    "freematch": FreeMatch,
+    "simmatch": SimMatch,
+}
 
 
 def make_algorithm(

@@ -1,0 +1,74 @@
+"""SimMatch (Zheng et al. 2022) as in USB's CIFAR setting (no EMA teacher), vanilla (no EPASS).
+
+A projection head gives L2-normalised embeddings; a labeled memory bank (one slot per labeled
+image, features and labels, filled from the labeled batches as they come) turns each weak view
+into similarities q = softmax(feat_w @ bank / T). Label unfolding: the teacher distribution is q
+scaled by the (distribution-aligned) class probabilities of each bank item's label; label
+aggregation: p_hat = alpha * p_w + (1 - alpha) * q summed by label. L_in = CE(teacher,
+softmax(feat_s @ bank / T)); L_u = soft CE(strong logits, p_hat) masked by max p_hat >= tau.
+L_in and aggregation are off for the first `simmatch.warmup_steps` steps (USB's epoch 0).
+
+Distribution alignment keeps the mean weak probabilities of the last `da_len` global batches
+and rescales towards the uniform target. Bank update: normalize(m * bank + (1 - m) * feat) per
+item; USB normalises the [dim, n] slab along its sample axis instead (`simmatch.usb_bank_norm`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rsmatch.algorithms.base import PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.data.loaders import Batch
+
+
+class SimMatch(SSLAlgorithm):
+    name = "simmatch"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.cfg.simmatch
+        self.proj_size = s.proj_size
+        gen = torch.Generator().manual_seed(self.cfg.train.seed)
+        bank = F.normalize(torch.randn(s.proj_size, self.num_labeled, generator=gen), dim=0)
+        self.register_state("bank", bank)
+        self.register_state("bank_labels", torch.zeros(self.num_labeled, dtype=torch.long))
+        self.register_state("da_history", torch.zeros(s.da_len, self.num_classes))
+        self.register_state("da_ptr", torch.zeros(1, dtype=torch.long))
+
+    def align(self, probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Distribution alignment towards uniform over the last da_len global batches."""
+        history, ptr = self.state("da_history"), int(self.state("da_ptr"))
+        history[ptr] = ctx.gather(probs).mean(0)
+        self.state("da_ptr").fill_((ptr + 1) % len(history))
+        aligned = probs * (1.0 / self.num_classes + 1e-6) / (history.mean(0) + 1e-6)
+        return aligned / aligned.sum(-1, keepdim=True)
+
+    def update_bank(
+        self, feat: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, ctx: StepContext
+    ) -> None:
+        feat, labels, idx = ctx.gather(feat), ctx.gather(labels), ctx.gather(idx)
+        m, bank = self.cfg.simmatch.bank_momentum, self.state("bank")
+        mixed = m * bank[:, idx] + (1 - m) * feat.t()
+        bank[:, idx] = F.normalize(mixed, dim=1 if self.cfg.simmatch.usb_bank_norm else 0)
+        self.state("bank_labels")[idx] = labels
+
+    def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
+        s, tau = self.cfg.simmatch, self.cfg.ssl.threshold
+        bank, bank_labels = self.state("bank").clone(), self.state("bank_labels")
+        probs_w = self.align(views.w["logits"].detach().float().softmax(-1), ctx)
+        feat_w, feat_s = views.w["proj"].detach().float(), views.s["proj"].float()
+        labels = bank_labels.expand(len(feat_w), -1)
+        with torch.no_grad():
+            q = (feat_w @ bank / s.temperature).softmax(-1)
+            teacher = q * probs_w.gather(1, labels)  # label unfolding
+            teacher = teacher / teacher.sum(-1, keepdim=True)
+            aggregated = torch.zeros_like(probs_w).scatter_add(1, labels, q)
+            targets = s.smoothing_alpha * probs_w + (1 - s.smoothing_alpha) * aggregated
+        student = F.log_softmax(feat_s @ bank / s.temperature, dim=-1)
+        loss_in = -(teacher * student).sum(-1).mean()
+        if ctx.step < s.warmup_steps:  # USB's first epoch: no L_in, no aggregation
+            loss_in, targets = loss_in * 0.0, probs_w
+        self.update_bank(views.lb["proj"].detach().float(), batch.y_lb, batch.idx_lb, ctx)
+        mask = (targets.max(-1).values >= tau).float()
+        return PseudoLabels(targets, mask, {"loss_in": s.lambda_in * loss_in})
