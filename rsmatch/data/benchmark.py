@@ -34,12 +34,39 @@ class SplitSpec:
 
 def _with_provenance(ds: datasets.Dataset, generator: str, rows: list[int]) -> datasets.Dataset:
     ds = ds.select(rows)
-    source = "real" if generator == "real" else generator
+    if "prompt" not in ds.column_names:
+        ds = ds.add_column("prompt", [""] * len(rows))
     return (
         ds.add_column("is_synthetic", [generator != "real"] * len(rows))
         .add_column("generator", [generator] * len(rows))
-        .add_column("source_id", [f"{source}/{i}" for i in rows])
+        .add_column("source_id", [f"{generator}/{i}" for i in rows])
     )
+
+
+def pool_sizes(labels: np.ndarray, num_classes: int, spec: SplitSpec) -> list[int]:
+    """Unlabeled pool size per class (before replacement), as build_split computes it."""
+    sizes = []
+    for c in range(num_classes):
+        pool = int((labels == c).sum()) - spec.labels_per_class
+        sizes.append(
+            pool if spec.unlabeled_per_class is None else min(pool, spec.unlabeled_per_class)
+        )
+    return sizes
+
+
+def required_per_generator(
+    labels: np.ndarray, num_classes: int, spec: SplitSpec, generators: list[str]
+) -> dict[str, int]:
+    """The most synthetic images of one class each generator must supply."""
+    need = {g: 0 for g in generators}
+    if not generators:
+        return need
+    for pool in pool_sizes(labels, num_classes, spec):
+        for g, share in generator_shares(
+            round(spec.replace_ratio * max(pool, 0)), generators
+        ).items():
+            need[g] = max(need[g], share)
+    return need
 
 
 def generator_shares(total: int, generators: list[str]) -> dict[str, int]:

@@ -8,12 +8,15 @@ with one subfolder per class or a saved Dataset. Image files are stored as their
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -41,9 +44,39 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def read_class_folder(root: Path, class_names: list[str] | None = None) -> datasets.Dataset:
+def image_files(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def find_corrupt(root: Path) -> list[Path]:
+    """Image files under root that do not decode."""
+    bad = []
+    for path in image_files(root):
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, SyntaxError, ValueError):
+            bad.append(path)
+    return bad
+
+
+def _prompts(root: Path) -> dict[str, str]:
+    index = root / "prompts.jsonl"
+    if not index.is_file():
+        return {}
+    return {row["file"]: row["prompt"] for row in map(json.loads, index.read_text().splitlines())}
+
+
+def read_class_folder(
+    root: Path, class_names: list[str] | None = None, exclude: frozenset[Path] = frozenset()
+) -> datasets.Dataset:
     """One subfolder per class; the class index is the position of its name in `class_names`
-    (sorted folder names when not given). Unknown class folders are an error."""
+    (sorted folder names when not given). Unknown class folders are an error. A
+    `prompts.jsonl` written by the generator adds a `prompt` column."""
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder")
     folders = _class_folders(root)
@@ -53,15 +86,62 @@ def read_class_folder(root: Path, class_names: list[str] | None = None) -> datas
     unknown = [f.name for f in folders if f.name not in names]
     if unknown:
         raise SourceError(f"{root}: class folders {unknown} are not among the classes {names}")
-    images, labels = [], []
+    prompts = _prompts(root)
+    images, labels, texts = [], [], []
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append({"bytes": path.read_bytes(), "path": f"{folder.name}/{path.name}"})
+            if (
+                path.suffix.lower() in IMAGE_SUFFIXES
+                and path not in exclude
+                and not path.name.startswith(".")
+            ):
+                key = f"{folder.name}/{path.name}"
+                images.append({"bytes": path.read_bytes(), "path": key})
                 labels.append(names.index(folder.name))
+                texts.append(prompts.get(key, ""))
     if not images:
         raise SourceError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=_features(names))
+    columns = {"image": images, "label": labels}
+    features = _features(names)
+    if prompts:
+        columns["prompt"] = texts
+        features["prompt"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+CIFAKE_NAME = re.compile(r"^\d+(?: \((\d+)\))?\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+def cifake_class(filename: str) -> int:
+    """CIFAKE's flat folders: `NNNN.jpg` is class 1 and `NNNN (k).jpg` class k (1-based, in
+    CIFAR-10 order), as the dataset's own description puts it; returns the 0-based index."""
+    match = CIFAKE_NAME.match(filename)
+    if match is None:
+        raise SourceError(f"{filename}: not a CIFAKE file name (NNNN.jpg or NNNN (k).jpg)")
+    return int(match.group(1) or 1) - 1
+
+
+def read_cifake_folder(
+    root: Path, class_names: list[str], exclude: frozenset[Path] = frozenset()
+) -> datasets.Dataset:
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder")
+    images, labels = [], []
+    for path in image_files(root):
+        if path in exclude:
+            continue
+        k = cifake_class(path.name)
+        if k >= len(class_names):
+            raise SourceError(
+                f"{path}: class {k + 1} but the real set has {len(class_names)} classes"
+            )
+        images.append({"bytes": path.read_bytes(), "path": path.name})
+        labels.append(k)
+    if not images:
+        raise SourceError(f"{root}: no CIFAKE images found")
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": labels}, features=_features(class_names)
+    )
 
 
 def _standardise(ds: datasets.Dataset, where: str) -> datasets.Dataset:

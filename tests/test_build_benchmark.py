@@ -1,0 +1,264 @@
+"""The benchmark builder, offline: tiny random diffusers pipelines and a tiny T5 from configs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from rsmatch.cli import build_benchmark as bb
+from rsmatch.data import synth
+from rsmatch.data.benchmark import load_benchmark
+from rsmatch.data.sources import cifake_class
+
+from .conftest import CLASSES, SHARED, write_class_folder
+from .tiny_models import save_tiny_sd, save_tiny_sdxl, save_tiny_t5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    sdxl = save_tiny_sdxl(root / "sdxl")
+    from diffusers import UNet2DConditionModel
+
+    lightning = root / "lightning_unet.safetensors"  # stands in for the 4-step UNet file
+    save_file(UNet2DConditionModel.from_pretrained(str(sdxl / "unet")).state_dict(), str(lightning))
+    return {
+        "sd": save_tiny_sd(root / "sd"),
+        "sdxl": sdxl,
+        "lightning": lightning,
+        "t5": save_tiny_t5(root / "t5"),
+    }
+
+
+def _cifake(folder: Path, per_class: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for k in range(len(CLASSES)):
+        for i in range(per_class):
+            name = f"{i}.jpg" if k == 0 else f"{i} ({k + 1}).jpg"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                folder / name, quality=75
+            )
+    return folder
+
+
+def _args(sources, out, *extra):
+    return ["--real", str(sources["real"]), "--labels-per-class", "4", "--replace-ratio", "0.5",
+            "--unlabeled-per-class", "12", "--out", str(out), *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_build_end_to_end_with_generators_import_and_cifake(sources, tiny, tmp_path):
+    out = tmp_path / "bench"
+    cifake = _cifake(tmp_path / "cifake", 3)
+    argv = _args(sources, out, "--synthetic", f"a={sources['gen_a']}", "--synthetic", f"c=cifake:{cifake}",
+                 "--generate", "sd14", "sdxl_lightning", "--generator-model", f"sd14={tiny['sd']}",
+                 "--generator-model", f"sdxl_lightning={tiny['sdxl']}", "--lightning-unet", str(tiny["lightning"]),
+                 "--prompt-model", str(tiny["t5"]), "--prompts-per-class", "3", "--resolution", "32",
+                 "--batch-size", "4")  # fmt: skip
+    assert bb.main(argv) == 0
+    dd, meta = load_benchmark(out)
+    unl = dd["unlabeled"]
+    labels, gens = np.asarray(unl["label"]), np.asarray(unl["generator"])
+    # 12 per class, 6 replaced, shared by 4 generators as 2, 2, 1, 1 (sorted: a, c, sd14, sdxl_lightning)
+    for c in range(3):
+        assert (labels == c).sum() == 12
+        assert (np.asarray(unl["is_synthetic"]) & (labels == c)).sum() == 6
+    assert {g: int((gens == g).sum()) for g in sorted(set(gens))} == {
+        "a": 6,
+        "c": 6,
+        "real": 18,
+        "sd14": 3,
+        "sdxl_lightning": 3,
+    }
+    generated = [p for p, g in zip(unl["prompt"], gens) if g in ("sd14", "sdxl_lightning")]
+    assert all(generated) and all(p == "" for p, g in zip(unl["prompt"], gens) if g == "real")
+    assert not any(dd["labeled"]["is_synthetic"]) and not any(dd["test"]["is_synthetic"])
+    card = (out / "README.md").read_text()
+    assert (
+        "| unlabeled | 36 | 12 | 12 | 12 |" in card
+        and "sdxl_lightning: 3" in card
+        and "--generate" in card
+    )
+    assert (out / "preview.png").stat().st_size > 1000
+    # generated files are JPEG like the real set, resized to 32x32, with a prompt index
+    files = sorted((out.with_name("bench.synthetic") / "sd14" / "cat").glob("*.jpg"))
+    assert (
+        files and Image.open(files[0]).size == (32, 32) and files[0].read_bytes()[:2] == b"\xff\xd8"
+    )
+    assert (out.with_name("bench.synthetic") / "sd14" / "prompts.jsonl").is_file()
+    assert meta["replace_ratio"] == 0.5 and meta["prompts"] == "t5"
+
+
+def test_generation_resumes_where_it_stopped(tiny, tmp_path):
+    prompts = synth.template_prompts(CLASSES, 1)
+    spec = synth.replace(synth.GENERATORS["sd14"], model=str(tiny["sd"]), steps=2, resolution=32)
+    jobs = synth.plan_jobs(tmp_path / "sd14", 0, prompts, 2, seed=0, suffix=".png")
+    args = (spec, jobs, 32, 4, 0, torch.float32, "cpu", "sd14", False)
+    assert synth.generate(*args) == 6
+    first = {j.path: j.path.read_bytes() for j in jobs}
+    jobs[1].path.unlink()
+    jobs[4].path.unlink()
+    assert synth.generate(*args) == 2  # only the missing ones
+    assert synth.generate(*args) == 0
+    # per-image seeds: regenerated files equal the originals
+    assert all(j.path.read_bytes() == first[j.path] for j in jobs)
+
+
+def test_t5_prompts_are_deterministic_and_deduplicated(tiny):
+    a = synth.t5_prompts(CLASSES, 4, str(tiny["t5"]), seed=1)
+    assert a == synth.t5_prompts(CLASSES, 4, str(tiny["t5"]), seed=1)
+    for name in CLASSES:
+        assert len(a[name]) == 4
+        sampled = [p for p in a[name] if not p.startswith("a photo of")]
+        assert len(set(sampled)) == len(sampled)
+
+
+def test_cifake_naming():
+    assert [cifake_class(n) for n in ("0.jpg", "17 (2).jpg", "3 (10).jpg")] == [0, 1, 9]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--generate", "dalle"], "unknown generators ['dalle']"),
+        (["--synthetic", "a=/nonexistent"], "not a folder"),
+        (
+            ["--replace-ratio", "1.0", "--unlabeled-per-class", "13", "--synthetic", "a=GEN_A"],
+            "12 images of class 'cat', the ratio needs 13",
+        ),
+        (["--replace-ratio", "0.5"], "needs --synthetic or --generate"),
+        (["--replace-ratio", "1.5", "--synthetic", "a=GEN_A"], "--replace-ratio=1.5"),
+        (
+            ["--generate", "sd14", "--images-per-class", "2", "--synthetic", "a=GEN_A"],
+            "--images-per-class=2: the ratio needs 3",
+        ),
+    ],
+)
+def test_bad_input_fails_before_work(sources, tmp_path, capsys, extra, message):
+    extra = [e.replace("GEN_A", str(sources["gen_a"])) for e in extra]
+    assert bb.main(_args(sources, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.synthetic").exists()
+
+
+def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):
+    partial = write_class_folder(tmp_path / "partial", 12, seed=7, synthetic=True)
+    for f in (partial / "ship").iterdir():
+        f.unlink()
+    (partial / "ship").rmdir()
+    assert bb.main(_args(sources, tmp_path / "o1", "--synthetic", f"p={partial}")) == 2
+    assert "missing class folders ['ship']" in capsys.readouterr().err
+
+    broken = write_class_folder(tmp_path / "broken", 12, seed=8, synthetic=True)
+    (broken / "cat" / "0000.jpg").write_bytes(b"not an image")
+    assert (
+        bb.main(
+            _args(sources, tmp_path / "o2", "--synthetic", f"b={broken}", "--replace-ratio", "0.25")
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s)" in err and "cat/0000.jpg" in err
+    out = tmp_path / "o3"
+    assert (
+        bb.main(
+            _args(
+                sources,
+                out,
+                "--synthetic",
+                f"b={broken}",
+                "--replace-ratio",
+                "0.25",
+                "--skip-corrupt",
+            )
+        )
+        == 0
+    )
+    assert "Unreadable images skipped: 1." in (out / "README.md").read_text()
+
+
+def test_existing_output_is_not_overwritten(sources, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert bb.main(_args(sources, tmp_path / "out", "--replace-ratio", "0")) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_push_to_hub_at_the_api_boundary(sources, tmp_path, monkeypatch):
+    calls = []
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(
+        datasets.DatasetDict,
+        "push_to_hub",
+        lambda self, repo, private=False: calls.append(("data", repo, private, sorted(self))),
+    )
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file",
+                        lambda self, **kw: calls.append(("file", kw["repo_id"], kw["path_in_repo"], kw["repo_type"])))  # fmt: skip
+    out = tmp_path / "b"
+    argv = _args(
+        sources,
+        out,
+        "--synthetic",
+        f"a={sources['gen_a']}",
+        "--push-to-hub",
+        "me/rsssl",
+        "--private",
+    )
+    assert bb.main(argv) == 0
+    assert calls[0] == ("data", "me/rsssl", True, ["labeled", "test", "unlabeled"])
+    assert [c[2] for c in calls[1:]] == ["README.md", "preview.png", "rsmatch_benchmark.json"]
+    assert all(c[3] == "dataset" for c in calls[1:])
+
+
+def test_push_offline_fails_cleanly_and_keeps_the_build(sources, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = _args(sources, out, "--synthetic", f"a={sources['gen_a']}", "--push-to-hub", "me/rsssl")
+    assert bb.main(argv) == 1  # HF_HUB_OFFLINE=1 in the tests
+    assert "push failed" in capsys.readouterr().err
+    assert load_benchmark(out)[0]["unlabeled"].num_rows == 36
+
+
+def test_config_file_sets_options(sources, tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(json.dumps({"real": str(sources["real"]), "synthetic": [f"a={sources['gen_a']}"],
+                               "labels_per_class": 2, "replace_ratio": 0.25, "out": str(tmp_path / "b")}))  # fmt: skip
+    assert bb.main(["--config", str(cfg)]) == 0
+    dd, meta = load_benchmark(tmp_path / "b")
+    assert meta["labels_per_class"] == 2 and len(dd["labeled"]) == 6
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("{realz: x}")
+    with pytest.raises(bb.BuildError, match="realz"):
+        bb.parse_args(["--config", str(bad)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.tar.gz").exists(), reason="needs ../shared/data")
+def test_benchmark_from_shared_data_trains_unchanged(tmp_path):
+    import tarfile
+
+    from rsmatch.config import load_config
+    from rsmatch.trainer import Trainer
+
+    for name in ("cifar10-jpeg", "synth-ddpm-jpeg", "synth-cgan-jpeg"):
+        with tarfile.open(SHARED / f"{name}.tar.gz") as tar:
+            tar.extractall(tmp_path, filter="data")
+    out = tmp_path / "bench"
+    argv = ["--real", str(tmp_path / "cifar10"), "--synthetic", f"ddpm={tmp_path / 'synth/ddpm'}",
+            "--synthetic", f"cgan={tmp_path / 'synth/cgan'}", "--labels-per-class", "25",
+            "--unlabeled-per-class", "100", "--replace-ratio", "0.5", "--out", str(out)]  # fmt: skip
+    assert bb.main(argv) == 0
+    dd, _ = load_benchmark(out)
+    assert len(dd["unlabeled"]) == 1000 and sum(dd["unlabeled"]["is_synthetic"]) == 500
+    cfg = load_config(None, [f"data.benchmark={out}", "model.backbone=wrn10_1", "rsmatch.detector_backbone=wrn10_1",
+                             "train.steps=2", "train.batch_size=10", "train.uratio=2", "train.eval_every=2",
+                             f"train.output_dir={tmp_path / 'run'}", "train.progress=false"])  # fmt: skip
+    metrics = Trainer(cfg).fit()
+    assert (
+        metrics["step"] == 2 and "detector_acc/ddpm" in metrics and "detector_acc/cgan" in metrics
+    )
