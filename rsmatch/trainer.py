@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
@@ -102,6 +102,13 @@ class Trainer:
             optimizer, cosine_schedule(t.steps, t.cosine_cycles)
         )
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and float(self.model.gradient_clipping() or 0.0) != t.clip_grad_norm:
+            # DeepSpeed clips inside its step; an unset value in its JSON may still clip.
+            raise ConfigError(
+                f"train.clip_grad_norm={t.clip_grad_norm}: the DeepSpeed config clips at "
+                f'{self.model.gradient_clipping()}; set "gradient_clipping": {t.clip_grad_norm} there'
+            )
         self.ema = ModelEmaV3(
             acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,
@@ -209,7 +216,7 @@ class Trainer:
             out = self.algorithm.step(self.model, batch, ctx)
             loss = sum(out.losses.values())
         acc.backward(loss)
-        if t.clip_grad_norm > 0:
+        if t.clip_grad_norm > 0 and not self.deepspeed:  # DeepSpeed clips in its own step
             acc.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()

@@ -1,13 +1,12 @@
-"""DeepSpeed installs, imports and drives the one-engine model on CPU (one process).
-
-What this does NOT check: that ZeRO-2 training matches DDP numerically (see README, Limits).
-"""
+"""DeepSpeed ZeRO-2 on CPU (one process): the one-engine model trains like plain PyTorch."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from .conftest import tiny_overrides
 
@@ -24,16 +23,43 @@ def test_deepspeed_imports():
     )
 
 
+def _train(args, deepspeed_json=None):
+    launch = [sys.executable, str(ROOT / "launch" / "train.py")]
+    if deepspeed_json:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+                  str(deepspeed_json), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+                  str(ROOT / "launch" / "train.py")]  # fmt: skip
+    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
-def test_rsmatch_runs_under_deepspeed_zero2(sources, tmp_path):
-    cfg = tmp_path / "ds.json"
-    cfg.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6}')
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
-           str(cfg), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
-           str(ROOT / "launch" / "train.py"), *tiny_overrides(sources, out, algorithm="rsmatch")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = out / "checkpoints" / "step_00000004"
-    assert (ckpt / "pytorch_model").is_dir() and (ckpt / "algorithm.safetensors").is_file()
-    assert (out / "metrics.json").is_file()
+@pytest.mark.parametrize("algorithm", ["supervised", "rsmatch"])
+def test_zero2_matches_plain_training(sources, tmp_path, algorithm):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, "gradient_clipping": 0.0}'
+    )
+    extra = {"algorithm": algorithm, "train.steps": 2, "train.ema_decay": 0.0}  # EMA = the weights
+    weights = {}
+    for mode in ("deepspeed", "plain"):
+        out = tmp_path / mode
+        res = _train(tiny_overrides(sources, out, **extra), ds if mode == "deepspeed" else None)
+        assert res.returncode == 0, res.stderr[-3000:]
+        weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
+    for k, v in weights["plain"].items():
+        torch.testing.assert_close(weights["deepspeed"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, "gradient_clipping": 1.0}'
+    )
+    res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
+    assert (
+        res.returncode != 0
+        and "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0" in res.stderr
+    )
+    assert not (tmp_path / "run").exists()
