@@ -21,7 +21,6 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
-from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import StepContext
 from rsmatch.config import Config, ConfigError, to_dict, validate
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, TrainData, load_train_data, step_generator
+from rsmatch.export import export_classifier
 from rsmatch.models import Normalize, param_groups
 from rsmatch.runinfo import write_run_record
 
@@ -286,20 +286,11 @@ class Trainer:
         )  # fmt: skip
 
     def export(self) -> Path:
-        """EMA classifier (encoder + real head) as safetensors with a small config."""
+        """EMA classifier (encoder + real head) for inference and for `rsmatch-push`."""
         model = self.ema.module
-        classifier = getattr(model, "classifier", model)
-        out = self.out / "model"
-        out.mkdir(exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in classifier.inference_state_dict().items()},
-            str(out / "model.safetensors"),
-        )
-        (out / "config.json").write_text(json.dumps({
-            "backbone": classifier.backbone_name, "class_names": self.data.class_names,
-            "mean": self.cfg.data.mean, "std": self.cfg.data.std, "small_stem": self.cfg.model.small_stem,
-        }, indent=2))  # fmt: skip
-        return out
+        d = self.cfg.data
+        return export_classifier(getattr(model, "classifier", model), self.out / "model", self.data.class_names,
+                                 d.mean, d.std, self.cfg.model.small_stem)  # fmt: skip
 
     def _finish(self) -> dict:
         ev = self.state.last_eval

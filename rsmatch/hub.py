@@ -1,0 +1,107 @@
+"""Push a finished run to the Hugging Face Hub: the exported model, a model card, the record.
+
+    rsmatch-push runs/demo you/rsmatch-cifar10 [--private]
+
+The folder is staged locally first (model.safetensors, config.json, README.md, config.yaml,
+run.json, metrics.json, evals.jsonl), so it can be inspected with `--stage-only`; the upload is
+`create_repo(exist_ok=True)` + `upload_folder`. The token comes from the environment or the
+Hugging Face login and is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
+
+
+def model_card(run: Path, repo: str) -> str:
+    metrics = json.loads((run / "metrics.json").read_text())
+    record = json.loads((run / "run.json").read_text())
+    config = json.loads((run / "model" / "config.json").read_text())
+    split = record.get("split", {})
+    rows = "\n".join(
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in metrics.items()
+    )
+    return "\n".join([
+        "---", "library_name: rsmatch", "tags:", "- image-classification", "- semi-supervised-learning",
+        f"- {metrics['algorithm']}", "---", "",
+        f"# {repo.split('/')[-1]}", "",
+        f"A `{config['backbone']}` classifier trained with **{metrics['algorithm']}** by "
+        "rsmatch on an RS-SSL benchmark (unlabeled data contaminated with "
+        "synthetic images). Only the encoder and the real head are included.", "",
+        f"Data: real `{split.get('real', '?')}`, synthetic {split.get('synthetic', {})}, "
+        f"{split.get('labels_per_class', '?')} labels per class, replace ratio "
+        f"{split.get('replace_ratio', '?')}, split seed {split.get('seed', split.get('split_seed', '?'))}; "
+        f"training seed {record['seed']}; {record.get('world_size', 1)} process(es); git "
+        f"{record['git']['commit'][:12]}{' (dirty)' if record['git'].get('dirty') else ''}.", "",
+        "| metric | value |", "|---|---|", rows, "",
+        "`test_acc` is the final EMA model's top-1 accuracy on the real test split; `best_acc` is "
+        "the best over evaluations (optimistic, as in USB). The full config, package versions and "
+        "per-evaluation metrics are in `config.yaml`, `run.json` and `evals.jsonl`.", "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from rsmatch.export import load_classifier",
+        f"model = load_classifier(snapshot_download('{repo}'))  # takes uint8 NCHW images",
+        "```", "",
+    ])  # fmt: skip
+
+
+def stage(run: Path, repo: str, out: Path) -> Path:
+    missing = [
+        p
+        for p in ("model/model.safetensors", "model/config.json", *RECORD_FILES)
+        if not (run / p).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a finished run (missing {', '.join(missing)})")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run / "model", out)
+    for name in RECORD_FILES:
+        shutil.copy2(run / name, out / name)
+    (out / "README.md").write_text(model_card(run, repo))
+    return out
+
+
+def push(folder: Path, repo: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="rsmatch run")
+    return str(getattr(info, "commit_url", info))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rsmatch-push", description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a finished run directory (train.output_dir)")
+    ap.add_argument("repo", help="Hub model repo, e.g. you/rsmatch-cifar10")
+    ap.add_argument("--private", action="store_true")
+    ap.add_argument("--stage-only", action="store_true", help="write RUN/hub/ and stop")
+    args = ap.parse_args(argv)
+    try:
+        folder = stage(args.run, args.repo, args.run / "hub")
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+        print(f"rsmatch-push: error: {e}", file=sys.stderr)
+        return 2
+    if args.stage_only:
+        print(f"staged {folder}")
+        return 0
+    try:
+        print(f"pushed {push(folder, args.repo, args.private)}")
+    except Exception as e:  # network, auth, offline mode
+        print(
+            f"rsmatch-push: push failed ({type(e).__name__}: {e}); staged files are in {folder}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
