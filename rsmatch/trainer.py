@@ -165,7 +165,7 @@ class Trainer:
         interrupted = False
         try:
             while self.state.step < t.steps:
-                for k, v in self._train_step(self.state.step).items():
+                for k, v in self.train_step(self.state.step).items():
                     window[k].append(v)
                 self.state.step += 1
                 step = self.state.step
@@ -204,7 +204,8 @@ class Trainer:
             return {"interrupted": True, "step": self.state.step}
         return self._finish()
 
-    def _train_step(self, step: int) -> dict[str, torch.Tensor]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns detached losses and metrics for logging."""
         acc, t = self.accelerator, self.cfg.train
         self.model.train()
         batch = self.batches(step)

@@ -57,20 +57,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Algorithm:
     name = "base"
     uses_unlabeled = True
+    proj_size = 0  # > 0 adds a projection head to the classifier (SimMatch)
 
     def __init__(self, cfg: Config, num_classes: int, num_labeled: int, num_unlabeled: int) -> None:
         self.cfg, self.num_classes = cfg, num_classes
         self.num_labeled, self.num_unlabeled = num_labeled, num_unlabeled
         self._state: dict[str, torch.Tensor] = {}
 
-    def build_model(self, fake_head: bool = False) -> Classifier:
+    def build_model(self, fake_head: bool = False) -> nn.Module:
         m, d = self.cfg.model, self.cfg.data
         return Classifier(
             m.backbone, self.num_classes, d.mean, d.std, m.small_stem, m.bn_momentum,
             fake_head=fake_head, proj_size=self.proj_size,
         )  # fmt: skip
-
-    proj_size = 0
 
     def step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError

@@ -67,7 +67,7 @@ class RSMatch(Algorithm):
             num_classes, r.queue_length, r.queue_picks, r.queue_topk, image_shape, r.class_wise
         )
 
-    def build_model(self, fake_head: bool = True) -> RSMatchModel:
+    def build_model(self) -> RSMatchModel:
         r, d = self.cfg.rsmatch, self.cfg.data
         classifier = self.base.build_model(fake_head=r.fake_head)
         detector = (

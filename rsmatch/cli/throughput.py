@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t = cfg.train
     for step in range(args.warmup):
-        trainer._train_step(step)
+        trainer.train_step(step)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
     start = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
-        trainer._train_step(step)
+        trainer.train_step(step)
     sync()
     seconds = time.perf_counter() - start
     b, mu = t.batch_size, t.uratio
