@@ -3,6 +3,8 @@
 # a 1000-per-class unlabeled pool replaced by the ddpm and cgan images (equal shares),
 # 25 labels per class, seeds 0 and 1, the same step budget for every method.
 #   bash studies/cpu_study.sh [SHARED_DATA_DIR] [OUT_DIR] [STEPS]
+# Environment: SEEDS (default "0 1"), METHODS (default "rsmatch fixmatch fixmatch_real_only"),
+# EXTRA (more key=value overrides for every run, e.g. EXTRA="ssl.threshold=0.7").
 set -euo pipefail
 SHARED=${1:-../shared/data}
 OUT=${2:-runs/study}
@@ -14,16 +16,17 @@ for f in cifar10-jpeg synth-ddpm-jpeg synth-cgan-jpeg; do
 done
 common=(--config configs/study_cpu.yaml data.real="$DATA/cifar10"
         "data.synthetic={ddpm: $DATA/synth/ddpm, cgan: $DATA/synth/cgan}" train.steps="$STEPS")
-for seed in 0 1; do
-  for method in rsmatch fixmatch fixmatch_real_only; do
+for seed in ${SEEDS:-0 1}; do
+  for method in ${METHODS:-rsmatch fixmatch fixmatch_real_only}; do
     run=$OUT/$method-seed$seed
     [ -f "$run/metrics.json" ] && continue
     case $method in
       fixmatch_real_only) extra=(algorithm=fixmatch data.real_only=true) ;;
       *) extra=(algorithm=$method) ;;
     esac
+    # shellcheck disable=SC2086  # EXTRA is a list of overrides
     python launch/train.py "${common[@]}" "${extra[@]}" train.seed=$seed data.split_seed=$seed \
-      train.output_dir="$run" train.progress=false
+      train.output_dir="$run" train.progress=false ${EXTRA:-}
   done
 done
 python tools/summarize_study.py "$OUT"

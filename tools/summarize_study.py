@@ -27,6 +27,30 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f} (n={len(values)})"
 
 
+def late_means(run: Path, tags: tuple[str, ...], last: int = 100) -> dict[str, float]:
+    """Mean of TensorBoard scalars over the last `last` steps of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    out = {}
+    for tag in tags:
+        if tag in ea.Tags()["scalars"]:
+            events = ea.Scalars(tag)
+            end = events[-1].step
+            out[tag] = statistics.mean(e.value for e in events if e.step > end - last)
+    return out
+
+
+MASK_TAGS = (
+    "mask_rate",
+    "mask_real_rate",
+    "mask_fake_rate",
+    "batch_detector_acc",
+    "labeled_called_synthetic",
+)
+
+
 def main(root: Path) -> None:
     runs = sorted(p.parent for p in root.glob("*-seed*/metrics.json"))
     by_method: dict[str, list[dict]] = defaultdict(list)
@@ -50,6 +74,16 @@ def main(root: Path) -> None:
         lines.append(
             f"| {method} | {_mean_std([m['test_acc'] for m in ms])} | "
             f"{_mean_std([m['best_acc'] for m in ms])} | {_mean_std(det)} | {_mean_std(pur)} | {secs:.0f} |"
+        )
+    lines += ["", "Mean over the last 100 steps (share of the unlabeled batch passing the confidence mask, "
+              "and how it was routed):", "", "| run | " + " | ".join(MASK_TAGS) + " |",
+              "|---|" + "---|" * len(MASK_TAGS)]  # fmt: skip
+    for run in runs:
+        late = late_means(run, MASK_TAGS)
+        lines.append(
+            f"| {run.name} | "
+            + " | ".join(f"{late[t]:.4f}" if t in late else "-" for t in MASK_TAGS)
+            + " |"
         )
     lines += [
         "",
