@@ -68,8 +68,11 @@ def test_classifier_outputs_and_inference_weights():
 
 
 @pytest.mark.slow
-def test_bf16_channels_last_run(sources, tmp_path):
-    args = tiny_overrides(sources, tmp_path / "run", algorithm="rsmatch",
+@pytest.mark.parametrize(
+    "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
+)
+def test_bf16_channels_last_run(sources, tmp_path, algorithm):
+    args = tiny_overrides(sources, tmp_path / "run", algorithm=algorithm,
                           **{"train.mixed_precision": "bf16", "train.channels_last": True})  # fmt: skip
     res = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), *args],

@@ -54,6 +54,11 @@ class SimMatch(SSLAlgorithm):
         self.state("bank_labels")[idx] = labels
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
+        # Similarities to the bank in fp32: under bf16/fp16 autocast the matmuls would not be.
+        with torch.autocast(views.w["logits"].device.type, enabled=False):
+            return self._pseudo_labels(views, batch, ctx)
+
+    def _pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         s, tau = self.cfg.simmatch, self.cfg.ssl.threshold
         bank, bank_labels = self.state("bank").clone(), self.state("bank_labels")
         probs_w = self.align(views.w["logits"].detach().float().softmax(-1), ctx)
