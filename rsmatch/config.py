@@ -334,6 +334,32 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         "one of no, fp16, bf16",
     )
     _check(0 < cfg.ssl.threshold <= 1, "ssl.threshold", cfg.ssl.threshold, "not in (0, 1]")
+    _check(
+        0 < r.detector_threshold <= 1,
+        "rsmatch.detector_threshold",
+        r.detector_threshold,
+        "not in (0, 1]",
+    )
+    _check(cfg.ssl.lambda_u >= 0, "ssl.lambda_u", cfg.ssl.lambda_u, "must be >= 0")
+    _check(0 <= cfg.freematch.ema_p <= 1, "freematch.ema_p", cfg.freematch.ema_p, "not in [0, 1]")
+    _check(
+        cfg.simmatch.temperature > 0,
+        "simmatch.temperature",
+        cfg.simmatch.temperature,
+        "must be positive",
+    )
+    _check(cfg.simmatch.da_len >= 1, "simmatch.da_len", cfg.simmatch.da_len, "must be >= 1")
+    _check(
+        0 <= cfg.simmatch.smoothing_alpha <= 1,
+        "simmatch.smoothing_alpha",
+        cfg.simmatch.smoothing_alpha,
+        "not in [0, 1]",
+    )
+    _check(
+        t.clip_grad_norm >= 0, "train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off)"
+    )
+    unl = d.unlabeled_per_class
+    _check(unl is None or unl >= 1, "data.unlabeled_per_class", unl, "must be >= 1 or null")
     for key in ("queue_length", "queue_picks", "queue_topk"):
         _check(getattr(r, key) >= 1, f"rsmatch.{key}", getattr(r, key), "must be >= 1")
     for key, value in (

@@ -33,6 +33,10 @@ def test_overrides_win_over_file(tmp_path):
         ("train.progress=maybe", "train.progress"),
         ("data.synthetic=3", "data.synthetic"),
         ("train", "train"),
+        ("rsmatch.detector_threshold=0", "rsmatch.detector_threshold"),
+        ("simmatch.temperature=0", "simmatch.temperature"),
+        ("data.unlabeled_per_class=0", "data.unlabeled_per_class"),
+        ("rsmatch.queue_length=0", "rsmatch.queue_length"),
     ],
 )
 def test_bad_values_name_the_key(override, named):
