@@ -257,10 +257,17 @@ class Trainer:
         )
         results = {"step": step, "test_acc": test_acc}
         if hasattr(model, "detect"):
+            # The live detector, the one that fills the queue and routes samples. The EMA
+            # detector's copied BatchNorm statistics do not fit its lagging averaged weights
+            # (measured: 50% vs 77% pool accuracy on one 500-step run).
+            live = self.accelerator.unwrap_model(self.model)
+            live.eval()
             prov = self.data.provenance
-            pool = self._predict(model.detect, self.data.unlabeled)
-            results.update(evaluate.detector_metrics(pool, prov))
-            labeled = self._predict(model.detect, self.data.labeled)
+            results.update(
+                evaluate.detector_metrics(self._predict(live.detect, self.data.unlabeled), prov)
+            )
+            labeled = self._predict(live.detect, self.data.labeled)
+            live.train()
             results["labeled_called_synthetic"] = float(labeled.float().mean())
             results["queue_purity"] = evaluate.queue_purity(
                 self.algorithm.queue.held_sources(), prov
