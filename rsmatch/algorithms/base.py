@@ -47,6 +47,11 @@ class PseudoLabels:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def portable(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (what safetensors saves), keys optionally prefixed."""
+    return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample CE for hard (long [N]) or soft (float [N, C]) targets."""
     if targets.dtype == torch.long:
@@ -75,9 +80,6 @@ class Algorithm:
         raise NotImplementedError
 
     # -- state: named tensors, saved as safetensors with the checkpoint ----------------------
-    def register_state(self, name: str, value: torch.Tensor) -> None:
-        self._state[name] = value
-
     def state(self, name: str) -> torch.Tensor:
         return self._state[name]
 
@@ -85,7 +87,7 @@ class Algorithm:
         self._state[name] = value
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self._state.items()}
+        return portable(self._state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self._state) - set(state)

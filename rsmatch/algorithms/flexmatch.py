@@ -21,10 +21,8 @@ class FlexMatch(SSLAlgorithm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_state(
-            "selected_label", torch.full((self.num_unlabeled,), -1, dtype=torch.long)
-        )
-        self.register_state("classwise_acc", torch.zeros(self.num_classes))
+        self.set_state("selected_label", torch.full((self.num_unlabeled,), -1, dtype=torch.long))
+        self.set_state("classwise_acc", torch.zeros(self.num_classes))
 
     def learning_effect(self, selected: torch.Tensor) -> torch.Tensor | None:
         """sigma_c, or None while every sample sits in one bucket (USB leaves it unchanged)."""

@@ -40,9 +40,9 @@ class FreeMatch(SSLAlgorithm):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         uniform = torch.full((self.num_classes,), 1.0 / self.num_classes)
-        self.register_state("p_model", uniform.clone())
-        self.register_state("label_hist", uniform.clone())
-        self.register_state("time_p", uniform.mean().reshape(1))
+        self.set_state("p_model", uniform.clone())
+        self.set_state("label_hist", uniform.clone())
+        self.set_state("time_p", uniform.mean().reshape(1))
 
     def update_thresholds(self, probs: torch.Tensor) -> None:
         m = self.cfg.freematch.ema_p

@@ -20,11 +20,12 @@ from rsmatch.algorithms.base import (
     StepContext,
     StepOutput,
     cross_entropy,
+    portable,
 )
 from rsmatch.config import Config
 from rsmatch.csqueue import CSQueue
 from rsmatch.data.loaders import Batch
-from rsmatch.models import Classifier, Detector, _linear
+from rsmatch.models import Classifier, Detector, linear_head
 
 REAL, SYNTHETIC = 0, 1
 
@@ -37,7 +38,9 @@ class RSMatchModel(nn.Module):
         self.classifier = classifier
         self.detector = detector
         # Ablation "w/o ind. models": the binary head on the classifier's features.
-        self.shared_head = _linear(classifier.encoder.num_features, 2) if detector is None else None
+        self.shared_head = (
+            linear_head(classifier.encoder.num_features, 2) if detector is None else None
+        )
 
     def forward(
         self, x_cls: torch.Tensor, x_det: torch.Tensor
@@ -145,14 +148,10 @@ class RSMatch(Algorithm):
 
     # -- state: the base's and the queue's ----------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"base.{k}": v for k, v in self.base.state_dict().items()}
-        state.update(
-            {
-                f"queue.{k}": v.detach().cpu().contiguous()
-                for k, v in self.queue.state_dict().items()
-            }
-        )
-        return state
+        return {
+            **portable(self.base.state_dict(), "base."),
+            **portable(self.queue.state_dict(), "queue."),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.base.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("base.")})

@@ -31,10 +31,10 @@ class SimMatch(SSLAlgorithm):
         self.proj_size = s.proj_size
         gen = torch.Generator().manual_seed(self.cfg.train.seed)
         bank = F.normalize(torch.randn(s.proj_size, self.num_labeled, generator=gen), dim=0)
-        self.register_state("bank", bank)
-        self.register_state("bank_labels", torch.zeros(self.num_labeled, dtype=torch.long))
-        self.register_state("da_history", torch.zeros(s.da_len, self.num_classes))
-        self.register_state("da_ptr", torch.zeros(1, dtype=torch.long))
+        self.set_state("bank", bank)
+        self.set_state("bank_labels", torch.zeros(self.num_labeled, dtype=torch.long))
+        self.set_state("da_history", torch.zeros(s.da_len, self.num_classes))
+        self.set_state("da_ptr", torch.zeros(1, dtype=torch.long))
 
     def align(self, probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Distribution alignment towards uniform over the last da_len global batches."""

@@ -192,7 +192,8 @@ def _check_corrupt(folders: dict[str, Path], skip: bool) -> dict[str, frozenset[
     return {name: frozenset(paths) for name, paths in corrupt.items()}
 
 
-def build(args: argparse.Namespace) -> Path:
+def build(args: argparse.Namespace) -> dict[str, int] | None:
+    """Build the benchmark; returns its split sizes (None on non-main generation ranks)."""
     import datasets
     import torch
 
@@ -285,7 +286,7 @@ def build(args: argparse.Namespace) -> Path:
             state.wait_for_everyone()
             synthetic[g] = read_class_folder(gen_root / g, names)
         if not state.is_main_process:
-            return out
+            return None
 
     dd = build_split(real, synthetic, split)
     meta = {
@@ -307,7 +308,7 @@ def build(args: argparse.Namespace) -> Path:
     tmp.rename(out)
     if args.push_to_hub:
         push(out, dd, args.push_to_hub, args.private)
-    return out
+    return {split: len(dd[split]) for split in dd}
 
 
 def dataset_card(dd, meta: dict) -> str:
@@ -408,7 +409,7 @@ def push(folder: Path, dd, repo: str, private: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        out = build(args)
+        sizes = build(args)
     except (BuildError, SourceError) as e:
         print(f"rsmatch-build-benchmark: error: {e}", file=sys.stderr)
         return 2
@@ -417,16 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             f"rsmatch-build-benchmark: built {args.out}, but the push failed: {e}", file=sys.stderr
         )
         return 1
-    if out.exists():
-        print(json.dumps({"out": str(out), **summary_line(out)}))
+    if sizes is not None:
+        print(json.dumps({"out": str(args.out), **sizes}))
     return 0
-
-
-def summary_line(out: Path) -> dict:
-    from rsmatch.data.benchmark import load_benchmark
-
-    dd, _ = load_benchmark(out)
-    return {split: len(dd[split]) for split in dd}
 
 
 if __name__ == "__main__":

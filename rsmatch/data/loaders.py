@@ -152,10 +152,10 @@ class BatchMaker:
         gen = step_generator(self.seed, AUG_LABELED, step)
         idx = self.lb_stream.indices(step)[self.lo : self.hi]
         weak = augment.sample_weak(self.b, gen)[self.lo : self.hi].to(dev)
-        strong = augment.sample_strong(self.b, gen)[self.lo : self.hi].to(dev)
         x = d.labeled[idx].to(dev, non_blocking=True)
         batch = Batch(augment.apply_weak(x, weak), d.labeled_y[idx].to(dev), idx.to(dev))
-        if self.strong_labeled:
+        if self.strong_labeled:  # drawn after the weak params, so those never depend on it
+            strong = augment.sample_strong(self.b, gen)[self.lo : self.hi].to(dev)
             batch.x_lb_s = augment.apply_strong(x, strong)
         if self.use_unlabeled:
             gen = step_generator(self.seed, AUG_UNLABELED, step)

@@ -44,7 +44,7 @@ def create_encoder(
     return encoder
 
 
-def _linear(cin: int, cout: int) -> nn.Linear:
+def linear_head(cin: int, cout: int) -> nn.Linear:
     layer = nn.Linear(cin, cout)
     nn.init.xavier_normal_(layer.weight)  # USB's head init
     nn.init.zeros_(layer.bias)
@@ -74,8 +74,8 @@ class Classifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.encoder = create_encoder(backbone, small_stem, bn_momentum)
         width = self.encoder.num_features
-        self.head = _linear(width, num_classes)
-        self.fake_head = _linear(width, num_classes) if fake_head else None
+        self.head = linear_head(width, num_classes)
+        self.fake_head = linear_head(width, num_classes) if fake_head else None
         # SimMatch's projection: Linear -> ReLU -> Linear, L2-normalised in forward.
         self.proj = (
             nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, proj_size))
@@ -108,7 +108,7 @@ class Detector(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.encoder = create_encoder(backbone, bn_momentum=bn_momentum)
-        self.head = _linear(self.encoder.num_features, 2)
+        self.head = linear_head(self.encoder.num_features, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.normalize(x)))
