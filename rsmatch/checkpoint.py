@@ -46,8 +46,8 @@ def save(
         save_file(
             {k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors")
         )
-        if algorithm_state:
-            save_file(algorithm_state, str(tmp / "algorithm.safetensors"))
+        state = {k: v.detach().cpu().contiguous() for k, v in algorithm_state.items()}
+        save_file(state, str(tmp / "algorithm.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -70,6 +70,5 @@ def load(accelerator: Accelerator, path: Path, ema: nn.Module) -> tuple[dict, di
     """Restore Accelerate's state and the EMA; return (algorithm state, trainer state)."""
     accelerator.load_state(str(path))
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device="cpu"))
-    algo_file = path / "algorithm.safetensors"
-    algo = load_file(str(algo_file), device="cpu") if algo_file.is_file() else {}
+    algo = load_file(str(path / "algorithm.safetensors"), device="cpu")
     return algo, json.loads((path / "trainer.json").read_text())

@@ -9,7 +9,8 @@ everywhere and equal to a one-process run on the same global batch.
 
 `class_wise=False` is the ablation: one FIFO of length C*L fed with the top M*k of the batch.
 The queue also remembers each item's index in the unlabeled pool (`sources`), which lets the
-evaluation measure queue purity; training never looks those indices up.
+evaluation measure queue purity; training never looks those indices up. Its contents are
+buffers of an `nn.Module`, so they move, save and load with the algorithm that owns it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-class CSQueue:
+class CSQueue(nn.Module):
+    images: torch.Tensor
+    sources: torch.Tensor
+    pushed: torch.Tensor
+
     def __init__(
         self,
         num_classes: int,
@@ -32,18 +38,14 @@ class CSQueue:
         class_wise: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.num_classes, self.picks, self.topk, self.class_wise = (
-            num_classes,
-            picks,
-            topk,
-            class_wise,
-        )
+        super().__init__()
+        self.num_classes, self.picks, self.topk = num_classes, picks, topk
+        self.class_wise = class_wise
         rows, self.capacity = (num_classes, length) if class_wise else (1, num_classes * length)
-        self.images = torch.zeros(
-            (rows, self.capacity, *image_shape), dtype=torch.uint8, device=device
-        )
-        self.sources = torch.full((rows, self.capacity), -1, dtype=torch.long, device=device)
-        self.pushed = torch.zeros(rows, dtype=torch.long, device=device)  # total pushes per row
+        shape = (rows, self.capacity, *image_shape)
+        self.register_buffer("images", torch.zeros(shape, dtype=torch.uint8, device=device))
+        self.register_buffer("sources", torch.full(shape[:2], -1, dtype=torch.long, device=device))
+        self.register_buffer("pushed", torch.zeros(rows, dtype=torch.long, device=device))
 
     # -- reading ------------------------------------------------------------------------------
     def fill(self) -> torch.Tensor:
@@ -52,11 +54,6 @@ class CSQueue:
 
     def __len__(self) -> int:
         return int(self.fill().sum())
-
-    def row_order(self, row: int) -> torch.Tensor:
-        """Slot indices of a sub-queue from oldest to newest."""
-        n, pushed = int(self.fill()[row]), int(self.pushed[row])
-        return torch.arange(pushed - n, pushed, device=self.images.device) % self.capacity
 
     def held_sources(self) -> torch.Tensor:
         """Pool indices of every queued item (for purity; evaluation only)."""
@@ -104,22 +101,12 @@ class CSQueue:
                 ]
                 self._push(c, images[best], sources[best])
 
-    def to(self, device: torch.device | str) -> CSQueue:
-        self.images, self.sources, self.pushed = (
-            t.to(device) for t in (self.images, self.sources, self.pushed)
-        )
-        return self
-
-    # -- checkpointing ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"images": self.images, "sources": self.sources, "pushed": self.pushed}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in ("images", "sources", "pushed"):
-            current = getattr(self, name)
-            if state[name].shape != current.shape:
+    def _load_from_state_dict(self, state: dict, prefix: str, *args, **kwargs) -> None:
+        for name, current in self.named_buffers(recurse=False):
+            saved = state.get(prefix + name)
+            if saved is not None and saved.shape != current.shape:
                 raise ValueError(
-                    f"CSQueue {name}: checkpoint shape {tuple(state[name].shape)} != "
+                    f"CSQueue {name}: checkpoint shape {tuple(saved.shape)} != "
                     f"{tuple(current.shape)} (queue_length, class_wise or image size changed?)"
                 )
-            setattr(self, name, state[name].to(current.device).clone())
+        super()._load_from_state_dict(state, prefix, *args, **kwargs)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from rsmatch.data.loaders import Provenance
+from rsmatch.data.batch import Provenance
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 

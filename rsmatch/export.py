@@ -1,4 +1,6 @@
-"""The inference model: the classifier's encoder and real head as safetensors, and back.
+"""The inference model: the classifier's encoder and real head, saved and loaded with
+huggingface_hub's `PyTorchModelHubMixin` (safetensors weights + config.json of the
+constructor's arguments), so a run's export loads from a folder or a Hub id alike.
 
 RSMatch's detector, queue and fake head exist only for training, so the exported model costs
 exactly what a FixMatch model costs.
@@ -6,37 +8,21 @@ exactly what a FixMatch model costs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from rsmatch.models import Classifier
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def export_classifier(classifier: Classifier, out: Path, class_names: list[str], mean: list[float],
                       std: list[float], small_stem: bool) -> Path:  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.inference_state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
-    config = {"backbone": classifier.backbone_name, "class_names": class_names, "mean": mean, "std": std,
-              "small_stem": small_stem}  # fmt: skip
-    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    """A fresh encoder + real head with the trained weights, saved under `out`."""
+    inference = Classifier(classifier.backbone_name, len(class_names), mean, std, small_stem,
+                           class_names=class_names)  # fmt: skip
+    inference.load_state_dict(classifier.inference_state_dict(), strict=True)
+    inference.save_pretrained(out)
     return out
 
 
-def load_classifier(folder: str | Path) -> Classifier:
-    """Rebuild an exported classifier (random init is replaced; nothing is downloaded)."""
-    folder = Path(folder)
-    config = json.loads((folder / CONFIG).read_text())
-    model = Classifier(config["backbone"], len(config["class_names"]), config["mean"], config["std"],
-                       config["small_stem"])  # fmt: skip
-    missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=False)
-    if unexpected or any(k.split(".")[0] in ("encoder", "head") for k in missing):
-        raise ValueError(
-            f"{folder}: weights do not fit {config['backbone']} ({missing[:3]}, {unexpected[:3]})"
-        )
-    model.class_names = config["class_names"]
-    return model.eval()
+def load_classifier(source: str | Path) -> Classifier:
+    """Rebuild an exported classifier from a folder or a Hub id; nothing else is downloaded."""
+    return Classifier.from_pretrained(str(source), strict=True).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -21,25 +22,26 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from rsmatch import checkpoint, evaluate
+from rsmatch import checkpoint, evaluate, hardware
 from rsmatch.algorithms import make_algorithm
-from rsmatch.algorithms.base import StepContext
-from rsmatch.config import Config, ConfigError, to_dict, validate
-from rsmatch.data.loaders import ALGORITHM, BatchMaker, TrainData, load_train_data, step_generator
-from rsmatch.export import export_classifier
-from rsmatch.models import Normalize, param_groups
+from rsmatch.algorithms.base import EvalContext, StepContext
+from rsmatch.config import Config, ConfigError, check_world_size, to_dict
+from rsmatch.data.batch import TrainData
+from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
+from rsmatch.models import Normalize
 from rsmatch.runinfo import write_run_record
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     accelerator = Accelerator(
         # Without a GPU, cpu=True is what turns several launched processes into gloo DDP;
         # it would also switch DeepSpeed off, so a DeepSpeed launch keeps its own path.
         cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
         step_scheduler_with_optimizer=False,  # our schedule counts iterations, not processes
@@ -76,8 +78,13 @@ class Trainer:
         self, cfg: Config, accelerator: Accelerator | None = None, data: TrainData | None = None
     ) -> None:
         datasets.disable_progress_bars()
-        self.accelerator = acc = accelerator or make_accelerator(cfg)
-        validate(cfg, acc.num_processes)  # batch sizes against the real world size
+        self.precision = hardware.resolve(cfg.train.mixed_precision, cfg.train.channels_last)
+        self.accelerator = acc = accelerator or make_accelerator(
+            cfg, self.precision.mixed_precision
+        )
+        if self.precision.warning:
+            acc.print(f"warning: {self.precision.warning}")
+        check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
         self.data = data or load_train_data(cfg.data)
@@ -90,14 +97,15 @@ class Trainer:
         model = self.algorithm.build_model()
         if t.sync_bn and self.world > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if t.channels_last:
+        if self.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
             for m in model.modules():
                 if isinstance(m, Normalize):
                     m.channels_last = True
-        optimizer = torch.optim.SGD(
-            param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum, nesterov=True
-        )
+        optimizer = torch.optim.SGD(  # USB: no weight decay on BatchNorm and biases (1-d)
+            param_groups_weight_decay(model, t.weight_decay), lr=t.lr, momentum=t.momentum,
+            nesterov=True,
+        )  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(t.steps, t.cosine_cycles)
         )
@@ -114,10 +122,10 @@ class Trainer:
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
         self.algorithm.to(acc.device)
+        views = self.algorithm.views
         self.batches = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
-            unlabeled=self.algorithm.uses_unlabeled,
-            strong_labeled=cfg.algorithm == "rsmatch" and cfg.rsmatch.strong_labeled,
+            unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
         )  # fmt: skip
         self.state = TrainerState()
         self.ckpt_root = self.out / "checkpoints"
@@ -139,7 +147,7 @@ class Trainer:
         if acc.is_main_process:
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "resumed_from": str(found) if resume else None,
-                "mixed_precision": self.cfg.train.mixed_precision, "split": self.data.split_meta,
+                "mixed_precision": acc.mixed_precision, "precision": self.precision.record(), "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             })  # fmt: skip
         acc.wait_for_everyone()
@@ -178,7 +186,7 @@ class Trainer:
                         {
                             k: f"{v:.3g}"
                             for k, v in logs.items()
-                            if k in ("loss", "mask_rate", "batch_detector_acc")
+                            if k in ("loss", *self.algorithm.progress_metrics)
                         }
                     )
                 if step % t.eval_every == 0 or step == t.steps:
@@ -229,9 +237,9 @@ class Trainer:
             **out.metrics,
         }
         logged["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
-        if "synthetic_pred" in out.probes:  # evaluation only: compare with provenance
-            logged["batch_detector_acc"] = evaluate.batch_detector_acc(
-                out.probes["synthetic_pred"], batch.idx_ulb, self.data.provenance
+        if out.probes:  # evaluation only: the algorithm compares its probes with provenance
+            logged.update(
+                self.algorithm.probe_metrics(out.probes, batch.idx_ulb, self.data.provenance)
             )
         return logged
 
@@ -249,40 +257,28 @@ class Trainer:
                                     acc.device, self.rank, self.world, acc.gather)  # fmt: skip
 
     def _evaluate(self, step: int) -> None:
-        model = self.ema.module
-        model.eval()
-        classifier = getattr(model, "classifier", model)
+        acc = self.accelerator
+        ema, live = self.ema.module, acc.unwrap_model(self.model)
+        ema.eval()
+        classifier = self.algorithm.classifier(ema)
         test_acc = evaluate.accuracy(
             self._predict(lambda x: classifier(x)["logits"], self.data.test), self.data.test_y
         )
         results = {"step": step, "test_acc": test_acc}
-        if hasattr(model, "detect"):
-            # The live detector, the one that fills the queue and routes samples. The EMA
-            # detector's copied BatchNorm statistics do not fit its lagging averaged weights
-            # (measured: 50% vs 77% pool accuracy on one 500-step run).
-            live = self.accelerator.unwrap_model(self.model)
-            live.eval()
-            prov = self.data.provenance
-            results.update(
-                evaluate.detector_metrics(self._predict(live.detect, self.data.unlabeled), prov)
-            )
-            labeled = self._predict(live.detect, self.data.labeled)
-            live.train()
-            results["labeled_called_synthetic"] = float(labeled.float().mean())
-            results["queue_purity"] = evaluate.queue_purity(
-                self.algorithm.queue.held_sources(), prov
-            )
-            warning = evaluate.collapse_warning(
-                results["detector_called_synthetic"], results["labeled_called_synthetic"]
-            )
-            if warning:
-                self.accelerator.print(f"\nWARNING step {step}: {warning}")
+        live.eval()
+        warn = lambda message: acc.print(f"\nWARNING step {step}: {message}")  # noqa: E731
+        results.update(
+            self.algorithm.evaluate(EvalContext(ema, live, self._predict, self.data, warn))
+        )
+        live.train()
         if test_acc > self.state.best_acc:
             self.state.best_acc, self.state.best_step = test_acc, step
+            if acc.is_main_process:
+                self._export_best()
         results.update(best_acc=self.state.best_acc, best_step=self.state.best_step)
         self.state.last_eval = results
-        self.accelerator.log({f"eval/{k}": v for k, v in results.items() if k != "step"}, step=step)
-        if self.accelerator.is_main_process:
+        acc.log({f"eval/{k}": v for k, v in results.items() if k != "step"}, step=step)
+        if acc.is_main_process:
             with open(self.out / "evals.jsonl", "a") as f:
                 f.write(json.dumps(results) + "\n")
 
@@ -293,12 +289,22 @@ class Trainer:
             self.state.__dict__, self.cfg.train.keep_checkpoints,
         )  # fmt: skip
 
-    def export(self) -> Path:
-        """EMA classifier (encoder + real head) for inference and for `rsmatch-push`."""
-        model = self.ema.module
-        d = self.cfg.data
-        return export_classifier(getattr(model, "classifier", model), self.out / "model", self.data.class_names,
-                                 d.mean, d.std, self.cfg.model.small_stem)  # fmt: skip
+    def export(self, folder: Path | None = None) -> Path:
+        """The algorithm's inference models (the EMA classifier at least) for `rsmatch-push`."""
+        folder = folder or self.out
+        live = self.accelerator.unwrap_model(self.model)
+        self.algorithm.export(self.ema.module, live, folder, self.data.class_names)
+        return folder
+
+    def _export_best(self) -> None:
+        """Keep the models behind `best_acc` in `best/`, replaced whole (never half-written)."""
+        best, tmp, old = (self.out / n for n in ("best", ".best.tmp", ".best.old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.export(tmp)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _finish(self) -> dict:
         ev = self.state.last_eval

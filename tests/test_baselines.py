@@ -46,7 +46,7 @@ def test_flexmatch_learning_effect_with_and_without_warmup():
 
 def test_flexmatch_convex_threshold_and_selection():
     algo = _algo("flexmatch", num_unlabeled=6)
-    algo.set_state("classwise_acc", torch.tensor([0.25, 0.5, 0.0]))
+    algo.classwise_acc = torch.tensor([0.25, 0.5, 0.0])
     # thresholds: class 0: 0.95*0.25/1.75 = 0.135714; class 1: 0.95*0.5/1.5 = 0.316667; class 2: 0
     probs = [
         [0.13, 0.5, 0.37],
@@ -62,15 +62,15 @@ def test_flexmatch_convex_threshold_and_selection():
     out = algo.pseudo_labels(_views([[0.1, 0.31, 0.59], [0.2, 0.3, 0.5]]), _batch([5, 0]), _ctx())
     # sigma is now [1/5, 0, 0] (one selection): class 2 threshold 0 -> both pass
     assert out.mask.tolist() == [1.0, 1.0]
-    algo.set_state("classwise_acc", torch.tensor([0.25, 0.5, 0.0]))
+    algo.classwise_acc = torch.tensor([0.25, 0.5, 0.0])
     out = algo.pseudo_labels(_views([[0.3, 0.31, 0.39], [0.2, 0.5, 0.3]]), _batch([1, 3]), _ctx())
     assert out.mask.tolist() == [1.0, 1.0]
     out = algo.pseudo_labels(_views([[0.34, 0.33, 0.33]]), _batch([4]), _ctx())
-    sigma0 = float(algo.state("classwise_acc")[0])
+    sigma0 = float(algo.classwise_acc[0])
     assert out.mask.tolist() == [float(0.95 * sigma0 / (2 - sigma0) <= 0.34)]
     # only the sample with max p >= 0.95 was ever recorded (index 2 -> class 0)
-    assert algo.state("selected_label").tolist() == [-1, -1, 0, -1, -1, -1]
-    assert algo.state("classwise_acc").tolist() == pytest.approx([1 / 5, 0.0, 0.0])
+    assert algo.selected_label.tolist() == [-1, -1, 0, -1, -1, -1]
+    assert algo.classwise_acc.tolist() == pytest.approx([1 / 5, 0.0, 0.0])
 
 
 # --- FreeMatch -------------------------------------------------------------------------------
@@ -84,9 +84,9 @@ def test_freematch_self_adaptive_threshold_by_hand():
     time_p = m / 3 + (1 - m) * (0.7 + 0.6) / 2
     p_model = [m / 3 + (1 - m) * v for v in (0.4, 0.25, 0.35)]
     label_hist = [m / 3 + (1 - m) * v for v in (0.5, 0.0, 0.5)]
-    assert float(algo.state("time_p")) == pytest.approx(time_p)
-    assert algo.state("p_model").tolist() == pytest.approx(p_model)
-    assert algo.state("label_hist").tolist() == pytest.approx(label_hist)
+    assert float(algo.time_p) == pytest.approx(time_p)
+    assert algo.p_model.tolist() == pytest.approx(p_model)
+    assert algo.label_hist.tolist() == pytest.approx(label_hist)
     thresholds = [time_p * p_model[0] / max(p_model), time_p * p_model[2] / max(p_model)]
     assert (
         out.mask.tolist()
@@ -97,8 +97,8 @@ def test_freematch_self_adaptive_threshold_by_hand():
 
 def test_freematch_fairness_loss_by_hand():
     algo = _algo("freematch")
-    algo.set_state("p_model", torch.tensor([0.5, 0.3, 0.2]))
-    algo.set_state("label_hist", torch.tensor([0.6, 0.2, 0.2]))
+    algo.p_model = torch.tensor([0.5, 0.3, 0.2])
+    algo.label_hist = torch.tensor([0.6, 0.2, 0.2])
     algo.cfg.freematch.ema_p = 1.0  # freeze the statistics to check the loss alone
     logits_s = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 5.0]]
     out = algo.pseudo_labels(
@@ -125,8 +125,8 @@ def test_freematch_fairness_loss_by_hand():
 
 def test_simmatch_alignment_unfolding_and_aggregation_by_hand():
     algo = _algo("simmatch", num_labeled=2, **{"simmatch.da_len": 2, "simmatch.warmup_steps": 0})
-    algo.set_state("bank", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # two items, 2-d features
-    algo.set_state("bank_labels", torch.tensor([0, 2]))
+    algo.bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two items, 2-d features
+    algo.bank_labels = torch.tensor([0, 2])
     probs = [[0.6, 0.3, 0.1]]
     feat_w = torch.tensor([[1.0, 0.0]])
     views = _views(probs, proj=feat_w)
@@ -154,8 +154,8 @@ def test_simmatch_alignment_unfolding_and_aggregation_by_hand():
     assert float(out.losses["loss_in"]) == pytest.approx(loss_in, rel=1e-4)
     # the bank slot of labeled item 1 moved towards its feature and took its label
     mixed = torch.tensor([0.7 * 0.0 + 0.3 * 0.6, 0.7 * 1.0 + 0.3 * 0.8])
-    assert algo.state("bank")[:, 1].tolist() == pytest.approx((mixed / mixed.norm()).tolist())
-    assert algo.state("bank_labels").tolist() == [0, 1]
+    assert algo.bank[:, 1].tolist() == pytest.approx((mixed / mixed.norm()).tolist())
+    assert algo.bank_labels.tolist() == [0, 1]
 
 
 def test_simmatch_warmup_switches_off_in_loss_and_aggregation():

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from timm.optim import param_groups_weight_decay
 
-from rsmatch.models import Classifier, create_encoder, param_groups
+from rsmatch.models import Classifier, create_encoder
 
 from .conftest import tiny_overrides
 
@@ -46,7 +47,9 @@ def test_bn_momentum_applies_to_every_batchnorm():
 
 def test_no_weight_decay_on_batchnorm_and_biases():
     model = Classifier("wrn10_1", 3, MEAN, STD, fake_head=True)
-    decay, plain = param_groups(model, 5e-4)
+    groups = param_groups_weight_decay(model, 5e-4)  # what the trainer uses
+    (decay,) = [g for g in groups if g["weight_decay"] > 0]
+    (plain,) = [g for g in groups if g["weight_decay"] == 0]
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"])

@@ -21,7 +21,10 @@ def _images(ids: list[int]) -> torch.Tensor:
 
 
 def _queued_ids(q: CSQueue, row: int) -> list[int]:
-    return [int(q.images[row, s, 0, 0, 0]) for s in q.row_order(row)]
+    """Ids held by a sub-queue, oldest first (slots are a ring written at pushed % capacity)."""
+    pushed = int(q.pushed[row])
+    slots = [k % q.capacity for k in range(max(0, pushed - q.capacity), pushed)]
+    return [int(q.images[row, s, 0, 0, 0]) for s in slots]
 
 
 def test_queue_is_fifo_with_capacity():

@@ -1,20 +1,14 @@
-"""Algorithms by name; RSMatch wraps any SSL base (`rsmatch.base`)."""
+"""The built-in algorithms; importing this package registers them (see `rsmatch.registry`).
+
+RSMatch wraps any registered SSL algorithm as its base (`rsmatch.base`).
+"""
 
 from __future__ import annotations
 
-from rsmatch.algorithms.base import Algorithm, FixMatch, SSLAlgorithm, Supervised
-from rsmatch.algorithms.flexmatch import FlexMatch
-from rsmatch.algorithms.freematch import FreeMatch
-from rsmatch.algorithms.rsmatch import RSMatch
-from rsmatch.algorithms.simmatch import SimMatch
+from rsmatch.algorithms import flexmatch, freematch, rsmatch, simmatch  # noqa: F401 (register)
+from rsmatch.algorithms.base import Algorithm, DataInfo
 from rsmatch.config import Config
-
-SSL_ALGORITHMS: dict[str, type[SSLAlgorithm]] = {
-    "fixmatch": FixMatch,
-    "flexmatch": FlexMatch,
-    "freematch": FreeMatch,
-    "simmatch": SimMatch,
-}
+from rsmatch.registry import algorithms
 
 
 def make_algorithm(
@@ -24,11 +18,5 @@ def make_algorithm(
     num_unlabeled: int,
     image_shape: tuple[int, ...],
 ) -> Algorithm:
-    sizes = (cfg, num_classes, num_labeled, num_unlabeled)
-    if cfg.algorithm == "supervised":
-        return Supervised(*sizes)
-    if cfg.algorithm == "rsmatch":
-        return RSMatch(
-            *sizes, base=SSL_ALGORITHMS[cfg.rsmatch.base](*sizes), image_shape=image_shape
-        )
-    return SSL_ALGORITHMS[cfg.algorithm](*sizes)
+    info = DataInfo(num_classes, num_labeled, num_unlabeled, tuple(image_shape))
+    return algorithms()[cfg.algorithm].cls(cfg, info)

@@ -1,23 +1,48 @@
 """The algorithm interface: a batch in, named losses and metrics out.
 
 An algorithm builds its model, turns a batch into losses (already weighted; the trainer sums
-them) and detached metrics, and keeps its own state (thresholds, banks, queues) as tensors in
-`state_dict`. It never calls backward, steps an optimizer or touches Accelerate: what it needs
-from the distributed world comes through `StepContext`.
+them) and detached metrics, and keeps its own state (thresholds, banks, queues) as buffers: it
+is an `nn.Module`, so `state_dict`, device moves and checkpoints come from PyTorch. It never
+calls backward, steps an optimizer or touches Accelerate: what it needs from the distributed
+world comes through `StepContext`. Everything the trainer would otherwise have to know about a
+particular algorithm is asked here: the batch views it needs (`views`), the images a step pushes
+through networks (`forward_images`), the network that classifies (`classifier`), what it
+evaluates beyond test accuracy (`evaluate`, `probe_metrics`) and what it exports (`export`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rsmatch.config import Config
-from rsmatch.data.loaders import Batch
+from rsmatch.data.batch import Batch, Provenance, TrainData
+from rsmatch.export import export_classifier
 from rsmatch.models import Classifier
+from rsmatch.registry import algorithms, register_algorithm
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What an algorithm may know of the data: sizes, never provenance."""
+
+    num_classes: int
+    num_labeled: int
+    num_unlabeled: int
+    image_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BatchViews:
+    """Which parts of a batch the trainer must build."""
+
+    unlabeled: bool = True  # weak and strong views of the unlabeled images
+    strong_labeled: bool = False  # a strong view of the labeled images
 
 
 @dataclass
@@ -35,8 +60,19 @@ class StepOutput:
     losses: dict[str, torch.Tensor]
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     # Per-unlabeled-sample outputs aligned with batch.idx_ulb (e.g. the detector's calls),
-    # compared with provenance by the trainer for evaluation only.
+    # handed back to the algorithm's `probe_metrics` with provenance, for evaluation only.
     probes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    """What an algorithm's extra evaluation may use. Results go to logs only."""
+
+    ema: nn.Module  # the EMA model, in eval mode
+    live: nn.Module  # the trained model, unwrapped, in eval mode
+    predict: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+    data: TrainData
+    warn: Callable[[str], None]
 
 
 @dataclass
@@ -47,11 +83,6 @@ class PseudoLabels:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def portable(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies (what safetensors saves), keys optionally prefixed."""
-    return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample CE for hard (long [N]) or soft (float [N, C]) targets."""
     if targets.dtype == torch.long:
@@ -59,15 +90,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
-class Algorithm:
-    name = "base"
+class Algorithm(nn.Module):
+    name = "base"  # set by @register_algorithm
     uses_unlabeled = True
     proj_size = 0  # > 0 adds a projection head to the classifier (SimMatch)
+    progress_metrics: tuple[str, ...] = ("mask_rate",)  # shown on the progress bar
 
-    def __init__(self, cfg: Config, num_classes: int, num_labeled: int, num_unlabeled: int) -> None:
-        self.cfg, self.num_classes = cfg, num_classes
-        self.num_labeled, self.num_unlabeled = num_labeled, num_unlabeled
-        self._state: dict[str, torch.Tensor] = {}
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        self.num_classes = info.num_classes
 
     def build_model(self, fake_head: bool = False) -> nn.Module:
         m, d = self.cfg.model, self.cfg.data
@@ -79,33 +111,41 @@ class Algorithm:
     def step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError
 
-    # -- state: named tensors, saved as safetensors with the checkpoint ----------------------
-    def state(self, name: str) -> torch.Tensor:
-        return self._state[name]
+    # -- what the trainer asks instead of knowing algorithms by name -------------------------
+    @property
+    def views(self) -> BatchViews:
+        return BatchViews(unlabeled=self.uses_unlabeled)
 
-    def set_state(self, name: str, value: torch.Tensor) -> None:
-        self._state[name] = value
+    def forward_images(self, labeled: int, unlabeled: int) -> int:
+        """Images pushed through networks per step: one forward over (x, u_w, u_s)."""
+        return labeled + 2 * unlabeled if self.uses_unlabeled else labeled
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return portable(self._state)
+    def classifier(self, model: nn.Module) -> Classifier:
+        """The network that classifies (evaluated and exported)."""
+        return model
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self._state) - set(state)
-        if missing:
-            raise KeyError(f"algorithm state is missing {sorted(missing)}")
-        for k, v in state.items():
-            if k in self._state:
-                self._state[k] = v.to(self._state[k].device)
+    @torch.no_grad()
+    def evaluate(self, ev: EvalContext) -> dict[str, float]:
+        """Metrics beyond test accuracy, at each evaluation."""
+        return {}
 
-    def to(self, device: torch.device) -> Algorithm:
-        self._state = {k: v.to(device) for k, v in self._state.items()}
-        return self
+    def probe_metrics(
+        self, probes: dict[str, torch.Tensor], idx_ulb: torch.Tensor, provenance: Provenance
+    ) -> dict[str, torch.Tensor]:
+        """Per-step metrics of `StepOutput.probes` against provenance (evaluation only)."""
+        return {}
+
+    def export(self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str]) -> None:
+        """Write the inference model(s) into `out` (the classifier goes to `out/model`)."""
+        d = self.cfg.data
+        export_classifier(self.classifier(ema), out / "model", class_names, d.mean, d.std,
+                          self.cfg.model.small_stem)  # fmt: skip
 
 
+@register_algorithm("supervised")
 class Supervised(Algorithm):
     """Labeled images only: L_s."""
 
-    name = "supervised"
     uses_unlabeled = False
 
     def step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> StepOutput:
@@ -128,7 +168,7 @@ class SSLAlgorithm(Algorithm):
     """FixMatch and its family: supervised CE + masked consistency on strong views.
 
     Subclasses change only `pseudo_labels` (thresholds, soft targets, extra losses); RSMatch
-    wraps any of them by reusing `forward` and `pseudo_labels`.
+    wraps any of them by reusing `split` and `pseudo_labels`.
     """
 
     @staticmethod
@@ -158,12 +198,16 @@ class SSLAlgorithm(Algorithm):
         )
 
 
+@register_algorithm("fixmatch")
 class FixMatch(SSLAlgorithm):
     """Hard pseudo-labels from the weak view kept when max p >= tau."""
-
-    name = "fixmatch"
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         probs = views.w["logits"].detach().float().softmax(-1)
         conf, targets = probs.max(-1)
         return PseudoLabels(targets, (conf >= self.cfg.ssl.threshold).float())
+
+
+def ssl_bases() -> list[str]:
+    """Registered algorithms RSMatch can wrap: the SSL family."""
+    return sorted(n for n, e in algorithms().items() if issubclass(e.cls, SSLAlgorithm))

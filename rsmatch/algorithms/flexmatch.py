@@ -10,19 +10,32 @@ selections are all-gathered, so every rank holds the same state as a one-process
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rsmatch.algorithms.base import PseudoLabels, SSLAlgorithm, StepContext, Views
-from rsmatch.data.loaders import Batch
+from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.config import Config, option
+from rsmatch.data.batch import Batch
+from rsmatch.registry import register_algorithm
 
 
+@dataclass
+class FlexMatchConfig:
+    thresh_warmup: bool = option(
+        True, "Count never-selected samples in the normaliser (USB default, warm-up)."
+    )
+
+
+@register_algorithm("flexmatch", FlexMatchConfig)
 class FlexMatch(SSLAlgorithm):
-    name = "flexmatch"
+    selected_label: torch.Tensor
+    classwise_acc: torch.Tensor
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.set_state("selected_label", torch.full((self.num_unlabeled,), -1, dtype=torch.long))
-        self.set_state("classwise_acc", torch.zeros(self.num_classes))
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        self.register_buffer("selected_label", torch.full((info.num_unlabeled,), -1))
+        self.register_buffer("classwise_acc", torch.zeros(self.num_classes))
 
     def learning_effect(self, selected: torch.Tensor) -> torch.Tensor | None:
         """sigma_c, or None while every sample sits in one bucket (USB leaves it unchanged)."""
@@ -36,13 +49,12 @@ class FlexMatch(SSLAlgorithm):
         tau = self.cfg.ssl.threshold
         probs = views.w["logits"].detach().float().softmax(-1)
         conf, pred = probs.max(-1)
-        sigma = self.state("classwise_acc")[pred]
+        sigma = self.classwise_acc[pred]
         mask = (conf >= tau * sigma / (2.0 - sigma)).float()  # the convex mapping
         select = conf >= tau
         idx, pred_all, select_all = ctx.gather(batch.idx_ulb), ctx.gather(pred), ctx.gather(select)
-        selected = self.state("selected_label")
-        selected[idx[select_all]] = pred_all[select_all]
-        sigma_new = self.learning_effect(selected)
+        self.selected_label[idx[select_all]] = pred_all[select_all]
+        sigma_new = self.learning_effect(self.selected_label)
         if sigma_new is not None:
-            self.set_state("classwise_acc", sigma_new)
+            self.classwise_acc = sigma_new
         return PseudoLabels(pred, mask)

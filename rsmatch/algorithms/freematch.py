@@ -10,10 +10,23 @@ log SumNorm(mean p_s / hist_s)_c over the masked strong predictions (a negative 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rsmatch.algorithms.base import PseudoLabels, SSLAlgorithm, StepContext, Views
-from rsmatch.data.loaders import Batch
+from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.config import Config, check, option
+from rsmatch.data.batch import Batch
+from rsmatch.registry import register_algorithm
+
+
+@dataclass
+class FreeMatchConfig:
+    ema_p: float = option(0.999, "EMA momentum of the self-adaptive thresholds.")
+    ent_loss_ratio: float = option(0.001, "Weight of the fairness loss (USB CIFAR configs).")
+
+    def validate(self) -> None:
+        check(0 <= self.ema_p <= 1, "freematch.ema_p", self.ema_p, "not in [0, 1]")
 
 
 def _sum_norm(x: torch.Tensor) -> torch.Tensor:
@@ -34,32 +47,35 @@ def fairness_loss(
     return (target * torch.log(estimate + 1e-12)).sum()
 
 
+@register_algorithm("freematch", FreeMatchConfig)
 class FreeMatch(SSLAlgorithm):
-    name = "freematch"
+    p_model: torch.Tensor
+    label_hist: torch.Tensor
+    time_p: torch.Tensor
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__(cfg, info)
         uniform = torch.full((self.num_classes,), 1.0 / self.num_classes)
-        self.set_state("p_model", uniform.clone())
-        self.set_state("label_hist", uniform.clone())
-        self.set_state("time_p", uniform.mean().reshape(1))
+        self.register_buffer("p_model", uniform.clone())
+        self.register_buffer("label_hist", uniform.clone())
+        self.register_buffer("time_p", uniform.mean().reshape(1))
 
     def update_thresholds(self, probs: torch.Tensor) -> None:
         m = self.cfg.freematch.ema_p
         conf, pred = probs.max(-1)
-        self.set_state("time_p", m * self.state("time_p") + (1 - m) * conf.mean())
-        self.set_state("p_model", m * self.state("p_model") + (1 - m) * probs.mean(0))
+        self.time_p = m * self.time_p + (1 - m) * conf.mean()
+        self.p_model = m * self.p_model + (1 - m) * probs.mean(0)
         hist = torch.bincount(pred, minlength=self.num_classes).float()
-        self.set_state("label_hist", m * self.state("label_hist") + (1 - m) * hist / hist.sum())
+        self.label_hist = m * self.label_hist + (1 - m) * hist / hist.sum()
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         probs = views.w["logits"].detach().float().softmax(-1)
         self.update_thresholds(ctx.gather(probs))
         conf, pred = probs.max(-1)
-        p_model = self.state("p_model")
-        mask = (conf >= self.state("time_p") * p_model[pred] / p_model.max()).float()
+        p_model = self.p_model
+        mask = (conf >= self.time_p * p_model[pred] / p_model.max()).float()
         losses = {}
         if mask.sum() > 0:
-            loss_fair = fairness_loss(views.s["logits"], mask, p_model, self.state("label_hist"))
+            loss_fair = fairness_loss(views.s["logits"], mask, p_model, self.label_hist)
             losses["loss_fair"] = self.cfg.freematch.ent_loss_ratio * loss_fair
-        return PseudoLabels(pred, mask, losses, {"time_p": self.state("time_p")[0]})
+        return PseudoLabels(pred, mask, losses, {"time_p": self.time_p[0]})

@@ -10,24 +10,63 @@ the queue sample rides along in the classifier's forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsmatch import evaluate
 from rsmatch.algorithms.base import (
     Algorithm,
+    BatchViews,
+    DataInfo,
+    EvalContext,
     SSLAlgorithm,
     StepContext,
     StepOutput,
     cross_entropy,
-    portable,
+    ssl_bases,
 )
-from rsmatch.config import Config
+from rsmatch.config import Config, check, option
 from rsmatch.csqueue import CSQueue
-from rsmatch.data.loaders import Batch
+from rsmatch.data.batch import Batch, Provenance
 from rsmatch.models import Classifier, Detector, linear_head
+from rsmatch.registry import algorithms, register_algorithm
 
 REAL, SYNTHETIC = 0, 1
+
+
+@dataclass
+class RSMatchConfig:
+    base: str = option("fixmatch", "SSL algorithm whose pseudo-labels and masks RSMatch wraps.")
+    detector_backbone: str = option(
+        "wrn16_1", "Deepfake detector encoder (any timm name); ignored with shared_encoder."
+    )
+    queue_length: int = option(16, "L: length of each class sub-queue.")
+    queue_picks: int = option(10, "M: sub-queues updated per step (all when C <= M).")
+    queue_topk: int = option(1, "k: samples pushed per picked sub-queue.")
+    class_wise: bool = option(
+        True, "Class-wise CSQueue; False = one FIFO of length C*L fed with the top M*k."
+    )
+    shared_encoder: bool = option(
+        False, "Ablation 'w/o ind. models': the detector head sits on the classifier encoder."
+    )
+    fake_head: bool = option(
+        True, "False = ablation 'w/o fake head': detected synthetic images are dropped."
+    )
+    detector_threshold: float = option(0.95, "tau of the detector's pseudo-labels, loss (3).")
+    strong_labeled: bool = option(
+        False, "Strongly augment labeled reals in the detector's supervised loss (2)."
+    )
+
+    def validate(self) -> None:
+        bases = ssl_bases()
+        check(self.base in bases, "rsmatch.base", self.base, f"one of {', '.join(bases)}")
+        tau = self.detector_threshold
+        check(0 < tau <= 1, "rsmatch.detector_threshold", tau, "not in (0, 1]")
+        for key in ("queue_length", "queue_picks", "queue_topk"):
+            check(getattr(self, key) >= 1, f"rsmatch.{key}", getattr(self, key), "must be >= 1")
 
 
 class RSMatchModel(nn.Module):
@@ -58,17 +97,16 @@ class RSMatchModel(nn.Module):
         return self.shared_head(self.classifier(x)["feat"])
 
 
+@register_algorithm("rsmatch", RSMatchConfig)
 class RSMatch(Algorithm):
-    name = "rsmatch"
+    progress_metrics = ("mask_rate", "batch_detector_acc")
 
-    def __init__(self, cfg: Config, num_classes: int, num_labeled: int, num_unlabeled: int,
-                 base: SSLAlgorithm, image_shape: tuple[int, ...]) -> None:  # fmt: skip
-        super().__init__(cfg, num_classes, num_labeled, num_unlabeled)
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__(cfg, info)
         r = cfg.rsmatch
-        self.base = base
-        self.queue = CSQueue(
-            num_classes, r.queue_length, r.queue_picks, r.queue_topk, image_shape, r.class_wise
-        )
+        self.base: SSLAlgorithm = algorithms()[r.base].cls(cfg, info)
+        self.queue = CSQueue(info.num_classes, r.queue_length, r.queue_picks, r.queue_topk,
+                             info.image_shape, r.class_wise)  # fmt: skip
 
     def build_model(self) -> RSMatchModel:
         r, d = self.cfg.rsmatch, self.cfg.data
@@ -143,21 +181,43 @@ class RSMatch(Algorithm):
             **({f"queue_fill/{c}": f for c, f in enumerate(fill)} if self.queue.class_wise else {}),
             **pl.metrics,
         }
-        probes = {"synthetic_pred": zhat, "synthetic_score": score}
+        probes = {"synthetic_pred": zhat}
         return StepOutput(losses, {k: v.detach() for k, v in metrics.items()}, probes)
 
-    # -- state: the base's and the queue's ----------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            **portable(self.base.state_dict(), "base."),
-            **portable(self.queue.state_dict(), "queue."),
-        }
+    # -- what the trainer asks ---------------------------------------------------------------
+    @property
+    def views(self) -> BatchViews:
+        return BatchViews(unlabeled=True, strong_labeled=self.cfg.rsmatch.strong_labeled)
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.base.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("base.")})
-        self.queue.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("queue.")})
+    def forward_images(self, labeled: int, unlabeled: int) -> int:
+        """The classifier's forward plus the detector's over (x, queue sample, u_w, u_s)."""
+        return self.base.forward_images(labeled, unlabeled) + 2 * labeled + 2 * unlabeled
 
-    def to(self, device: torch.device) -> RSMatch:
-        self.base.to(device)
-        self.queue.to(device)
-        return self
+    def classifier(self, model: RSMatchModel) -> Classifier:
+        return model.classifier
+
+    @torch.no_grad()
+    def evaluate(self, ev: EvalContext) -> dict[str, float]:
+        """Detector metrics on the unlabeled pool, queue purity, and the collapse warning.
+
+        From the live detector, the one that fills the queue and routes samples. The EMA
+        detector's copied BatchNorm statistics do not fit its lagging averaged weights
+        (measured: 50% vs 77% pool accuracy on one 500-step run).
+        """
+        prov = ev.data.provenance
+        results = evaluate.detector_metrics(ev.predict(ev.live.detect, ev.data.unlabeled), prov)
+        labeled = ev.predict(ev.live.detect, ev.data.labeled)
+        results["labeled_called_synthetic"] = float(labeled.float().mean())
+        results["queue_purity"] = evaluate.queue_purity(self.queue.held_sources(), prov)
+        warning = evaluate.collapse_warning(
+            results["detector_called_synthetic"], results["labeled_called_synthetic"]
+        )
+        if warning:
+            ev.warn(warning)
+        return results
+
+    def probe_metrics(
+        self, probes: dict[str, torch.Tensor], idx_ulb: torch.Tensor, provenance: Provenance
+    ) -> dict[str, torch.Tensor]:
+        acc = evaluate.batch_detector_acc(probes["synthetic_pred"], idx_ulb, provenance)
+        return {"batch_detector_acc": acc}

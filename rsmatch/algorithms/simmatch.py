@@ -15,32 +15,62 @@ item; USB normalises the [dim, n] slab along its sample axis instead (`simmatch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from rsmatch.algorithms.base import PseudoLabels, SSLAlgorithm, StepContext, Views
-from rsmatch.data.loaders import Batch
+from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.config import Config, check, option
+from rsmatch.data.batch import Batch
+from rsmatch.registry import register_algorithm
 
 
+@dataclass
+class SimMatchConfig:
+    temperature: float = option(0.1, "Temperature T of the similarity distributions.")
+    proj_size: int = option(128, "Output size of the projection head.")
+    smoothing_alpha: float = option(0.9, "Label aggregation weight alpha.")
+    da_len: int = option(32, "Distribution-alignment window, in batches.")
+    lambda_in: float = option(1.0, "Weight of the similarity loss L_in.")
+    warmup_steps: int = option(1024, "L_in and aggregation are off for the first N steps.")
+    bank_momentum: float = option(0.7, "Labeled bank update: normalize(m*bank + (1-m)*feat).")
+    usb_bank_norm: bool = option(
+        False,
+        "Reproduce USB's bank update, which L2-normalises the [dim, n] slab along the sample "
+        "axis instead of each item's feature vector.",
+    )
+
+    def validate(self) -> None:
+        check(self.temperature > 0, "simmatch.temperature", self.temperature, "must be positive")
+        check(self.da_len >= 1, "simmatch.da_len", self.da_len, "must be >= 1")
+        alpha = self.smoothing_alpha
+        check(0 <= alpha <= 1, "simmatch.smoothing_alpha", alpha, "not in [0, 1]")
+
+
+@register_algorithm("simmatch", SimMatchConfig)
 class SimMatch(SSLAlgorithm):
-    name = "simmatch"
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+    da_history: torch.Tensor
+    da_ptr: torch.Tensor
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        s = self.cfg.simmatch
+    def __init__(self, cfg: Config, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        s = cfg.simmatch
         self.proj_size = s.proj_size
-        gen = torch.Generator().manual_seed(self.cfg.train.seed)
-        bank = F.normalize(torch.randn(s.proj_size, self.num_labeled, generator=gen), dim=0)
-        self.set_state("bank", bank)
-        self.set_state("bank_labels", torch.zeros(self.num_labeled, dtype=torch.long))
-        self.set_state("da_history", torch.zeros(s.da_len, self.num_classes))
-        self.set_state("da_ptr", torch.zeros(1, dtype=torch.long))
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        bank = F.normalize(torch.randn(s.proj_size, info.num_labeled, generator=gen), dim=0)
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_labels", torch.zeros(info.num_labeled, dtype=torch.long))
+        self.register_buffer("da_history", torch.zeros(s.da_len, self.num_classes))
+        self.register_buffer("da_ptr", torch.zeros(1, dtype=torch.long))
 
     def align(self, probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Distribution alignment towards uniform over the last da_len global batches."""
-        history, ptr = self.state("da_history"), int(self.state("da_ptr"))
+        history, ptr = self.da_history, int(self.da_ptr)
         history[ptr] = ctx.gather(probs).mean(0)
-        self.state("da_ptr").fill_((ptr + 1) % len(history))
+        self.da_ptr.fill_((ptr + 1) % len(history))
         aligned = probs * (1.0 / self.num_classes + 1e-6) / (history.mean(0) + 1e-6)
         return aligned / aligned.sum(-1, keepdim=True)
 
@@ -48,10 +78,10 @@ class SimMatch(SSLAlgorithm):
         self, feat: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, ctx: StepContext
     ) -> None:
         feat, labels, idx = ctx.gather(feat), ctx.gather(labels), ctx.gather(idx)
-        m, bank = self.cfg.simmatch.bank_momentum, self.state("bank")
+        m, bank = self.cfg.simmatch.bank_momentum, self.bank
         mixed = m * bank[:, idx] + (1 - m) * feat.t()
         bank[:, idx] = F.normalize(mixed, dim=1 if self.cfg.simmatch.usb_bank_norm else 0)
-        self.state("bank_labels")[idx] = labels
+        self.bank_labels[idx] = labels
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         # Similarities to the bank in fp32: under bf16/fp16 autocast the matmuls would not be.
@@ -60,7 +90,7 @@ class SimMatch(SSLAlgorithm):
 
     def _pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         s, tau = self.cfg.simmatch, self.cfg.ssl.threshold
-        bank, bank_labels = self.state("bank").clone(), self.state("bank_labels")
+        bank, bank_labels = self.bank.clone(), self.bank_labels
         probs_w = self.align(views.w["logits"].detach().float().softmax(-1), ctx)
         feat_w, feat_s = views.w["proj"].detach().float(), views.s["proj"].float()
         labels = bank_labels.expand(len(feat_w), -1)

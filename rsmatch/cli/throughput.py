@@ -3,8 +3,8 @@
     rsmatch-throughput --config configs/fixmatch.yaml --steps 20 --warmup 5 train.batch_size=64
 
 `samples_per_s` counts the labeled and unlabeled images consumed per second (B + mu*B per
-step); `forward_images_per_s` counts every image pushed through a network (FixMatch forwards
-B + 2*mu*B; RSMatch adds its detector's forward).
+step); `forward_images_per_s` counts every image pushed through a network, as the algorithm
+reports it (FixMatch forwards B + 2*mu*B; RSMatch adds its detector's forward).
 """
 
 from __future__ import annotations
@@ -47,17 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     seconds = time.perf_counter() - start
     b, mu = t.batch_size, t.uratio
-    per_step = b + mu * b if trainer.algorithm.uses_unlabeled else b
-    forwards = b + 2 * mu * b if trainer.algorithm.uses_unlabeled else b
-    if cfg.algorithm == "rsmatch":
-        forwards += 2 * b + 2 * mu * b  # detector: labeled, queue sample, weak, strong
+    per_step = b + mu * b if trainer.algorithm.views.unlabeled else b
+    forwards = trainer.algorithm.forward_images(b, mu * b)
     result = {
         "algorithm": cfg.algorithm,
         "backbone": cfg.model.backbone,
         "batch_size": b,
         "uratio": mu,
-        "mixed_precision": t.mixed_precision,
-        "channels_last": t.channels_last,
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "channels_last": trainer.precision.channels_last,
         "processes": trainer.world,
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()

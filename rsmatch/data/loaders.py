@@ -7,14 +7,13 @@ batch (indices and augmentation draws) is the same for any number of processes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import datasets
 import numpy as np
 import torch
 
 from rsmatch.config import DataConfig
 from rsmatch.data import augment
+from rsmatch.data.batch import Batch, Provenance, TrainData
 from rsmatch.data.benchmark import SplitSpec, build_split, load_benchmark
 from rsmatch.data.sources import decode, load_real, load_synthetic
 
@@ -26,30 +25,6 @@ def step_generator(*keys: int) -> torch.Generator:
     """A torch generator seeded from an arbitrary tuple of ints (e.g. seed, stream, step)."""
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
     return torch.Generator().manual_seed(seed)
-
-
-@dataclass
-class Provenance:
-    """Ground truth about the unlabeled pool: evaluation and the real-only oracle only."""
-
-    is_synthetic: torch.Tensor  # [N_u] bool
-    generator: list[str]
-
-
-@dataclass
-class TrainData:
-    labeled: torch.Tensor  # [N_l, 3, H, W] uint8
-    labeled_y: torch.Tensor
-    unlabeled: torch.Tensor  # [N_u, 3, H, W] uint8; labels are never loaded
-    test: torch.Tensor
-    test_y: torch.Tensor
-    class_names: list[str]
-    provenance: Provenance
-    split_meta: dict
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 def load_benchmark_from_config(cfg: DataConfig) -> tuple[datasets.DatasetDict, dict]:
@@ -109,19 +84,6 @@ class IndexStream:
             sel = positions // self.n == epoch
             out[sel] = self._permutation(epoch)[positions[sel] % self.n]
         return out
-
-
-@dataclass
-class Batch:
-    """A rank's share of the global batch; images are augmented uint8 views."""
-
-    x_lb: torch.Tensor
-    y_lb: torch.Tensor
-    idx_lb: torch.Tensor
-    x_lb_s: torch.Tensor | None = None  # strong labeled view (RSMatch option)
-    u_w: torch.Tensor | None = None
-    u_s: torch.Tensor | None = None
-    idx_ulb: torch.Tensor | None = None
 
 
 class BatchMaker:

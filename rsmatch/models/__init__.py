@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from rsmatch.models import wrn  # noqa: F401  (registers wrn28_2, wrn28_8, ... with timm)
@@ -51,11 +52,13 @@ def linear_head(cin: int, cout: int) -> nn.Linear:
     return layer
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, PyTorchModelHubMixin, library_name="rsmatch", tags=["rsmatch"]):
     """Encoder f + real head h_r (+ fake head h_f for RSMatch, + projection for SimMatch).
 
     forward(uint8 images) -> {"logits", "feat"[, "fake_logits"][, "proj"]}.
     Only normalize, encoder and head are needed for inference (`inference_state_dict`).
+    `save_pretrained` / `from_pretrained` (a folder or a Hub id) come from huggingface_hub's
+    mixin, which records the constructor's arguments in config.json.
     """
 
     def __init__(
@@ -68,9 +71,10 @@ class Classifier(nn.Module):
         bn_momentum: float | None = None,
         fake_head: bool = False,
         proj_size: int = 0,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.backbone_name = backbone
+        self.backbone_name, self.class_names = backbone, class_names
         self.normalize = Normalize(mean, std)
         self.encoder = create_encoder(backbone, small_stem, bn_momentum)
         width = self.encoder.num_features
@@ -112,16 +116,3 @@ class Detector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.normalize(x)))
-
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """USB applies no weight decay to BatchNorm parameters and biases (all 1-d tensors)."""
-    return param.ndim <= 1 or "bn" in name or name.endswith(".bias")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
