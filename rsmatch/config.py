@@ -118,8 +118,12 @@ class TrainConfig:
     channels_last: bool | str = option(
         "auto", "channels_last memory format for convolutions: `auto` (on), true or false."
     )
-    sync_bn: bool = option(
-        False, "SyncBatchNorm across processes (USB: off; each rank normalises its slice)."
+    sync_bn: bool | str = option(
+        "auto",
+        "SyncBatchNorm across processes, as USB converts BatchNorm before DDP. `auto`: on with "
+        "several CUDA processes; on CPU (where SyncBatchNorm does not run) each rank normalises "
+        "its slice and the running statistics are averaged over ranks before every evaluation "
+        "and checkpoint, so all ranks evaluate and save the same buffers.",
     )
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this value (0 = off).")
     progress: bool = option(True, "Show a progress bar on the main process.")
@@ -303,6 +307,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
           f"one of {', '.join(precisions)}")  # fmt: skip
     check(t.channels_last in (True, False, "auto"), "train.channels_last", t.channels_last,
           "true, false or auto")  # fmt: skip
+    check(t.sync_bn in (True, False, "auto"), "train.sync_bn", t.sync_bn, "true, false or auto")
     check(t.clip_grad_norm >= 0, "train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off)")
     check(0 < cfg.ssl.threshold <= 1, "ssl.threshold", cfg.ssl.threshold, "not in (0, 1]")
     check(cfg.ssl.lambda_u >= 0, "ssl.lambda_u", cfg.ssl.lambda_u, "must be >= 0")

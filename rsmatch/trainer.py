@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 from tqdm.auto import tqdm
 
 from rsmatch import checkpoint, evaluate, hardware
@@ -45,8 +45,9 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
         step_scheduler_with_optimizer=False,  # our schedule counts iterations, not processes
-        # USB's WRN leaves some BN parameters unused (see models/wrn.py); each rank keeps its
-        # own BN statistics as in USB.
+        # USB's WRN leaves some BN parameters unused (see models/wrn.py). Buffers are not
+        # broadcast every forward: SyncBatchNorm keeps them equal, or they are averaged before
+        # each evaluation and checkpoint (Trainer._sync_bn_statistics).
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
         ],
@@ -95,7 +96,8 @@ class Trainer:
             tuple(self.data.unlabeled.shape[1:]),
         )  # fmt: skip
         model = self.algorithm.build_model()
-        if t.sync_bn and self.world > 1:
+        self.sync_bn = self._resolve_sync_bn(t.sync_bn, acc.device.type)
+        if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -130,6 +132,23 @@ class Trainer:
         self.state = TrainerState()
         self.ckpt_root = self.out / "checkpoints"
         self._stop = False
+
+    def _resolve_sync_bn(self, sync_bn: bool | str, device: str) -> bool:
+        if self.world == 1 or sync_bn is False:
+            return False
+        if device != "cuda":
+            if sync_bn is True:
+                raise ConfigError(f"train.sync_bn=true: SyncBatchNorm needs CUDA (device {device})")
+            return False
+        return True
+
+    def _sync_bn_statistics(self) -> None:
+        """Average BatchNorm running statistics over ranks (live and EMA), so every rank
+        evaluates and checkpoints the same buffers and a resumed run continues exactly.
+        Training is unaffected: in train mode BatchNorm normalises with batch statistics."""
+        if self.world > 1 and not self.sync_bn:
+            distribute_bn(self.model, self.world, reduce=True)
+            distribute_bn(self.ema.module, self.world, reduce=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def prepare_output(self, resume: bool) -> None:
@@ -258,6 +277,7 @@ class Trainer:
 
     def _evaluate(self, step: int) -> None:
         acc = self.accelerator
+        self._sync_bn_statistics()
         ema, live = self.ema.module, acc.unwrap_model(self.model)
         ema.eval()
         classifier = self.algorithm.classifier(ema)
@@ -284,6 +304,7 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------------
     def _save(self, step: int) -> None:
+        self._sync_bn_statistics()
         checkpoint.save(
             self.accelerator, self.ckpt_root, step, self.ema.module, self.algorithm.state_dict(),
             self.state.__dict__, self.cfg.train.keep_checkpoints,

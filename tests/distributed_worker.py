@@ -1,4 +1,5 @@
-"""Run by tests under torchrun: train, then record per-rank digests of the algorithm state."""
+"""Run by tests under torchrun: train (or resume with --resume), then record per-rank digests
+of the algorithm state, the live model and the EMA model (buffers included)."""
 
 import hashlib
 import json
@@ -10,11 +11,24 @@ from accelerate.utils import gather_object
 from rsmatch.config import load_config
 from rsmatch.trainer import Trainer
 
+
+def digests(state: dict, prefix: str) -> dict[str, str]:
+    return {
+        f"{prefix}{k}": hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        for k, v in state.items()
+    }
+
+
 if __name__ == "__main__":
-    trainer = Trainer(load_config(None, sys.argv[1:]))
-    trainer.fit()
-    state = trainer.algorithm.state_dict()
-    digest = {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in state.items()}
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    trainer = Trainer(load_config(None, args))
+    trainer.fit(resume="--resume" in sys.argv)
+    live = trainer.accelerator.unwrap_model(trainer.model)
+    digest = {
+        **digests(trainer.algorithm.state_dict(), ""),
+        **digests(live.state_dict(), "model."),
+        **digests(trainer.ema.module.state_dict(), "ema."),
+    }
     ranks = gather_object([digest])
     if trainer.accelerator.is_main_process:
         Path(trainer.cfg.train.output_dir, "ranks.json").write_text(json.dumps(ranks))

@@ -1,7 +1,9 @@
 """Two gloo processes against one process on the same global batch.
 
-The backbones here are timm's BatchNorm-free `test_convnext`: with BatchNorm each rank
-normalises its own slice (as in USB), so only a BN-free network can match exactly.
+The backbones of the 1-vs-2 comparisons are timm's BatchNorm-free `test_convnext`: on CPU
+(no SyncBatchNorm) each rank normalises its own slice, so only a BN-free network can match one
+process exactly. A BatchNorm network is checked for what holds there: identical buffers on every
+rank at evaluation and in checkpoints, and exact resume.
 """
 
 import json
@@ -78,7 +80,7 @@ def test_baseline_state_is_identical_across_ranks_and_to_one_process(sources, tm
         # the loss of the global batch; the thresholds it depends on are compared below.
         extra["freematch.ent_loss_ratio"] = 0.0
     (w1, s1, _), (w2, s2, ranks2) = _run_both(sources, tmp_path, extra)
-    assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different algorithm state"
+    assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different state"
     assert s1.keys() == s2.keys()
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -102,3 +104,25 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
     assert torch.equal(q1["queue.images"], q2["queue.images"])
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
+    """wrn10_1 has BatchNorm: per-rank statistics are averaged before evaluations and saves,
+    so both ranks hold the same buffers and a 2-process run resumes exactly."""
+    extra = {"algorithm": "fixmatch", "train.batch_size": 6, "train.save_every": 2,
+             "train.eval_every": 2, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
+    straight = tmp_path / "straight"
+    _launch(tiny_overrides(sources, straight, **extra), 2)
+    ranks = json.loads((straight / "ranks.json").read_text())
+    assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
+    assert any("running_mean" in k for k in ranks[0])
+
+    # a second run gets only the step-2 checkpoint of the first and resumes to step 4
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    step2 = "step_00000002"
+    shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
+    (resumed / "checkpoints" / "latest").write_text(step2 + "\n")
+    _launch([*tiny_overrides(sources, resumed, **extra), "--resume"], 2)
+    assert json.loads((resumed / "ranks.json").read_text()) == ranks
