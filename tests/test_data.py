@@ -128,7 +128,7 @@ def test_each_randaugment_op_keeps_range_and_shape():
     x = torch.randint(0, 256, (8, 3, 32, 32)).float()
     for name in augment.OPS:
         for m in (torch.zeros(8), torch.ones(8), torch.rand(8)):
-            y = augment._OP_FNS[name](x.clone(), m)
+            y = augment.apply_op(x.clone(), name, m)
             assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255, name
 
 

@@ -3,6 +3,8 @@
 USB's recipe, batched: weak = reflect-pad-4 random crop + horizontal flip; strong = weak +
 RandAugment drawing 3 of 14 ops *with replacement*, each with a uniformly random magnitude
 (the FixMatch "RA" variant), then Cutout of side U(0, 0.5) * size filled with (125, 123, 114).
+Each op reproduces Pillow's output on uint8 images pixel for pixel, given the same draws
+(tests/test_augment_parity.py; docs/usb-augment-differences.md lists what remains different).
 
 Why not torchvision's RandAugment: it applies one op and one magnitude to a whole batch; USB
 draws both per image. Here the random draws (`sample_*`) are separate from the pixel work
@@ -12,7 +14,6 @@ and each rank applies its slice, so views do not depend on the number of process
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,7 +50,7 @@ class StrongParams(Params):
     weak: WeakParams
     ops: torch.Tensor  # [N, N_OPS] op indices
     mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1]
-    cutout: torch.Tensor  # [N, 3] centre x, centre y (fractions), side (fraction)
+    cutout: torch.Tensor  # [N, 3] U(0,1) draws for the centre x, y; side fraction U(0, 0.5)
 
     def __getitem__(self, sel: slice | torch.Tensor) -> StrongParams:
         return StrongParams(self.weak[sel], self.ops[sel], self.mags[sel], self.cutout[sel])
@@ -87,121 +88,176 @@ def apply_weak(x: torch.Tensor, p: WeakParams, pad: int = 4) -> torch.Tensor:
     return out.round().to(torch.uint8)
 
 
-# --- RandAugment ops: float images in [0, 255], m in [0, 1] per image ------------------------
+# --- RandAugment ops ---------------------------------------------------------------------------
+# USB applies each op to a uint8 PIL image, so each op here returns what Pillow returns: the
+# images stay integer-valued floats in [0, 255], with Pillow's roundings and truncations and its
+# nearest-pixel lookup. v is USB's magnitude, one per image, drawn uniformly from RANGES.
+
+RANGES = {
+    "identity": (0.0, 1.0), "autocontrast": (0.0, 1.0), "equalize": (0.0, 1.0),
+    "brightness": (0.05, 0.95), "color": (0.05, 0.95), "contrast": (0.05, 0.95),
+    "sharpness": (0.05, 0.95), "posterize": (4.0, 8.0), "solarize": (0.0, 256.0),
+    "rotate": (-30.0, 30.0), "shear_x": (-0.3, 0.3), "shear_y": (-0.3, 0.3),
+    "translate_x": (-0.3, 0.3), "translate_y": (-0.3, 0.3),
+}  # fmt: skip
 
 
-def _per_image(m: torch.Tensor) -> torch.Tensor:
-    return m.view(-1, 1, 1, 1)
+def _per_image(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    """Pillow's RGB -> L: ITU-R 601-2 weights in 16-bit fixed point, rounded."""
+    c = x.to(torch.int32)
+    lum = (c[:, 0:1] * 19595 + c[:, 1:2] * 38470 + c[:, 2:3] * 7471 + 0x8000) >> 16
+    return lum.to(x.dtype).expand_as(x)
 
 
-def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (degenerate + _per_image(factor) * (x - degenerate)).clamp(0, 255)
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance: Image.blend in float32, truncated to uint8 (v <= 1 needs no clipping)."""
+    return (degenerate + _per_image(v.float()) * (x - degenerate)).floor()
 
 
-def _enhance_factor(m: torch.Tensor) -> torch.Tensor:
-    return 0.05 + 0.9 * m  # USB's [0.05, 0.95] for brightness, colour, contrast, sharpness
+def _autocontrast(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=(2, 3), keepdim=True).double()
+    hi = x.amax(dim=(2, 3), keepdim=True).double()
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp(min=1)  # not 255.0 / t: a reciprocal
+    offset = -lo * scale
+    out = (x.double() * scale + offset).trunc().clamp(0, 255)  # Pillow's LUT: int(ix*scale+offset)
+    return torch.where(hi > lo, out.to(x.dtype), x)
 
 
-def _autocontrast(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    scale = torch.where(hi > lo, 255.0 / (hi - lo).clamp(min=1e-6), torch.ones_like(hi))
-    return torch.where(hi > lo, (x - lo) * scale, x)
+def _equalize(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return TF.equalize(x.to(torch.uint8)).to(x.dtype)
 
 
-def _equalize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return TF.equalize(x.round().to(torch.uint8)).float()
+def _contrast(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    mean = (_gray(x)[:, :1].double().mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()
+    return _blend(mean.to(x.dtype).expand_as(x), x, v)
 
 
-def _sharpness(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device) / 13
+def _sharpness(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device)
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
-    smooth = F.conv2d(x, kernel, groups=x.shape[1]).round()
+    # ImageFilter.SMOOTH. Integer weights keep the sum exact even under TF32; k/13 is never a tie.
+    smooth = (F.conv2d(x, kernel, groups=x.shape[1]) / 13).round()
     degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth  # PIL keeps the border pixels
-    return _blend(degenerate, x, _enhance_factor(m))
+    degenerate[:, :, 1:-1, 1:-1] = smooth  # Pillow keeps the border pixels
+    return _blend(degenerate, x, v)
 
 
-def _posterize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    bits = (4 + (m * 4).round()).long()  # [4, 8]
+def _posterize(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    bits = v.floor().long()  # USB's int(v): 4, 5, 6 or 7 bits, each with probability 1/4
     mask = (0xFF << (8 - bits)) & 0xFF
-    return (x.round().to(torch.int64) & _per_image(mask)).float()
+    return (x.to(torch.int64) & _per_image(mask)).to(x.dtype)
 
 
-def _solarize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.where(x >= _per_image(256 * m), 255 - x, x)
+def _solarize(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= _per_image(v), 255 - x, x)
 
 
-def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Apply per-image 2x3 affine maps (output -> input, normalised coords), black fill."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+def _lookup(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """out[n, :, i, j] = x[n, :, row[n, i, j], col[n, i, j]]; black where that is outside."""
+    n, ch, h, w = x.shape
+    row, col = row.expand(n, h, w), col.expand(n, h, w)
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    flat = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).reshape(n, 1, h * w)
+    out = x.flatten(2).gather(2, flat.expand(n, ch, h * w)).view_as(x)
+    return torch.where(inside[:, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _eye(n: int, device: torch.device) -> torch.Tensor:
-    return torch.eye(2, 3, device=device).repeat(n, 1, 1)
+def _grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = x.shape[2:]
+    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1)
+    return ys, torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w)
 
 
-def _rotate(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    angle = (-30 + 60 * m) * math.pi / 180
-    theta = _eye(len(x), x.device)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle)
-    return _affine(x, theta)
+def _translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Image.transform(AFFINE, (1, 0, dx, 0, 1, dy)), which Pillow runs as a nearest "scale" in
+    float64: the output pixel centred at (X, Y) reads the input pixel (floor(X + dx),
+    floor(Y + dy)); black outside."""
+    ys, xs = _grid(x)
+    col = (dx.view(-1, 1, 1) + 0.5 + xs).floor().long()
+    row = (dy.view(-1, 1, 1) + 0.5 + ys).floor().long()
+    return _lookup(x, row, col)
 
 
-def _shear(axis: int):
-    def op(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        theta = _eye(len(x), x.device)
-        theta[:, axis, 1 - axis] = -0.3 + 0.6 * m
-        return _affine(x, theta)
+def _affine(x: torch.Tensor, *coeffs: torch.Tensor | float) -> torch.Tensor:
+    """Image.transform(AFFINE, coeffs) as Pillow runs it when the map shears or rotates:
+    nearest neighbour in 16.16 fixed point, black outside.
 
-    return op
+    coeffs (a, b, c, d, e, f), floats or one per image: the output pixel centred at (X, Y) reads
+    the input pixel at (aX + bY + c, dX + eY + f), each coefficient rounded to 1/65536.
+    """
+    a, b, c, d, e, f = torch.broadcast_tensors(
+        *(torch.as_tensor(k, dtype=torch.float64, device=x.device) for k in coeffs)
+    )
+
+    def fix(t: torch.Tensor) -> torch.Tensor:
+        return (t * 65536.0 + 0.5).floor().long().view(-1, 1, 1)
+
+    ys, xs = _grid(x)
+    ys, xs = ys.long(), xs.long()
+    col = (fix(c + a * 0.5 + b * 0.5) + xs * fix(a) + ys * fix(b)) >> 16
+    row = (fix(f + d * 0.5 + e * 0.5) + xs * fix(d) + ys * fix(e)) >> 16
+    return _lookup(x, row, col)
 
 
-def _translate(axis: int):
-    def op(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        theta = _eye(len(x), x.device)
-        theta[:, axis, 2] = 2 * (-0.3 + 0.6 * m)  # fraction of the size, in [-1, 1] coords
-        return _affine(x, theta)
-
-    return op
+def _rotate(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Image.rotate(v): counter-clockwise by v degrees about the image centre."""
+    cx, cy = x.shape[3] / 2, x.shape[2] / 2
+    a = torch.deg2rad(-v)
+    cos, sin = torch.cos(a), torch.sin(a)
+    return _affine(x, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
 _OP_FNS = {
-    "identity": lambda x, m: x,
+    "identity": lambda x, v: x,
     "autocontrast": _autocontrast,
     "equalize": _equalize,
-    "brightness": lambda x, m: _blend(torch.zeros_like(x), x, _enhance_factor(m)),
-    "color": lambda x, m: _blend(_gray(x), x, _enhance_factor(m)),
-    "contrast": lambda x, m: _blend(_gray(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), x,
-                                    _enhance_factor(m)),
+    "brightness": lambda x, v: _blend(torch.zeros_like(x), x, v),
+    "color": lambda x, v: _blend(_gray(x), x, v),
+    "contrast": _contrast,
     "sharpness": _sharpness,
     "posterize": _posterize,
     "solarize": _solarize,
     "rotate": _rotate,
-    "shear_x": _shear(0),
-    "shear_y": _shear(1),
-    "translate_x": _translate(0),
-    "translate_y": _translate(1),
+    # USB's shears act about the top-left corner (Pillow's origin), not the centre
+    "shear_x": lambda x, v: _affine(x, 1.0, v, 0.0, 0.0, 1.0, 0.0),
+    "shear_y": lambda x, v: _affine(x, 1.0, 0.0, 0.0, v, 1.0, 0.0),
+    "translate_x": lambda x, v: _translate(x, v * x.shape[3], torch.zeros_like(v)),
+    "translate_y": lambda x, v: _translate(x, torch.zeros_like(v), v * x.shape[2]),
 }  # fmt: skip
 
 
+def apply_op(x: torch.Tensor, name: str, m: torch.Tensor) -> torch.Tensor:
+    """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image.
+
+    m maps linearly onto USB's range for the op, in float64 as Python computes it.
+    """
+    lo, hi = RANGES[name]
+    return _OP_FNS[name](x, lo + (hi - lo) * m.to(x.device, torch.float64))
+
+
 def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """USB's Cutout, in float64 as Python computes it.
+
+    Side v = c[:, 2] * width px. The centre is uniform on (1, size]: USB calls
+    np.random.uniform(size), i.e. low=size, high=1. The top-left corner is truncated and
+    Pillow's rectangle includes its far edge, so a side covers floor(x0 + v) - x0 + 1 pixels
+    before clipping. Nothing is drawn when v = 0.
+    """
     n, _, h, w = x.shape
-    side = c[:, 2] * h
-    cy, cx = c[:, 1] * h, c[:, 0] * w
+    c = c.to(x.device, torch.float64)
+    v = (c[:, 2] * w).view(n, 1, 1)
+    x0 = (w + (1 - w) * c[:, 0].view(n, 1, 1) - v / 2).clamp(min=0).floor()
+    y0 = (h + (1 - h) * c[:, 1].view(n, 1, 1) - v / 2).clamp(min=0).floor()
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     inside = (
-        (ys >= (cy - side / 2).view(n, 1, 1)) & (ys < (cy + side / 2).view(n, 1, 1))
-        & (xs >= (cx - side / 2).view(n, 1, 1)) & (xs < (cx + side / 2).view(n, 1, 1))
+        (xs >= x0) & (xs <= (x0 + v).floor()) & (ys >= y0) & (ys <= (y0 + v).floor()) & (v > 0)
     )  # fmt: skip
-    fill = torch.tensor(CUTOUT_FILL, device=x.device).view(1, 3, 1, 1)
+    fill = torch.tensor(CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return torch.where(inside[:, None], fill, x)
 
 
@@ -212,5 +268,5 @@ def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
         for k, name in enumerate(OPS):
             sel = p.ops[:, slot] == k
             if name != "identity" and bool(sel.any()):
-                out[sel] = _OP_FNS[name](out[sel], p.mags[sel, slot]).clamp(0, 255)
-    return _cutout(out, p.cutout).round().to(torch.uint8)
+                out[sel] = apply_op(out[sel], name, p.mags[sel, slot])
+    return _cutout(out, p.cutout).to(torch.uint8)
