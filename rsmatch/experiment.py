@@ -44,7 +44,7 @@ MANIFEST = "experiment.json"  # what the report reads to know the runs a grid ex
 # Keys a saved benchmark fixes: an axis over them would be silently ignored (config.py).
 BENCHMARK_FIXED = ("data.real", "data.synthetic", "data.labels_per_class", "data.replace_ratio",
                    "data.unlabeled_per_class", "data.split_seed")  # fmt: skip
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]+")
 
 
 class GridError(ValueError):
@@ -120,7 +120,7 @@ def _check(base: Path, overrides: Sequence[str], culprit: str) -> Config:
 
 
 def _run_name(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={_UNSAFE.sub('_', v)}" for k, v in labels.items())
+    return ",".join(f"{k}={_UNSAFE.sub('_', v).strip('_')}" for k, v in labels.items())
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -154,6 +154,11 @@ def load_grid(path: str | Path) -> Grid:
     cfg = _check(base, common, "overrides" if common else "base")
 
     axes = {name: _axis_values(str(name), spec) for name, spec in raw["axes"].items()}
+    owner: dict[str, str] = {}  # config key -> the axis that sets it
+    for name, values in axes.items():
+        for key in {o.partition("=")[0] for _, ovr in values for o in ovr}:
+            if owner.setdefault(key, name) != name:
+                raise GridError(f"axes.{name}: sets {key}, which axes.{owner[key]} sets too")
     for name, values in axes.items():
         for label, ovr in values:
             clash = common_keys & {o.partition("=")[0] for o in ovr}
