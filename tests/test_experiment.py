@@ -173,3 +173,21 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path)
     mtimes = {p: _mtime(p) for p in out.iterdir() if p.is_dir()}
     assert main([str(grid)]) == 0  # all done: nothing reruns
     assert {p: _mtime(p) for p in mtimes} == mtimes
+
+
+def test_shipped_grids_expand_to_the_papers_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)  # grid paths are relative to the repository root
+    t1 = load_grid("configs/experiments/table1_cifar10.yaml")
+    assert len(t1.runs) == 6 * 3 * 3
+    oracle = [r.config for r in t1.runs if r.labels["method"] == "fixmatch_real_only"]
+    assert len(oracle) == 9 and all(c.algorithm == "fixmatch" and c.data.real_only for c in oracle)
+    assert {(r.config.train.seed, r.config.data.split_seed) for r in t1.runs} == {
+        (0, 0),
+        (1, 1),
+        (2, 2),
+    }
+    assert {r.config.data.replace_ratio for r in t1.runs} == {0.3, 0.5, 0.7}
+    t100 = load_grid("configs/experiments/table1_cifar100.yaml")
+    assert len(t100.runs) == 54 and t100.runs[0].config.data.real == "uoft-cs/cifar100"
+    demo = load_grid("configs/experiments/cpu_demo.yaml")
+    assert len(demo.runs) == 8 and demo.runs[0].config.train.steps == 200
