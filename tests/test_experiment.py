@@ -137,7 +137,7 @@ def _mtime(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path):
+def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path, capsys):
     overrides = [o for o in tiny_overrides(sources, tmp_path / "unused", **{"train.steps": 6})
                  if not o.startswith("train.output_dir=")]  # fmt: skip
     grid = write_grid(tmp_path, {"algorithm": ["fixmatch", "rsmatch"], "train.seed": [0, 1]},
@@ -160,7 +160,12 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path)
     assert 2 <= stopped_at < 6
     finished = _mtime(first)
 
+    capsys.readouterr()
     assert main([str(grid)]) == 0  # in this process now
+    log = capsys.readouterr().out
+    assert "[grid] resuming algorithm=fixmatch,train.seed=1" in log
+    assert "starting algorithm=fixmatch,train.seed=0" not in log
+    assert "[grid] starting algorithm=rsmatch,train.seed=1" in log
     for run in out.iterdir():
         if run.is_dir():
             assert json.loads((run / "metrics.json").read_text())["step"] == 6, run
@@ -172,6 +177,7 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path)
     )
     mtimes = {p: _mtime(p) for p in out.iterdir() if p.is_dir()}
     assert main([str(grid)]) == 0  # all done: nothing reruns
+    assert "[grid] st" not in capsys.readouterr().out
     assert {p: _mtime(p) for p in mtimes} == mtimes
 
 
