@@ -159,6 +159,7 @@ def routing_figure(cells: list[Cell], path: Path) -> bool:
 
 def write_all(runs: list[RunInfo], cells: list[Cell], out: Path) -> list[tuple[str, str]]:
     """Write every figure the runs have data for; returns (file, caption) pairs."""
+    _TB_CACHE.clear()  # runs may have logged more since an earlier report in this process
     made = []
     specs = [
         ("accuracy.png", "Test accuracy over training (mean ± std over seeds)", accuracy_figure),
