@@ -151,7 +151,7 @@ def load_grid(path: str | Path) -> Grid:
     common_keys = {o.partition("=")[0].strip() for o in common}
     if "train.output_dir" in common_keys:
         raise GridError("overrides: train.output_dir is set by the grid; set `output` instead")
-    cfg = _check(base, common, "overrides" if common else "base")
+    _check(base, common, "overrides" if common else "base")
 
     axes = {name: _axis_values(str(name), spec) for name, spec in raw["axes"].items()}
     owner: dict[str, str] = {}  # config key -> the axis that sets it
@@ -177,7 +177,7 @@ def load_grid(path: str | Path) -> Grid:
             raise GridError(f"axes: run name {name[:60]}... is too long for a folder; shorten it")
         run_dir = output / name
         varied = [o for _, group in combo for o in group]
-        ovr = (*common, *varied, f"train.output_dir={run_dir}")
+        ovr = (*common, *varied, _override("train.output_dir", str(run_dir)))
         cfg = _check(base, ovr, f"run {name}")
         fixed = [k for k in (o.partition("=")[0] for o in varied) if k in BENCHMARK_FIXED]
         if cfg.data.benchmark and fixed:
