@@ -1,0 +1,54 @@
+"""Analysis figures of a finished run: `rsmatch-analyze RUN_DIR [--out DIR]`.
+
+t-SNE of the classifier's encoder features on a seeded sample of the unlabeled pool, and
+GradCAM++ maps of the classifier (and of the detector when the run exported one). Run it from
+the folder the run was trained from: the run's config names its data by relative paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rsmatch-analyze", description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a finished run folder (with model/)")
+    ap.add_argument("--out", type=Path, help="output folder (default RUN/analysis)")
+    ap.add_argument("--samples", type=int, default=1000, help="unlabeled images in the t-SNE")
+    ap.add_argument(
+        "--per-class",
+        type=int,
+        default=2,
+        help="real and synthetic images per class in the GradCAM++ grid",
+    )
+    ap.add_argument("--classes", type=int, default=10, help="classes (rows) in the GradCAM++ grid")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of t-SNE")
+    args = ap.parse_args(argv)
+    from rsmatch.analysis import analyze  # torch, sklearn and grad-cam after parsing
+    from rsmatch.config import ConfigError
+    from rsmatch.data.sources import SourceError
+
+    try:
+        made = analyze(args.run, args.out or args.run / "analysis", args.samples,
+                       args.per_class, args.classes, args.seed)  # fmt: skip
+    except (FileNotFoundError, ConfigError, SourceError) as e:
+        print(f"rsmatch-analyze: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(
+            f"rsmatch-analyze: error: {e.name} is missing; pip install 'rsmatch[viz]'",
+            file=sys.stderr,
+        )
+        return 2
+    for path in made:
+        print(path)
+    if not (args.run / "detector").is_dir():
+        print(f"no detector exported in {args.run} (not an RSMatch run, or an older one): "
+              "GradCAM++ of the classifier only", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

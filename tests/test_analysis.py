@@ -1,0 +1,74 @@
+"""rsmatch-analyze on a tiny finished run: t-SNE and GradCAM++ figures."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from rsmatch import analysis
+from rsmatch.cli.analyze import main
+from rsmatch.experiment import train_in_process
+from rsmatch.models import Detector
+from tests.conftest import tiny_overrides
+
+pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def run(sources, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("analysis") / "run"
+    assert train_in_process(tiny_overrides(sources, out, algorithm="rsmatch")) == 0
+    return out
+
+
+def _coloured_png(path: Path) -> None:
+    with Image.open(path) as im:
+        im.verify()
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert pixels.std() > 0
+    assert ((pixels.max(-1) - pixels.min(-1)) > 60).sum() > 200, path  # points, heat maps
+
+
+@pytest.mark.slow
+def test_analyze_writes_tsne_and_classifier_gradcam_and_skips_a_missing_detector(run, capsys):
+    out = run / "analysis"
+    assert main([str(run), "--samples", "60"]) == 0
+    assert (out / "tsne.png").is_file() and (out / "gradcam_classifier.png").is_file()
+    assert not (out / "gradcam_detector.png").exists()
+    assert "no detector exported" in capsys.readouterr().err
+    for name in ("tsne.png", "gradcam_classifier.png"):
+        _coloured_png(out / name)
+
+
+@pytest.mark.slow
+def test_analyze_explains_an_exported_detector(run, tmp_path, monkeypatch):
+    (run / "detector").mkdir(exist_ok=True)
+    det = Detector("wrn10_1", [0.5] * 3, [0.25] * 3, 0.1).eval()
+    monkeypatch.setattr(analysis, "load_run_detector", lambda _run: det)
+    made = analysis.analyze(run, tmp_path, samples=40, per_class=1, classes=2)
+    assert [p.name for p in made] == ["tsne.png", "gradcam_classifier.png", "gradcam_detector.png"]
+    _coloured_png(tmp_path / "gradcam_detector.png")
+
+
+@pytest.mark.slow
+def test_the_sample_is_fixed_by_its_seed(run):
+    a, b, c = (analysis.Pool(run, 20, s) for s in (0, 0, 1))
+    assert torch.equal(a.images, b.images) and (a.labels == b.labels).all()
+    assert not torch.equal(a.images, c.images)
+    assert a.synthetic.any() and (~a.synthetic).any()
+
+
+def test_cam_target_falls_back_to_the_last_convolution():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(5, 2))  # fmt: skip
+    model, layer = analysis.cam_target(net)
+    assert model is net and layer is net[2]
+
+
+def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no exported classifier" in capsys.readouterr().err

@@ -1,0 +1,199 @@
+"""Experiment grids: validation before any run, naming, filters, skip and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rsmatch.cli.experiment import main
+from rsmatch.experiment import MANIFEST, load_grid
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_grid(tmp_path: Path, axes: dict, overrides: list[str] = (), **extra) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n")
+    grid = {"base": str(base), "output": str(tmp_path / "out"), "axes": axes, **extra}
+    if overrides:
+        grid["overrides"] = list(overrides)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    "axes, extra, culprit",
+    [
+        ({"train.batch_sise": [8]}, {}, "axes.train.batch_sise=8: train.batch_sise: unknown key"),
+        ({"data.replace_ratio": [0.5, 1.5]}, {}, "axes.data.replace_ratio=1.5"),
+        ({"algorithm": ["fixmatch", "fixmach"]}, {}, "axes.algorithm=fixmach"),
+        ({"train.seed": []}, {}, "axes.train.seed: empty axis"),
+        ({"method": {}}, {}, "axes.method: empty axis"),
+        ({"method": {"oracle": {"data.real_onyl": True}}}, {}, "data.real_onyl: unknown key"),
+        ({"train.seed": [0]}, {"base": "configs/nope.yaml"}, "base: no such config file"),
+        ({"train.seed": [0]}, {"overrides": ["train.lr=-1"]}, "overrides: train.lr=-1"),
+        ({"train.seed": [0]}, {"seeds": [1]}, "seeds: unknown grid key"),
+        ({"train.output_dir": ["a"]}, {}, "axes.train.output_dir"),
+        ({"train.seed": [0]}, {"overrides": ["train.seed=3"]}, "train.seed is also in"),
+        ({"data.benchmark": ["bench"], "data.replace_ratio": [0.3]}, {}, "data.replace_ratio is ignored"),
+    ],
+)  # fmt: skip
+def test_bad_grid_exits_2_naming_the_culprit_and_writes_nothing(
+    tmp_path, capsys, axes, extra, culprit
+):
+    grid = write_grid(tmp_path, axes)
+    if extra:
+        raw = yaml.safe_load(grid.read_text())
+        raw.update(extra)
+        grid.write_text(yaml.safe_dump(raw))
+    before = sorted(tmp_path.rglob("*"))
+    assert main([str(grid)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and culprit in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output folder
+
+
+def test_two_axes_setting_one_key_are_refused(tmp_path, capsys):
+    grid = write_grid(
+        tmp_path, {"algorithm": ["fixmatch"], "method": {"oracle": {"algorithm": "fixmatch"}}}
+    )
+    assert main([str(grid)]) == 2
+    assert "axes.method: sets algorithm, which axes.algorithm sets too" in capsys.readouterr().err
+
+
+def test_runs_are_named_from_axis_values_and_configured_by_them(tmp_path):
+    grid = load_grid(write_grid(
+        tmp_path,
+        {"method": {"fm": {"algorithm": "fixmatch"},
+                    "fm_real": {"algorithm": "fixmatch", "data.real_only": True}},
+         "data.replace_ratio": [0.3, 0.7], "data.synthetic": [{"g": "x/y"}], "train.seed": [0, 1]},
+        overrides=["train.lr=0.1"],
+    ))  # fmt: skip
+    names = [r.name for r in grid.runs]
+    assert len(names) == 8 and len(set(names)) == 8
+    assert names[0] == "method=fm,data.replace_ratio=0.3,data.synthetic=g_x_y,train.seed=0"
+    run = grid.runs[-1]
+    assert run.labels == {"method": "fm_real", "data.replace_ratio": "0.7",
+                          "data.synthetic": '{"g":"x/y"}', "train.seed": "1"}  # fmt: skip
+    cfg = run.config
+    assert cfg.algorithm == "fixmatch" and cfg.data.real_only is True
+    assert cfg.data.replace_ratio == 0.7 and cfg.train.seed == 1 and cfg.train.lr == 0.1
+    assert cfg.data.synthetic == {"g": "x/y"}
+    assert cfg.train.output_dir == str(tmp_path / "out" / run.name)
+
+
+def test_dry_run_lists_states_and_only_filters(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"algorithm": ["fixmatch", "rsmatch"], "train.seed": [0, 1]})
+    out = tmp_path / "out"
+    done, partial = out / "algorithm=fixmatch,train.seed=1", out / "algorithm=rsmatch,train.seed=0"
+    (done / "metrics.json").parent.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "latest").write_text("step_00000004\n")
+    assert main([str(grid), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"todo     {out}/algorithm=fixmatch,train.seed=0",
+        f"done     {done}",
+        f"partial  {partial}",
+        f"todo     {out}/algorithm=rsmatch,train.seed=1",
+        "4 runs: 1 done, 1 partial, 2 todo",
+    ]
+    assert main([str(grid), "--dry-run", "--only", "algorithm=rsmatch"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 0 done, 1 partial, 1 todo"
+    assert main([str(grid), "--dry-run", "--only", "train.seed=1", "--only", "fixm"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 runs: 1 done, 0 partial, 0 todo"
+    assert main([str(grid), "--dry-run", "--only", "train.seed=7"]) == 2
+    assert "matches no run" in capsys.readouterr().err
+    assert not (out / MANIFEST).exists()  # a dry run writes nothing
+
+
+def test_a_finished_run_with_another_config_stops_the_grid(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"train.seed": [0]})
+    run = tmp_path / "out" / "train.seed=0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "config.yaml").write_text("algorithm: fixmatch\ntrain:\n  steps: 99\n  seed: 0\n")
+    assert main([str(grid), "--dry-run"]) == 2
+    assert "train.steps is 99 there, 10 in the grid" in capsys.readouterr().err
+
+
+def test_launcher_arguments_need_the_accelerate_launcher(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"train.seed": [0]})
+    assert main([str(grid), "--", "--num_processes", "2"]) == 2
+    assert "need --launcher accelerate" in capsys.readouterr().err
+
+
+def _mtime(run: Path) -> int:
+    return (run / "metrics.json").stat().st_mtime_ns
+
+
+@pytest.mark.slow
+def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path, capsys):
+    overrides = [o for o in tiny_overrides(sources, tmp_path / "unused", **{"train.steps": 6})
+                 if not o.startswith("train.output_dir=")]  # fmt: skip
+    grid = write_grid(tmp_path, {"algorithm": ["fixmatch", "rsmatch"], "train.seed": [0, 1]},
+                      overrides=overrides)  # fmt: skip
+    out = tmp_path / "out"
+    first, second = out / "algorithm=fixmatch,train.seed=0", out / "algorithm=fixmatch,train.seed=1"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "rsmatch.cli.experiment", str(grid)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    # the second run's first checkpoint (step 2 of 6): its loop runs and handles signals
+    while not (second / "checkpoints" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output
+    assert "stopped during algorithm=fixmatch,train.seed=1" in output
+    assert (first / "metrics.json").is_file() and not (second / "metrics.json").exists()
+    stopped_at = int((second / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stopped_at < 6
+    finished = _mtime(first)
+
+    capsys.readouterr()
+    assert main([str(grid)]) == 0  # in this process now
+    log = capsys.readouterr().out
+    assert "[grid] resuming algorithm=fixmatch,train.seed=1" in log
+    assert "starting algorithm=fixmatch,train.seed=0" not in log
+    assert "[grid] starting algorithm=rsmatch,train.seed=1" in log
+    for run in out.iterdir():
+        if run.is_dir():
+            assert json.loads((run / "metrics.json").read_text())["step"] == 6, run
+    assert _mtime(first) == finished  # not redone
+    assert json.loads((second / "run.json").read_text())["resumed_from"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [r["name"] for r in manifest["runs"]] == sorted(
+        p.name for p in out.iterdir() if p.is_dir()
+    )
+    mtimes = {p: _mtime(p) for p in out.iterdir() if p.is_dir()}
+    assert main([str(grid)]) == 0  # all done: nothing reruns
+    assert "[grid] st" not in capsys.readouterr().out
+    assert {p: _mtime(p) for p in mtimes} == mtimes
+
+
+def test_shipped_grids_expand_to_the_papers_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)  # grid paths are relative to the repository root
+    t1 = load_grid("configs/experiments/table1_cifar10.yaml")
+    assert len(t1.runs) == 6 * 3 * 3
+    oracle = [r.config for r in t1.runs if r.labels["method"] == "fixmatch_real_only"]
+    assert len(oracle) == 9 and all(c.algorithm == "fixmatch" and c.data.real_only for c in oracle)
+    assert {(r.config.train.seed, r.config.data.split_seed) for r in t1.runs} == {
+        (0, 0),
+        (1, 1),
+        (2, 2),
+    }
+    assert {r.config.data.replace_ratio for r in t1.runs} == {0.3, 0.5, 0.7}
+    t100 = load_grid("configs/experiments/table1_cifar100.yaml")
+    assert len(t100.runs) == 54 and t100.runs[0].config.data.real == "uoft-cs/cifar100"
+    demo = load_grid("configs/experiments/cpu_demo.yaml")
+    assert len(demo.runs) == 8 and demo.runs[0].config.train.steps == 200

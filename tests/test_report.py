@@ -1,0 +1,178 @@
+"""Reports from fabricated run folders: numbers checked against values computed by hand."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from rsmatch.cli.report import main
+from rsmatch.report import read_evals
+
+
+def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, best: float | None,
+             final: float | None = None, commit: str = "a" * 40, detector: dict | None = None,
+             **config) -> Path:  # fmt: skip
+    """A run folder as the trainer leaves it; best=None leaves it unfinished (no metrics.json)."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"algorithm": algorithm,
+           "data": {"replace_ratio": ratio, "labels_per_class": 25, "real_only": False},
+           "train": {"seed": seed, "output_dir": str(run), "steps": 20},
+           "ssl": {"threshold": 0.95}, "rsmatch": {"base": "fixmatch"}}  # fmt: skip
+    for key, value in config.items():
+        section, leaf = key.split("__")
+        cfg[section][leaf] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "run.json").write_text(
+        json.dumps({"seed": seed, "git": {"commit": commit, "dirty": False}})
+    )
+    detector = detector or {}
+    evals = []
+    for step, frac in ((10, 0.5), (20, 1.0)):
+        acc = None if best is None else (final if step == 20 else best - 0.1)
+        e = {"step": step, "test_acc": acc, "best_acc": best}
+        e.update({k: v * frac for k, v in detector.items()})
+        if detector:
+            e["queue_purity"] = 0.6 + 0.1 * frac
+        evals.append(e)
+    if best is None:
+        evals = evals[:1]
+    (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    if best is not None:
+        metrics = {
+            "algorithm": algorithm,
+            "test_acc": final,
+            "best_acc": best,
+            "step": 20,
+            **detector,
+        }
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run / "tb")) as w:
+        for step in range(1, 21):
+            w.add_scalar("mask_rate", 0.01 * step + 0.01 * seed, step)
+            if algorithm == "rsmatch":
+                w.add_scalar("mask_real_rate", 0.006 * step, step)
+                w.add_scalar("mask_fake_rate", 0.004 * step, step)
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    # fixmatch, r = 0.5: three seeds, one from another commit
+    for seed, best, final in ((0, 0.80, 0.78), (1, 0.84, 0.82), (2, 0.90, 0.88)):
+        fake_run(root, f"fm-r0.5-s{seed}", "fixmatch", 0.5, seed, best, final,
+                 commit=("b" if seed == 2 else "a") * 40)  # fmt: skip
+    # rsmatch, r = 0.5: two finished seeds with detector metrics, the third interrupted
+    for seed, best, final, det, gen_a in ((0, 0.86, 0.85, 0.70, 0.60), (1, 0.88, 0.87, 0.80, 0.90)):
+        fake_run(root, f"rs-r0.5-s{seed}", "rsmatch", 0.5, seed, best, final,
+                 detector={"detector_acc": det, "detector_precision": 0.5, "detector_recall": 0.4,
+                           "detector_acc/gen_a": gen_a})  # fmt: skip
+    fake_run(root, "rs-r0.5-s2", "rsmatch", 0.5, 2, None)
+    # rsmatch, r = 0.3: one seed
+    fake_run(root, "rs-r0.3-s0", "rsmatch", 0.3, 0, 0.91, 0.90,
+             detector={"detector_acc": 0.75, "detector_precision": 0.7, "detector_recall": 0.6})  # fmt: skip
+    # flexmatch, r = 0.3: two seeds whose configs differ beyond the seed
+    fake_run(root, "flex-r0.3-s0", "flexmatch", 0.3, 0, 0.70, 0.70)
+    fake_run(root, "flex-r0.3-s1", "flexmatch", 0.3, 1, 0.72, 0.72, ssl__threshold=0.9)
+    # fixmatch, r = 0.3 is in the grid's manifest but never started
+    manifest = {"grid": {"axes": {"algorithm": ["fixmatch"], "train.seed": [0]}},
+                "runs": [{"name": "fm-r0.3-s0", "axes": {"algorithm": "fixmatch", "train.seed": "0"},
+                          "config": {"algorithm": "fixmatch", "data": {"replace_ratio": 0.3,
+                                     "labels_per_class": 25}, "train": {"seed": 0}}}]}  # fmt: skip
+    (root / "experiment.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _csv(out: Path) -> dict[tuple[str, float], dict[str, str]]:
+    with open(out / "table.csv") as f:
+        return {(r["method"], float(r["replace_ratio"])): r for r in csv.DictReader(f)}
+
+
+def test_report_numbers_match_hand_computed_values(runs, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(runs), "--out", str(out)]) == 0
+    rows = _csv(out)
+    fm = rows["fixmatch", 0.5]
+    # best 80, 84, 90: mean 84.667; deviations -4.667, -0.667, 5.333 -> var 50.667 / 2 -> std 5.033
+    assert float(fm["best_mean"]) == pytest.approx(84.6667, abs=1e-3)
+    assert float(fm["best_std"]) == pytest.approx(5.0332, abs=1e-3)
+    assert float(fm["final_mean"]) == pytest.approx(82.6667, abs=1e-3)
+    assert float(fm["final_std"]) == pytest.approx(5.0332, abs=1e-3)
+    assert (fm["n"], fm["n_missing"]) == ("3", "0")
+    rs = rows["rsmatch", 0.5]
+    # 86, 88 -> 87 ± 1.414; the interrupted third seed is counted as missing
+    assert float(rs["best_mean"]) == pytest.approx(87.0) and float(rs["best_std"]) == pytest.approx(
+        1.4142, abs=1e-3
+    )
+    assert (rs["n"], rs["n_missing"]) == ("2", "1")
+    # detector 70, 80 -> 75 ± 7.071; generator a: 60, 90 -> 75 ± 21.213
+    assert float(rs["detector_acc_mean"]) == pytest.approx(75.0)
+    assert float(rs["detector_acc_std"]) == pytest.approx(7.0711, abs=1e-3)
+    assert float(rs["detector_acc/gen_a_std"]) == pytest.approx(21.2132, abs=1e-3)
+    one = rows["rsmatch", 0.3]
+    assert float(one["best_mean"]) == pytest.approx(91.0) and one["best_std"] == ""
+    never = rows["fixmatch", 0.3]
+    assert (never["n"], never["n_missing"], never["best_mean"]) == ("0", "1", "")
+
+    md = (out / "README.md").read_text()
+    best_table = md.split("## Best test accuracy (%)")[1].split("##")[0]
+    lines = {
+        line.split(" | ")[0].strip("| "): line
+        for line in best_table.splitlines()
+        if line.startswith("| ")
+    }
+    assert "84.67 ± 5.03 (n=3)" in lines["fixmatch"]
+    assert "missing (0 of 1)" in lines["fixmatch"]
+    assert "**87.00 ± 1.41** (n=2, 1 missing)" in lines["rsmatch"]  # best of r = 0.5
+    assert "**91.00 ± n/a** (n=1)" in lines["rsmatch"]  # best of r = 0.3
+    assert "71.00 ± 1.41 (n=2)" in lines["flexmatch"]
+    assert "r = 0.3, 25 labels | r = 0.5, 25 labels" in best_table
+    assert "[config](configs/fixmatch.yaml)" in lines["fixmatch"]
+    assert (out / "configs" / "fixmatch.yaml").is_file()
+    final_table = md.split("## Final test accuracy (%)")[1].split("##")[0]
+    assert "**86.00 ± 1.41**" in final_table
+    # warnings: a cell whose runs differ in commit, one whose configs differ; not for seeds
+    warnings = md.split("## Warnings")[1].split("##")[0]
+    assert (
+        "fixmatch, r = 0.5, 25 labels: runs differ in commit (aaaaaaaaaaaa, bbbbbbbbbbbb)"
+        in warnings
+    )
+    assert "flex-r0.3-s0 and flex-r0.3-s1 differ in config: ssl.threshold" in warnings
+    assert "rsmatch" not in warnings
+    missing = md.split("## Missing runs")[1].split("##")[0]
+    assert "`rs-r0.5-s2`: stopped at step 10" in missing and "`fm-r0.3-s0`: not started" in missing
+
+
+def test_report_figures_are_valid_non_blank_pngs(runs, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(runs), "--out", str(out)]) == 0
+    md = (out / "README.md").read_text()
+    for name in ("accuracy.png", "detector.png", "routing.png"):
+        assert f"]({name})" in md
+        with Image.open(out / name) as im:
+            im.verify()
+        pixels = np.asarray(Image.open(out / name).convert("RGB")).astype(int)
+        assert pixels.std() > 0
+        # drawn curves are coloured; frames and text are grey
+        chroma = pixels.max(-1) - pixels.min(-1)
+        assert (chroma > 60).sum() > 200, name
+
+
+def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no runs" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope")]) == 2
+
+
+def test_a_step_logged_twice_after_a_resume_keeps_the_last_value(tmp_path):
+    (tmp_path / "evals.jsonl").write_text(
+        '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 4, "test_acc": 0.3}\n'
+    )
+    assert read_evals(tmp_path) == [{"step": 2, "test_acc": 0.1}, {"step": 4, "test_acc": 0.3}]
