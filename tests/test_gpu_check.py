@@ -15,7 +15,7 @@ from .conftest import write_class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # for @dataclass
 _spec.loader.exec_module(gpu_check)
 
 

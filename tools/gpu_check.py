@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +31,11 @@ STARTUP_S = 45  # a training run's imports, data decoding, final evaluation and 
 KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evaluations stay
 
 # Sizes: the paper's (GPU) or tiny ones that run in seconds on a CPU (--dry-run).
-# `limits`: the most seconds for pytest and for one throughput run, and the seconds kept back
-# for the steps after them, so that a slow step cannot leave the trainings no time.
+# `limits`: the most seconds for pytest and for one throughput run, and what is kept back for
+# the steps after them (seconds per throughput run, a share of the budget for the trainings),
+# so that a slow step cannot leave the trainings no time.
 GPU = {
-    "limits": {"pytest": 150, "throughput": 60, "keep_per_throughput": 30, "keep_for_train": 150},
+    "limits": {"pytest": 150, "throughput": 60, "keep_per_throughput": 30, "train_share": 1 / 3},
     "backbone": ["model.backbone=wrn28_2", "train.batch_size=64", "train.uratio=7"],
     "throughput": ["--warmup", "3", "--steps", "10"],
     "train": [
@@ -43,7 +45,7 @@ GPU = {
     ],
 }
 TINY = {
-    "limits": {"pytest": 120, "throughput": 90, "keep_per_throughput": 20, "keep_for_train": 60},
+    "limits": {"pytest": 120, "throughput": 90, "keep_per_throughput": 20, "train_share": 1 / 5},
     "backbone": [
         "model.backbone=wrn10_1",
         "rsmatch.detector_backbone=wrn10_1",
@@ -224,26 +226,123 @@ def unpack_data(source: Path, work: Path) -> tuple[Path | None, dict]:
     }
 
 
+def scratch_dir() -> str | None:
+    """RAM-backed /dev/shm when roomy: 70,000 small files unpack and vanish in seconds there."""
+    shm = Path("/dev/shm")
+    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2**31
+    return str(shm) if roomy else None
+
+
+@dataclass
+class Check:
+    """What every step needs: sizes, settings, where to write, and the clock."""
+
+    dry: bool
+    sizes: dict
+    out: Path
+    work: Path
+    clock: Clock
+    env: dict[str, str]
+    precision_keys: list[str]
+    keep_for_train: float
+    py: str = sys.executable
+
+    @property
+    def limits(self) -> dict:
+        return self.sizes["limits"]
+
+
+def gpu_tests(c: Check) -> dict:
+    """`pytest -m gpu tests/test_gpu.py`; each test's outcome from its junit report."""
+    junit, log = c.out / "pytest-junit.xml", c.out / "pytest.log"
+    cmd = [c.py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
+           "-o", "junit_family=xunit1", f"--junitxml={junit}"]  # fmt: skip
+    keep = c.keep_for_train + len(ALGORITHMS) * c.limits["keep_per_throughput"]
+    result = run(cmd, log, min(c.limits["pytest"], c.clock.left() - keep), c.env)
+    if log.is_file():
+        result.update(junit_results(junit, log))
+    return result
+
+
+def throughput(c: Check, bench_data: Path) -> dict:
+    """`rsmatch-throughput` per algorithm; both logs end up in OUT/throughput.log."""
+    results: dict = {}
+    for i, algo in enumerate(ALGORITHMS):
+        log = c.work / f"throughput-{algo}.log"
+        cmd = [c.py, "-m", "rsmatch.cli.throughput", *c.sizes["throughput"], f"algorithm={algo}",
+               *c.sizes["backbone"], *c.precision_keys, *data_overrides(bench_data),
+               f"train.output_dir={c.work / f'tp-{algo}'}"]  # fmt: skip
+        keep = c.keep_for_train + (len(ALGORITHMS) - 1 - i) * c.limits["keep_per_throughput"]
+        result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - keep), c.env)
+        if log.is_file():
+            measured = last_json_line(log)
+            if measured:
+                result.update(measured, it_per_s=round(1 / measured["s_per_step"], 2))
+            with open(c.out / "throughput.log", "a") as f:
+                f.write(log.read_text())
+        results[algo] = result
+    results["status"] = overall([results[a] for a in ALGORITHMS])
+    if all("s_per_step" in results[a] for a in ALGORITHMS):
+        ratio = results["rsmatch"]["s_per_step"] / results["fixmatch"]["s_per_step"]
+        results["rsmatch_over_fixmatch"] = round(ratio, 3)
+    return results
+
+
+def train(c: Check, data: Path | None, s_per_step: dict[str, float], seconds: float) -> dict:
+    """Each algorithm for about `seconds` of training loop: steps = seconds / measured s/step."""
+    results: dict = {}
+    for i, algo in enumerate(ALGORITHMS):
+        if data is None:
+            results[algo] = {"status": "skipped", "reason": "no data"}
+            continue
+        share = c.clock.left() / (len(ALGORITHMS) - i)
+        loop = min(seconds, share - STARTUP_S - 15)
+        limit = min(share, loop + STARTUP_S + 45)  # slack for a loop slower than measured
+        n = (
+            TINY_TRAIN_STEPS
+            if c.dry
+            else max(20, int(loop / s_per_step.get(algo, FALLBACK_S_PER_STEP)))
+        )
+        run_dir = c.work / f"train-{algo}"
+        cmd = [c.py, "-m", "rsmatch.cli.train", "--config", f"configs/{algo}.yaml",
+               *c.sizes["backbone"], *data_overrides(data), *c.sizes["train"], *c.precision_keys,
+               f"train.steps={n}", f"train.eval_every={max(1, n // 2)}", f"train.save_every={n}",
+               "model.bn_momentum=0.1", "train.ema_warmup=true", "train.progress=false",
+               f"train.output_dir={run_dir}"]  # fmt: skip
+        result = run(cmd, c.out / f"train-{algo}.log", limit, c.env)
+        result["steps_planned"] = n
+        results[algo] = result | run_results(run_dir)
+    results["status"] = overall([results[a] for a in ALGORITHMS])
+    return results
+
+
+def run_results(run_dir: Path) -> dict:
+    """What a training run wrote: final metrics, every evaluation, the split's counts."""
+    found: dict = {}
+    if (run_dir / "metrics.json").is_file():
+        m = json.loads((run_dir / "metrics.json").read_text())
+        found = {"test_acc": m.get("test_acc"), "detector_acc": m.get("detector_acc"),
+                 "loop_seconds": m.get("seconds"),
+                 "loop_s_per_step": round(m["seconds"] / max(m["step"], 1), 4), "metrics": m}  # fmt: skip
+    if (run_dir / "evals.jsonl").is_file():
+        found["evals"] = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+    if (run_dir / "run.json").is_file():
+        found["counts"] = json.loads((run_dir / "run.json").read_text()).get("counts")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, help="default .gpudata (GPU) or data/demo (--dry-run)")
-    ap.add_argument(
-        "--bench-data",
-        type=Path,
-        default=ROOT / "data/demo",
-        help="data of the throughput step (its size does not change a step's time)",
-    )
+    ap.add_argument("--bench-data", type=Path, default=ROOT / "data/demo",
+                    help="data of the throughput step (its size does not change a step's time)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument(
-        "--budget", type=float, help="seconds for everything (default 465; dry run 300)"
+        "--budget", type=float, help="seconds for everything (default 450; dry run 300)"
     )
-    ap.add_argument(
-        "--train-seconds",
-        type=float,
-        default=100.0,
-        help="training loop seconds per algorithm, shortened to fit the budget",
-    )
+    ap.add_argument("--train-seconds", type=float, default=100.0,
+                    help="training loop seconds per algorithm, shortened to fit the budget")  # fmt: skip
     ap.add_argument("--precision", help="train.mixed_precision (default bf16; dry run: no)")
     ap.add_argument("--channels-last", help="train.channels_last (default true; dry run: false)")
     ap.add_argument("--started", type=float, default=time.time())
@@ -253,162 +352,47 @@ def main(argv: list[str] | None = None) -> int:
 
     dry = args.dry_run
     sizes = TINY if dry else GPU
-    lim = sizes["limits"]
-    clock = Clock(args.started, args.budget or (300 if dry else 465))
+    budget = args.budget or (300 if dry else 450)
     precision = args.precision or ("no" if dry else "bf16")
     channels_last = args.channels_last or ("false" if dry else "true")
-    data_dir = args.data or (ROOT / "data/demo" if dry else ROOT / ".gpudata")
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if dry:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, GPU tests skip themselves
-    py = sys.executable
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    summary: dict = {
-        "schema": 1,
-        "dry_run": dry,
-        "settings": {
-            "precision": precision,
-            "channels_last": channels_last,
-            "budget_s": round(clock.deadline - args.started),
-            "sizes": sizes,
-        },
-        "steps": {
-            "install": {
-                "status": args.install_status,
-                "mode": args.install_mode,
-                "seconds": round(time.time() - args.started, 1),
-                "log": "install.log",
-            }
-        },
-    }
-    steps = summary["steps"]
-    precision_keys = [f"train.mixed_precision={precision}", f"train.channels_last={channels_last}"]
-
-    def finish() -> int:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only: the GPU tests skip themselves
+    args.out.mkdir(parents=True, exist_ok=True)
+    c = Check(
+        dry, sizes, args.out, Path(tempfile.mkdtemp(prefix="gpu_check_", dir=scratch_dir())),
+        Clock(args.started, budget), env,
+        [f"train.mixed_precision={precision}", f"train.channels_last={channels_last}"],
+        keep_for_train=sizes["limits"]["train_share"] * budget,
+    )  # fmt: skip
+    steps: dict = {"install": {"status": args.install_status, "mode": args.install_mode,
+                               "seconds": round(time.time() - args.started, 1), "log": "install.log"}}  # fmt: skip
+    summary: dict = {"schema": 1, "dry_run": dry, "settings": {"precision": precision,
+                     "channels_last": channels_last, "budget_s": budget, "sizes": sizes},
+                     "machine": None, "steps": steps}  # fmt: skip
+    try:
+        env_log = c.work / "env.log"
+        steps["machine"] = run([c.py, "-c", ENV_SCRIPT], env_log, min(60, c.clock.left()), env)
+        summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
+        steps["gpu_tests"] = gpu_tests(c)
+        steps["throughput"] = throughput(c, args.bench_data)
+        data, steps["data"] = unpack_data(
+            args.data or ROOT / ("data/demo" if dry else ".gpudata"), c.work
+        )
+        measured = {a: steps["throughput"][a]["s_per_step"] for a in ALGORITHMS
+                    if "s_per_step" in steps["throughput"][a]}  # fmt: skip
+        steps["train"] = train(c, data, measured, args.train_seconds)
+    except Exception as e:  # recorded with whatever finished, then raised
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
         summary["seconds"] = round(time.time() - args.started, 1)
-        (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-        shutil.rmtree(work, ignore_errors=True)
+        (c.out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
         bad = [k for k, v in steps.items() if v.get("status") not in ("ok", "skipped")]
         print("\n".join(digest(summary)))
-        print(f"gpu_check: {out / 'gpu_check.json'}; steps not ok: {', '.join(bad) or 'none'}")
-        return 1 if bad else 0
-
-    try:
-        # machine facts
-        env_log = work / "env.log"
-        steps["machine"] = run([py, "-c", ENV_SCRIPT], env_log, min(60, clock.left()), env)
-        summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
-
-        # the GPU tests; results per test from the junit report
-        junit = out / "pytest-junit.xml"
-        cmd = [
-            py,
-            "-m",
-            "pytest",
-            "-m",
-            "gpu",
-            "tests/test_gpu.py",
-            "-v",
-            "-p",
-            "no:cacheprovider",
-            f"--junitxml={junit}",
-            "-o",
-            "junit_family=xunit1",
-        ]
-        keep = lim["keep_for_train"] + len(ALGORITHMS) * lim["keep_per_throughput"]
-        steps["gpu_tests"] = run(
-            cmd, out / "pytest.log", min(lim["pytest"], clock.left() - keep), env
-        )
-        if (out / "pytest.log").is_file():
-            steps["gpu_tests"].update(junit_results(junit, out / "pytest.log"))
-
-        # throughput, one run per algorithm
-        tp_log = out / "throughput.log"
-        throughput: dict = {}
-        for i, algo in enumerate(ALGORITHMS):
-            log = work / f"throughput-{algo}.log"
-            cmd = [
-                py,
-                "-m",
-                "rsmatch.cli.throughput",
-                *sizes["throughput"],
-                f"algorithm={algo}",
-                *sizes["backbone"],
-                *precision_keys,
-                *data_overrides(args.bench_data),
-                f"train.output_dir={work / f'tp-{algo}'}",
-            ]
-            keep = lim["keep_for_train"] + (len(ALGORITHMS) - 1 - i) * lim["keep_per_throughput"]
-            result = run(cmd, log, min(lim["throughput"], clock.left() - keep), env)
-            if log.is_file():
-                measured = last_json_line(log)
-                if measured:
-                    result.update(measured, it_per_s=round(1 / measured["s_per_step"], 2))
-                with open(tp_log, "a") as f:
-                    f.write(log.read_text())
-            throughput[algo] = result
-        throughput["status"] = overall([throughput[a] for a in ALGORITHMS])
-        if all("s_per_step" in throughput[a] for a in ALGORITHMS):
-            throughput["rsmatch_over_fixmatch"] = round(
-                throughput["rsmatch"]["s_per_step"] / throughput["fixmatch"]["s_per_step"], 3
-            )
-        steps["throughput"] = throughput
-
-        # short trainings on the packed CIFAR-10 data
-        data, steps["data"] = unpack_data(data_dir, work)
-        training: dict = {}
-        for i, algo in enumerate(ALGORITHMS):
-            if data is None:
-                training[algo] = {"status": "skipped", "reason": "no data"}
-                continue
-            share = clock.left() / (len(ALGORITHMS) - i)
-            loop = min(args.train_seconds, share - STARTUP_S - 15)
-            limit = min(share, loop + STARTUP_S + 45)  # slack for a loop slower than measured
-            s_per_step = throughput[algo].get("s_per_step", FALLBACK_S_PER_STEP)
-            n = TINY_TRAIN_STEPS if dry else max(20, int(loop / s_per_step))
-            run_dir = work / f"train-{algo}"
-            cmd = [
-                py,
-                "-m",
-                "rsmatch.cli.train",
-                "--config",
-                f"configs/{algo}.yaml",
-                *sizes["backbone"],
-                *data_overrides(data),
-                *sizes["train"],
-                *precision_keys,
-                f"train.steps={n}",
-                f"train.eval_every={max(1, n // 2)}",
-                f"train.save_every={n}",
-                "model.bn_momentum=0.1",
-                "train.ema_warmup=true",
-                "train.progress=false",
-                f"train.output_dir={run_dir}",
-            ]
-            result = run(cmd, out / f"train-{algo}.log", limit, env)
-            result["steps_planned"] = n
-            metrics, evals = run_dir / "metrics.json", run_dir / "evals.jsonl"
-            if metrics.is_file():
-                m = json.loads(metrics.read_text())
-                result.update(
-                    test_acc=m.get("test_acc"),
-                    detector_acc=m.get("detector_acc"),
-                    loop_seconds=m.get("seconds"),
-                    metrics=m,
-                )
-                result["loop_s_per_step"] = round(m["seconds"] / max(m["step"], 1), 4)
-            if evals.is_file():
-                result["evals"] = [json.loads(x) for x in evals.read_text().splitlines()]
-            if (run_dir / "run.json").is_file():
-                result["counts"] = json.loads((run_dir / "run.json").read_text()).get("counts")
-            training[algo] = result
-        training["status"] = overall([training[a] for a in ALGORITHMS])
-        steps["train"] = training
-    finally:
-        code = finish()
-    return code
+        print(f"gpu_check: {c.out / 'gpu_check.json'}; steps not ok: {', '.join(bad) or 'none'}")
+        shutil.rmtree(c.work, ignore_errors=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
