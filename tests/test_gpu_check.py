@@ -19,27 +19,30 @@ gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  #
 _spec.loader.exec_module(gpu_check)
 
 
-def _fake_shared(root: Path) -> Path:
-    """The three tarballs of ../shared/data, with 3 classes and a few images each."""
-    src = root / "src"
-    write_class_folder(src / "cifar10" / "train", 20, seed=0)
-    write_class_folder(src / "cifar10" / "test", 5, seed=1)
-    write_class_folder(src / "synth" / "ddpm", 6, seed=2, synthetic=True)
-    write_class_folder(src / "synth" / "cgan", 6, seed=3, synthetic=True)
+def _fake_sources(root: Path) -> tuple[Path, Path]:
+    """Class folders laid out as the check reads them, and the three tarballs of
+    ../shared/data made from them; 3 classes and a few images each."""
+    layout = root / "layout"
+    write_class_folder(layout / "real" / "train", 20, seed=0)
+    write_class_folder(layout / "real" / "test", 5, seed=1)
+    write_class_folder(layout / "synthetic" / "ddpm", 6, seed=2, synthetic=True)
+    write_class_folder(layout / "synthetic" / "cgan", 6, seed=3, synthetic=True)
     shared = root / "shared"
     shared.mkdir()
-    for name, folder in [("cifar10-jpeg", "cifar10"), ("synth-ddpm-jpeg", "synth/ddpm"),
-                         ("synth-cgan-jpeg", "synth/cgan")]:  # fmt: skip
+    for name, folder, inside in [("cifar10-jpeg", "real", "cifar10"),
+                                 ("synth-ddpm-jpeg", "synthetic/ddpm", "synth/ddpm"),
+                                 ("synth-cgan-jpeg", "synthetic/cgan", "synth/cgan")]:  # fmt: skip
         with tarfile.open(shared / f"{name}.tar.gz", "w:gz") as tar:
-            tar.add(src / folder, arcname=folder)
-    return shared
+            tar.add(layout / folder, arcname=inside)
+    return layout, shared
 
 
 @pytest.mark.slow
 def test_dry_run_records_every_step(tmp_path):
     gpudata, out = tmp_path / "gpudata", tmp_path / "out"
     env = {**os.environ, "TRAIN_PER_CLASS": "16", "PYTHON": sys.executable}
-    prep = subprocess.run(["bash", "tools/prepare_gpu_data.sh", str(_fake_shared(tmp_path)), str(gpudata)],
+    layout, shared = _fake_sources(tmp_path)
+    prep = subprocess.run(["bash", "tools/prepare_gpu_data.sh", str(shared), str(gpudata)],
                           cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     assert prep.returncode == 0, prep.stderr
     with tarfile.open(gpudata / "gpudata.tar.gz") as tar:
@@ -47,7 +50,9 @@ def test_dry_run_records_every_step(tmp_path):
     assert sum(n.startswith("real/train/cat/") for n in names) == 16  # the first 16 of 20
     assert "real/test/ship/0004.jpg" in names and "synthetic/cgan/dog/0005.jpg" in names
 
-    done = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--out", str(out), "--data", str(gpudata)],
+    # class folders as the throughput data: data/demo would gain datasets cache files
+    check = ["--dry-run", "--out", str(out), "--data", str(gpudata), "--bench-data", str(layout)]
+    done = subprocess.run(["bash", "tools/gpu_check.sh", *check],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
