@@ -1,0 +1,125 @@
+"""tools/gpu_check.sh: its CPU dry run end to end, and the parts that judge a GPU run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import write_class_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # for @dataclass
+_spec.loader.exec_module(gpu_check)
+
+
+def _fake_sources(root: Path) -> tuple[Path, Path]:
+    """Class folders laid out as the check reads them, and the three tarballs of
+    ../shared/data made from them; 3 classes and a few images each."""
+    layout = root / "layout"
+    write_class_folder(layout / "real" / "train", 20, seed=0)
+    write_class_folder(layout / "real" / "test", 5, seed=1)
+    write_class_folder(layout / "synthetic" / "ddpm", 6, seed=2, synthetic=True)
+    write_class_folder(layout / "synthetic" / "cgan", 6, seed=3, synthetic=True)
+    shared = root / "shared"
+    shared.mkdir()
+    for name, folder, inside in [("cifar10-jpeg", "real", "cifar10"),
+                                 ("synth-ddpm-jpeg", "synthetic/ddpm", "synth/ddpm"),
+                                 ("synth-cgan-jpeg", "synthetic/cgan", "synth/cgan")]:  # fmt: skip
+        with tarfile.open(shared / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(layout / folder, arcname=inside)
+    return layout, shared
+
+
+@pytest.mark.slow
+def test_dry_run_records_every_step(tmp_path):
+    gpudata, out = tmp_path / "gpudata", tmp_path / "out"
+    env = {**os.environ, "TRAIN_PER_CLASS": "16", "PYTHON": sys.executable}
+    layout, shared = _fake_sources(tmp_path)
+    prep = subprocess.run(["bash", "tools/prepare_gpu_data.sh", str(shared), str(gpudata)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    with tarfile.open(gpudata / "gpudata.tar.gz") as tar:
+        names = tar.getnames()
+    assert sum(n.startswith("real/train/cat/") for n in names) == 16  # the first 16 of 20
+    assert "real/test/ship/0004.jpg" in names and "synthetic/cgan/dog/0005.jpg" in names
+
+    # class folders as the throughput data: data/demo would gain datasets cache files
+    check = ["--dry-run", "--out", str(out), "--data", str(gpudata), "--bench-data", str(layout)]
+    done = subprocess.run(["bash", "tools/gpu_check.sh", *check],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "gpu_check.json").read_text())
+    steps = summary["steps"]
+    assert summary["dry_run"] is True and summary["machine"]["gpu"] is None
+    assert set(steps) == {"install", "machine", "gpu_tests", "throughput", "data", "train"}
+    assert steps["install"]["status"] == "skipped"
+    assert all(steps[k]["status"] == "ok" for k in set(steps) - {"install"})
+    # GPU tests: collected, each one recorded, all skipped on a CPU
+    tests = steps["gpu_tests"]["tests"]
+    assert len(tests["test_steady_state_step_has_no_host_sync"]) == 6
+    outcomes = [o for group in tests.values() for o in group.values()]
+    assert steps["gpu_tests"]["counts"] == {"skipped": len(outcomes)} and len(outcomes) >= 24
+    for algo in ("fixmatch", "rsmatch"):
+        tp = steps["throughput"][algo]
+        assert tp["status"] == "ok" and tp["algorithm"] == algo and tp["s_per_step"] > 0
+        assert tp["it_per_s"] == pytest.approx(1 / tp["s_per_step"], rel=0.02)
+        run = steps["train"][algo]
+        assert run["status"] == "ok" and run["metrics"]["step"] == run["steps_planned"] == 2
+        assert 0 <= run["test_acc"] <= 1 and len(run["evals"]) == 2
+        assert (run["detector_acc"] is not None) == (algo == "rsmatch")
+        assert run["counts"] == {"labeled": 12, "unlabeled": 36, "test": 15}  # 3 x (4, 12, 5)
+    assert steps["data"]["from"].endswith("gpudata.tar.gz")
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # the device tool's limits
+    assert {"gpu_check.json", "install.log", "pytest.log", "pytest-junit.xml"} <= set(files)
+
+
+def test_junit_outcomes_are_grouped_per_algorithm(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_gpu" name="test_sync[fixmatch]"/>'
+        '<testcase classname="tests.test_gpu" name="test_sync[rsmatch]">'
+        '<failure message="AssertionError: 2 host syncs: rsmatch/csqueue.py:80 x.item()&#10;more"/>'
+        "</testcase>"
+        '<testcase classname="tests.test_gpu" name="test_plain"><error message="boom"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    got = gpu_check.junit_results(junit, tmp_path / "unused.log")
+    assert got["tests"] == {
+        "test_sync": {
+            "fixmatch": "passed",
+            "rsmatch": "failure: AssertionError: 2 host syncs: rsmatch/csqueue.py:80 x.item()",
+        },
+        "test_plain": {"-": "error: boom"},
+    }
+    assert got["counts"] == {"passed": 1, "failure": 1, "error": 1}
+
+
+def test_junit_missing_falls_back_to_the_verbose_log(tmp_path):
+    log = tmp_path / "pytest.log"
+    log.write_text(
+        "tests/test_gpu.py::test_sync[fixmatch] PASSED [ 50%]\n"
+        "tests/test_gpu.py::test_sync[rsmatch] FAILED [100%]\n"
+    )
+    got = gpu_check.junit_results(tmp_path / "absent.xml", log)
+    assert got["tests"] == {"test_sync": {"fixmatch": "passed", "rsmatch": "failure"}}
+
+
+def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
+    log = tmp_path / "step.log"
+    start = time.monotonic()
+    cmd = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    result = gpu_check.run(cmd, log, 5, dict(os.environ))
+    assert result["status"] == "timeout" and result["rc"] is None
+    assert time.monotonic() - start < 20 and "started" in log.read_text()
+    failed = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], log, 30, dict(os.environ))
+    assert failed["status"] == "failed" and failed["rc"] == 3
+    assert gpu_check.run(cmd, log, 1, dict(os.environ))["status"] == "skipped"  # no time left

@@ -1,0 +1,399 @@
+"""Run the GPU check's steps, each under its own time limit, and write OUT/gpu_check.json.
+
+Called by tools/gpu_check.sh after its offline install (docs/gpu-check.md). Steps, in order:
+machine facts, `pytest -m gpu tests/test_gpu.py`, FixMatch and RSMatch throughput (WRN-28-2,
+B = 64, mu = 7), then FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
+labels per class) for as many steps as the measured throughput fits in --train-seconds. A step
+that fails or runs out of time is recorded and the next one runs; the whole check ends within
+--budget seconds of the script's start. At most 8 files land in --out (the device tool's limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("fixmatch", "rsmatch")
+FALLBACK_S_PER_STEP = 0.25  # when the throughput step gave nothing: a slow GPU's WRN-28-2 step
+STARTUP_S = 45  # a training run's imports, data decoding, final evaluation and export
+KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evaluations stay
+
+# Sizes: the paper's (GPU) or tiny ones that run in seconds on a CPU (--dry-run).
+# `limits`: the most seconds for pytest and for one throughput run, and what is kept back for
+# the steps after them (seconds per throughput run, a share of the budget for the trainings),
+# so that a slow step cannot leave the trainings no time.
+GPU = {
+    "limits": {"pytest": 150, "throughput": 60, "keep_per_throughput": 30, "train_share": 1 / 3},
+    "backbone": ["model.backbone=wrn28_2", "train.batch_size=64", "train.uratio=7"],
+    "throughput": ["--warmup", "3", "--steps", "10"],
+    "train": [
+        "data.labels_per_class=25",
+        "train.eval_batch_size=1024",
+        "train.log_every=50",
+    ],
+}
+TINY = {
+    "limits": {"pytest": 120, "throughput": 90, "keep_per_throughput": 20, "train_share": 1 / 5},
+    "backbone": [
+        "model.backbone=wrn10_1",
+        "rsmatch.detector_backbone=wrn10_1",
+        "train.batch_size=8",
+        "train.uratio=2",
+        "rsmatch.queue_length=4",
+        "rsmatch.queue_picks=2",
+        "ssl.threshold=0.5",
+        "rsmatch.detector_threshold=0.5",
+        "data.labels_per_class=4",
+    ],
+    "throughput": ["--warmup", "1", "--steps", "1"],
+    "train": ["train.eval_batch_size=256", "train.log_every=1"],
+}
+TINY_TRAIN_STEPS = 2
+ENV_SCRIPT = """
+import importlib.metadata as md, json, platform, torch
+names = ["rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "dill",
+         "multiprocess", "fsspec", "pyarrow", "pandas", "huggingface_hub", "safetensors", "numpy"]
+def version(n):
+    try:
+        return md.version(n)
+    except md.PackageNotFoundError:
+        return None
+cuda = torch.cuda.is_available()
+print(json.dumps({
+    "python": platform.python_version(), "torch_cuda": torch.version.cuda,
+    "gpu": torch.cuda.get_device_name() if cuda else None,
+    "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+    "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+    "cpu_threads": torch.get_num_threads(), "packages": {n: version(n) for n in names},
+}))
+"""
+
+
+class Clock:
+    """The check's deadline, counted from the shell script's start so the install counts."""
+
+    def __init__(self, started: float, budget: float) -> None:
+        self.deadline = started + budget
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+
+def run(cmd: list[str], log: Path, limit: float, env: dict[str, str]) -> dict:
+    """Run cmd with its output in log; past `limit` seconds stop its process group."""
+    if limit < 5:
+        return {"status": "skipped", "reason": "no time left in the budget"}
+    start = time.monotonic()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            rc = None
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    status = "timeout" if rc is None else "ok" if rc == 0 else "failed"
+    return {
+        "status": status,
+        "rc": rc,
+        "seconds": round(time.monotonic() - start, 1),
+        "limit_s": round(limit),
+    }
+
+
+def last_json_line(log: Path) -> dict | None:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def junit_results(path: Path, log: Path) -> dict:
+    """Outcome of every test, grouped by test function: {function: {params: outcome}}."""
+    outcomes: dict[str, str] = {}
+    if path.is_file():
+        for case in ET.parse(path).iter("testcase"):
+            outcome = "passed"
+            for kind in ("failure", "error", "skipped"):
+                node = case.find(kind)
+                if node is not None:
+                    message = (node.get("message") or "").strip().splitlines()
+                    outcome = f"{kind}: {message[0][:400] if message else ''}".rstrip(": ")
+                    break
+            outcomes[case.get("name", "?")] = outcome
+    else:  # stopped before pytest wrote its report: read the verbose log's result lines
+        for name, word in re.findall(r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED)", log.read_text()):
+            outcomes[name] = {
+                "PASSED": "passed",
+                "FAILED": "failure",
+                "ERROR": "error",
+                "SKIPPED": "skipped",
+            }[word]
+    groups: dict[str, dict[str, str]] = {}
+    for name, outcome in outcomes.items():
+        function, _, params = name.partition("[")
+        groups.setdefault(function, {})[params.rstrip("]") or "-"] = outcome
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        key = outcome.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return {"counts": counts, "tests": groups}
+
+
+def overall(parts: list[dict]) -> str:
+    statuses = {p.get("status") for p in parts}
+    if statuses in ({"ok"}, {"skipped"}):
+        return statuses.pop()
+    return "partial" if "ok" in statuses else "failed"
+
+
+def digest(summary: dict) -> list[str]:
+    """A few lines for a terminal: each step's status and numbers, and every failed test."""
+    steps, machine = summary["steps"], summary.get("machine") or {}
+    lines = [f"machine: {machine.get('gpu')} torch {machine.get('packages', {}).get('torch')}"]
+    for name, step in steps.items():
+        scalars = {k: v for k, v in step.items() if k == "counts" or not isinstance(v, dict)}
+        lines.append(f"{name}: {scalars}")
+    for function, results in steps.get("gpu_tests", {}).get("tests", {}).items():
+        lines += [f"  {function}[{p}] {o}" for p, o in results.items() if o[:4] in ("fail", "erro")]
+    for group in ("throughput", "train"):
+        for algo in ALGORITHMS:
+            part = steps.get(group, {}).get(algo, {})
+            keep = (
+                "status",
+                "s_per_step",
+                "it_per_s",
+                "steps_planned",
+                "seconds",
+                "loop_seconds",
+                "test_acc",
+                "detector_acc",
+            )
+            lines.append(f"  {group} {algo}: { {k: part[k] for k in keep if k in part} }")
+    return lines
+
+
+def data_overrides(root: Path) -> list[str]:
+    return [
+        f"data.real={root / 'real'}",
+        f"data.synthetic={{ddpm: {root / 'synthetic/ddpm'}, cgan: {root / 'synthetic/cgan'}}}",
+        "data.replace_ratio=0.5",
+    ]
+
+
+def unpack_data(source: Path, work: Path) -> tuple[Path | None, dict]:
+    """The data folder: `source` itself, or its gpudata.tar.gz unpacked into work/."""
+    start = time.monotonic()
+    packed = source / "gpudata.tar.gz"
+    if packed.is_file():
+        target = work / "data"
+        target.mkdir()
+        done = subprocess.run(
+            ["tar", "xzf", str(packed), "-C", str(target)], capture_output=True, text=True
+        )
+        if done.returncode:
+            return None, {"status": "failed", "error": done.stderr.strip()[-400:]}
+        source = target
+    if not (source / "real").exists() or not (source / "synthetic").is_dir():
+        return None, {"status": "failed", "error": f"{source}: needs real/ and synthetic/"}
+    return source, {
+        "status": "ok",
+        "seconds": round(time.monotonic() - start, 1),
+        "from": str(packed if packed.is_file() else source),
+    }
+
+
+def scratch_dir() -> str | None:
+    """RAM-backed /dev/shm when roomy: 70,000 small files unpack and vanish in seconds there."""
+    shm = Path("/dev/shm")
+    roomy = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2**31
+    return str(shm) if roomy else None
+
+
+@dataclass
+class Check:
+    """What every step needs: sizes, settings, where to write, and the clock."""
+
+    dry: bool
+    sizes: dict
+    out: Path
+    work: Path
+    clock: Clock
+    env: dict[str, str]
+    precision_keys: list[str]
+    keep_for_train: float
+    py: str = sys.executable
+
+    @property
+    def limits(self) -> dict:
+        return self.sizes["limits"]
+
+
+def gpu_tests(c: Check) -> dict:
+    """`pytest -m gpu tests/test_gpu.py`; each test's outcome from its junit report."""
+    junit, log = c.out / "pytest-junit.xml", c.out / "pytest.log"
+    cmd = [c.py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
+           "-o", "junit_family=xunit1", f"--junitxml={junit}"]  # fmt: skip
+    keep = c.keep_for_train + len(ALGORITHMS) * c.limits["keep_per_throughput"]
+    result = run(cmd, log, min(c.limits["pytest"], c.clock.left() - keep), c.env)
+    if log.is_file():
+        result.update(junit_results(junit, log))
+    return result
+
+
+def throughput(c: Check, bench_data: Path) -> dict:
+    """`rsmatch-throughput` per algorithm; both logs end up in OUT/throughput.log."""
+    results: dict = {}
+    for i, algo in enumerate(ALGORITHMS):
+        log = c.work / f"throughput-{algo}.log"
+        cmd = [c.py, "-m", "rsmatch.cli.throughput", *c.sizes["throughput"], f"algorithm={algo}",
+               *c.sizes["backbone"], *c.precision_keys, *data_overrides(bench_data),
+               f"train.output_dir={c.work / f'tp-{algo}'}"]  # fmt: skip
+        keep = c.keep_for_train + (len(ALGORITHMS) - 1 - i) * c.limits["keep_per_throughput"]
+        result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - keep), c.env)
+        if log.is_file():
+            measured = last_json_line(log)
+            if measured:
+                result.update(measured, it_per_s=round(1 / measured["s_per_step"], 2))
+            with open(c.out / "throughput.log", "a") as f:
+                f.write(log.read_text())
+        results[algo] = result
+    results["status"] = overall([results[a] for a in ALGORITHMS])
+    if all("s_per_step" in results[a] for a in ALGORITHMS):
+        ratio = results["rsmatch"]["s_per_step"] / results["fixmatch"]["s_per_step"]
+        results["rsmatch_over_fixmatch"] = round(ratio, 3)
+    return results
+
+
+def train(c: Check, data: Path | None, s_per_step: dict[str, float], seconds: float) -> dict:
+    """Each algorithm for about `seconds` of training loop: steps = seconds / measured s/step."""
+    results: dict = {}
+    for i, algo in enumerate(ALGORITHMS):
+        if data is None:
+            results[algo] = {"status": "skipped", "reason": "no data"}
+            continue
+        share = c.clock.left() / (len(ALGORITHMS) - i)
+        loop = min(seconds, share - STARTUP_S - 15)
+        limit = min(share, loop + STARTUP_S + 45)  # slack for a loop slower than measured
+        n = (
+            TINY_TRAIN_STEPS
+            if c.dry
+            else max(20, int(loop / s_per_step.get(algo, FALLBACK_S_PER_STEP)))
+        )
+        run_dir = c.work / f"train-{algo}"
+        cmd = [c.py, "-m", "rsmatch.cli.train", "--config", f"configs/{algo}.yaml",
+               *c.sizes["backbone"], *data_overrides(data), *c.sizes["train"], *c.precision_keys,
+               f"train.steps={n}", f"train.eval_every={max(1, n // 2)}", f"train.save_every={n}",
+               "model.bn_momentum=0.1", "train.ema_warmup=true", "train.progress=false",
+               f"train.output_dir={run_dir}"]  # fmt: skip
+        result = run(cmd, c.out / f"train-{algo}.log", limit, c.env)
+        result["steps_planned"] = n
+        results[algo] = result | run_results(run_dir)
+    results["status"] = overall([results[a] for a in ALGORITHMS])
+    return results
+
+
+def run_results(run_dir: Path) -> dict:
+    """What a training run wrote: final metrics, every evaluation, the split's counts."""
+    found: dict = {}
+    if (run_dir / "metrics.json").is_file():
+        m = json.loads((run_dir / "metrics.json").read_text())
+        found = {"test_acc": m.get("test_acc"), "detector_acc": m.get("detector_acc"),
+                 "loop_seconds": m.get("seconds"),
+                 "loop_s_per_step": round(m["seconds"] / max(m["step"], 1), 4), "metrics": m}  # fmt: skip
+    if (run_dir / "evals.jsonl").is_file():
+        found["evals"] = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+    if (run_dir / "run.json").is_file():
+        found["counts"] = json.loads((run_dir / "run.json").read_text()).get("counts")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=Path, help="default .gpudata (GPU) or data/demo (--dry-run)")
+    ap.add_argument("--bench-data", type=Path, default=ROOT / "data/demo",
+                    help="data of the throughput step (its size does not change a step's time)")  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument(
+        "--budget", type=float, help="seconds for everything (default 450; dry run 300)"
+    )
+    ap.add_argument("--train-seconds", type=float, default=100.0,
+                    help="training loop seconds per algorithm, shortened to fit the budget")  # fmt: skip
+    ap.add_argument("--precision", help="train.mixed_precision (default bf16; dry run: no)")
+    ap.add_argument("--channels-last", help="train.channels_last (default true; dry run: false)")
+    ap.add_argument("--started", type=float, default=time.time())
+    ap.add_argument("--install-status", default="skipped")
+    ap.add_argument("--install-mode", default="pythonpath")
+    args = ap.parse_args(argv)
+
+    dry = args.dry_run
+    sizes = TINY if dry else GPU
+    budget = args.budget or (300 if dry else 450)
+    precision = args.precision or ("no" if dry else "bf16")
+    channels_last = args.channels_last or ("false" if dry else "true")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if dry:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only: the GPU tests skip themselves
+    args.out.mkdir(parents=True, exist_ok=True)
+    c = Check(
+        dry, sizes, args.out, Path(tempfile.mkdtemp(prefix="gpu_check_", dir=scratch_dir())),
+        Clock(args.started, budget), env,
+        [f"train.mixed_precision={precision}", f"train.channels_last={channels_last}"],
+        keep_for_train=sizes["limits"]["train_share"] * budget,
+    )  # fmt: skip
+    steps: dict = {"install": {"status": args.install_status, "mode": args.install_mode,
+                               "seconds": round(time.time() - args.started, 1), "log": "install.log"}}  # fmt: skip
+    summary: dict = {"schema": 1, "dry_run": dry, "settings": {"precision": precision,
+                     "channels_last": channels_last, "budget_s": budget, "sizes": sizes},
+                     "machine": None, "steps": steps}  # fmt: skip
+    try:
+        env_log = c.work / "env.log"
+        steps["machine"] = run([c.py, "-c", ENV_SCRIPT], env_log, min(60, c.clock.left()), env)
+        summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
+        steps["gpu_tests"] = gpu_tests(c)
+        steps["throughput"] = throughput(c, args.bench_data)
+        data, steps["data"] = unpack_data(
+            args.data or ROOT / ("data/demo" if dry else ".gpudata"), c.work
+        )
+        measured = {a: steps["throughput"][a]["s_per_step"] for a in ALGORITHMS
+                    if "s_per_step" in steps["throughput"][a]}  # fmt: skip
+        steps["train"] = train(c, data, measured, args.train_seconds)
+    except Exception as e:  # recorded with whatever finished, then raised
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary["seconds"] = round(time.time() - args.started, 1)
+        (c.out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        bad = [k for k, v in steps.items() if v.get("status") not in ("ok", "skipped")]
+        print("\n".join(digest(summary)))
+        print(f"gpu_check: {c.out / 'gpu_check.json'}; steps not ok: {', '.join(bad) or 'none'}")
+        shutil.rmtree(c.work, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
