@@ -22,21 +22,21 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rsmatch.data import synth
-from rsmatch.data.benchmark import (
-    SplitSpec,
-    build_split,
-    required_per_generator,
-    save_benchmark,
-    summary,
-)
-from rsmatch.data.sources import (
+from rsmatch.benchmark import synth
+from rsmatch.benchmark.sources import (
     SourceError,
     find_corrupt,
     load_real,
     load_synthetic,
     read_cifake_folder,
     read_class_folder,
+)
+from rsmatch.benchmark.split import (
+    SplitSpec,
+    build_split,
+    required_per_generator,
+    save_benchmark,
+    summary,
 )
 
 

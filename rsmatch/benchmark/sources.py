@@ -15,9 +15,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LABEL_COLUMNS = ("label", "fine_label", "labels")  # uoft-cs/cifar100 uses fine_label
@@ -199,28 +197,3 @@ def load_synthetic(spec: str, class_names: list[str]) -> datasets.Dataset:
         ds = ds.remove_columns("label").add_column("label", labels)
         return ds.cast_column("label", datasets.ClassLabel(names=class_names))
     return read_class_folder(path, class_names)
-
-
-def decode(ds: datasets.Dataset, column: str = "image") -> torch.Tensor:
-    """Decode every image once into a uint8 [N, 3, H, W] tensor (all images must share a size)."""
-    raw = ds.cast_column(column, datasets.Image(decode=False))[column]
-    out = None
-    for i, item in enumerate(raw):
-        data = item["bytes"] if item["bytes"] is not None else Path(item["path"]).read_bytes()
-        try:
-            img = decode_image(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
-            )
-        except RuntimeError as e:
-            raise SourceError(f"cannot decode image {i} ({item.get('path')}): {e}") from None
-        if out is None:
-            out = torch.empty((len(raw), *img.shape), dtype=torch.uint8)
-        if img.shape != out.shape[1:]:
-            raise SourceError(
-                f"image {i} ({item.get('path')}) is {tuple(img.shape[1:])}, "
-                f"expected {tuple(out.shape[2:])} like the first image"
-            )
-        out[i] = img
-    if out is None:
-        raise SourceError("no images to decode")
-    return out

@@ -12,13 +12,13 @@ Every row carries provenance that training never reads: `is_synthetic`, `generat
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from rsmatch.data.sources import RealSource, SourceError
+from rsmatch.benchmark.sources import RealSource, SourceError
 
 SPLITS = ("labeled", "unlabeled", "test")
 META_FILE = "rsmatch_benchmark.json"
@@ -151,7 +151,3 @@ def summary(dd: datasets.DatasetDict) -> dict:
             "per_generator": {g: int((gens == g).sum()) for g in sorted(set(gens.tolist()))},
         }
     return out
-
-
-def spec_dict(spec: SplitSpec) -> dict:
-    return asdict(spec)
