@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from rsmatch.benchmark import synth
 from rsmatch.benchmark.sources import cifake_class
-from rsmatch.benchmark.split import load_benchmark
+from rsmatch.benchmark.store import load_benchmark
 from rsmatch.cli import build_benchmark as bb
 
 from .conftest import CLASSES, SHARED, write_class_folder

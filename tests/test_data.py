@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
-from rsmatch.benchmark.split import SplitSpec, build_split, generator_shares, summary
+from rsmatch.benchmark.split import SplitSpec, build_split, generator_shares
+from rsmatch.benchmark.store import summary
 from rsmatch.data import augment
 from rsmatch.data.decode import decode
 from rsmatch.data.loaders import BatchMaker, IndexStream, Provenance, TrainData

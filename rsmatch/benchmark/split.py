@@ -6,22 +6,19 @@ world size, not the other classes): shuffle the real train images, take the firs
 drop the first round(r * pool) of the pool and add as many synthetic images of class c, drawn in
 equal shares from the generators (sorted by name; the remainder goes to the first ones).
 Every row carries provenance that training never reads: `is_synthetic`, `generator`,
-`source_id`.
+`source_id`. With r = 0 no generator is needed (real-only SSL).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import numpy as np
 
-from rsmatch.benchmark.sources import RealSource, SourceError
+from rsmatch.benchmark.sources import RealSource, SourceError, class_counts
 
-SPLITS = ("labeled", "unlabeled", "test")
-META_FILE = "rsmatch_benchmark.json"
+REAL = "real"  # the provenance name of real rows, so no generator may use it
 
 
 @dataclass
@@ -37,31 +34,37 @@ def _with_provenance(ds: datasets.Dataset, generator: str, rows: list[int]) -> d
     if "prompt" not in ds.column_names:
         ds = ds.add_column("prompt", [""] * len(rows))
     return (
-        ds.add_column("is_synthetic", [generator != "real"] * len(rows))
+        ds.add_column("is_synthetic", [generator != REAL] * len(rows))
         .add_column("generator", [generator] * len(rows))
         .add_column("source_id", [f"{generator}/{i}" for i in rows])
     )
 
 
-def pool_sizes(labels: np.ndarray, num_classes: int, spec: SplitSpec) -> list[int]:
-    """Unlabeled pool size per class (before replacement), as build_split computes it."""
+def pool_sizes(counts: np.ndarray, spec: SplitSpec) -> list[int]:
+    """Unlabeled pool size per class (before replacement) from real train images per class."""
     sizes = []
-    for c in range(num_classes):
-        pool = int((labels == c).sum()) - spec.labels_per_class
+    for n in counts.tolist():
+        pool = n - spec.labels_per_class
         sizes.append(
             pool if spec.unlabeled_per_class is None else min(pool, spec.unlabeled_per_class)
         )
     return sizes
 
 
+def generator_shares(total: int, generators: list[str]) -> dict[str, int]:
+    """`total` split equally over the sorted generators, the remainder to the first ones."""
+    if not generators:  # real-only: check_counts has made sure nothing is to be replaced
+        return {}
+    base, extra = divmod(total, len(generators))
+    return {g: base + (i < extra) for i, g in enumerate(sorted(generators))}
+
+
 def required_per_generator(
-    labels: np.ndarray, num_classes: int, spec: SplitSpec, generators: list[str]
+    counts: np.ndarray, spec: SplitSpec, generators: list[str]
 ) -> dict[str, int]:
     """The most synthetic images of one class each generator must supply."""
-    need = {g: 0 for g in generators}
-    if not generators:
-        return need
-    for pool in pool_sizes(labels, num_classes, spec):
+    need = dict.fromkeys(generators, 0)
+    for pool in pool_sizes(counts, spec):
         for g, share in generator_shares(
             round(spec.replace_ratio * max(pool, 0)), generators
         ).items():
@@ -69,85 +72,67 @@ def required_per_generator(
     return need
 
 
-def generator_shares(total: int, generators: list[str]) -> dict[str, int]:
-    base, extra = divmod(total, len(generators))
-    return {g: base + (i < extra) for i, g in enumerate(sorted(generators))}
+def check_counts(
+    counts: np.ndarray, class_names: list[str], synthetic: dict[str, np.ndarray], spec: SplitSpec
+) -> None:
+    """Every error `build_split` can raise, from images per class alone (nothing decoded):
+    `counts` are the real train images per class, `synthetic` each generator's."""
+    if spec.replace_ratio > 0 and not synthetic:
+        raise SourceError(f"data.replace_ratio={spec.replace_ratio} needs data.synthetic sources")
+    if REAL in synthetic:
+        raise SourceError(
+            f"data.synthetic: the generator name {REAL!r} is reserved for real images"
+        )
+    for c, name in enumerate(class_names):
+        n = int(counts[c])
+        if spec.labels_per_class >= n:
+            raise SourceError(
+                f"data.labels_per_class={spec.labels_per_class}: class {name!r} has only "
+                f"{n} images (some must stay unlabeled)"
+            )
+        pool = n - spec.labels_per_class
+        if spec.unlabeled_per_class is not None:
+            if spec.unlabeled_per_class > pool:
+                raise SourceError(
+                    f"data.unlabeled_per_class={spec.unlabeled_per_class}: class {name!r} has "
+                    f"only {pool} unlabeled images"
+                )
+            pool = spec.unlabeled_per_class
+        for g, share in generator_shares(round(spec.replace_ratio * pool), list(synthetic)).items():
+            if share > synthetic[g][c]:
+                raise SourceError(
+                    f"data.replace_ratio={spec.replace_ratio}: generator {g!r} has "
+                    f"{synthetic[g][c]} images of class {name!r}, {share} needed"
+                )
 
 
 def build_split(
     real: RealSource, synthetic: dict[str, datasets.Dataset], spec: SplitSpec
 ) -> datasets.DatasetDict:
     """Labeled / unlabeled / test DatasetDict with provenance columns (see module doc)."""
+    names = real.class_names
     labels = np.asarray(real.train["label"])
     synth_labels = {g: np.asarray(ds["label"]) for g, ds in synthetic.items()}
-    if spec.replace_ratio > 0 and not synthetic:
-        raise SourceError(f"data.replace_ratio={spec.replace_ratio} needs data.synthetic sources")
+    synth_counts = {g: class_counts(y, len(names)) for g, y in synth_labels.items()}
+    check_counts(class_counts(labels, len(names)), names, synth_counts, spec)
     lab_rows, unl_rows = [], []
     syn_rows: dict[str, list[int]] = {g: [] for g in synthetic}
-    for c, name in enumerate(real.class_names):
+    for c in range(len(names)):
         rng = np.random.default_rng([spec.seed, c])
         rows = rng.permutation(np.flatnonzero(labels == c))
-        if spec.labels_per_class >= len(rows):
-            raise SourceError(
-                f"data.labels_per_class={spec.labels_per_class}: class {name!r} has only "
-                f"{len(rows)} images (some must stay unlabeled)"
-            )
         pool = rows[spec.labels_per_class :]
         if spec.unlabeled_per_class is not None:
-            if spec.unlabeled_per_class > len(pool):
-                raise SourceError(
-                    f"data.unlabeled_per_class={spec.unlabeled_per_class}: class {name!r} has "
-                    f"only {len(pool)} unlabeled images"
-                )
             pool = pool[: spec.unlabeled_per_class]
         n_replace = round(spec.replace_ratio * len(pool))
         lab_rows += rows[: spec.labels_per_class].tolist()
         unl_rows += pool[n_replace:].tolist()
         for g, share in generator_shares(n_replace, list(synthetic)).items():
             candidates = np.flatnonzero(synth_labels[g] == c)
-            if share > len(candidates):
-                raise SourceError(
-                    f"data.replace_ratio={spec.replace_ratio}: generator {g!r} has "
-                    f"{len(candidates)} images of class {name!r}, {share} needed"
-                )
             syn_rows[g] += rng.permutation(candidates)[:share].tolist()
-    unlabeled = [_with_provenance(real.train, "real", unl_rows)]
+    unlabeled = [_with_provenance(real.train, REAL, unl_rows)]
     unlabeled += [_with_provenance(synthetic[g], g, syn_rows[g]) for g in sorted(synthetic)]
     return datasets.DatasetDict(
-        labeled=_with_provenance(real.train, "real", lab_rows),
+        labeled=_with_provenance(real.train, REAL, lab_rows),
         unlabeled=datasets.concatenate_datasets(unlabeled),
-        test=_with_provenance(real.test, "real", list(range(len(real.test)))),
+        test=_with_provenance(real.test, REAL, list(range(len(real.test)))),
     )
-
-
-def save_benchmark(dd: datasets.DatasetDict, out: Path, meta: dict) -> None:
-    dd.save_to_disk(str(out))
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_benchmark(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        raise SourceError(
-            f"data.benchmark={str(path)!r}: not a saved RS-SSL benchmark ({META_FILE} missing)"
-        )
-    dd = datasets.load_from_disk(str(path))
-    missing = set(SPLITS) - set(dd)
-    if missing:
-        raise SourceError(f"data.benchmark={str(path)!r}: missing splits {sorted(missing)}")
-    return dd, json.loads((path / META_FILE).read_text())
-
-
-def summary(dd: datasets.DatasetDict) -> dict:
-    """Counts per split, class and generator (for cards, logs and run records)."""
-    names = dd["test"].features["label"].names
-    out = {}
-    for split in SPLITS:
-        labels = np.asarray(dd[split]["label"])
-        gens = np.asarray(dd[split]["generator"])
-        out[split] = {
-            "total": int(len(labels)),
-            "per_class": {names[c]: int((labels == c).sum()) for c in range(len(names))},
-            "per_generator": {g: int((gens == g).sum()) for g in sorted(set(gens.tolist()))},
-        }
-    return out

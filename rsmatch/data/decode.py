@@ -6,8 +6,8 @@ from pathlib import Path
 
 import datasets
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
+from rsmatch.benchmark.integrity import decode_bytes
 from rsmatch.benchmark.sources import SourceError
 
 
@@ -18,9 +18,7 @@ def decode(ds: datasets.Dataset, column: str = "image") -> torch.Tensor:
     for i, item in enumerate(raw):
         data = item["bytes"] if item["bytes"] is not None else Path(item["path"]).read_bytes()
         try:
-            img = decode_image(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
-            )
+            img = decode_bytes(data)
         except RuntimeError as e:
             raise SourceError(f"cannot decode image {i} ({item.get('path')}): {e}") from None
         if out is None:

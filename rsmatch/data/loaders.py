@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from rsmatch.benchmark.sources import load_real, load_synthetic
-from rsmatch.benchmark.split import SplitSpec, build_split, load_benchmark
+from rsmatch.benchmark.split import SplitSpec, build_split
+from rsmatch.benchmark.store import load_benchmark
 from rsmatch.config import DataConfig
 from rsmatch.data import augment
 from rsmatch.data.decode import decode
