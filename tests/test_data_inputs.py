@@ -181,9 +181,7 @@ def test_unreadable_image_inside_a_saved_dataset_is_named_by_row(sources, tmp_pa
         tmp_path / "run",
         **{"data.synthetic": f"{{a: {tmp_path / 'saved'}, b: {sources['gen_b']}}}"},
     )
-    with pytest.raises(
-        SourceError, match=r"^1 unreadable image\(s\): .*saved\[5\] \(0005.bmp\)$"
-    ):
+    with pytest.raises(SourceError, match=r"^1 unreadable image\(s\): .*saved\[5\] \(0005.bmp\)$"):
         check_sources(cfg.data)
 
 
