@@ -158,11 +158,10 @@ def images_to_generate(
 ) -> int:  # fmt: skip
     """Check images per class against the split (without the positions in `drop`); returns how
     many images per class each generator must make."""
-    skip = lambda name: drop.get(name, frozenset())  # noqa: E731
-    counts = real.train.counts(skip("real/train"))
+    counts = real.train.counts(drop.get("real/train", frozenset()))
+    synthetic = {g: i.counts(drop.get(f"synthetic/{g}", frozenset())) for g, i in imports.items()}
     need = required_per_generator(counts, p.split, p.names)
-    for g, index in imports.items():
-        have = index.counts(skip(f"synthetic/{g}"))
+    for g, have in synthetic.items():
         if have.min() < need[g]:
             c = int(have.argmin())
             raise BuildError(
@@ -176,7 +175,6 @@ def images_to_generate(
             f"--images-per-class={per_class}: the ratio needs {max(need[g] for g in short)} per class"
         )
     planned = dict.fromkeys(p.generators, np.full(len(real.class_names), per_class))
-    synthetic = {g: index.counts(skip(f"synthetic/{g}")) for g, index in imports.items()}
     check_counts(counts, real.class_names, {**synthetic, **planned}, p.split)
     return per_class
 
@@ -232,6 +230,32 @@ def write(out: Path, dd: datasets.DatasetDict, meta: dict) -> None:
     tmp.rename(out)
 
 
+def load_sources(
+    real: RealIndex, imports: dict[str, SourceIndex], drop: dict[str, frozenset[int]]
+) -> tuple[RealSource, dict[str, datasets.Dataset]]:
+    """Read the image bytes, without the positions in `drop` (unreadable images skipped)."""
+    train, test = (
+        getattr(real, s).load(drop.get(f"real/{s}", frozenset())) for s in ("train", "test")
+    )
+    synthetic = {g: i.load(drop.get(f"synthetic/{g}", frozenset())) for g, i in imports.items()}
+    return RealSource(train, test, real.class_names), synthetic
+
+
+def metadata(opts: BuildOptions, p: Plan, skipped: dict[str, list[str]]) -> dict:
+    """`rsmatch_benchmark.json`: the sources, the split and the exact command."""
+    return {
+        "real": opts.real,
+        "synthetic": {
+            **{g: str(Path(v.removeprefix("cifake:"))) for g, v in p.imports.items()},
+            **{g: s.model for g, s in p.generators.items()},
+        },
+        **p.split.__dict__,
+        "prompts": opts.prompts if p.generators else None,
+        "skipped_corrupt": skipped,
+        "command": opts.command,
+    }
+
+
 def build(opts: BuildOptions) -> dict[str, int] | None:
     """Build the benchmark; returns its split sizes (None on non-main generation ranks)."""
     datasets.disable_progress_bars()
@@ -244,35 +268,17 @@ def build(opts: BuildOptions) -> dict[str, int] | None:
     found = check_readable(
         indexes, drop=opts.skip_corrupt, hint=" (pass --skip-corrupt to drop them)"
     )
-    skipped = {name: bad for name, bad in found.items() if bad.names}
-    drop = {name: bad.positions for name, bad in skipped.items()}
+    drop = {name: bad.positions for name, bad in found.items() if bad.names}
     if drop:  # the counts again, without the dropped images
         per_class = images_to_generate(opts, p, real, imports, drop)
-
-    skip = lambda name: drop.get(name, frozenset())  # noqa: E731
-    loaded = RealSource(
-        real.train.load(skip("real/train")), real.test.load(skip("real/test")), real.class_names
-    )
-    synthetic = {g: index.load(skip(f"synthetic/{g}")) for g, index in imports.items()}
+    loaded, synthetic = load_sources(real, imports, drop)
     if p.generators:
         generated = generate_missing(opts, p, loaded, per_class)
         if generated is None:
             return None
         synthetic |= generated
-
     dd = build_split(loaded, synthetic, p.split)
-    meta = {
-        "real": opts.real,
-        "synthetic": {
-            **{g: str(Path(v.removeprefix("cifake:"))) for g, v in p.imports.items()},
-            **{g: s.model for g, s in p.generators.items()},
-        },
-        **p.split.__dict__,
-        "prompts": opts.prompts if p.generators else None,
-        "skipped_corrupt": {name: bad.names for name, bad in skipped.items()},
-        "command": opts.command,
-    }
-    write(p.out, dd, meta)
+    write(p.out, dd, metadata(opts, p, {name: found[name].names for name in drop}))
     if opts.push_to_hub:
         push_benchmark(p.out, dd, opts.push_to_hub, opts.private)
     return {split: len(dd[split]) for split in dd}
