@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rsmatch.config import load_config  # noqa: E402
+from rsmatch.data.decode import decode  # noqa: E402
 from rsmatch.data.loaders import load_benchmark_from_config  # noqa: E402
-from rsmatch.data.sources import decode  # noqa: E402
 from rsmatch.export import load_classifier  # noqa: E402
 
 

@@ -31,6 +31,7 @@ from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
 from rsmatch.config import Config, ConfigError, check_world_size, to_dict
 from rsmatch.data.batch import TrainData
+from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
 from rsmatch.models import Normalize
 from rsmatch.runinfo import write_run_record
@@ -88,7 +89,10 @@ class Trainer:
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
-        self.data = data or load_train_data(cfg.data)
+        if data is None:
+            check_sources(cfg.data)  # counts by listing, then every undecodable image listed
+            data = load_train_data(cfg.data)
+        self.data = data
         self.rank, self.world = acc.process_index, acc.num_processes
         set_seed(t.seed)  # identical initial weights on every rank
         self.algorithm = make_algorithm(

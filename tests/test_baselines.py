@@ -8,7 +8,7 @@ import torch
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import StepContext, Views
 from rsmatch.config import load_config
-from rsmatch.data.loaders import Batch
+from rsmatch.data.batch import Batch
 
 
 def _algo(name, num_unlabeled=6, num_labeled=2, **overrides):

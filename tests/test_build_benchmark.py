@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from rsmatch.benchmark import synth
+from rsmatch.benchmark.sources import cifake_class
+from rsmatch.benchmark.store import load_benchmark
 from rsmatch.cli import build_benchmark as bb
-from rsmatch.data import synth
-from rsmatch.data.benchmark import load_benchmark
-from rsmatch.data.sources import cifake_class
 
 from .conftest import CLASSES, SHARED, write_class_folder
 from .tiny_models import save_tiny_sd, save_tiny_sdxl, save_tiny_t5

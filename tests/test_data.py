@@ -3,10 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
+from rsmatch.benchmark.split import SplitSpec, build_split, generator_shares
+from rsmatch.benchmark.store import summary
 from rsmatch.data import augment
-from rsmatch.data.benchmark import SplitSpec, build_split, generator_shares, summary
-from rsmatch.data.loaders import BatchMaker, IndexStream, Provenance, TrainData
-from rsmatch.data.sources import SourceError, decode, load_real, load_synthetic
+from rsmatch.data.batch import Provenance, TrainData
+from rsmatch.data.decode import decode
+from rsmatch.data.loaders import BatchMaker, IndexStream
 
 from .conftest import CLASSES, SHARED
 

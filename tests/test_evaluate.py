@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rsmatch.data.loaders import Provenance
+from rsmatch.data.batch import Provenance
 from rsmatch.evaluate import collapse_warning, detector_metrics, predict, queue_purity
 
 PROV = Provenance(

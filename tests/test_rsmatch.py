@@ -10,7 +10,7 @@ from rsmatch.algorithms.base import StepContext
 from rsmatch.algorithms.rsmatch import RSMatch
 from rsmatch.config import load_config
 from rsmatch.csqueue import CSQueue
-from rsmatch.data.loaders import Batch
+from rsmatch.data.batch import Batch
 
 SHAPE = (3, 4, 4)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from rsmatch.data.sources import read_class_folder
+from rsmatch.benchmark.sources import read_class_folder
 
 REAL_TRAIN, REAL_TEST, SYNTH = 225, 100, 100  # per class
 

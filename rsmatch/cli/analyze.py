@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of t-SNE")
     args = ap.parse_args(argv)
     from rsmatch.analysis import analyze  # torch, sklearn and grad-cam after parsing
+    from rsmatch.benchmark.sources import SourceError
     from rsmatch.config import ConfigError
-    from rsmatch.data.sources import SourceError
 
     try:
         made = analyze(args.run, args.out or args.run / "analysis", args.samples,

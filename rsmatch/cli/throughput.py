@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from rsmatch.benchmark.sources import SourceError
 from rsmatch.config import ConfigError, load_config
-from rsmatch.data.sources import SourceError
 
 
 def main(argv: list[str] | None = None) -> int:

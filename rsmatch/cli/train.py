@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
+from rsmatch.benchmark.sources import SourceError
 from rsmatch.config import ConfigError, load_config
-from rsmatch.data.sources import SourceError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,11 +11,13 @@ import datasets
 import numpy as np
 import torch
 
+from rsmatch.benchmark.sources import load_real, load_synthetic
+from rsmatch.benchmark.split import SplitSpec, build_split
+from rsmatch.benchmark.store import load_benchmark
 from rsmatch.config import DataConfig
 from rsmatch.data import augment
 from rsmatch.data.batch import Batch, Provenance, TrainData
-from rsmatch.data.benchmark import SplitSpec, build_split, load_benchmark
-from rsmatch.data.sources import decode, load_real, load_synthetic
+from rsmatch.data.decode import decode
 
 # Stream ids keep the random draws of different consumers independent.
 LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)

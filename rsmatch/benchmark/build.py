@@ -1,0 +1,284 @@
+"""Build an RS-SSL benchmark folder from a real source and synthetic ones, imported or generated.
+
+`build(options)` runs the steps below in order. Everything that can be checked is checked
+before any work, the cheap checks first: options, then the sources' layout and images per class
+(files are listed, not read), then one decoding pass that lists every unreadable image. The
+output folder appears only once complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from rsmatch.benchmark import synth
+from rsmatch.benchmark.card import dataset_card
+from rsmatch.benchmark.integrity import check_readable
+from rsmatch.benchmark.preview import preview
+from rsmatch.benchmark.push import push_benchmark
+from rsmatch.benchmark.sources import (
+    RealIndex,
+    RealSource,
+    SourceIndex,
+    index_cifake_folder,
+    index_class_folder,
+    index_real,
+    index_synthetic,
+    read_class_folder,
+)
+from rsmatch.benchmark.split import (
+    REAL,
+    SplitSpec,
+    build_split,
+    check_counts,
+    required_per_generator,
+)
+from rsmatch.benchmark.store import save_benchmark
+
+
+class BuildError(ValueError):
+    """Bad input, found before any work."""
+
+
+@dataclass
+class BuildOptions:
+    """What `rsmatch-build-benchmark` takes; its flags are these names with dashes."""
+
+    real: str | None = None
+    synthetic: list[str] = field(default_factory=list)  # NAME=[cifake:]FOLDER
+    generate: list[str] = field(default_factory=list)
+    generator_model: list[str] = field(default_factory=list)  # GEN=PATH_OR_ID
+    lightning_unet: str | None = None
+    images_per_class: int = 0  # 0: what the ratio needs
+    prompts: str = "t5"
+    prompt_model: str = synth.DEFAULT_PROMPT_MODEL
+    prompts_per_class: int = 200
+    batch_size: int = 8
+    dtype: str = "float16"
+    device: str | None = None
+    resolution: int = 0
+    jpeg_quality: int = -1  # -1: 75 if the real set is JPEG, else PNG (0)
+    export_synthetic: Path | None = None
+    labels_per_class: int = 25
+    unlabeled_per_class: int | None = None
+    replace_ratio: float = 0.5
+    seed: int = 0
+    skip_corrupt: bool = False
+    out: Path | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    command: list[str] = field(default_factory=list)  # recorded in the card
+
+
+@dataclass
+class Plan:
+    """The options resolved: imported folders and generators by name, and the split."""
+
+    out: Path
+    imports: dict[str, str]  # name -> "[cifake:]FOLDER"
+    generators: dict[str, synth.GeneratorSpec]
+    split: SplitSpec
+
+    @property
+    def names(self) -> list[str]:
+        return sorted([*self.imports, *self.generators])
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise BuildError(f"{flag} {item!r}: expected NAME=VALUE")
+        if name in out:
+            raise BuildError(f"{flag}: {name!r} given twice")
+        out[name] = value
+    return out
+
+
+def plan(opts: BuildOptions) -> Plan:
+    """Check the options alone (nothing is read yet)."""
+    for flag in ("real", "out"):
+        if getattr(opts, flag) is None:
+            raise BuildError(f"--{flag} is required")
+    if not 0 <= opts.replace_ratio <= 1:
+        raise BuildError(f"--replace-ratio={opts.replace_ratio}: not in [0, 1]")
+    if opts.out.exists():
+        raise BuildError(f"--out {opts.out}: exists already (choose a new folder)")
+    imports = _pairs(opts.synthetic, "--synthetic")
+    clash = sorted(set(imports) & set(opts.generate))
+    if clash:
+        raise BuildError(f"--synthetic and --generate both name {clash}")
+    if REAL in imports:
+        raise BuildError(f"--synthetic: the name {REAL!r} is reserved for real images")
+    try:
+        generators = synth.resolve_generators(
+            opts.generate, _pairs(opts.generator_model, "--generator-model")
+        )
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    if opts.lightning_unet and "sdxl_lightning" in generators:
+        generators["sdxl_lightning"] = replace(
+            generators["sdxl_lightning"], unet=opts.lightning_unet
+        )
+    if opts.replace_ratio > 0 and not (imports or generators):
+        raise BuildError(f"--replace-ratio={opts.replace_ratio} needs --synthetic or --generate")
+    split = SplitSpec(
+        opts.labels_per_class, opts.replace_ratio, opts.unlabeled_per_class, opts.seed
+    )
+    return Plan(opts.out, imports, generators, split)
+
+
+def index_imports(imports: dict[str, str], class_names: list[str]) -> dict[str, SourceIndex]:
+    """Each imported folder's layout and classes; its files are listed, not read."""
+    out = {}
+    for g, value in imports.items():
+        path = Path(value.removeprefix("cifake:"))
+        if not path.is_dir():
+            raise BuildError(f"--synthetic {g}={path}: not a folder")
+        if (path / "dataset_info.json").is_file():
+            out[g] = index_synthetic(str(path), class_names)
+        elif value.startswith("cifake:"):
+            out[g] = index_cifake_folder(path, class_names)
+        else:
+            missing = sorted(set(class_names) - {p.name for p in path.iterdir() if p.is_dir()})
+            if missing:
+                raise BuildError(f"--synthetic {g}={path}: missing class folders {missing}")
+            out[g] = index_class_folder(path, class_names)
+    return out
+
+
+def images_to_generate(
+    opts: BuildOptions, p: Plan, real: RealIndex, imports: dict[str, SourceIndex],
+    drop: dict[str, frozenset[int]],
+) -> int:  # fmt: skip
+    """Check images per class against the split (without the positions in `drop`); returns how
+    many images per class each generator must make."""
+    counts = real.train.counts(drop.get("real/train", frozenset()))
+    synthetic = {g: i.counts(drop.get(f"synthetic/{g}", frozenset())) for g, i in imports.items()}
+    need = required_per_generator(counts, p.split, p.names)
+    for g, have in synthetic.items():
+        if have.min() < need[g]:
+            c = int(have.argmin())
+            raise BuildError(
+                f"--synthetic {g}: {have[c]} images of class {real.class_names[c]!r}, "
+                f"the ratio needs {need[g]}"
+            )
+    per_class = opts.images_per_class or max([need[g] for g in p.generators], default=0)
+    short = [g for g in p.generators if per_class < need[g]]
+    if short:
+        raise BuildError(
+            f"--images-per-class={per_class}: the ratio needs {max(need[g] for g in short)} per class"
+        )
+    planned = dict.fromkeys(p.generators, np.full(len(real.class_names), per_class))
+    check_counts(counts, real.class_names, {**synthetic, **planned}, p.split)
+    return per_class
+
+
+def _is_jpeg(real: RealSource) -> bool:
+    first = real.train.cast_column("image", datasets.Image(decode=False))[0]["image"]
+    data = first["bytes"] or Path(first["path"]).read_bytes()
+    return data[:2] == b"\xff\xd8"
+
+
+def generate_missing(
+    opts: BuildOptions, p: Plan, real: RealSource, per_class: int
+) -> dict[str, datasets.Dataset] | None:
+    """Generate into resumable class folders, split across processes; None on non-main ranks."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    size = int(real.train[0]["image"].size[0])
+    quality = opts.jpeg_quality if opts.jpeg_quality >= 0 else (75 if _is_jpeg(real) else 0)
+    root = opts.export_synthetic or p.out.with_name(p.out.name + ".synthetic")
+    names = real.class_names
+    if opts.prompts == "t5":
+        prompts = synth.t5_prompts(names, opts.prompts_per_class, opts.prompt_model, opts.seed)
+    else:
+        prompts = synth.template_prompts(names, 1)
+    dtype = getattr(torch, opts.dtype) if state.device.type != "cpu" else torch.float32
+    out = {}
+    for i, (g, spec) in enumerate(sorted(p.generators.items())):
+        if opts.resolution:
+            spec = replace(spec, resolution=opts.resolution)
+        jobs = synth.plan_jobs(
+            root / g, i, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
+        )
+        with state.split_between_processes(jobs) as mine:
+            synth.generate(spec, mine, size, opts.batch_size, quality, dtype, opts.device or str(state.device),
+                           desc=f"{g} [{state.process_index}]", show_progress=state.is_local_main_process)  # fmt: skip
+        state.wait_for_everyone()
+        if state.is_main_process:
+            synth.write_prompt_index(root / g, jobs)
+        state.wait_for_everyone()
+        out[g] = read_class_folder(root / g, names)
+    return out if state.is_main_process else None
+
+
+def write(out: Path, dd: datasets.DatasetDict, meta: dict) -> None:
+    """Data, metadata, card and preview into a temporary folder, renamed to `out` when done."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_benchmark(dd, tmp, meta)
+    dataset_card(dd, meta).save(tmp / "README.md")
+    preview(dd, tmp / "preview.png")
+    tmp.rename(out)
+
+
+def load_sources(
+    real: RealIndex, imports: dict[str, SourceIndex], drop: dict[str, frozenset[int]]
+) -> tuple[RealSource, dict[str, datasets.Dataset]]:
+    """Read the image bytes, without the positions in `drop` (unreadable images skipped)."""
+    train, test = (
+        getattr(real, s).load(drop.get(f"real/{s}", frozenset())) for s in ("train", "test")
+    )
+    synthetic = {g: i.load(drop.get(f"synthetic/{g}", frozenset())) for g, i in imports.items()}
+    return RealSource(train, test, real.class_names), synthetic
+
+
+def metadata(opts: BuildOptions, p: Plan, skipped: dict[str, list[str]]) -> dict:
+    """`rsmatch_benchmark.json`: the sources, the split and the exact command."""
+    return {
+        "real": opts.real,
+        "synthetic": {
+            **{g: str(Path(v.removeprefix("cifake:"))) for g, v in p.imports.items()},
+            **{g: s.model for g, s in p.generators.items()},
+        },
+        **p.split.__dict__,
+        "prompts": opts.prompts if p.generators else None,
+        "skipped_corrupt": skipped,
+        "command": opts.command,
+    }
+
+
+def build(opts: BuildOptions) -> dict[str, int] | None:
+    """Build the benchmark; returns its split sizes (None on non-main generation ranks)."""
+    datasets.disable_progress_bars()
+    p = plan(opts)
+    real = index_real(opts.real, key="--real")
+    imports = index_imports(p.imports, real.class_names)
+    per_class = images_to_generate(opts, p, real, imports, {})  # before any image is read
+    indexes = {"real/train": real.train, "real/test": real.test}
+    indexes |= {f"synthetic/{g}": index for g, index in imports.items()}
+    found = check_readable(
+        indexes, drop=opts.skip_corrupt, hint=" (pass --skip-corrupt to drop them)"
+    )
+    drop = {name: bad.positions for name, bad in found.items() if bad.names}
+    if drop:  # the counts again, without the dropped images
+        per_class = images_to_generate(opts, p, real, imports, drop)
+    loaded, synthetic = load_sources(real, imports, drop)
+    if p.generators:
+        generated = generate_missing(opts, p, loaded, per_class)
+        if generated is None:
+            return None
+        synthetic |= generated
+    dd = build_split(loaded, synthetic, p.split)
+    write(p.out, dd, metadata(opts, p, {name: found[name].names for name in drop}))
+    if opts.push_to_hub:
+        push_benchmark(p.out, dd, opts.push_to_hub, opts.private)
+    return {split: len(dd[split]) for split in dd}

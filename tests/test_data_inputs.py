@@ -1,0 +1,273 @@
+"""Data inputs are checked before any work and loading never writes next to the data: real-only
+data, unreadable images (real and synthetic), counts before decoding, missing paths, the
+builder's --config, and read-only saved datasets."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsmatch.benchmark import integrity
+from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
+from rsmatch.benchmark.split import SplitSpec, build_split
+from rsmatch.benchmark.store import load_benchmark
+from rsmatch.cli import build_benchmark as bb
+from rsmatch.cli import train
+from rsmatch.data.check import check_sources
+from rsmatch.data.loaders import load_train_data
+
+from .conftest import CLASSES, tiny_config, tiny_overrides, write_class_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[Path, tuple[int, int]]:
+    """Every path under root with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("rsmatch-build-benchmark: error: "), err
+    return err[0]
+
+
+def _nothing_written(out: Path) -> None:
+    siblings = (out, out.with_name(out.name + ".synthetic"), out.with_name(f".{out.name}.tmp"))
+    assert not any(p.exists() for p in siblings)
+
+
+def _build_args(sources, out, *extra):
+    return ["--real", str(sources["real"]), "--labels-per-class", "4", "--out", str(out), *extra]
+
+
+# --- loading never writes next to the data ---------------------------------------------------
+
+
+def test_saved_datasets_on_read_only_storage_load_without_writing(sources, tmp_path):
+    data = tmp_path / "data"
+    real = load_real(str(sources["real"]))
+    datasets.DatasetDict(train=real.train, test=real.test).save_to_disk(str(data / "real"))
+    for g in ("a", "b"):
+        synthetic = load_synthetic(str(sources[f"gen_{g}"]), real.class_names)
+        synthetic.save_to_disk(str(data / g))
+    argv = _build_args(sources, data / "bench", "--synthetic", f"a={sources['gen_a']}",
+                       "--replace-ratio", "0.25")  # fmt: skip
+    assert bb.main(argv) == 0
+    subprocess.run(["chmod", "-R", "a-w", str(data)], check=True)
+    before = _tree(data)
+    try:
+        saved = {
+            "data.real": data / "real",
+            "data.synthetic": f"{{a: {data / 'a'}, b: {data / 'b'}}}",
+        }
+        for extra in ({}, {"data.real_only": True}, {"data.benchmark": data / "bench"},
+                      {"data.benchmark": data / "bench", "data.real_only": True}):  # fmt: skip
+            cfg = tiny_config(sources, tmp_path / "run", **saved, **extra)
+            check_sources(cfg.data)
+            loaded = load_train_data(cfg.data)
+            assert len(loaded.labeled) == 12
+        assert _tree(data) == before  # root ignores permissions: compare, don't expect errors
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(data)], check=True)
+
+
+# --- real-only data --------------------------------------------------------------------------
+
+
+def test_real_only_split_keeps_the_reals_of_a_zero_ratio(sources):
+    real = load_real(str(sources["real"]))
+    alone = build_split(real, {}, SplitSpec(4, 0.0, None, 0))
+    synthetic = {"a": load_synthetic(str(sources["gen_a"]), real.class_names)}
+    with_unused = build_split(real, synthetic, SplitSpec(4, 0.0, None, 0))
+    assert len(alone["unlabeled"]) == 3 * (30 - 4) and not any(alone["unlabeled"]["is_synthetic"])
+    for split in ("labeled", "unlabeled", "test"):
+        assert alone[split]["source_id"] == with_unused[split]["source_id"]
+    with pytest.raises(SourceError, match=r"data.replace_ratio=0.1 needs data.synthetic"):
+        build_split(real, {}, SplitSpec(4, 0.1, None, 0))
+
+
+def test_builder_real_only(sources, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert bb.main(_build_args(sources, out, "--replace-ratio", "0")) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "out": str(out), "labeled": 12, "unlabeled": 78, "test": 30
+    }  # fmt: skip
+    dd, meta = load_benchmark(out)
+    assert not any(dd["unlabeled"]["is_synthetic"]) and meta["synthetic"] == {}
+    assert "No synthetic sources." in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
+)
+def test_real_only_config_trains_every_algorithm(sources, tmp_path, capsys, algorithm):
+    argv = tiny_overrides(sources, tmp_path / "run", algorithm=algorithm, **{
+        "data.synthetic": "{}", "data.replace_ratio": 0, "train.steps": 2})  # fmt: skip
+    assert train.main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["step"] == 2 and metrics["algorithm"] == algorithm
+
+
+# --- unreadable images, real and synthetic, in one listing ------------------------------------
+
+
+def _with_bad_images(sources, tmp_path) -> tuple[Path, Path, list[Path]]:
+    real = tmp_path / "real"
+    shutil.copytree(sources["real"], real)
+    synthetic = write_class_folder(tmp_path / "gen", 12, seed=9, synthetic=True)
+    good = (real / "train" / "dog" / "0000.jpg").read_bytes()
+    bad = [real / "train" / "cat" / "0000.jpg", real / "test" / "dog" / "0001.jpg",
+           synthetic / "ship" / "0003.jpg"]  # fmt: skip
+    bad[0].write_bytes(b"")  # zero bytes
+    bad[1].write_bytes(good[: len(good) // 2])  # truncated
+    bad[2].write_bytes(b"not an image")
+    return real, synthetic, bad
+
+
+def test_builder_lists_every_unreadable_image_before_any_work(sources, tmp_path, capsys):
+    real, synthetic, bad = _with_bad_images(sources, tmp_path)
+    out = tmp_path / "b"
+    argv = ["--real", str(real), "--synthetic", f"g={synthetic}", "--labels-per-class", "4",
+            "--replace-ratio", "0.25", "--out", str(out)]  # fmt: skip
+    assert bb.main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "3 unreadable image(s) (pass --skip-corrupt to drop them): " in line
+    assert all(str(p.resolve()) in line for p in bad)
+    _nothing_written(out)
+
+    assert bb.main([*argv, "--skip-corrupt"]) == 0
+    dd, meta = load_benchmark(out)
+    assert sorted(n for names in meta["skipped_corrupt"].values() for n in names) == sorted(
+        str(p.resolve()) for p in bad
+    )
+    assert (
+        len(dd["test"]) == 29 and "Unreadable images skipped: 3." in (out / "README.md").read_text()
+    )
+    labels = np.asarray([*dd["labeled"]["label"], *dd["unlabeled"]["label"]])
+    assert (labels == CLASSES.index("cat")).sum() == 29  # the pool lost the zero-byte real
+
+
+def test_training_check_lists_every_unreadable_image(sources, tmp_path):
+    real, synthetic, bad = _with_bad_images(sources, tmp_path)
+    cfg = tiny_config(sources, tmp_path / "run", **{
+        "data.real": real, "data.synthetic": f"{{g: {synthetic}}}", "data.replace_ratio": 0.25})  # fmt: skip
+    with pytest.raises(SourceError) as e:
+        check_sources(cfg.data)
+    message = str(e.value)
+    assert message.startswith("3 unreadable image(s): ") and "\n" not in message
+    assert all(str(p.resolve()) in message for p in bad)
+
+
+def test_unreadable_image_inside_a_saved_dataset_is_named_by_row(sources, tmp_path):
+    ds = load_synthetic(str(sources["gen_a"]), CLASSES)
+    rows = ds.cast_column("image", datasets.Image(decode=False)).to_list()
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="BMP")  # PIL reads it; training cannot
+    rows[5]["image"] = {"bytes": buf.getvalue(), "path": "cat/0005.bmp"}
+    broken = datasets.Dataset.from_list(rows, features=ds.features)
+    broken.save_to_disk(str(tmp_path / "saved"))
+    cfg = tiny_config(
+        sources,
+        tmp_path / "run",
+        **{"data.synthetic": f"{{a: {tmp_path / 'saved'}, b: {sources['gen_b']}}}"},
+    )
+    with pytest.raises(SourceError, match=r"^1 unreadable image\(s\): .*saved\[5\] \(0005.bmp\)$"):
+        check_sources(cfg.data)
+
+
+# --- counts before decoding, and paths named by their key -------------------------------------
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    def refuse(data):
+        raise AssertionError("an image was decoded before the counts were checked")
+
+    monkeypatch.setattr(integrity, "decode_bytes", refuse)
+
+
+def test_too_few_synthetic_images_fail_by_counting(sources, tmp_path, capsys, no_decoding):
+    out = tmp_path / "b"
+    argv = _build_args(sources, out, "--synthetic", f"a={sources['gen_a']}", "--replace-ratio", "1")
+    assert bb.main(argv) == 2  # 26 per class to replace, 12 per class exist
+    assert _one_error_line(capsys).endswith(
+        "--synthetic a: 12 images of class 'cat', the ratio needs 26"
+    )
+    _nothing_written(out)
+    cfg = tiny_config(sources, tmp_path / "run", **{"data.replace_ratio": 1.0})
+    with pytest.raises(SourceError, match="generator 'a' has 12 images of class 'cat', 13 needed"):
+        check_sources(cfg.data)
+    cfg = tiny_config(sources, tmp_path / "run", **{"data.labels_per_class": 30})
+    with pytest.raises(SourceError, match="data.labels_per_class=30: class 'cat' has only 30"):
+        check_sources(cfg.data)
+
+
+def test_missing_paths_are_named_by_their_key(sources, tmp_path, capsys):
+    for spec in ("/nonexistent/real", "../nonexistent"):
+        cfg = tiny_config(sources, tmp_path / "run", **{"data.real": spec})
+        with pytest.raises(SourceError, match=rf"^data.real={spec}: no such folder$"):
+            check_sources(cfg.data)
+    cfg = tiny_config(sources, tmp_path / "run", **{"data.synthetic": "{a: /nonexistent/a}"})
+    with pytest.raises(SourceError, match=r"^data.synthetic.a: /nonexistent/a: not a folder$"):
+        check_sources(cfg.data)
+    out = tmp_path / "b"
+    assert bb.main(["--real", "/nonexistent/real", "--replace-ratio", "0", "--out", str(out)]) == 2
+    assert _one_error_line(capsys).endswith("--real=/nonexistent/real: no such folder")
+    _nothing_written(out)
+
+
+def test_generator_name_real_is_reserved(sources, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert bb.main(_build_args(sources, out, "--synthetic", f"real={sources['gen_a']}")) == 2
+    assert "'real' is reserved" in _one_error_line(capsys)
+    cfg = tiny_config(
+        sources, tmp_path / "run", **{"data.synthetic": f"{{real: {sources['gen_a']}}}"}
+    )
+    with pytest.raises(SourceError, match="'real' is reserved"):
+        check_sources(cfg.data)
+
+
+# --- the builder's --config --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "nope.yaml: cannot read (No such file or directory)"),
+        (
+            "real: x\nout: [unclosed\n",
+            "invalid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
+        ("- real\n- out\n", "expected a mapping of option names to values"),
+    ],
+)
+def test_builder_config_errors_are_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "nope.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert bb.main(["--config", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert f"--config {path}" in line and line.endswith(message)
+
+
+def test_builder_config_error_through_the_entry_point(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("real: [\n")
+    res = subprocess.run([sys.executable, str(ROOT / "launch" / "build_benchmark.py"), "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"rsmatch-build-benchmark: error: --config {bad}: invalid YAML at line 2")
+    )
