@@ -67,7 +67,9 @@ def resolve_detector(spec: str) -> Detector:
     try:
         return load_detector(spec)
     except Exception as e:  # hub errors come in many types; name the id in one line
-        raise FilterError(f"--detector {spec}: cannot load from the Hub ({type(e).__name__})") from None
+        raise FilterError(
+            f"--detector {spec}: cannot load from the Hub ({type(e).__name__})"
+        ) from None
 
 
 # -- the images -------------------------------------------------------------------------------
@@ -142,7 +144,9 @@ def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
             ds = ds.cast_column(col, datasets.Image(decode=False))
             if col != "image":
                 ds = ds.rename_column(col, "image")
-            ds = ds.select_columns([c for c in ("image", "path", label_column(ds)) if c in ds.column_names])
+            ds = ds.select_columns(
+                [c for c in ("image", "path", label_column(ds)) if c in ds.column_names]
+            )
             n = len(ds)
             if "path" in ds.column_names:  # ids unique across sources
                 ds = ds.map(lambda p, name=name: {"path": f"{name}/{p}"}, input_columns="path")
@@ -190,7 +194,11 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool]:
         row = self.rows[i]
         x = to_tensor(raw_bytes(self.items[row]), self.size)
-        return row, (x if x is not None else torch.zeros(3, *self.size, dtype=torch.uint8)), x is not None
+        return (
+            row,
+            (x if x is not None else torch.zeros(3, *self.size, dtype=torch.uint8)),
+            x is not None,
+        )
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -238,7 +246,7 @@ class FilterResult:
 
 
 def describe(ds: datasets.Dataset, split: str, row: int) -> str:
-    return ds[row]["path"] if "path" in ds.column_names else f"{split}/{row}"
+    return ds.select_columns("path")[row]["path"] if "path" in ds.column_names else f"{split}/{row}"
 
 
 def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator, batch_size: int = 256,
@@ -249,9 +257,13 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator, batch_size:
         split: score_dataset(det, ds, batch_size, accelerator, workers, f"scoring {split}")
         for split, ds in dd.items()
     }
-    corrupt = [describe(dd[s], s, int(i)) for s, sc in scores.items() for i in np.flatnonzero(np.isnan(sc))]
+    corrupt = [
+        describe(dd[s], s, int(i)) for s, sc in scores.items() for i in np.flatnonzero(np.isnan(sc))
+    ]
     if corrupt and not skip_corrupt:
-        shown = ", ".join(corrupt[:5]) + (f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else "")
+        shown = ", ".join(corrupt[:5]) + (
+            f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else ""
+        )
         raise FilterError(f"--images: {len(corrupt)} image(s) do not decode: {shown} (pass --skip-corrupt to skip them)")  # fmt: skip
     valid = {s: np.flatnonzero(~np.isnan(sc)) for s, sc in scores.items()}
     all_scores = np.concatenate([scores[s][valid[s]] for s in dd])

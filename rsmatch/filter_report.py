@@ -28,7 +28,9 @@ def provenance_metrics(scores: np.ndarray, is_synthetic: np.ndarray, generator: 
     called = np.asarray(scores) > threshold
     tp = float((called & truth).sum())
     out = {
-        "roc_auc": float(roc_auc_score(truth, scores)) if 0 < truth.sum() < len(truth) else float("nan"),
+        "roc_auc": float(roc_auc_score(truth, scores))
+        if 0 < truth.sum() < len(truth)
+        else float("nan"),
         "accuracy": float((called == truth).mean()),
         "precision": tp / max(float(called.sum()), 1.0),
         "recall": tp / max(float(truth.sum()), 1.0),
@@ -131,7 +133,9 @@ def counts(result: FilterResult) -> dict:
             c[0] += 1
             c[1] += int(s > result.threshold)
     if per_class:
-        out["per_class"] = {k: {"images": v[0], "called_synthetic": v[1]} for k, v in per_class.items()}
+        out["per_class"] = {
+            k: {"images": v[0], "called_synthetic": v[1]} for k, v in per_class.items()
+        }
     return out
 
 
@@ -158,7 +162,7 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
         "# rsmatch-filter report", "",
         f"Images `{images}` scored by the RSMatch detector `{detector}` (input {size[0]}x{size[1]}; "
         f"other sizes resized with {RESIZE}). An image is called synthetic when its score "
-        f"exceeds **{result.threshold:.4g}**. The saved dataset holds "
+        f"exceeds the threshold **{result.threshold:.4g}**. The saved dataset holds "
         f"{'only the images called real' if keep_real else 'every scored image'}, with a "
         "`synthetic_score` column.", "",
         "| count | images |", "|---|---|",
@@ -166,7 +170,9 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
     ]  # fmt: skip
     if "per_class" in c:
         lines += ["| class | images | called synthetic |", "|---|---|---|"]
-        lines += [f"| {k} | {v['images']} | {v['called_synthetic']} |" for k, v in c["per_class"].items()]
+        lines += [
+            f"| {k} | {v['images']} | {v['called_synthetic']} |" for k, v in c["per_class"].items()
+        ]
         lines.append("")
     if metrics is not None:
         lines += [
@@ -182,5 +188,8 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
         "![most real](most_real.png)", "",
     ]  # fmt: skip
     if result.corrupt:
-        lines += [f"{len(result.corrupt)} file(s) did not decode and were skipped (corrupt.txt).", ""]
+        lines += [
+            f"{len(result.corrupt)} file(s) did not decode and were skipped (corrupt.txt).",
+            "",
+        ]
     (folder / "README.md").write_text("\n".join(lines))
