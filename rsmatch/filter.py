@@ -129,6 +129,13 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
     return dd
 
 
+def select_splits(dd: datasets.DatasetDict, names: list[str]) -> datasets.DatasetDict:
+    unknown = [n for n in names if n not in dd]
+    if unknown:
+        raise FilterError(f"--split {unknown[0]}: not among the splits {sorted(dd)}")
+    return datasets.DatasetDict({n: dd[n] for n in names})
+
+
 def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
     """`--labels NAME=SOURCE ...`: provenance from where images come from. NAME `real` is
     real; any other name is a generator whose images are synthetic."""

@@ -80,7 +80,7 @@ def grid(path: Path, rows: list[tuple[str, list[torch.Tensor], list[float]]], ti
             ax.axis("off")
             if c < len(imgs):
                 ax.imshow(imgs[c].permute(1, 2, 0).numpy())
-                ax.set_title(f"{scores[c]:.2f}", fontsize=7)
+                ax.set_title(f"{scores[c]:.3g}", fontsize=7)
         axes[r][0].text(-0.1, 0.5, name, transform=axes[r][0].transAxes, ha="right",
                         va="center", fontsize=8)  # fmt: skip
     fig.suptitle(title, fontsize=9)

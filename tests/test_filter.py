@@ -91,7 +91,7 @@ def test_filter_a_folder_scores_equal_the_detector_and_keep_real(run, sources, t
     with torch.no_grad():
         expected = det.score(decode(ds)).tolist()
     ids = [row["path"] for row in ds.cast_column("image", datasets.Image(decode=False))["image"]]
-    threshold = float(np.median(expected))
+    threshold = sorted(expected)[len(expected) // 2]  # a score itself: <= keeps it
     rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder), "--threshold",
                       str(threshold), "--keep", "real")  # fmt: skip
     assert rc == 0
@@ -128,6 +128,10 @@ def test_filter_a_saved_benchmark_reports_provenance(run, bench, tmp_path):
     want = provenance_metrics(np.asarray(table["synthetic_score"]), truth, gens, 0.5)
     assert report["provenance_metrics"] == pytest.approx(want, nan_ok=True)
     assert "recall/a" in want and "roc_auc" in (res / "README.md").read_text()
+    rc, pool = filter_(tmp_path / "pool", "--detector", str(out), "--images", str(bench),
+                       "--split", "unlabeled")  # fmt: skip
+    assert rc == 0 and set(datasets.load_from_disk(str(pool / "dataset"))) == {"unlabeled"}
+    assert scores_of(pool)[1]["synthetic_score"] == [table["synthetic_score"][i] for i in unl]
 
 
 def test_provenance_metrics_by_hand():
@@ -188,10 +192,12 @@ def test_corrupt_error_names_the_files(run, tmp_path, capsys):
     assert not res.exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no-detector", "classifier", "out-exists"])
-def test_bad_input_exits_2_with_one_line(run, sources, tmp_path, capsys, case):
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "no-detector", "classifier", "out-exists", "split"]
+)
+def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, case):
     out, _ = run
-    detector, images, named = str(out), str(sources["gen_a"]), None
+    detector, images, named, extra = str(out), str(sources["gen_a"]), None, []
     if case == "missing":
         images = named = str(tmp_path / "nope")
     elif case == "empty":
@@ -202,10 +208,12 @@ def test_bad_input_exits_2_with_one_line(run, sources, tmp_path, capsys, case):
         detector = named = str(tmp_path / "fm")
     elif case == "classifier":
         detector = named = str(out / "model")
+    elif case == "split":
+        images, extra, named = str(bench), ["--split", "nope"], "--split nope"
     else:
         (tmp_path / "out").mkdir()
         named = str(tmp_path / "out")
-    rc, res = filter_(tmp_path, "--detector", detector, "--images", images)
+    rc, res = filter_(tmp_path, "--detector", detector, "--images", images, *extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and named in err[0] and err[0].startswith("rsmatch-filter:")
     assert case == "out-exists" or not res.exists()

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="images to score (folders nested or flat, any image size)")  # fmt: skip
     ap.add_argument("--labels", nargs="+", metavar="NAME=SOURCE",
                     help="instead of --images: real=SOURCE and GENERATOR=SOURCE ... give provenance")  # fmt: skip
+    ap.add_argument("--split", action="append", metavar="NAME",
+                    help="score only this split of a DatasetDict (repeatable), e.g. unlabeled")  # fmt: skip
     ap.add_argument("--out", required=True, type=Path, help="output folder (must not exist)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, help="call synthetic above this score (default: the detector's, 0.5)")  # fmt: skip
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             dd = flt.load_labelled(dict(item.split("=", 1) for item in args.labels))
         else:
             dd = flt.load_images(args.images)
+        if args.split:
+            dd = flt.select_splits(dd, args.split)
         accelerator = make_accelerator(args.precision)
         result = flt.run_filter(
             det, dd, accelerator, args.batch_size, args.threshold, args.keep_fraction,
