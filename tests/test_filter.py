@@ -350,3 +350,25 @@ def test_exclude_errors(bench, tmp_path):
     path = write_scores(tmp_path / "s.parquet", ids, [0.9, 0.8])
     with pytest.raises(ValueError, match="drops every unlabeled row"):
         kept_rows(ids, str(path), 0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(run, sources, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out, _ = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--detector", str(out), "--images", str(sources["real"]), "--precision", "no"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), "launch/filter.py", *args, "--out", str(tmp_path / "p2")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cli.main([*args, "--out", str(tmp_path / "p1")]) == 0
+    one, two = scores_of(tmp_path / "p1")[1], scores_of(tmp_path / "p2")[1]
+    assert one["id"] == two["id"] and len(one["id"]) == 120  # real/train + real/test
+    assert one["synthetic_score"] == two["synthetic_score"]
