@@ -229,7 +229,9 @@ class RSMatch(Algorithm):
         real_set = d.benchmark or d.real
         training = {
             "real set (labeled + unlabeled)": f"`{real_set}`",
-            "unlabeled pool generators": ", ".join(sorted(d.synthetic)) or "see the benchmark",
+            "unlabeled pool generators": "see the benchmark"
+            if d.benchmark
+            else ", ".join(sorted(d.synthetic)) or "none",
             "synthetic labels used": "none",
             "labeled images": self.info.num_labeled,
             "unlabeled pool": self.info.num_unlabeled,
