@@ -171,7 +171,7 @@ def test_corrupt_and_odd_sized_images(run, sources, tmp_path):
     det = load_detector(out / "detector")
     big = Image.open(io.BytesIO(_png((50, 70)))).resize((32, 32), Image.Resampling.LANCZOS)
     x = torch.stack([decode(read_class_folder(sources["gen_b"]).select([0]))[0],
-                     torch.from_numpy(np.asarray(big)).permute(2, 0, 1)])  # fmt: skip
+                     torch.from_numpy(np.array(big)).permute(2, 0, 1)])  # fmt: skip
     with torch.no_grad():
         want = det.score(x).tolist()
     assert sorted(got) == ["a.jpg", "big.png"]
