@@ -63,6 +63,15 @@ class DataConfig:
         "Oracle 'real only': drop synthetic images from the unlabeled pool by ground truth. "
         "The only training path allowed to read `is_synthetic`.",
     )
+    exclude_scores: str | None = option(
+        None,
+        "Filter-first baseline: an `rsmatch-filter` scores.parquet of this benchmark; unlabeled "
+        "rows scored above `exclude_above` are dropped before training. Rows are matched by "
+        "`source_id`; detector scores only, never `is_synthetic` (docs/filter.md).",
+    )
+    exclude_above: float = option(
+        0.5, "Threshold of `exclude_scores`: rows with a higher synthetic score are dropped."
+    )
     mean: list[float] = option(
         [0.485, 0.456, 0.406],
         "Normalisation mean. USB normalises CIFAR-10 with ImageNet statistics (kept).",
@@ -295,6 +304,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(d.labels_per_class >= 1, "data.labels_per_class", d.labels_per_class, "must be >= 1")
     check(len(d.mean) == 3 and len(d.std) == 3, "data.mean", d.mean, "mean/std need 3 values")
     check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
+    check(0 <= d.exclude_above <= 1, "data.exclude_above", d.exclude_above, "not in [0, 1]")
+    check(d.exclude_scores is None or Path(d.exclude_scores).is_file(), "data.exclude_scores",
+          d.exclude_scores, "no such file")  # fmt: skip
     unl = d.unlabeled_per_class
     check(unl is None or unl >= 1, "data.unlabeled_per_class", unl, "must be >= 1 or null")
     for key in ("steps", "batch_size", "uratio", "eval_every", "log_every", "save_every"):

@@ -1,16 +1,21 @@
-"""The inference model: the classifier's encoder and real head, saved and loaded with
-huggingface_hub's `PyTorchModelHubMixin` (safetensors weights + config.json of the
-constructor's arguments), so a run's export loads from a folder or a Hub id alike.
+"""The inference models, saved and loaded with huggingface_hub's `PyTorchModelHubMixin`
+(safetensors weights + config.json of the constructor's arguments), so an export loads from a
+folder or a Hub id alike.
 
-RSMatch's detector, queue and fake head exist only for training, so the exported model costs
-exactly what a FixMatch model costs.
+The classifier is the encoder and real head: RSMatch's detector, queue and fake head cost
+nothing at inference. RSMatch's detector is exported separately (`RUN/detector`) as a product
+of its own: a synthetic-image detector trained without a synthetic label (see docs/filter.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rsmatch.models import Classifier
+from huggingface_hub import ModelCard
+
+from rsmatch.models import Classifier, Detector
+
+RESIZE = "PIL Lanczos (antialiased), the resize the benchmark builder applies to generated images"
 
 
 def export_classifier(classifier: Classifier, out: Path, class_names: list[str], mean: list[float],
@@ -26,3 +31,62 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
 def load_classifier(source: str | Path) -> Classifier:
     """Rebuild an exported classifier from a folder or a Hub id; nothing else is downloaded."""
     return Classifier.from_pretrained(str(source), strict=True).eval()
+
+
+def export_detector(detector: Detector, out: Path, mean: list[float], std: list[float],
+                    image_size: list[int], class_names: list[str], real_set: str,
+                    training: dict, metrics: dict[str, float] | None) -> Path:  # fmt: skip
+    """A self-describing copy of a trained detector, with a model card, saved under `out`."""
+    inference = Detector(detector.backbone_name, mean, std, image_size=list(image_size),
+                         class_names=class_names, real_set=real_set)  # fmt: skip
+    inference.load_state_dict(detector.state_dict(), strict=True)
+    out.mkdir(parents=True, exist_ok=True)
+    detector_card(inference, training, metrics).save(out / "README.md")
+    inference.save_pretrained(out)  # keeps the README.md written above
+    return out
+
+
+def load_detector(source: str | Path) -> Detector:
+    """Rebuild an exported detector from a folder or a Hub id."""
+    return Detector.from_pretrained(str(source), strict=True).eval()
+
+
+def detector_card(det: Detector, training: dict, metrics: dict[str, float] | None) -> ModelCard:
+    """How the detector was trained (no synthetic labels), its input, and its metrics."""
+    h, w = det.image_size
+    rows = "\n".join(f"| {k} | {v} |" for k, v in training.items())
+    if metrics:
+        scores = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+        measured = (
+            "Measured at the last evaluation before export, on the unlabeled training pool "
+            "against its provenance columns (which training never reads):\n\n"
+            f"| metric | value |\n|---|---|\n{scores}"
+        )
+    else:
+        measured = "No detector metrics at export (no evaluation since the run started or resumed)."
+    return ModelCard(
+        "\n".join([
+            "---", "library_name: rsmatch", "tags:", "- rsmatch", "- synthetic-image-detection",
+            "- semi-supervised-learning", "---", "",
+            "# RSMatch synthetic-image detector", "",
+            f"A `{det.backbone_name}` binary classifier (score = probability that an image is "
+            "AI-generated) trained by RSMatch **without a single synthetic label**. Its only "
+            f"labels: the labeled real images of `{det.real_set}` (called real) and the "
+            "unlabeled images its own class-wise queue picked as the most synthetic-looking "
+            "(called synthetic), plus consistency on its own confident pseudo-labels. Which "
+            "pool images were generated, and by what, was never read.", "",
+            "## Training", "", "| | |", "|---|---|", rows, "",
+            f"Classes of the real set: {', '.join(det.class_names or [])}.", "",
+            "## Input and threshold", "",
+            f"uint8 RGB images, NCHW, {h}x{w}; normalised inside the model (mean {det.mean}, std {det.std}"
+            f"). `rsmatch-filter` resizes other sizes to "
+            f"{h}x{w} with {RESIZE}. An image is called synthetic when its score exceeds "
+            f"{det.threshold} (the argmax RSMatch routes samples by).", "",
+            "## Metrics at export", "", measured, "",
+            "It knows only the generators of its training pool; `rsmatch-filter --labels` or a "
+            "benchmark with provenance columns measures how far it carries to others.", "",
+            "## Use", "", "```python", "from rsmatch.export import load_detector",
+            "det = load_detector('FOLDER_OR_HUB_ID')", "scores = det.score(uint8_images)",
+            "```", "", "or `rsmatch-filter --detector FOLDER_OR_HUB_ID --images FOLDER --out OUT`.", "",
+        ])
+    )  # fmt: skip

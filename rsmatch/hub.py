@@ -1,6 +1,7 @@
 """Push a finished run to the Hugging Face Hub: the exported model, a model card, the record.
 
     rsmatch-push runs/demo you/rsmatch-cifar10 [--private]
+    rsmatch-push runs/demo you/rsmatch-cifar10-detector --detector   # RSMatch's detector
 
 The folder is staged locally first (model.safetensors, config.json, README.md, config.yaml,
 run.json, metrics.json, evals.jsonl), so it can be inspected with `--stage-only`; the upload is
@@ -68,6 +69,23 @@ def stage(run: Path, repo: str, out: Path) -> Path:
     return out
 
 
+def stage_detector(run: Path, out: Path) -> Path:
+    """The detector export (weights, config, its model card) and the run record."""
+    missing = [p for p in RECORD_FILES if not (run / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a finished run (missing {', '.join(missing)})")
+    if not (run / "detector" / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{run}: no detector/ export (only RSMatch runs with a separate detector write one; "
+            "rsmatch.shared_encoder=true and other algorithms do not)"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run / "detector", out)
+    for name in RECORD_FILES:
+        shutil.copy2(run / name, out / name)
+    return out
+
+
 def push(folder: Path, repo: str, private: bool) -> str:
     from huggingface_hub import HfApi
 
@@ -83,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("repo", help="Hub model repo, e.g. you/rsmatch-cifar10")
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--stage-only", action="store_true", help="write RUN/hub/ and stop")
+    ap.add_argument("--detector", action="store_true",
+                    help="push RSMatch's detector (RUN/detector, staged in RUN/hub-detector) as its own model")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        folder = stage(args.run, args.repo, args.run / "hub")
+        if args.detector:
+            folder = stage_detector(args.run, args.run / "hub-detector")
+        else:
+            folder = stage(args.run, args.repo, args.run / "hub")
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         print(f"rsmatch-push: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ the queue sample rides along in the classifier's forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from rsmatch.algorithms.base import (
 from rsmatch.config import Config, check, option
 from rsmatch.csqueue import CSQueue
 from rsmatch.data.batch import Batch, Provenance
+from rsmatch.export import export_detector
 from rsmatch.models import Classifier, Detector, linear_head
 from rsmatch.registry import algorithms, register_algorithm
 
@@ -214,7 +216,34 @@ class RSMatch(Algorithm):
         )
         if warning:
             ev.warn(warning)
+        self.detector_metrics = results  # for the detector's model card at export
         return results
+
+    def export(self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str]) -> None:
+        """The EMA classifier (`out/model`) and the live detector (`out/detector`), the one
+        the metrics measure. The shared-encoder ablation has no detector of its own: nothing."""
+        super().export(ema, live, out, class_names)
+        if live.detector is None:
+            return
+        d, r, t = self.cfg.data, self.cfg.rsmatch, self.cfg.train
+        real_set = d.benchmark or d.real
+        training = {
+            "real set (labeled + unlabeled)": f"`{real_set}`",
+            "unlabeled pool generators": "see the benchmark"
+            if d.benchmark
+            else ", ".join(sorted(d.synthetic)) or "none",
+            "synthetic labels used": "none",
+            "labeled images": self.info.num_labeled,
+            "unlabeled pool": self.info.num_unlabeled,
+            "steps (train.steps)": t.steps,
+            "RSMatch base": r.base,
+            "detector pseudo-label tau": r.detector_threshold,
+            "queue (L, M, k)": f"{r.queue_length}, {r.queue_picks}, {r.queue_topk}",
+            "seed": t.seed,
+        }
+        export_detector(live.detector, out / "detector", d.mean, d.std,
+                        list(self.info.image_shape[1:]), class_names, real_set, training,
+                        getattr(self, "detector_metrics", None))  # fmt: skip
 
     def probe_metrics(
         self, probes: dict[str, torch.Tensor], idx_ulb: torch.Tensor, provenance: Provenance

@@ -18,6 +18,7 @@ from rsmatch.config import DataConfig
 from rsmatch.data import augment
 from rsmatch.data.batch import Batch, Provenance, TrainData
 from rsmatch.data.decode import decode
+from rsmatch.data.exclude import kept_rows
 
 # Stream ids keep the random draws of different consumers independent.
 LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)
@@ -52,6 +53,14 @@ def load_train_data(cfg: DataConfig) -> TrainData:
         unlabeled = unlabeled.select(keep.tolist())
         is_synthetic = is_synthetic[keep]
         generators = [generators[i] for i in keep.tolist()]
+    if cfg.exclude_scores:  # filter-first: detector scores keyed by source_id, no provenance
+        n = len(unlabeled)
+        keep = kept_rows(unlabeled["source_id"], cfg.exclude_scores, cfg.exclude_above)
+        unlabeled = unlabeled.select(keep)
+        is_synthetic = is_synthetic[keep]
+        generators = [generators[i] for i in keep]
+        meta = {**meta, "exclude_scores": cfg.exclude_scores, "exclude_above": cfg.exclude_above,
+                "excluded": n - len(keep)}  # fmt: skip
     return TrainData(
         labeled=decode(dd["labeled"]),
         labeled_y=torch.tensor(dd["labeled"]["label"]),

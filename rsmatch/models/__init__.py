@@ -103,16 +103,41 @@ class Classifier(nn.Module, PyTorchModelHubMixin, library_name="rsmatch", tags=[
         }
 
 
-class Detector(nn.Module):
-    """Deepfake detector: its own light encoder g and a binary head d (0 real, 1 synthetic)."""
+class Detector(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="rsmatch",
+    tags=["rsmatch", "synthetic-image-detection"],
+):
+    """Deepfake detector: its own light encoder g and a binary head d (0 real, 1 synthetic).
+
+    The keyword arguments make an export self-describing (config.json): the input size images
+    are resized to, the threshold on the synthetic score above which an image is called
+    synthetic (0.5 = the argmax RSMatch routes by), and the real set it was trained on.
+    """
 
     def __init__(
-        self, backbone: str, mean: list[float], std: list[float], bn_momentum: float | None
+        self,
+        backbone: str,
+        mean: list[float],
+        std: list[float],
+        bn_momentum: float | None = None,
+        image_size: list[int] | None = None,
+        threshold: float = 0.5,
+        class_names: list[str] | None = None,
+        real_set: str | None = None,
     ) -> None:
         super().__init__()
+        self.backbone_name, self.image_size, self.threshold = backbone, image_size, threshold
+        self.class_names, self.real_set = class_names, real_set
+        self.mean, self.std = list(mean), list(std)
         self.normalize = Normalize(mean, std)
         self.encoder = create_encoder(backbone, bn_momentum=bn_momentum)
         self.head = linear_head(self.encoder.num_features, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.normalize(x)))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Synthetic score: softmax probability of the synthetic class, in fp32."""
+        return self(x).float().softmax(-1)[:, 1]

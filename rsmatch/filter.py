@@ -1,0 +1,340 @@
+"""Score any image set with an exported RSMatch detector, call each image real or synthetic,
+and write the scores, the scored (or filtered) dataset and a report (`rsmatch-filter`).
+
+Inputs are read into a `datasets.DatasetDict` whatever their form (a folder, nested or flat; a
+saved Dataset or DatasetDict; a Hub id), so scoring, filtering and saving are one path. Images
+are decoded as training decoded them (torchvision, RGB) and, when their size differs from the
+detector's input, resized with PIL Lanczos, the resize the benchmark builder applies to
+generated images. An image is called synthetic when its score exceeds the threshold, as RSMatch
+routes samples by argmax (score > 0.5).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm.auto import tqdm
+
+from rsmatch.benchmark.sources import LABEL_COLUMNS, image_files
+from rsmatch.export import load_detector
+from rsmatch.models import Detector
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+PROVENANCE = ("is_synthetic", "generator")
+
+
+class FilterError(ValueError):
+    """Bad input to the filter; the message names the option and the path or id."""
+
+
+# -- the detector -----------------------------------------------------------------------------
+
+
+def is_detector_export(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not (config.is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    keys = json.loads(config.read_text())
+    return "threshold" in keys and "num_classes" not in keys  # not a classifier export
+
+
+def resolve_detector(spec: str) -> Detector:
+    """A run directory (its `detector/`), an export folder, or a Hub id."""
+    path = Path(spec)
+    if path.is_dir():
+        for folder in (path / "detector", path):
+            if is_detector_export(folder):
+                return load_detector(folder)
+        raise FilterError(
+            f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "
+            "other algorithms and rsmatch.shared_encoder=true runs have none)"
+        )
+    if path.exists() or not HUB_ID.match(spec):
+        raise FilterError(f"--detector {spec}: no such folder")
+    try:
+        return load_detector(spec)
+    except Exception as e:  # hub errors come in many types; name the id in one line
+        raise FilterError(
+            f"--detector {spec}: cannot load from the Hub ({type(e).__name__})"
+        ) from None
+
+
+# -- the images -------------------------------------------------------------------------------
+
+
+def image_column(ds: datasets.Dataset) -> str:
+    col = next((k for k, v in ds.features.items() if isinstance(v, datasets.Image)), None)
+    if col is None:
+        raise FilterError(f"dataset with columns {ds.column_names}: no Image column")
+    return col
+
+
+def label_column(ds: datasets.Dataset) -> str | None:
+    return next(
+        (k for k in LABEL_COLUMNS if isinstance(ds.features.get(k), datasets.ClassLabel)), None
+    )
+
+
+def read_folder(root: Path) -> datasets.Dataset:
+    """Every image under root, any depth. When all lie in subfolders, the first subfolder
+    level names the class (a `label` column); a flat or mixed folder has no labels."""
+    files = image_files(root)
+    if not files:
+        raise FilterError(f"--images {root}: no images found")
+    rel = [f.relative_to(root) for f in files]
+    columns: dict = {
+        "image": [{"bytes": f.read_bytes(), "path": str(r)} for f, r in zip(files, rel)],
+        "path": [str(r) for r in rel],
+    }
+    features = {"image": datasets.Image(), "path": datasets.Value("string")}
+    if all(len(r.parts) > 1 for r in rel):
+        names = sorted({r.parts[0] for r in rel})
+        columns["label"] = [names.index(r.parts[0]) for r in rel]
+        features["label"] = datasets.ClassLabel(names=names)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
+    """A folder, a saved Dataset/DatasetDict, or a Hub dataset id, as a DatasetDict."""
+    path = Path(spec)
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        data = datasets.load_from_disk(str(path))
+    elif path.is_dir():
+        data = read_folder(path)
+    elif path.exists() or not HUB_ID.match(spec):
+        raise FilterError(f"{option} {spec}: no such folder")
+    else:
+        try:
+            data = datasets.load_dataset(spec)
+        except Exception as e:
+            raise FilterError(f"{option} {spec}: cannot load ({type(e).__name__})") from None
+    dd = data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict(train=data)
+    if sum(len(ds) for ds in dd.values()) == 0:
+        raise FilterError(f"{option} {spec}: no images")
+    for ds in dd.values():
+        image_column(ds)
+    return dd
+
+
+def select_splits(dd: datasets.DatasetDict, names: list[str]) -> datasets.DatasetDict:
+    unknown = [n for n in names if n not in dd]
+    if unknown:
+        raise FilterError(f"--split {unknown[0]}: not among the splits {sorted(dd)}")
+    return datasets.DatasetDict({n: dd[n] for n in names})
+
+
+def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
+    """`--labels NAME=SOURCE ...`: provenance from where images come from. NAME `real` is
+    real; any other name is a generator whose images are synthetic."""
+    if "real" not in sources or len(sources) < 2:
+        raise FilterError(
+            f"--labels {' '.join(f'{k}={v}' for k, v in sources.items())}: "
+            "needs real=SOURCE and at least one GENERATOR=SOURCE"
+        )
+    parts: dict[str, list[datasets.Dataset]] = {}
+    for name, spec in sources.items():
+        for split, ds in load_images(spec, f"--labels {name}=").items():
+            col = image_column(ds)
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+            if col != "image":
+                ds = ds.rename_column(col, "image")
+            ds = ds.select_columns(
+                [c for c in ("image", "path", label_column(ds)) if c in ds.column_names]
+            )
+            n = len(ds)
+            if "path" in ds.column_names:  # ids unique across sources
+                ds = ds.map(lambda p, name=name: {"path": f"{name}/{p}"}, input_columns="path")
+            ds = ds.add_column("is_synthetic", [name != "real"] * n)
+            ds = ds.add_column("generator", [name] * n)
+            parts.setdefault(split, []).append(ds)
+    out = {}
+    for split, group in parts.items():
+        labels = {json.dumps(ds.features.to_dict().get("label")) for ds in group}
+        if len(labels) > 1:  # different class sets: keep provenance, drop class labels
+            group = [ds.remove_columns("label") if "label" in ds.features else ds for ds in group]
+        out[split] = datasets.concatenate_datasets(group)
+    return datasets.DatasetDict(out)
+
+
+def to_tensor(data: bytes, size: tuple[int, int]) -> torch.Tensor | None:
+    """uint8 [3, H, W] at the detector's size, or None for a file that does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # PIL notices truncation that libjpeg only warns about
+            pil = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError):
+        return None
+    if pil.size != (size[1], size[0]):
+        return pil_to_tensor(pil.resize((size[1], size[0]), Image.Resampling.LANCZOS))
+    try:  # training decoded with torchvision: the same pixels
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    except RuntimeError:  # formats torchvision does not read (BMP, ...)
+        return pil_to_tensor(pil)
+
+
+def raw_bytes(item: dict) -> bytes:
+    return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, ds: datasets.Dataset, rows: range, size: tuple[int, int]) -> None:
+        col = image_column(ds)
+        self.items = ds.cast_column(col, datasets.Image(decode=False))[col]
+        self.rows, self.size = rows, size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool]:
+        row = self.rows[i]
+        x = to_tensor(raw_bytes(self.items[row]), self.size)
+        return (
+            row,
+            (x if x is not None else torch.zeros(3, *self.size, dtype=torch.uint8)),
+            x is not None,
+        )
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_dataset(det: Detector, ds: datasets.Dataset, batch_size: int, accelerator,
+                  workers: int = 0, desc: str = "scoring") -> np.ndarray:  # fmt: skip
+    """Synthetic score of every row (NaN where the image does not decode), each process
+    scoring a contiguous shard; the full array on every process."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    n = len(ds)
+    per_rank = -(-n // world)
+    rows = range(rank * per_rank, min((rank + 1) * per_rank, n))
+    loader = torch.utils.data.DataLoader(
+        _Decoded(ds, rows, tuple(det.image_size)), batch_size=batch_size, num_workers=workers
+    )
+    local = torch.full((per_rank,), float("nan"), device=device)
+    det = det.to(device)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process)
+    for idx, x, ok in bar:
+        with accelerator.autocast():
+            s = det.score(x.to(device))
+        local[idx.to(device) - rows.start] = torch.where(ok.to(device), s, float("nan"))
+    scores = accelerator.gather(local) if world > 1 else local
+    return scores[:n].cpu().numpy().astype(np.float64)
+
+
+def threshold_for_fraction(scores: np.ndarray, keep_fraction: float) -> float:
+    """The threshold calling the `keep_fraction` lowest-scored images real (ties kept)."""
+    k = max(1, round(keep_fraction * len(scores)))
+    return float(np.sort(scores)[k - 1])
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FilterResult:
+    threshold: float
+    table: dict[str, list]  # the scores file's columns
+    scored: datasets.DatasetDict  # every decoded row, with `synthetic_score`
+    dataset: datasets.DatasetDict  # what is saved: `scored`, or its rows called real
+    corrupt: list[str] = field(default_factory=list)
+
+
+def describe(ds: datasets.Dataset, split: str, row: int) -> str:
+    return ds.select_columns("path")[row]["path"] if "path" in ds.column_names else f"{split}/{row}"
+
+
+def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator, batch_size: int = 256,
+               threshold: float | None = None, keep_fraction: float | None = None,
+               keep_real: bool = False, skip_corrupt: bool = False,
+               workers: int = 0) -> FilterResult:  # fmt: skip
+    scores = {
+        split: score_dataset(det, ds, batch_size, accelerator, workers, f"scoring {split}")
+        for split, ds in dd.items()
+    }
+    corrupt = [
+        describe(dd[s], s, int(i)) for s, sc in scores.items() for i in np.flatnonzero(np.isnan(sc))
+    ]
+    if corrupt and not skip_corrupt:
+        shown = ", ".join(corrupt[:5]) + (
+            f" and {len(corrupt) - 5} more" if len(corrupt) > 5 else ""
+        )
+        raise FilterError(f"--images: {len(corrupt)} image(s) do not decode: {shown} (pass --skip-corrupt to skip them)")  # fmt: skip
+    valid = {s: np.flatnonzero(~np.isnan(sc)) for s, sc in scores.items()}
+    all_scores = np.concatenate([scores[s][valid[s]] for s in dd])
+    if len(all_scores) == 0:
+        raise FilterError("--images: no image decodes")
+    if keep_fraction is not None:
+        threshold = threshold_for_fraction(all_scores, keep_fraction)
+    threshold = det.threshold if threshold is None else threshold
+    table: dict[str, list] = {"split": [], "row": [], "id": [], "synthetic_score": [], "call": []}
+    has_source = all("source_id" in ds.column_names for ds in dd.values())
+    if has_source:
+        table["source_id"] = []
+    scored, saved = {}, {}
+    for split, ds in dd.items():
+        rows, sc = valid[split], scores[split][valid[split]]
+        kept = ds.select(rows).add_column("synthetic_score", sc.tolist())
+        ids = kept["path"] if "path" in kept.column_names else [f"{split}/{r}" for r in rows]
+        table["split"] += [split] * len(rows)
+        table["row"] += rows.tolist()
+        table["id"] += list(ids)
+        table["synthetic_score"] += sc.tolist()
+        table["call"] += ["synthetic" if s > threshold else "real" for s in sc]
+        if has_source:
+            table["source_id"] += list(kept["source_id"])
+        scored[split] = kept
+        saved[split] = kept.select(np.flatnonzero(sc <= threshold)) if keep_real else kept
+    return FilterResult(
+        threshold, table, datasets.DatasetDict(scored), datasets.DatasetDict(saved), corrupt
+    )
+
+
+def write_outputs(result: FilterResult, out: Path, report: Callable[[Path], None]) -> None:
+    """scores.parquet, dataset/, corrupt.txt and the report, written to a temporary folder
+    and renamed: a failure leaves nothing half-written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        pq.write_table(pa.table(result.table), tmp / "scores.parquet")
+        result.dataset.save_to_disk(str(tmp / "dataset"))
+        if result.corrupt:
+            (tmp / "corrupt.txt").write_text("\n".join(result.corrupt) + "\n")
+        report(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, out)
+
+
+def push(out: Path, dataset: datasets.DatasetDict, repo: str, private: bool) -> None:
+    """The scored dataset through `datasets`, then the report as its card with its figures."""
+    from huggingface_hub import HfApi
+
+    dataset.push_to_hub(repo, private=private)
+    HfApi().upload_folder(folder_path=str(out), repo_id=repo, repo_type="dataset",
+                          allow_patterns=["README.md", "*.png", "report.json"])  # fmt: skip
+
+
+def provenance(dd: datasets.DatasetDict) -> bool:
+    return all(all(c in ds.column_names for c in PROVENANCE) for ds in dd.values())
+
+
+def concat_column(dd: datasets.DatasetDict, name: str) -> Sequence:
+    return [v for ds in dd.values() for v in ds[name]]

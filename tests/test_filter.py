@@ -1,0 +1,376 @@
+"""The detector as a product: export and reload, rsmatch-filter's scores, filtering, report,
+corrupt and odd-sized images, Hub push (offline, at the API boundary), bad input, and the
+filter-first baseline (`data.exclude_scores`) that never reads provenance."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from rsmatch import hub
+from rsmatch.benchmark.sources import load_real, load_synthetic, read_class_folder
+from rsmatch.benchmark.split import SplitSpec, build_split
+from rsmatch.benchmark.store import save_benchmark
+from rsmatch.cli import filter as cli
+from rsmatch.config import ConfigError, load_config
+from rsmatch.data.decode import decode
+from rsmatch.data.exclude import kept_rows
+from rsmatch.data.loaders import load_train_data
+from rsmatch.export import load_detector
+from rsmatch.filter_report import provenance_metrics
+from rsmatch.trainer import Trainer
+
+from .conftest import tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    trainer = Trainer(tiny_config(sources, out, algorithm="rsmatch"))
+    trainer.fit()
+    return out, trainer
+
+
+@pytest.fixture(scope="module")
+def bench(sources, tmp_path_factory):
+    real = load_real(str(sources["real"]))
+    synth = {g: load_synthetic(str(sources[f"gen_{g}"]), real.class_names) for g in ("a", "b")}
+    dd = build_split(real, synth, SplitSpec(4, 0.5, None, 0))
+    out = tmp_path_factory.mktemp("bench") / "b"
+    save_benchmark(dd, out, {"real": str(sources["real"]), "labels_per_class": 4})
+    return out
+
+
+def filter_(tmp_path, *args):
+    out = tmp_path / "out"
+    return cli.main([*args, "--out", str(out), "--precision", "no"]), out
+
+
+def scores_of(out):
+    t = pq.read_table(out / "scores.parquet").to_pydict()
+    return dict(zip(t["id"], t["synthetic_score"])), t
+
+
+def test_detector_exports_and_reloads_bit_identically(run):
+    out, trainer = run
+    live = trainer.accelerator.unwrap_model(trainer.model).detector
+    det = load_detector(out / "detector")
+    state = live.state_dict()
+    assert det.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in det.state_dict().items())
+    assert (det.image_size, det.threshold) == ([32, 32], 0.5)
+    assert det.class_names == trainer.data.class_names and det.real_set == trainer.cfg.data.real
+    assert (out / "best" / "detector" / "model.safetensors").is_file()
+    card = (out / "detector" / "README.md").read_text()
+    last = json.loads((out / "evals.jsonl").read_text().splitlines()[-1])
+    assert "without a single synthetic label" in card
+    assert f"| detector_acc | {last['detector_acc']:.4f} |" in card
+    assert "| steps (train.steps) | 4 |" in card
+
+
+def test_shared_encoder_run_exports_no_detector(sources, tmp_path):
+    cfg = tiny_config(sources, tmp_path / "r", algorithm="rsmatch", **{"rsmatch.shared_encoder": True,
+                      "train.steps": 1, "train.eval_every": 1})  # fmt: skip
+    Trainer(cfg).fit()
+    assert (tmp_path / "r" / "model").is_dir() and not (tmp_path / "r" / "detector").exists()
+    rc, _ = filter_(tmp_path, "--detector", str(tmp_path / "r"), "--images", "x")
+    assert rc == 2
+
+
+def test_filter_a_folder_scores_equal_the_detector_and_keep_real(run, sources, tmp_path):
+    out, _ = run
+    det = load_detector(out / "detector")
+    folder = sources["gen_a"]
+    ds = read_class_folder(folder)
+    with torch.no_grad():
+        expected = det.score(decode(ds)).tolist()
+    ids = [row["path"] for row in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    threshold = sorted(expected)[len(expected) // 2]  # a score itself: <= keeps it
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder), "--threshold",
+                      str(threshold), "--keep", "real")  # fmt: skip
+    assert rc == 0
+    got, table = scores_of(res)
+    assert sorted(got) == sorted(ids)
+    torch.testing.assert_close(torch.tensor([got[i] for i in ids]), torch.tensor(expected))
+    assert table["call"] == [
+        "synthetic" if s > threshold else "real" for s in table["synthetic_score"]
+    ]
+    saved = datasets.load_from_disk(str(res / "dataset"))["train"]
+    want = sorted(i for i in ids if got[i] <= threshold)
+    assert sorted(saved["path"]) == want and 0 < len(want) < len(ids)
+    assert saved.features["label"].names == ["cat", "dog", "ship"]  # nested: class folders
+    report = json.loads((res / "report.json").read_text())
+    assert report["counts"]["saved"] == len(want) and report["provenance_metrics"] is None
+    for name in ("README.md", "histogram.png", "most_synthetic.png", "most_real.png"):
+        assert (res / name).is_file()
+
+
+def test_filter_a_saved_benchmark_reports_provenance(run, bench, tmp_path):
+    out, _ = run
+    rc, res = filter_(tmp_path, "--detector", str(out / "detector"), "--images", str(bench))
+    assert rc == 0
+    _, table = scores_of(res)
+    dd = datasets.load_from_disk(str(res / "dataset"))
+    src = datasets.load_from_disk(str(bench))
+    assert set(dd) == {"labeled", "unlabeled", "test"}
+    unl = [i for i, s in enumerate(table["split"]) if s == "unlabeled"]
+    assert [table["source_id"][i] for i in unl] == src["unlabeled"]["source_id"]
+    assert dd["unlabeled"]["synthetic_score"] == [table["synthetic_score"][i] for i in unl]
+    report = json.loads((res / "report.json").read_text())
+    truth = np.concatenate([src[s]["is_synthetic"] for s in src])
+    gens = [g for s in src for g in src[s]["generator"]]
+    want = provenance_metrics(np.asarray(table["synthetic_score"]), truth, gens, 0.5)
+    assert report["provenance_metrics"] == pytest.approx(want, nan_ok=True)
+    assert "recall/a" in want and "roc_auc" in (res / "README.md").read_text()
+    rc, pool = filter_(tmp_path / "pool", "--detector", str(out), "--images", str(bench),
+                       "--split", "unlabeled")  # fmt: skip
+    assert rc == 0 and set(datasets.load_from_disk(str(pool / "dataset"))) == {"unlabeled"}
+    assert scores_of(pool)[1]["synthetic_score"] == [table["synthetic_score"][i] for i in unl]
+
+
+def test_provenance_metrics_by_hand():
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2])
+    truth = np.array([0, 0, 1, 1, 1, 0], dtype=bool)
+    gens = ["real", "real", "g1", "g1", "g2", "real"]
+    m = provenance_metrics(scores, truth, gens, 0.5)
+    # positive > negative pairs: 0.35 beats 0.1, 0.2; 0.8 and 0.7 beat all three -> 8 of 9
+    assert m["roc_auc"] == pytest.approx(8 / 9)
+    assert m["accuracy"] == pytest.approx(5 / 6)  # only 0.35 (synthetic) is called real
+    assert m["precision"] == 1.0 and m["recall"] == pytest.approx(2 / 3)
+    assert m["recall/g1"] == 0.5 and m["recall/g2"] == 1.0 and m["real_called_synthetic"] == 0.0
+
+
+def _png(size):
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_and_odd_sized_images(run, sources, tmp_path):
+    out, _ = run
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    good = (sources["gen_b"] / "cat" / "0000.jpg").read_bytes()
+    (folder / "a.jpg").write_bytes(good)
+    (folder / "big.png").write_bytes(_png((50, 70)))  # H=50, W=70
+    (folder / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "text.png").write_bytes(b"not an image")
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder))
+    assert rc == 2 and not res.exists()
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder), "--skip-corrupt")
+    assert rc == 0
+    assert (res / "corrupt.txt").read_text().split() == ["cut.jpg", "text.png"]
+    got, _ = scores_of(res)
+    det = load_detector(out / "detector")
+    big = Image.open(io.BytesIO(_png((50, 70)))).resize((32, 32), Image.Resampling.LANCZOS)
+    x = torch.stack([decode(read_class_folder(sources["gen_b"]).select([0]))[0],
+                     torch.from_numpy(np.array(big)).permute(2, 0, 1)])  # fmt: skip
+    with torch.no_grad():
+        want = det.score(x).tolist()
+    assert sorted(got) == ["a.jpg", "big.png"]
+    assert [got["a.jpg"], got["big.png"]] == pytest.approx(want, abs=1e-6)
+    saved = datasets.load_from_disk(str(res / "dataset"))["train"]
+    assert "label" not in saved.column_names  # a flat folder has no classes
+
+
+def test_corrupt_error_names_the_files(run, tmp_path, capsys):
+    out, _ = run
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8broken")
+    (folder / "ok.png").write_bytes(_png((32, 32)))
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(tmp_path / "imgs"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line and "batch/s" not in line]
+    assert rc == 2 and len(err) == 1 and "cat/bad.jpg" in err[0] and "--skip-corrupt" in err[0]
+    assert not res.exists()
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "no-detector", "classifier", "out-exists", "split"]
+)
+def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, case):
+    out, _ = run
+    detector, images, named, extra = str(out), str(sources["gen_a"]), None, []
+    if case == "missing":
+        images = named = str(tmp_path / "nope")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        images = named = str(tmp_path / "empty")
+    elif case == "no-detector":  # a run folder without detector/ (e.g. FixMatch)
+        shutil.copytree(out / "model", tmp_path / "fm" / "model")
+        detector = named = str(tmp_path / "fm")
+    elif case == "classifier":
+        detector = named = str(out / "model")
+    elif case == "split":
+        images, extra, named = str(bench), ["--split", "nope"], "--split nope"
+    else:
+        (tmp_path / "out").mkdir()
+        named = str(tmp_path / "out")
+    rc, res = filter_(tmp_path, "--detector", detector, "--images", images, *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and named in err[0] and err[0].startswith("rsmatch-filter:")
+    assert case == "out-exists" or not res.exists()
+
+
+def test_push_at_the_api_boundary(run, sources, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    out, _ = run
+    calls = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo, **kw: calls.append(("data", repo, kw, sorted(self))))  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("card", kw)))  # fmt: skip
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(sources["gen_a"]),
+                      "--push-to-hub", "me/filtered", "--private")  # fmt: skip
+    assert rc == 0
+    assert calls[0] == ("data", "me/filtered", {"private": True}, ["train"])
+    kw = calls[1][1]
+    assert (kw["folder_path"], kw["repo_id"], kw["repo_type"]) == (
+        str(res),
+        "me/filtered",
+        "dataset",
+    )
+    assert "README.md" in kw["allow_patterns"]
+    card = (res / "README.md").read_text()
+    assert "threshold **0.5**" in card and "| scored | 36 |" in card and str(out) in card
+
+
+def test_push_offline_fails_cleanly(run, sources, tmp_path, capsys):
+    out, _ = run
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(sources["gen_a"]),
+                      "--push-to-hub", "me/filtered")  # fmt: skip
+    assert (
+        rc == 1 and "push failed" in capsys.readouterr().err and (res / "scores.parquet").is_file()
+    )
+
+
+def test_rsmatch_push_detector_at_the_api_boundary(run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    out, _ = run
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo, **kw: calls.append(("create", repo)))  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["folder_path"])) or "url")  # fmt: skip
+    assert hub.main([str(out), "me/detector", "--detector"]) == 0
+    staged = out / "hub-detector"
+    assert calls == [("create", "me/detector"), ("upload", str(staged))]
+    names = {p.name for p in staged.iterdir()}
+    assert {"model.safetensors", "config.json", "README.md", *hub.RECORD_FILES} == names
+    assert "synthetic-image detector" in (staged / "README.md").read_text()
+    (tmp_path / "fm").mkdir()
+    for name in hub.RECORD_FILES:
+        shutil.copy2(out / name, tmp_path / "fm" / name)
+    assert hub.main([str(tmp_path / "fm"), "me/detector", "--detector"]) == 2
+    assert "no detector/ export" in capsys.readouterr().err
+
+
+# -- the filter-first baseline ---------------------------------------------------------------
+
+
+def write_scores(path: Path, source_ids: list[str], scores: list[float], split: str = "unlabeled"):
+    pq.write_table(pa.table({"split": [split] * len(scores), "source_id": source_ids,
+                             "synthetic_score": scores}), path)  # fmt: skip
+    return path
+
+
+def fake_scores(bench, path):
+    """Scores for every split: labeled/test rows reuse source ids and must be ignored."""
+    dd = datasets.load_from_disk(str(bench))
+    rng = np.random.default_rng(0)
+    cols = {"split": [], "source_id": [], "synthetic_score": []}
+    for split in ("labeled", "unlabeled", "test"):
+        ids = dd[split]["source_id"]
+        cols["split"] += [split] * len(ids)
+        cols["source_id"] += ids
+        cols["synthetic_score"] += rng.uniform(size=len(ids)).round(2).tolist()
+    pq.write_table(pa.table(cols), path)
+    unl = [s for s, sp in zip(cols["synthetic_score"], cols["split"]) if sp == "unlabeled"]
+    return dd["unlabeled"], np.asarray(unl)
+
+
+def test_exclude_scores_trains_and_drops_exactly_the_rows_above(sources, bench, tmp_path):
+    pool, scores = fake_scores(bench, tmp_path / "s.parquet")
+    keep = np.flatnonzero(scores <= 0.5)
+    assert 0 < len(keep) < len(scores)
+    cfg = load_config(None, tiny_overrides(sources, tmp_path / "r", algorithm="fixmatch",
+        **{"data.benchmark": str(bench), "data.exclude_scores": str(tmp_path / "s.parquet"),
+           "data.exclude_above": 0.5, "train.steps": 2}))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert torch.equal(trainer.data.unlabeled, decode(pool.select(keep.tolist())))
+    assert trainer.data.split_meta["excluded"] == len(scores) - len(keep)
+    assert (tmp_path / "r" / "metrics.json").is_file()
+
+
+def test_exclude_never_reads_provenance(bench, tmp_path):
+    pool, _ = fake_scores(bench, tmp_path / "s.parquet")
+    dd = datasets.load_from_disk(str(bench))
+    rng = np.random.default_rng(1)
+    flipped = [not v for v in rng.permutation(dd["unlabeled"]["is_synthetic"]).tolist()]
+    unl = dd["unlabeled"].remove_columns(["is_synthetic", "generator"])
+    unl = unl.add_column("is_synthetic", flipped).add_column(
+        "generator", rng.permutation(dd["unlabeled"]["generator"]).tolist()
+    )
+    save_benchmark(datasets.DatasetDict(labeled=dd["labeled"], unlabeled=unl, test=dd["test"]),
+                   tmp_path / "shuffled", {"labels_per_class": 4})  # fmt: skip
+    kept = []
+    for path in (bench, tmp_path / "shuffled"):
+        cfg = load_config(None, [f"data.benchmark={path}",
+                                 f"data.exclude_scores={tmp_path / 's.parquet'}"])  # fmt: skip
+        kept.append(load_train_data(cfg.data).unlabeled)
+    assert torch.equal(kept[0], kept[1]) and len(kept[0]) < len(pool)
+    # the ids' content is irrelevant: opaque ids with the same scores keep the same rows
+    ids, scores = pool["source_id"], pq.read_table(tmp_path / "s.parquet").to_pydict()
+    score_of = {i: s for i, s, sp in zip(scores["source_id"], scores["synthetic_score"],
+                                          scores["split"]) if sp == "unlabeled"}  # fmt: skip
+    opaque = [f"id{i}" for i in range(len(ids))]
+    renamed = write_scores(tmp_path / "r.parquet", opaque, [score_of[i] for i in ids])
+    assert kept_rows(opaque, str(renamed), 0.5) == kept_rows(ids, str(tmp_path / "s.parquet"), 0.5)
+
+
+def test_exclude_errors(bench, tmp_path):
+    with pytest.raises(ConfigError, match="data.exclude_above"):
+        load_config(None, ["data.exclude_above=1.5"])
+    with pytest.raises(ConfigError, match="data.exclude_scores"):
+        load_config(None, [f"data.exclude_scores={tmp_path / 'none.parquet'}"])
+    ids = ["real/1", "a/2"]
+    path = write_scores(tmp_path / "s.parquet", ["real/1"], [0.2])
+    with pytest.raises(ValueError, match="1 of 2 pool rows have no score"):
+        kept_rows(ids, str(path), 0.5)
+    path = write_scores(tmp_path / "s.parquet", ids, [0.9, 0.8])
+    with pytest.raises(ValueError, match="drops every unlabeled row"):
+        kept_rows(ids, str(path), 0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(run, sources, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out, _ = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--detector", str(out), "--images", str(sources["real"]), "--precision", "no"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), "launch/filter.py", *args, "--out", str(tmp_path / "p2")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert cli.main([*args, "--out", str(tmp_path / "p1")]) == 0
+    one, two = scores_of(tmp_path / "p1")[1], scores_of(tmp_path / "p2")[1]
+    assert one["id"] == two["id"] and len(one["id"]) == 120  # real/train + real/test
+    assert one["synthetic_score"] == two["synthetic_score"]
