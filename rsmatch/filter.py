@@ -24,10 +24,10 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
+from rsmatch.benchmark.integrity import decode_bytes
 from rsmatch.benchmark.sources import LABEL_COLUMNS, image_files
 from rsmatch.export import load_detector
 from rsmatch.models import Detector
@@ -180,7 +180,7 @@ def to_tensor(data: bytes, size: tuple[int, int]) -> torch.Tensor | None:
     if pil.size != (size[1], size[0]):
         return pil_to_tensor(pil.resize((size[1], size[0]), Image.Resampling.LANCZOS))
     try:  # training decoded with torchvision: the same pixels
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+        return decode_bytes(data)
     except RuntimeError:  # formats torchvision does not read (BMP, ...)
         return pil_to_tensor(pil)
 
