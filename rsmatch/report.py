@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from rsmatch.config import ALGORITHMS, SSL_BASES
 from rsmatch.experiment import MANIFEST
+from rsmatch.registry import algorithms
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
 # Keys the row and column already name, or that cannot change a result.
@@ -75,8 +75,9 @@ def method_name(cfg: dict[str, Any], extras: tuple[str, ...] = ()) -> str:
 
 def _method_order(method: str) -> tuple:
     algo, _, rest = method.partition(" ")
-    rank = ALGORITHMS.index(algo) if algo in ALGORITHMS else len(ALGORITHMS)
-    bases = [i for i, b in enumerate(SSL_BASES) if f"({b})" in rest]
+    names = list(algorithms())  # registration order: supervised, the SSL baselines, RSMatch
+    rank = names.index(algo) if algo in names else len(names)
+    bases = [i for i, b in enumerate(names) if f"({b})" in rest]
     return rank, "real only" not in rest, bases, rest
 
 
