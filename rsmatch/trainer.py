@@ -149,8 +149,9 @@ class Trainer:
                     self.algorithm.load_state_dict(algo_state)
                     self.state = TrainerState(**trainer_state)
                 except (RuntimeError, TypeError, KeyError) as e:
+                    why = " ".join(str(e).split())
                     raise checkpoint.CheckpointError(
-                        f"{found}: does not fit this run ({e})"
+                        f"{found}: does not fit this run ({why})"
                     ) from None
         except BaseException:
             if acc.is_main_process:
@@ -162,9 +163,11 @@ class Trainer:
             if found is not None:
                 for path in checkpoint.set_aside(self.ckpt_root, found):
                     acc.print(f"set aside {path.name}: newer than the checkpoint resumed from")
-                dropped = trim_evals(self.out, self.state.step)
-                if dropped:
-                    acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
+            # evaluations after the step we start from (all, for a run that died before its
+            # first checkpoint) will be repeated: each step appears once
+            dropped = trim_evals(self.out, self.state.step)
+            if dropped:
+                acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                 "precision": self.precision.record(), "split": self.data.split_meta,

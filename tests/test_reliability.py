@@ -205,6 +205,45 @@ def test_cli_refuses_a_broken_checkpoint_and_changes_nothing(
     assert tree(out) == before
 
 
+def test_trainer_loads_before_it_writes(straight, sources, tmp_path):
+    """The trainer's own path (the CLI checks earlier): refuse, release the lock, write nothing."""
+    out = copy_run(straight, tmp_path)
+    corrupt(out / "checkpoints" / STEP4 / "trainer.json", "truncate")
+    before = tree(out)
+    trainer = Trainer(tiny_config(sources, out))
+    with pytest.raises(CheckpointError, match=f"{STEP4}/trainer.json: "):
+        trainer.prepare_output(True)
+    assert tree(out) == before
+
+
+def test_a_sealed_checkpoint_missing_algorithm_state_is_an_error(straight, sources, tmp_path):
+    """A manifest that vouches for an incomplete algorithm state: an error, never `{}`."""
+    from safetensors.torch import load_file, save_file
+
+    from rsmatch.checkpoint import write_manifest
+
+    out = copy_run(straight, tmp_path)
+    folder = out / "checkpoints" / STEP4
+    state = load_file(str(folder / "algorithm.safetensors"))
+    save_file(dict(list(state.items())[1:]), str(folder / "algorithm.safetensors"))
+    write_manifest(folder)
+    before = tree(out)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(tiny_config(sources, out)).prepare_output(True)
+    assert f"{STEP4}: does not fit this run (" in str(e.value) and "Missing key" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert tree(out) == before
+
+
+def test_a_run_that_died_before_its_first_checkpoint_leaves_no_evaluations(sources, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "evals.jsonl").write_text('{"step": 2, "test_acc": 0.5}\n')
+    Trainer(tiny_config(sources, out)).fit()
+    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
 def test_auto_fallback_ends_bit_identical_to_an_uninterrupted_run(straight, sources, tmp_path):
     out = copy_run(straight, tmp_path)
     corrupt(out / "checkpoints" / STEP4 / "ema.safetensors", "flip")
