@@ -67,6 +67,10 @@ def verify(folder: Path) -> None:
         raise CheckpointError(f"{manifest}: missing (the checkpoint is incomplete)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__})") from None
+    if not isinstance(entries, dict) or not all(
+        isinstance(e, dict) and {"size", "sha256"} <= e.keys() for e in entries.values()
+    ):
+        raise CheckpointError(f"{manifest}: malformed")
     for name in REQUIRED:
         if name not in entries:
             raise CheckpointError(

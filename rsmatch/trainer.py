@@ -87,9 +87,7 @@ class Trainer:
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
-        if acc.is_main_process:
-            runfolder.check_writable(self.out)  # before decoding any data
-        self.lock = runfolder.RunLock(self.out)
+        self.lock = runfolder.RunLock(self.out)  # taken by prepare_output, for the whole run
         self.data = data or load_train_data(cfg.data)
         self.rank, self.world = acc.process_index, acc.num_processes
         set_seed(t.seed)  # identical initial weights on every rank
@@ -139,7 +137,8 @@ class Trainer:
         """Lock the run folder, verify and load the checkpoint, and only then write to the folder
         (run record, evaluations, trackers): a refused resume leaves the folder as it was."""
         acc = self.accelerator
-        if acc.is_main_process:
+        if acc.is_main_process:  # rsmatch-train checked it before decoding data, too
+            runfolder.check_writable(self.out)
             self.lock.acquire()
         try:
             found, skipped = runfolder.check_run_folder(self.cfg, resume)
