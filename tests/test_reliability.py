@@ -371,3 +371,29 @@ def test_two_processes_print_an_error_once(sources, tmp_path):
     errors = [x for x in (res.stdout + res.stderr).splitlines() if "rsmatch-train: error:" in x]
     assert errors == ["rsmatch-train: error: train.seed=-1: must be in [0, 2**32)"], res.stderr
     assert res.returncode != 0 and not (tmp_path / "run").exists()
+
+
+def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from rsmatch import checkpoint
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        checkpoint.os, "replace", lambda a, b: (renamed.append(Path(a).name), real_replace(a, b))
+    )
+    stale = tmp_path / ".tmp_step_00000001_1_dead"  # left by a killed run: cleared under the lock
+    stale.mkdir()
+    for _ in range(2):
+        checkpoint.save(acc, tmp_path, 1, model, {}, {"step": 1}, {"algorithm": "x"}, keep=2)
+    tmps = [n for n in renamed if n.startswith(".tmp_step_")]
+    assert len(tmps) == 2 and tmps[0] != tmps[1]
+    assert all(n.startswith(f".tmp_step_00000001_{os.getpid()}_") for n in tmps)
+    assert (
+        not stale.exists()
+        and [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    )
+    checkpoint.verify(tmp_path / "step_00000001")
