@@ -8,6 +8,7 @@ which is what users of a long-running trainer need before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -188,8 +189,26 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+def _yaml(text: str, where: str, marks: bool = True) -> Any:
+    """Parse YAML; any error becomes one line `WHERE:LINE:COL: problem` (or `WHERE: problem`)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and marks else where
+        raise ConfigError(_one_line(f"{at}: {e.problem or e.context}")) from None
+    except (yaml.YAMLError, ValueError, OverflowError) as e:  # e.g. a date like 2024-13-45
+        raise ConfigError(_one_line(f"{where}: {e}")) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    """`; did you mean PREFIX+X?` for a near miss (difflib), else an empty string."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -216,7 +235,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         _, item = typing.get_args(tp)
         return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is too large for a float") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -231,7 +253,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (valid: {', '.join(sorted(names))})")
+            hint = did_you_mean(str(key), sorted(names), prefix)
+            raise ConfigError(
+                f"{prefix}{key}: unknown key{hint} (valid: {', '.join(sorted(names))})"
+            )
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
@@ -260,10 +285,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"{text}: overrides are key=value, e.g. train.lr=0.01")
-    try:
-        return key.strip(), _yaml(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} ({e.problem})") from None
+    where = f"{key.strip()}: cannot parse {raw!r}"
+    return key.strip(), _yaml(raw, where, marks=False) if raw != "" else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -274,9 +297,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"--config: no such file {str(path)!r}")
         try:
-            tree = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"--config: cannot read {str(path)!r} ({_one_line(str(e))})"
+            ) from None
+        tree = _yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"--config: {path} must hold a mapping at top level")
     for item in overrides:
@@ -309,7 +335,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
           d.exclude_scores, "no such file")  # fmt: skip
     unl = d.unlabeled_per_class
     check(unl is None or unl >= 1, "data.unlabeled_per_class", unl, "must be >= 1 or null")
-    for key in ("steps", "batch_size", "uratio", "eval_every", "log_every", "save_every"):
+    for key, value in (("train.seed", t.seed), ("data.split_seed", d.split_seed)):
+        check(0 <= value < 2**32, key, value, "must be in [0, 2**32)")  # numpy's seed range
+    for key in ("steps", "batch_size", "uratio", "eval_every", "log_every", "save_every",
+                "eval_batch_size"):  # fmt: skip
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     check(t.lr > 0, "train.lr", t.lr, "must be positive")
     check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "not in [0, 1)")
@@ -328,6 +357,25 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if hasattr(section, "validate"):
             section.validate()
     check_world_size(cfg, world_size)
+    check_backbones(cfg)
+
+
+def check_backbones(cfg: Config) -> None:
+    """Every `*backbone` key of every section names a timm model (ours are registered by
+    importing rsmatch.models), so a typo stops the run before any data is decoded."""
+    import timm
+
+    import rsmatch.models  # noqa: F401  (registers the WRNs with timm)
+
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        for g in dataclasses.fields(section):
+            name = getattr(section, g.name)
+            if g.name.endswith("backbone") and isinstance(name, str) and not timm.is_model(name):
+                hint = did_you_mean(name, timm.list_models())
+                check(False, f"{f.name}.{g.name}", name, f"not a timm model{hint}")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

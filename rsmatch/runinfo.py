@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rsmatch.config import Config, to_dict
+from rsmatch.config import Config, ConfigError, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
             "numpy", "deepspeed", "diffusers", "transformers")  # fmt: skip
@@ -44,17 +45,81 @@ def git_commit() -> dict[str, str | bool]:
         return {"commit": "unknown", "dirty": False}
 
 
-def write_run_record(out: Path, cfg: Config, extra: dict) -> None:
+# Keys that may change when a run is resumed: they do not alter the trajectory.
+RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_every",
+             "train.keep_checkpoints", "train.progress", "train.eval_batch_size",
+             "train.output_dir")  # fmt: skip
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
+    old = flat(saved)
+    new = flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same round trip as saved
+    differ = [
+        f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
+        for k in sorted(old.keys() | new.keys())
+        if k not in RESUMABLE and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]
+    if differ:
+        raise ConfigError(
+            f"--resume: the config differs from {source} in {', '.join(differ)}; only "
+            f"{', '.join(RESUMABLE)} may change on resume"
+        )
+
+
+_ABSENT = object()
+
+
+def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | None) -> None:
+    """Write config.yaml and run.json; a resume appends to run.json's history."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    record = {
-        "seed": cfg.train.seed,
-        "split_seed": cfg.data.split_seed,
-        "command": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(),
-        "versions": versions(),
-        "git": git_commit(),
-        **extra,
-    }
-    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    _atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    event = {
+        "event": "resume" if resumed_from else "start", "command": sys.argv, "time": now,
+        "host": platform.node(), "pid": os.getpid(), "resumed_from": resumed_from,
+        "versions": versions(), "git": git_commit(), **extra,
+    }  # fmt: skip
+    path = out / "run.json"
+    record = None
+    if resumed_from and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            record = None  # unreadable: start a new record rather than lose the run
+    if not isinstance(record, dict):
+        record = {"seed": cfg.train.seed, "split_seed": cfg.data.split_seed, "command": sys.argv,
+                  "started": now, "host": platform.node(), "versions": event["versions"],
+                  "git": event["git"], **extra, "history": []}  # fmt: skip
+    record.setdefault("history", []).append(event)
+    _atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def trim_evals(out: Path, step: int) -> int:
+    """Drop evaluations after `step` from evals.jsonl (a resume from an older checkpoint
+    repeats them); replaced atomically. Returns how many lines were dropped."""
+    path = out / "evals.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        _atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)

@@ -26,7 +26,7 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3, distribute_bn
 from tqdm.auto import tqdm
 
-from rsmatch import checkpoint, evaluate, hardware
+from rsmatch import checkpoint, evaluate, hardware, runfolder
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
 from rsmatch.config import Config, ConfigError, check_world_size, to_dict
@@ -34,7 +34,7 @@ from rsmatch.data.batch import TrainData
 from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
 from rsmatch.models import Normalize
-from rsmatch.runinfo import write_run_record
+from rsmatch.runinfo import trim_evals, write_run_record
 
 
 def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
@@ -89,6 +89,7 @@ class Trainer:
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
+        self.lock = runfolder.RunLock(self.out)  # taken by prepare_output, for the whole run
         if data is None:
             check_sources(cfg.data)  # counts by listing, then every undecodable image listed
             data = load_train_data(cfg.data)
@@ -155,30 +156,48 @@ class Trainer:
             distribute_bn(self.ema.module, self.world, reduce=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def prepare_output(self, resume: bool) -> None:
-        """Refuse to overwrite a run unless resuming; write the run record; start trackers."""
+    def prepare_output(self, resume: runfolder.Resume = False) -> None:
+        """Lock the run folder, verify and load the checkpoint, and only then write to the folder
+        (run record, evaluations, trackers): a refused resume leaves the folder as it was."""
         acc = self.accelerator
-        found = checkpoint.latest(self.ckpt_root)
-        if resume:
-            if found is None:
-                raise ConfigError(f"--resume: no checkpoint under {self.ckpt_root}")
-        elif found is not None or (self.out / "metrics.json").exists():
-            raise ConfigError(
-                f"train.output_dir={str(self.out)!r}: holds a run already; pass --resume or "
-                "choose another train.output_dir"
-            )
+        if acc.is_main_process:  # rsmatch-train checked it before decoding data, too
+            runfolder.check_writable(self.out)
+            self.lock.acquire()
+        try:
+            found, skipped = runfolder.check_run_folder(self.cfg, resume)
+            if found is not None:
+                algo_state, trainer_state = checkpoint.load(acc, found, self.ema.module)
+                try:
+                    self.algorithm.load_state_dict(algo_state)
+                    self.state = TrainerState(**trainer_state)
+                except (RuntimeError, TypeError, KeyError) as e:
+                    why = " ".join(str(e).split())
+                    raise checkpoint.CheckpointError(
+                        f"{found}: does not fit this run ({why})"
+                    ) from None
+        except BaseException:
+            if acc.is_main_process:
+                self.lock.release(keep_folder=False)
+            raise
         if acc.is_main_process:
+            for note in skipped:
+                acc.print(f"skipping a broken checkpoint: {note}")
+            if found is not None:
+                for path in checkpoint.set_aside(self.ckpt_root, found):
+                    acc.print(f"set aside {path.name}: newer than the checkpoint resumed from")
+            # evaluations after the step we start from (all, for a run that died before its
+            # first checkpoint) will be repeated: each step appears once
+            dropped = trim_evals(self.out, self.state.step)
+            if dropped:
+                acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
-                "world_size": self.world, "device": str(acc.device), "resumed_from": str(found) if resume else None,
-                "mixed_precision": acc.mixed_precision, "precision": self.precision.record(), "split": self.data.split_meta,
+                "world_size": self.world, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                "precision": self.precision.record(), "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
-            })  # fmt: skip
+            }, resumed_from=str(found) if found else None)  # fmt: skip
         acc.wait_for_everyone()
         acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
-        if resume:
-            algo_state, trainer_state = checkpoint.load(acc, found, self.ema.module)
-            self.algorithm.load_state_dict(algo_state)
-            self.state = TrainerState(**trainer_state)
+        if found is not None:
             acc.print(f"resumed from {found} at step {self.state.step}")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -232,6 +251,7 @@ class Trainer:
             for tracker in acc.trackers:  # the process group stays up for the caller
                 tracker.finish()
         if interrupted:
+            self.lock.release()
             return {"interrupted": True, "step": self.state.step}
         return self._finish()
 
@@ -311,7 +331,7 @@ class Trainer:
         self._sync_bn_statistics()
         checkpoint.save(
             self.accelerator, self.ckpt_root, step, self.ema.module, self.algorithm.state_dict(),
-            self.state.__dict__, self.cfg.train.keep_checkpoints,
+            self.state.__dict__, to_dict(self.cfg), self.cfg.train.keep_checkpoints,
         )  # fmt: skip
 
     def export(self, folder: Path | None = None) -> Path:
@@ -349,6 +369,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.export()
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            self.lock.release()
         return metrics
 
 

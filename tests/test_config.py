@@ -3,6 +3,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rsmatch.config import ConfigError, config_docs, load_config, validate
 
@@ -92,3 +95,94 @@ def test_config_docs_are_generated_and_current():
 def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_near_miss_keys_suggest_the_key():
+    with pytest.raises(ConfigError, match=r"^train.lrr: unknown key; did you mean train.lr\? \("):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"^trian: unknown key; did you mean train\? \("):
+        load_config(None, ["trian.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"^train.zzz: unknown key \(valid: "):
+        load_config(None, ["train.zzz=1"])
+
+
+def test_yaml_errors_are_one_line_with_file_line_column(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.1\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}:4:1: expected ',' or ']', but got '<stream end>'"
+    with pytest.raises(ConfigError, match=r"^train.lr: cannot parse '\[1': expected"):
+        load_config(None, ["train.lr=[1"])
+    with pytest.raises(ConfigError, match=r"^train.seed: cannot parse '2024-13-45': month"):
+        load_config(None, ["train.seed=2024-13-45"])  # a YAML date that is not one
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.seed=-1", "train.seed=-1: must be in [0, 2**32)"),
+        ("data.split_seed=4294967296", "data.split_seed=4294967296: must be in [0, 2**32)"),
+        ("train.eval_batch_size=0", "train.eval_batch_size=0: must be >= 1"),
+        ("model.backbone=wrn28_3", "model.backbone='wrn28_3': not a timm model; did you mean wrn28_8?"),
+        ("rsmatch.detector_backbone=resnet19", "rsmatch.detector_backbone='resnet19': not a timm model; did you mean resnet18?"),
+        ("model.backbone=qqqqqq", "model.backbone='qqqqqq': not a timm model"),
+        ("train.lr=" + "9" * 400, "train.lr: 999"),
+    ],
+)  # fmt: skip
+def test_early_value_checks(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_timm_and_our_backbones_pass():
+    cfg = load_config(None, ["model.backbone=resnet18", "rsmatch.detector_backbone=wrn10_1"])
+    assert cfg.model.backbone == "resnet18"
+
+
+# -- property: any override or YAML document loads or fails as one ConfigError line ----------
+
+KEYS = ["algorithm", "train.lr", "train.lrr", "train.steps", "train.seed", "data.split_seed",
+        "data.synthetic", "data.synthetic.a", "data.mean", "data.real", "model.backbone",
+        "rsmatch.detector_backbone", "rsmatch.queue_length", "train.mixed_precision",
+        "train.channels_last", "train.eval_batch_size", "ssl.threshold", "simmatch.temperature",
+        "train", "train.lr.x", "", ".", "a..b"]  # fmt: skip
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+    st.sampled_from(["wrn28_2", "resnet18", "fixmatch", "rsmatch", "no", "auto", "1e-3"]),
+)  # fmt: skip
+documents = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.one_of(st.sampled_from(KEYS + ["lr", "steps", "seed"]), st.text(max_size=6)),
+                      inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+def _loads_or_one_line(path, overrides) -> None:
+    try:
+        load_config(path, overrides)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e), repr(str(e))
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.tuples(st.sampled_from(KEYS) | st.text(max_size=10), st.text(max_size=16)
+                          | scalars.map(str)), max_size=4))  # fmt: skip
+def test_random_overrides_load_or_fail_as_one_line(pairs):
+    _loads_or_one_line(None, [f"{k}={v}" for k, v in pairs])
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.one_of(documents.map(lambda d: yaml.safe_dump(d)), st.text(max_size=60)))
+def test_random_yaml_documents_load_or_fail_as_one_line(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text, encoding="utf-8", errors="surrogatepass")
+    _loads_or_one_line(f, [])

@@ -1,17 +1,24 @@
 """Train an algorithm: `accelerate launch launch/train.py --config configs/rsmatch.yaml key=value ...`.
 
-Errors in the config or the data stop the run before anything is written, with one line naming
-the key and value, and exit code 2.
+Every input is checked before data is decoded or anything is written: the config, the output
+folder (writable, not holding another run) and, with `--resume`, the checkpoint (verified by its
+manifest) and its config. An error is one line naming the key or file, printed by the main
+process only, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from rsmatch.benchmark.sources import SourceError
+from rsmatch.checkpoint import CheckpointError
 from rsmatch.config import ConfigError, load_config
+
+ERRORS = (ConfigError, SourceError, CheckpointError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,24 +28,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
     ap.add_argument(
-        "--resume", action="store_true", help="continue from train.output_dir's latest checkpoint"
+        "--resume", nargs="?", const="latest", choices=("latest", "auto-fallback"),
+        help="continue from train.output_dir's latest checkpoint, refused if it is broken; "
+        "--resume=auto-fallback takes the newest intact one instead (and says so)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--resume-from", type=int, metavar="STEP", help="continue from the checkpoint of STEP"
     )
     ap.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.01"
     )
-    return ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # A bare `--resume` must not swallow the key=value after it as its optional value.
+    args = ap.parse_args(["--resume=latest" if a == "--resume" else a for a in argv])
+    if args.resume and args.resume_from is not None:
+        ap.error("--resume and --resume-from exclude each other")
+    return args
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    resume = args.resume_from if args.resume_from is not None else args.resume
     try:
         cfg = load_config(args.config, args.overrides)
-        from rsmatch.trainer import Trainer  # heavy imports after the cheap checks
+        from rsmatch import runfolder  # heavy imports after the cheap checks
+
+        out = Path(cfg.train.output_dir)
+        runfolder.check_writable(out)
+        runfolder.check_free(out)
+        runfolder.check_run_folder(cfg, resume)  # read-only; repeated under the run lock
+        from rsmatch.trainer import Trainer
 
         trainer = Trainer(cfg)
-        metrics = trainer.fit(resume=args.resume)
-    except (ConfigError, SourceError) as e:
-        print(f"rsmatch-train: error: {e}", file=sys.stderr)
+        metrics = trainer.fit(resume=resume)
+    except ERRORS as e:
+        if _is_main():  # every process finds the same error; one line is enough
+            print(f"rsmatch-train: error: {e}", file=sys.stderr)
         return 2
     if trainer.accelerator.is_main_process:
         print(json.dumps(metrics))

@@ -1,0 +1,148 @@
+"""The run folder: writable before any work starts, and used by one run at a time.
+
+The lock is an OS advisory lock (`fcntl.flock`) on `train.output_dir/.lock`, held for the whole
+run and released by the kernel even on `kill -9`. The file names its holder (pid, host, start
+time) for the run that is refused. It is removed on release, so a refused or failed run leaves
+the folder as it found it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from rsmatch import checkpoint
+from rsmatch.config import Config, ConfigError
+from rsmatch.runinfo import check_resume_config
+
+LOCK = ".lock"
+
+
+def check_writable(out: Path) -> None:
+    """One-line ConfigError unless the run can create and write `out` and what it holds."""
+    key = f"train.output_dir={str(out)!r}"
+    existing = out
+    while not existing.exists():  # the first folder that would be created in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is a file, not a folder")
+    for folder in (existing, out / "checkpoints", out / "tb"):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {folder} is not writable")
+
+
+def check_free(out: Path) -> None:
+    """Refuse early, writing nothing, if another run holds `out`'s lock now."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(_busy(out)) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(out: Path) -> str:
+    try:
+        h = json.loads((out / LOCK).read_text())
+        holder = f"pid {h['pid']} on {h['host']} since {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        holder = "holder not yet recorded"
+    return f"train.output_dir={str(out)!r}: in use by another run ({holder}); one run per folder"
+
+
+class RunLock:
+    """`with RunLock(out):` holds train.output_dir for this process or raises ConfigError."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.path = out, out / LOCK
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+    def acquire(self) -> None:
+        missing = []
+        folder = self.out
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.created = missing  # removed again if we end up holding nothing
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._remove_created()
+                raise ConfigError(_busy(self.out)) from None
+            try:  # the file we locked may have been unlinked by a releasing holder: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        holder = {"pid": os.getpid(), "host": platform.node(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self.fd = fd
+
+    def release(self, keep_folder: bool = True) -> None:
+        """Unlock; with keep_folder=False also remove the folders acquire() created if empty."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: see the inode check in acquire
+        os.close(self.fd)
+        self.fd = None
+        if not keep_folder:
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self.created = []
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+Resume = bool | str | int | None  # False/None: a new run; True/"latest"; "auto-fallback"; a step
+
+
+def check_run_folder(cfg: Config, resume: Resume) -> tuple[Path | None, list[str]]:
+    """Read-only checks of train.output_dir for a new run or a resume, before any write.
+
+    Returns the verified checkpoint to resume from (None for a new run) and notes on broken
+    checkpoints passed over by `auto-fallback`.
+    """
+    out = Path(cfg.train.output_dir)
+    root = out / "checkpoints"
+    if resume is None or resume is False:
+        if (
+            checkpoint.latest(root) is not None
+            or checkpoint.steps(root)
+            or (out / "metrics.json").exists()
+        ):
+            raise ConfigError(
+                f"train.output_dir={str(out)!r}: holds a run already; pass --resume or "
+                "choose another train.output_dir"
+            )
+        return None, []
+    found, skipped = checkpoint.select(root, "latest" if resume is True else resume)
+    check_resume_config(checkpoint.saved_config(found), cfg, found / "config.yaml")
+    return found, skipped

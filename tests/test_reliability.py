@@ -1,0 +1,399 @@
+"""Never a traceback, never a lost or mixed-up run (issue 13): checkpoints that prove themselves,
+resume rules, one run per folder, and errors as users read them — through the CLI."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsmatch import runfolder
+from rsmatch.checkpoint import CheckpointError
+from rsmatch.config import ConfigError
+from rsmatch.trainer import Trainer
+
+from .conftest import tiny_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP2, STEP4 = "step_00000002", "step_00000004"
+
+
+def cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def error_line(res: subprocess.CompletedProcess) -> str:
+    """The whole of stderr: exactly one line, `rsmatch-train: error: ...`."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("rsmatch-train: error: "), res.stderr
+    return lines[0]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file and folder under `folder` with the sha256 of its bytes."""
+    if not folder.exists():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@contextmanager
+def immutable(path: Path):
+    """Read-only even for root (tests run as root here): the ext4 immutable attribute."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def _state(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.detach().clone() for k, v in trainer.ema.module.state_dict().items()},
+        "algorithm": {k: v.clone() for k, v in trainer.algorithm.state_dict().items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def straight(sources, tmp_path_factory):
+    """An uninterrupted 4-step RSMatch run: checkpoints and evaluations at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    trainer = Trainer(tiny_config(sources, out, **{"train.keep_checkpoints": 5}))
+    trainer.fit()
+    return out, _state(trainer)
+
+
+def copy_run(straight, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(straight[0], out)
+    return out
+
+
+# -- errors before anything is decoded or written ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"model.backbone": "wrn28_3"}, "model.backbone='wrn28_3': not a timm model; did you mean wrn28_8?"),
+        ({"rsmatch.detector_backbone": "resnet19"}, "rsmatch.detector_backbone='resnet19': not a timm model; did you mean resnet18?"),
+        ({"train.eval_batch_size": 0}, "train.eval_batch_size=0: must be >= 1"),
+        ({"train.seed": -1}, "train.seed=-1: must be in [0, 2**32)"),
+        ({"data.split_seed": -3}, "data.split_seed=-3: must be in [0, 2**32)"),
+        ({"train.lrr": 0.1}, "train.lrr: unknown key; did you mean train.lr? (valid: "),
+    ],
+)  # fmt: skip
+def test_config_errors_are_one_line_and_write_nothing(sources, tmp_path, extra, message):
+    out = tmp_path / "run"
+    line = error_line(cli(tiny_overrides(sources, out, **extra), tmp_path))
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_yaml_error_names_file_line_and_column(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: 0.1\n   steps: 3\n")  # one space too many
+    line = error_line(cli(["--config", "bad.yaml"], tmp_path))
+    assert line == "rsmatch-train: error: bad.yaml:3:9: mapping values are not allowed here", line
+
+
+def test_error_is_printed_by_the_main_process_only(sources, tmp_path):
+    res = cli(tiny_overrides(sources, tmp_path / "run", **{"train.seed": -1}), tmp_path,
+              env={"RANK": "1"})  # fmt: skip
+    assert res.returncode == 2 and res.stderr.strip() == ""
+
+
+def test_output_dir_under_a_regular_file(sources, tmp_path):
+    (tmp_path / "file").write_text("x")
+    line = error_line(cli(tiny_overrides(sources, tmp_path / "file" / "run"), tmp_path))
+    assert (
+        f"train.output_dir='{tmp_path}/file/run': {tmp_path}/file is a file, not a folder" in line
+    )
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_output_dir_in_a_read_only_parent(sources, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    with immutable(parent):
+        line = error_line(cli(tiny_overrides(sources, parent / "run"), tmp_path))
+    assert f"train.output_dir='{parent}/run': {parent} is not writable" in line
+    assert not (parent / "run").exists()
+
+
+def test_resume_with_read_only_checkpoints_is_refused_before_training(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    before = tree(out)
+    with immutable(out / "checkpoints"):
+        line = error_line(cli(["--resume", *tiny_overrides(sources, out)], tmp_path))
+    assert f"{out}/checkpoints is not writable" in line
+    assert tree(out) == before
+
+
+# -- checkpoints that prove themselves ---------------------------------------------------------
+
+FILES = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+         "ema.safetensors", "algorithm.safetensors", "trainer.json", "config.yaml"]  # fmt: skip
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
+    else:
+        path.unlink()
+
+
+def test_checkpoint_files_are_all_in_the_manifest(straight):
+    manifest = json.loads((straight[0] / "checkpoints" / STEP4 / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(FILES)
+    entry = manifest["files"]["trainer.json"]
+    data = (straight[0] / "checkpoints" / STEP4 / "trainer.json").read_bytes()
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
+@pytest.mark.parametrize("name", [*FILES, "manifest.json"])
+def test_a_broken_latest_checkpoint_is_named(straight, sources, tmp_path, name, how):
+    """The same check the CLI runs before loading anything (one CLI run per mode below)."""
+    out = copy_run(straight, tmp_path)
+    corrupt(out / "checkpoints" / STEP4 / name, how)
+    before = tree(out)
+    with pytest.raises(CheckpointError) as e:
+        runfolder.check_run_folder(tiny_config(sources, out), True)
+    message = str(e.value)
+    assert "\n" not in message and "--resume=auto-fallback" in message
+    # a flipped hash digit inside the manifest names the file whose hash it was
+    named = f"{out}/checkpoints/{STEP4}/{name}"
+    assert named in message or (name == "manifest.json" and f"{STEP4}/" in message), message
+    found, skipped = runfolder.check_run_folder(tiny_config(sources, out), "auto-fallback")
+    assert found.name == STEP2 and len(skipped) == 1 and STEP4 in skipped[0]
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize(
+    "name, how", [("random_states_0.pkl", "truncate"), ("optimizer.bin", "flip"),
+                  ("algorithm.safetensors", "delete")],
+)  # fmt: skip
+def test_cli_refuses_a_broken_checkpoint_and_changes_nothing(
+    straight, sources, tmp_path, name, how
+):
+    out = copy_run(straight, tmp_path)
+    corrupt(out / "checkpoints" / STEP4 / name, how)
+    before = tree(out)
+    line = error_line(cli(["--resume", *tiny_overrides(sources, out)], tmp_path))
+    assert f"{out}/checkpoints/{STEP4}/{name}" in line and "auto-fallback" in line, line
+    assert tree(out) == before
+
+
+def test_trainer_loads_before_it_writes(straight, sources, tmp_path):
+    """The trainer's own path (the CLI checks earlier): refuse, release the lock, write nothing."""
+    out = copy_run(straight, tmp_path)
+    corrupt(out / "checkpoints" / STEP4 / "trainer.json", "truncate")
+    before = tree(out)
+    trainer = Trainer(tiny_config(sources, out))
+    with pytest.raises(CheckpointError, match=f"{STEP4}/trainer.json: "):
+        trainer.prepare_output(True)
+    assert tree(out) == before
+
+
+def test_a_sealed_checkpoint_missing_algorithm_state_is_an_error(straight, sources, tmp_path):
+    """A manifest that vouches for an incomplete algorithm state: an error, never `{}`."""
+    from safetensors.torch import load_file, save_file
+
+    from rsmatch.checkpoint import write_manifest
+
+    out = copy_run(straight, tmp_path)
+    folder = out / "checkpoints" / STEP4
+    state = load_file(str(folder / "algorithm.safetensors"))
+    save_file(dict(list(state.items())[1:]), str(folder / "algorithm.safetensors"))
+    write_manifest(folder)
+    before = tree(out)
+    with pytest.raises(CheckpointError) as e:
+        Trainer(tiny_config(sources, out)).prepare_output(True)
+    assert f"{STEP4}: does not fit this run (" in str(e.value) and "Missing key" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert tree(out) == before
+
+
+def test_a_run_that_died_before_its_first_checkpoint_leaves_no_evaluations(sources, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "evals.jsonl").write_text('{"step": 2, "test_acc": 0.5}\n')
+    Trainer(tiny_config(sources, out)).fit()
+    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_auto_fallback_ends_bit_identical_to_an_uninterrupted_run(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    corrupt(out / "checkpoints" / STEP4 / "ema.safetensors", "flip")
+    trainer = Trainer(tiny_config(sources, out))
+    trainer.fit(resume="auto-fallback")
+    assert trainer.state.step == 4
+    resumed, reference = _state(trainer), straight[1]
+    for part in ("model", "ema", "algorithm"):
+        assert reference[part].keys() == resumed[part].keys()
+        for k, v in reference[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    # the broken checkpoint is kept aside, the evaluations are not doubled, the history grows
+    assert (out / "checkpoints" / f"set_aside_{STEP4}").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == STEP4
+    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert [h["event"] for h in history] == ["start", "resume"]
+    assert history[1]["resumed_from"] == str(out / "checkpoints" / STEP2)
+    assert not (out / ".lock").exists()
+
+
+def test_resume_from_an_explicit_step(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    with pytest.raises(CheckpointError, match=r"--resume-from 3: no checkpoint .* \(steps: 4, 2\)"):
+        runfolder.check_run_folder(tiny_config(sources, out), 3)
+    found, skipped = runfolder.check_run_folder(tiny_config(sources, out), 2)
+    assert found.name == STEP2 and skipped == []
+
+
+def test_missing_latest_target_is_named(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    shutil.rmtree(out / "checkpoints" / STEP4)
+    with pytest.raises(CheckpointError, match=rf"latest: points to {STEP4}, which is missing"):
+        runfolder.check_run_folder(tiny_config(sources, out), True)
+
+
+# -- resume rules -------------------------------------------------------------------------------
+
+
+def test_resume_with_a_changed_algorithm_lists_the_keys(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    before = tree(out)
+    args = tiny_overrides(sources, out, algorithm="fixmatch", **{"train.lr": 0.01})
+    line = error_line(cli(["--resume", *args], tmp_path))
+    assert (
+        f"--resume: the config differs from {out}/checkpoints/{STEP4}/config.yaml in "
+        "algorithm ('rsmatch' -> 'fixmatch'), train.lr (0.03 -> 0.01); only train.steps"
+    ) in line, line
+    assert tree(out) == before
+
+
+def test_resume_may_change_steps_and_intervals(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    cfg = tiny_config(sources, out, **{"train.steps": 6, "train.eval_every": 3,
+                                       "train.progress": True, "train.keep_checkpoints": 1})  # fmt: skip
+    found, _ = runfolder.check_run_folder(cfg, True)
+    assert found.name == STEP4
+
+
+def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    before = tree(out)
+    line = error_line(cli(tiny_overrides(sources, out), tmp_path))
+    assert "holds a run already; pass --resume" in line
+    assert tree(out) == before
+
+
+# -- one run per folder -------------------------------------------------------------------------
+
+
+def test_a_locked_folder_is_refused_naming_the_holder(sources, tmp_path):
+    out = tmp_path / "run"
+    with runfolder.RunLock(out):
+        line = error_line(cli(tiny_overrides(sources, out), tmp_path))
+        assert f"in use by another run (pid {os.getpid()} on " in line, line
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    assert not (out / ".lock").exists()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    with (
+        runfolder.RunLock(tmp_path / "run"),
+        pytest.raises(ConfigError, match="in use by another run"),
+    ):
+        runfolder.RunLock(tmp_path / "run").acquire()
+    runfolder.RunLock(tmp_path / "run").acquire()  # released: free again
+
+
+@pytest.mark.slow
+def test_two_runs_racing_into_one_folder_exactly_one_trains(sources, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_overrides(sources, out, **{"train.steps": 12, "train.eval_every": 4,
+                                           "train.save_every": 4})  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), *args]
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1)
+    second = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in (first, second)]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[2] == 2)
+    assert "in use by another run" in loser[1] or "holds a run already" in loser[1], loser[1]
+    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]
+    assert len(json.loads((out / "run.json").read_text())["history"]) == 1
+    assert not list((out / "checkpoints").glob(".tmp*")) and not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_print_an_error_once(sources, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(port), str(ROOT / "launch" / "train.py"),
+           *tiny_overrides(sources, tmp_path / "run", **{"train.seed": -1})]  # fmt: skip
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [x for x in (res.stdout + res.stderr).splitlines() if "rsmatch-train: error:" in x]
+    assert errors == ["rsmatch-train: error: train.seed=-1: must be in [0, 2**32)"], res.stderr
+    assert res.returncode != 0 and not (tmp_path / "run").exists()
+
+
+def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from rsmatch import checkpoint
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        checkpoint.os, "replace", lambda a, b: (renamed.append(Path(a).name), real_replace(a, b))
+    )
+    stale = tmp_path / ".tmp_step_00000001_1_dead"  # left by a killed run: cleared under the lock
+    stale.mkdir()
+    for _ in range(2):
+        checkpoint.save(acc, tmp_path, 1, model, {}, {"step": 1}, {"algorithm": "x"}, keep=2)
+    tmps = [n for n in renamed if n.startswith(".tmp_step_")]
+    assert len(tmps) == 2 and tmps[0] != tmps[1]
+    assert all(n.startswith(f".tmp_step_00000001_{os.getpid()}_") for n in tmps)
+    assert (
+        not stale.exists()
+        and [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    )
+    checkpoint.verify(tmp_path / "step_00000001")
