@@ -127,3 +127,20 @@ def test_logs_reduce_in_sorted_order_and_refuse_a_changing_key_set(sources, tmp_
     trainer.algorithm.cfg.freematch.ema_p = 1.0  # freeze the threshold above every confidence
     logged = trainer.train_step(2)
     assert float(logged["mask_rate"]) == 0.0 and float(logged["loss_fair"]) == 0.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convolutions_get_the_configured_memory_format(sources, tmp_path, channels_last):
+    """The augmented batches are channels_last-strided: `false` must still reach NCHW."""
+    cfg = tiny_config(sources, tmp_path / "run", algorithm="fixmatch",
+                      **{"train.channels_last": channels_last})  # fmt: skip
+    trainer = Trainer(cfg)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    seen = []
+    for m in trainer.accelerator.unwrap_model(trainer.model).modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1):  # 1x1 fits both
+            m.register_forward_pre_hook(lambda m, args: seen.append(
+                (args[0].is_contiguous(memory_format=layout),
+                 m.weight.is_contiguous(memory_format=layout))))  # fmt: skip
+    trainer.train_step(0)
+    assert seen and all(x and w for x, w in seen), seen
