@@ -11,7 +11,11 @@ The batch is built before counting: the data pipeline's draws are host-side by d
 from __future__ import annotations
 
 import collections
+import json
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +148,17 @@ def test_convolutions_get_the_configured_memory_format(sources, tmp_path, channe
                  m.weight.is_contiguous(memory_format=layout))))  # fmt: skip
     trainer.train_step(0)
     assert seen and all(x and w for x, w in seen), seen
+
+
+@pytest.mark.slow
+def test_bench_vs_usb_dry_run_without_usb():
+    """The side-by-side benchmark at tiny sizes (USB's venv needs the network: left out)."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_vs_usb.py"
+    cmd = [sys.executable, str(tool), "--only", "bare", "fixmatch", "--batch-size", "2",
+           "--uratio", "1", "--threads", "1", "--steps", "1", "--rounds", "1", "--warmup", "1",
+           "--pool", "64"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{\n") :])
+    assert summary["median_s_per_step"].keys() == {"bare", "fixmatch"}
+    assert summary["ratios"]["bare / rsmatch fixmatch (>= 0.9 wanted)"] > 0
