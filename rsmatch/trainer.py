@@ -120,6 +120,8 @@ class Trainer:
             acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
+        if t.compile:  # in place, after the EMA copy: names, unwrapping and checkpoints unchanged
+            self.model.compile()
         self.algorithm.to(acc.device)
         views = self.algorithm.views
         self.batches = BatchMaker(

@@ -162,3 +162,19 @@ def test_bench_vs_usb_dry_run_without_usb():
     summary = json.loads(res.stdout[res.stdout.index("{\n") :])
     assert summary["median_s_per_step"].keys() == {"bare", "fixmatch"}
     assert summary["ratios"]["bare / rsmatch fixmatch (>= 0.9 wanted)"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(sources, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile_{compiled}"
+        Trainer(
+            tiny_config(sources, out, algorithm="fixmatch", **{"train.compile": compiled})
+        ).fit()
+        runs[compiled] = load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert runs[True].keys() == runs[False].keys()  # no `_orig_mod.` names in checkpoints
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, rtol=1e-3, atol=1e-4, msg=k)
