@@ -136,6 +136,11 @@ class TrainConfig:
         "and checkpoint, so all ranks evaluate and save the same buffers.",
     )
     clip_grad_norm: float = option(0.0, "Clip the gradient norm to this value (0 = off).")
+    compile: bool = option(
+        False,
+        "torch.compile the trained model (not the EMA copy): fewer, fused kernels per step after "
+        "a one-off compile of a few minutes; see docs/speed.md for where it pays.",
+    )
     progress: bool = option(True, "Show a progress bar on the main process.")
 
 

@@ -71,7 +71,7 @@ def batch_detector_acc(
     pred_synthetic: torch.Tensor, idx_ulb: torch.Tensor, prov: Provenance
 ) -> torch.Tensor:
     """Per-step detector accuracy on this rank's unlabeled batch (evaluation only)."""
-    truth = prov.is_synthetic[idx_ulb.cpu()].to(pred_synthetic.device)
+    truth = prov.is_synthetic.to(idx_ulb.device)[idx_ulb]  # no copy if already on the device
     return (pred_synthetic.bool() == truth).float().mean()
 
 

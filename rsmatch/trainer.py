@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from rsmatch import checkpoint, evaluate, hardware, runfolder
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
 from rsmatch.config import Config, ConfigError, check_world_size, to_dict
-from rsmatch.data.batch import TrainData
+from rsmatch.data.batch import Provenance, TrainData
 from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
 from rsmatch.models import Normalize
@@ -128,12 +127,16 @@ class Trainer:
             acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
+        if t.compile:  # in place, after the EMA copy: names, unwrapping and checkpoints unchanged
+            self.model.compile()
         self.algorithm.to(acc.device)
         views = self.algorithm.views
         self.batches = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
             unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
         )  # fmt: skip
+        prov = self.data.provenance  # for per-step probes, on the device once (no copy per step)
+        self._probe_provenance = Provenance(prov.is_synthetic.to(acc.device), prov.generator)
         self.state = TrainerState()
         self.ckpt_root = self.out / "checkpoints"
         self._stop = False
@@ -201,7 +204,13 @@ class Trainer:
             acc.print(f"resumed from {found} at step {self.state.step}")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop = True
         self.accelerator.set_trigger()  # all ranks learn of it at the next step's check
+
+    def _stopping(self) -> bool:
+        # Several ranks must agree on the step to stop at, which takes a collective (and a
+        # device round trip); one process reads its own flag and never waits for the device.
+        return self.accelerator.check_trigger() if self.world > 1 else self._stop
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
@@ -210,13 +219,12 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not (t.progress and acc.is_local_main_process),
                    dynamic_ncols=True, desc=self.cfg.algorithm)  # fmt: skip
-        window: dict[str, list[torch.Tensor]] = defaultdict(list)
+        window: dict[str, list[torch.Tensor]] = {}
         start = time.time() - self.state.seconds
         interrupted = False
         try:
             while self.state.step < t.steps:
-                for k, v in self.train_step(self.state.step).items():
-                    window[k].append(v)
+                self._collect(window, self.train_step(self.state.step))
                 self.state.step += 1
                 step = self.state.step
                 self.state.seconds = time.time() - start
@@ -234,7 +242,7 @@ class Trainer:
                 if step % t.eval_every == 0 or step == t.steps:
                     self._evaluate(step)
                     bar.set_postfix(acc=f"{self.state.last_eval['test_acc']:.4f}")
-                if acc.check_trigger():
+                if self._stopping():
                     interrupted = True
                     self._save(step)
                     acc.print(
@@ -279,18 +287,35 @@ class Trainer:
             **{k: v.detach() for k, v in out.losses.items()},
             **out.metrics,
         }
-        logged["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
         if out.probes:  # evaluation only: the algorithm compares its probes with provenance
             logged.update(
-                self.algorithm.probe_metrics(out.probes, batch.idx_ulb, self.data.provenance)
+                self.algorithm.probe_metrics(out.probes, batch.idx_ulb, self._probe_provenance)
             )
         return logged
 
+    def _collect(
+        self, window: dict[str, list[torch.Tensor]], logged: dict[str, torch.Tensor]
+    ) -> None:
+        """Keep a step's values on the device until the next log.
+
+        Every rank must reduce the same keys in the same order, so an algorithm logs a fixed key
+        set: a key that comes or goes between steps is an error here, not a hang in `_reduce`.
+        """
+        if window and logged.keys() != window.keys():
+            raise RuntimeError(
+                f"algorithm {self.cfg.algorithm!r} logged {sorted(logged)} at step "
+                f"{self.state.step}, but {sorted(window)} before: log the same keys every step"
+            )
+        for k, v in logged.items():
+            window.setdefault(k, []).append(v)
+
     def _reduce(self, window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Window means over steps and ranks: one collective and one device-to-host copy."""
+        keys = sorted(window)  # the same order on every rank, whatever order keys came in
         device = self.accelerator.device
-        means = torch.stack([torch.stack(v).float().mean().to(device) for v in window.values()])
-        means = self.accelerator.reduce(means, "mean")
-        return {k: float(v) for k, v in zip(window, means)}
+        means = torch.stack([torch.stack(window[k]).float().mean().to(device) for k in keys])
+        means = self.accelerator.reduce(means, "mean").tolist()
+        return {**dict(zip(keys, means)), "lr": self.scheduler.get_last_lr()[0]}
 
     # -- evaluation ---------------------------------------------------------------------------
     def _predict(self, fn, images: torch.Tensor) -> torch.Tensor:

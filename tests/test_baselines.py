@@ -41,7 +41,10 @@ def test_flexmatch_learning_effect_with_and_without_warmup():
     assert warm.learning_effect(selected).tolist() == [0.25, 0.5, 0.0]  # divided by 4 (the -1s)
     cold = _algo("flexmatch", num_unlabeled=7, **{"flexmatch.thresh_warmup": False})
     assert cold.learning_effect(selected).tolist() == [0.5, 1.0, 0.0]  # divided by 2
-    assert warm.learning_effect(torch.full((7,), -1)) is None  # all in one bucket: unchanged
+    # all in one bucket (none selected, or all one class): sigma is left as it was
+    warm.classwise_acc = torch.tensor([0.1, 0.2, 0.3])
+    assert warm.learning_effect(torch.full((7,), -1)).tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert warm.learning_effect(torch.full((7,), 2)).tolist() == pytest.approx([0.1, 0.2, 0.3])
 
 
 def test_flexmatch_convex_threshold_and_selection():

@@ -83,6 +83,15 @@ class PseudoLabels:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def class_counts(labels: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Float histogram of `labels` in [0, n) (optionally weighted), like `bincount(...).float()`.
+
+    `bincount` reads its input's maximum back to the host on CUDA; a scatter-add does not.
+    """
+    ones = torch.ones_like(labels, dtype=torch.float) if weights is None else weights.float()
+    return torch.zeros(n, device=labels.device).index_add_(0, labels, ones)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample CE for hard (long [N]) or soft (float [N, C]) targets."""
     if targets.dtype == torch.long:

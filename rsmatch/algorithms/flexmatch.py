@@ -3,9 +3,10 @@
 sigma_c = (samples whose selected label is c) / max over buckets, where buckets include the
 never-selected "-1" bucket while `flexmatch.thresh_warmup` (USB's default). The mask uses the
 convex map tau * sigma / (2 - sigma) of the sample's predicted class, with sigma from the
-previous step; then samples with max p >= tau record their prediction. Counting uses bincount,
-not a Python Counter. Unlike USB (which updates each rank's copy from its own samples only), the
-selections are all-gathered, so every rank holds the same state as a one-process run.
+previous step; then samples with max p >= tau record their prediction. Counting is a tensor
+histogram (no Python Counter, no host round trip). Unlike USB (which updates each rank's copy
+from its own samples only), the selections are all-gathered, so every rank holds the same
+state as a one-process run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.algorithms.base import (
+    DataInfo,
+    PseudoLabels,
+    SSLAlgorithm,
+    StepContext,
+    Views,
+    class_counts,
+)
 from rsmatch.config import Config, option
 from rsmatch.data.batch import Batch
 from rsmatch.registry import register_algorithm
@@ -37,13 +45,12 @@ class FlexMatch(SSLAlgorithm):
         self.register_buffer("selected_label", torch.full((info.num_unlabeled,), -1))
         self.register_buffer("classwise_acc", torch.zeros(self.num_classes))
 
-    def learning_effect(self, selected: torch.Tensor) -> torch.Tensor | None:
-        """sigma_c, or None while every sample sits in one bucket (USB leaves it unchanged)."""
-        counts = torch.bincount(selected + 1, minlength=self.num_classes + 1).float()
-        if counts.max() >= len(selected):
-            return None
+    def learning_effect(self, selected: torch.Tensor) -> torch.Tensor:
+        """sigma_c; the current one while every sample sits in one bucket (USB leaves it)."""
+        counts = class_counts(selected + 1, self.num_classes + 1)
         norm = counts.max() if self.cfg.flexmatch.thresh_warmup else counts[1:].max()
-        return counts[1:] / norm
+        # A tensor condition, not `if`: deciding on the host would wait for the device.
+        return torch.where(counts.max() < len(selected), counts[1:] / norm, self.classwise_acc)
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
         tau = self.cfg.ssl.threshold
@@ -53,8 +60,10 @@ class FlexMatch(SSLAlgorithm):
         mask = (conf >= tau * sigma / (2.0 - sigma)).float()  # the convex mapping
         select = conf >= tau
         idx, pred_all, select_all = ctx.gather(batch.idx_ulb), ctx.gather(pred), ctx.gather(select)
-        self.selected_label[idx[select_all]] = pred_all[select_all]
-        sigma_new = self.learning_effect(self.selected_label)
-        if sigma_new is not None:
-            self.classwise_acc = sigma_new
+        # Record the selected predictions without a boolean index (its size is data-dependent):
+        # unselected ones go to a scratch slot past the end.
+        labels = torch.cat([self.selected_label, self.selected_label.new_empty(1)])
+        labels[torch.where(select_all, idx, len(self.selected_label))] = pred_all
+        self.selected_label.copy_(labels[:-1])
+        self.classwise_acc = self.learning_effect(self.selected_label)
         return PseudoLabels(pred, mask)

@@ -3,8 +3,8 @@
 EMA (m = `freematch.ema_p`) of the mean confidence (global threshold time_p), of the mean
 class probabilities (p_model) and of the hard-label histogram (label_hist), all from the weak
 probabilities gathered over ranks, updated before masking. mask = max p >= time_p * p_model[c] /
-max(p_model). The fairness term, weighted by `freematch.ent_loss_ratio` and computed only when
-something passes the mask, is USB's: sum_c SumNorm(p_model / label_hist)_c *
+max(p_model). The fairness term, weighted by `freematch.ent_loss_ratio` when something passes the
+mask and by 0 otherwise, is USB's: sum_c SumNorm(p_model / label_hist)_c *
 log SumNorm(mean p_s / hist_s)_c over the masked strong predictions (a negative cross-entropy).
 """
 
@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.algorithms.base import (
+    DataInfo,
+    PseudoLabels,
+    SSLAlgorithm,
+    StepContext,
+    Views,
+    class_counts,
+)
 from rsmatch.config import Config, check, option
 from rsmatch.data.batch import Batch
 from rsmatch.registry import register_algorithm
@@ -40,10 +47,18 @@ def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
 def fairness_loss(
     logits_s: torch.Tensor, mask: torch.Tensor, p_model: torch.Tensor, label_hist: torch.Tensor
 ) -> torch.Tensor:
-    probs_s = logits_s[mask.bool()].float().softmax(-1)
-    hist_s = _sum_norm(torch.bincount(probs_s.argmax(-1), minlength=probs_s.shape[1]).float())
+    """USB's fairness term over the strong predictions of the rows with mask 1 (some must be).
+
+    Rows are weighted by the 0/1 mask rather than selected, so the shapes do not depend on the
+    data and the host never waits for the device; the mean then sums in another order than over
+    the selected rows alone (float32 ulps).
+    """
+    probs_s = logits_s.float().softmax(-1)
+    weights = mask.float()
+    counts = class_counts(probs_s.argmax(-1), probs_s.shape[1], weights)
+    mean_s = (probs_s * weights[:, None]).sum(0) / weights.sum()
     target = _sum_norm(p_model * _safe_inverse(label_hist))
-    estimate = _sum_norm(probs_s.mean(0) * _safe_inverse(hist_s))
+    estimate = _sum_norm(mean_s * _safe_inverse(_sum_norm(counts)))
     return (target * torch.log(estimate + 1e-12)).sum()
 
 
@@ -65,7 +80,7 @@ class FreeMatch(SSLAlgorithm):
         conf, pred = probs.max(-1)
         self.time_p = m * self.time_p + (1 - m) * conf.mean()
         self.p_model = m * self.p_model + (1 - m) * probs.mean(0)
-        hist = torch.bincount(pred, minlength=self.num_classes).float()
+        hist = class_counts(pred, self.num_classes)
         self.label_hist = m * self.label_hist + (1 - m) * hist / hist.sum()
 
     def pseudo_labels(self, views: Views, batch: Batch, ctx: StepContext) -> PseudoLabels:
@@ -74,8 +89,14 @@ class FreeMatch(SSLAlgorithm):
         conf, pred = probs.max(-1)
         p_model = self.p_model
         mask = (conf >= self.time_p * p_model[pred] / p_model.max()).float()
-        losses = {}
-        if mask.sum() > 0:
-            loss_fair = fairness_loss(views.s["logits"], mask, p_model, self.label_hist)
-            losses["loss_fair"] = self.cfg.freematch.ent_loss_ratio * loss_fair
-        return PseudoLabels(pred, mask, losses, {"time_p": self.time_p[0]})
+        # USB computes the fairness term only when something passes the mask; it is always
+        # computed here (on every row when none passes, so it stays finite) and weighted by 0
+        # then: every step logs the same keys and the total loss is unchanged.
+        passed = mask.sum() > 0
+        loss_fair = fairness_loss(
+            views.s["logits"], torch.where(passed, mask, 1.0), p_model, self.label_hist
+        )
+        weight = torch.where(passed, self.cfg.freematch.ent_loss_ratio, 0.0)
+        return PseudoLabels(
+            pred, mask, {"loss_fair": weight * loss_fair}, {"time_p": self.time_p[0]}
+        )

@@ -68,9 +68,9 @@ class SimMatch(SSLAlgorithm):
 
     def align(self, probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Distribution alignment towards uniform over the last da_len global batches."""
-        history, ptr = self.da_history, int(self.da_ptr)
-        history[ptr] = ctx.gather(probs).mean(0)
-        self.da_ptr.fill_((ptr + 1) % len(history))
+        history = self.da_history  # the pointer stays a tensor: no host round trip
+        history.index_copy_(0, self.da_ptr, ctx.gather(probs).mean(0, keepdim=True))
+        self.da_ptr.copy_((self.da_ptr + 1) % len(history))
         aligned = probs * (1.0 / self.num_classes + 1e-6) / (history.mean(0) + 1e-6)
         return aligned / aligned.sum(-1, keepdim=True)
 

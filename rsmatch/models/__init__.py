@@ -21,7 +21,10 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # Both ways explicitly: the augmented batches come out channels_last-strided, and
+        # without this the convolutions ran channels_last with NCHW weights even when off.
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=layout)
 
 
 def create_encoder(
