@@ -122,6 +122,9 @@ class RSMatch(Algorithm):
         r = self.cfg.rsmatch
         b, u = len(batch.x_lb), len(batch.u_w)
         # B items from the queue: drawn globally with the step's generator, this rank's slice.
+        # Drawn before this step's push, so (2) sees the queue as of the previous step (only
+        # reals at step 0): the push needs this forward's detector scores on u_w, and the
+        # sample must be in this same forward (one detector forward per step, as the paper).
         global_b = b * ctx.world
         queued = self.queue.sample(global_b, ctx.generator)[ctx.rank * b : (ctx.rank + 1) * b]
         queued = queued.to(batch.x_lb.device)
@@ -136,9 +139,12 @@ class RSMatch(Algorithm):
         pl = self.base.pseudo_labels(views, batch, ctx)
         yhat = views.w["logits"].detach().argmax(-1)
 
-        # (1) synthetic score s_j on the weak view; detector pseudo-labels zhat_j.
-        p_d = det_w.detach().float().softmax(-1)
-        score = p_d[:, SYNTHETIC]
+        # (1) synthetic score s_j on the weak view; detector pseudo-labels zhat_j. The queue
+        # ranks by the fp32 logit margin, the log-odds of s_j: the same order, but it does not
+        # saturate at 1.0 (where ties would fall back to batch position).
+        det_w = det_w.detach().float()
+        score = det_w[:, SYNTHETIC] - det_w[:, REAL]
+        p_d = det_w.softmax(-1)
         det_conf, zhat = p_d.max(-1)
 
         # (2) detector, supervised: labeled reals are real, queued items synthetic.
