@@ -17,6 +17,8 @@ from rsmatch.algorithms.base import StepContext
 from rsmatch.config import load_config
 from rsmatch.data.batch import Batch
 
+from .test_csqueue_ranks import _NoHostSync as NoHostSync
+
 SHAPE = (3, 4, 4)
 C = 3
 LAMBDA_U = 0.5
@@ -157,3 +159,13 @@ def test_single_queue_ablation_takes_the_top_m_k_of_the_whole_batch():
     # margins -2, 1, 4, -3: the two most synthetic, best first, whatever their class
     assert algo.queue.capacity == C * 16
     assert queued_ids(algo.queue, 0) == [30, 12, 11]
+
+
+def test_a_step_has_no_host_sync_once_the_queue_holds_items():
+    algo, _ = run_step()  # the queue is non-empty from here on
+    batch = Batch(x_lb=images([1, 2]), y_lb=torch.tensor([0, 1]), idx_lb=torch.arange(2),
+                  u_w=images([10, 11, 12, 13]), u_s=images([20, 21, 22, 23]),
+                  idx_ulb=torch.arange(4))  # fmt: skip
+    with NoHostSync():
+        out = algo.step(Replay(CLS, DET), batch, StepContext(step=1, generator=torch.Generator()))
+    assert set(out.losses) == {"loss_s", "loss_ur", "loss_uf", "loss_ds", "loss_du"}
