@@ -94,7 +94,6 @@ class CSQueue(nn.Module):
         return self.images[rows, slots]
 
     # -- writing ------------------------------------------------------------------------------
-    @torch.no_grad()
     def update(
         self,
         scores: torch.Tensor,

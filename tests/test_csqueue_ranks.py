@@ -1,4 +1,4 @@
-"""CSQueue across ranks (simulated in threads) and without host syncs."""
+"""CSQueue: ranks (simulated in threads), host syncs, sampling, storage."""
 
 import threading
 
@@ -109,3 +109,32 @@ def test_sample_is_uniform_over_held_items():
     counts = torch.bincount(drawn, minlength=256)
     assert sorted(torch.nonzero(counts).flatten().tolist()) == held
     assert counts[held].min() > 5000 / len(held) * 0.85
+    torch.manual_seed(0)
+    again = q.sample(5000, torch.Generator().manual_seed(0))[:, 0, 0, 0].long()
+    assert torch.equal(drawn, again)  # the generator alone decides
+
+
+def test_sample_is_uniform_over_a_hundred_items():
+    q = CSQueue(1, 100, picks=1, topk=100, image_shape=SHAPE)
+    ids = torch.arange(100)
+    q.update(torch.zeros(100), torch.zeros(100, dtype=torch.long), _images(ids), ids,
+             torch.Generator())  # fmt: skip
+    counts = torch.bincount(q.sample(20000, torch.Generator().manual_seed(0))[:, 0, 0, 0].long())
+    assert counts.min() > 140 and counts.max() < 260  # 200 expected each
+
+
+def test_storage_is_uint8_images_and_long_pool_indices_from_zero():
+    q = CSQueue(2, 3, picks=2, topk=1, image_shape=SHAPE)
+    assert q.images.dtype == torch.uint8 and q.sources.dtype == torch.long
+    q.update(torch.ones(1), torch.tensor([1]), _images(torch.tensor([0])), torch.tensor([0]),
+             torch.Generator())  # fmt: skip
+    assert q.held_sources().tolist() == [0]  # pool index 0 is a real index
+
+
+def test_loading_an_empty_state_empties_the_queue():
+    q, empty = CSQueue(2, 3, 2, 1, SHAPE), CSQueue(2, 3, 2, 1, SHAPE)
+    q.update(torch.ones(1), torch.tensor([1]), _images(torch.tensor([7])), torch.tensor([7]),
+             torch.Generator())  # fmt: skip
+    assert len(q.sample(2, torch.Generator())) == 2
+    q.load_state_dict(empty.state_dict())
+    assert len(q.sample(2, torch.Generator())) == 0

@@ -166,6 +166,26 @@ def test_gradient_isolation_between_detector_and_classifier():
     assert not any(n.startswith("classifier.head.") for n in uf)
 
 
+def test_model_parts_and_detect():
+    algo, model, batch = _setup(**{"model.bn_momentum": 0.01})
+    assert model.shared_head is None
+    assert {
+        m.momentum for m in model.detector.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    } == {0.01}
+    model.eval()
+    assert torch.equal(model.detect(batch.u_w), model.detector(batch.u_w))
+    _, model, _ = _setup(**{"rsmatch.shared_encoder": True})
+    model.eval()
+    assert model.shared_head.out_features == 2
+    feat = model.classifier(batch.u_w)["feat"]
+    assert torch.equal(model.detect(batch.u_w), model.shared_head(feat))
+
+
+def test_the_base_algorithms_extra_losses_are_kept():
+    algo, model, batch = _setup(**{"rsmatch.base": "simmatch"})
+    assert "loss_in" in algo.step(model, batch, _ctx()).losses
+
+
 def test_ablation_switches():
     algo, model, batch = _setup(**{"rsmatch.fake_head": False})
     assert model.classifier.fake_head is None

@@ -127,7 +127,6 @@ class RSMatch(Algorithm):
         # sample must be in this same forward (one detector forward per step, as the paper).
         global_b = b * ctx.world
         queued = self.queue.sample(global_b, ctx.generator)[ctx.rank * b : (ctx.rank + 1) * b]
-        queued = queued.to(batch.x_lb.device)
         x_lb_det = batch.x_lb_s if r.strong_labeled else batch.x_lb
         x_cls = torch.cat([batch.x_lb, batch.u_w, batch.u_s])
         x_det = torch.cat([x_lb_det, queued, batch.u_w, batch.u_s])
@@ -151,7 +150,7 @@ class RSMatch(Algorithm):
         loss_ds = F.cross_entropy(det_lb, torch.full_like(batch.y_lb, REAL))
         if len(queued):
             loss_ds = loss_ds + F.cross_entropy(
-                det_q, torch.full((len(queued),), SYNTHETIC, device=det_q.device)
+                det_q, det_q.new_full((len(queued),), SYNTHETIC, dtype=torch.long)
             )
         # (3) detector, unsupervised: FixMatch on its own binary pseudo-labels.
         det_mask = (det_conf >= r.detector_threshold).float()
