@@ -227,11 +227,15 @@ def test_step_metrics_by_hand():
 def test_other_ranks_candidates_compete_through_the_gather():
     """A fake second rank whose candidates are all more synthetic: its items win every class."""
 
+    moved = []
+
     def with_other_rank(t: torch.Tensor) -> torch.Tensor:
+        moved.append(t.shape[:3])
         shift = {torch.uint8: 100, torch.long: 1000}.get(t.dtype, 100.0)
         return torch.cat([t, t + shift])  # -inf (no candidate) stays -inf
 
     algo, _ = run_step(ctx=StepContext(step=0, generator=torch.Generator(), gather=with_other_rank))
+    assert moved == [(1, C, 1)] * 3  # scores, pool indices, images: the top k of each class only
     assert [queued_ids(algo.queue, c) for c in range(C)] == [[30, 110], [111], [112]]
     assert sorted(algo.queue.held_sources().tolist()) == [130, 1110, 1111, 1112]
 
@@ -258,6 +262,10 @@ def test_probe_metrics_score_the_detector_calls_against_provenance():
     probes = {"synthetic_pred": torch.tensor([0, 1, 1, 0])}
     acc = make().probe_metrics(probes, torch.tensor([1, 0, 2, 3]), prov)
     assert acc["batch_detector_acc"].item() == 0.75  # truth [F, T, T, T]
+
+
+def test_tau_of_one_is_allowed():
+    assert load_config(None, ["rsmatch.detector_threshold=1"]).rsmatch.detector_threshold == 1
 
 
 @pytest.mark.parametrize(
