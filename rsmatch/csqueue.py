@@ -3,9 +3,10 @@
 C first-in first-out sub-queues of length L hold weak views of unlabeled images that the
 detector scores as most synthetic among those the classifier assigns to each class. Each step
 M sub-queues are picked at random and each takes its top-k candidates. With several processes
-every rank all-gathers the candidates (in rank order, i.e. the global batch order) and uses a
-pick generator seeded identically, so all ranks push the same items: the queue is identical
-everywhere and equal to a one-process run on the same global batch.
+every rank all-gathers only its own top k per picked class (score, pool index, image), in rank
+order, and uses a pick generator seeded identically, so all ranks push the same items: the
+queue is identical everywhere and equal to a one-process run on the same global batch. Push and
+sample are tensor operations (no loop over items, no host sync in steady state).
 
 `class_wise=False` is the ablation: one FIFO of length C*L fed with the top M*k of the batch.
 The queue also remembers each item's index in the unlabeled pool (`sources`), which lets the
@@ -16,11 +17,23 @@ buffers of an `nn.Module`, so they move, save and load with the algorithm that o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Top(NamedTuple):
+    index: torch.Tensor  # [rows, k] columns, best first
+    valid: torch.Tensor  # [rows, k] False where a row had fewer than k eligible columns
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [rows, k] tensor over the trailing (image) dimensions of `like`."""
+    trailing = like.shape[t.dim() :]
+    return t.view(*t.shape, *[1] * len(trailing)).expand(*t.shape, *trailing)
 
 
 class CSQueue(nn.Module):
@@ -46,6 +59,7 @@ class CSQueue(nn.Module):
         self.register_buffer("images", torch.zeros(shape, dtype=torch.uint8, device=device))
         self.register_buffer("sources", torch.full(shape[:2], -1, dtype=torch.long, device=device))
         self.register_buffer("pushed", torch.zeros(rows, dtype=torch.long, device=device))
+        self._maybe_empty = True  # host-side; once False, never True again (FIFOs only grow)
 
     # -- reading ------------------------------------------------------------------------------
     def fill(self) -> torch.Tensor:
@@ -60,22 +74,26 @@ class CSQueue(nn.Module):
         return self.sources[self.sources >= 0]
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n queued images drawn uniformly with replacement (empty tensor if the queue is)."""
-        rows, slots = torch.nonzero(self.sources >= 0, as_tuple=True)
-        if len(rows) == 0:
-            return self.images.new_zeros((0, *self.images.shape[2:]))
-        pick = torch.randint(0, len(rows), (n,), generator=generator).to(rows.device)
-        return self.images[rows[pick], slots[pick]]
+        """n queued images drawn uniformly with replacement (empty tensor if the queue is).
+
+        Held slots are a prefix of each ring (pushes write slot `pushed % capacity`), so the
+        k-th held item, row-major, is found by a search over the fill counts: no host sync
+        once the queue has held anything (emptiness is checked on the host until then).
+        """
+        fill = self.fill()
+        if self._maybe_empty:
+            self._maybe_empty = bool(fill.sum() == 0)
+            if self._maybe_empty:
+                return self.images.new_zeros((0, *self.images.shape[2:]))
+        # Exact integers: a 62-bit draw modulo the held count (bias < count / 2**62).
+        draw = torch.randint(0, 2**62, (n,), generator=generator).to(fill.device)
+        k = draw % fill.sum()
+        ends = fill.cumsum(0)
+        rows = torch.searchsorted(ends, k, right=True)
+        slots = k - (ends - fill)[rows]
+        return self.images[rows, slots]
 
     # -- writing ------------------------------------------------------------------------------
-    def _push(self, row: int, images: torch.Tensor, sources: torch.Tensor) -> None:
-        for image, source in zip(images, sources):
-            slot = int(self.pushed[row]) % self.capacity
-            self.images[row, slot] = image
-            self.sources[row, slot] = source
-            self.pushed[row] += 1
-
-    @torch.no_grad()
     def update(
         self,
         scores: torch.Tensor,
@@ -85,21 +103,58 @@ class CSQueue(nn.Module):
         generator: torch.Generator,
         gather: Gather = lambda t: t,
     ) -> None:
-        """Push the most synthetic-looking candidates of M random classes (see module doc)."""
-        scores, labels = gather(scores.float()), gather(pseudo_labels)
-        images, sources = gather(images), gather(sources)
+        """Push the highest-scoring candidates of M random classes (see module doc).
+
+        Each rank ranks its own candidates per picked class and all-gathers only the top k
+        (score and pool index), in rank order; the global top k of those are the global
+        batch's top k. Ties go to the lower global batch position (stable sorts), so ranks and
+        a one-process run agree. Only the images of the local top k travel.
+        """
+        rows = self._picked_rows(generator).to(scores.device)
+        if self.class_wise:
+            k = min(self.topk, self.capacity)
+            eligible = pseudo_labels[None, :] == rows[:, None]  # [M, N]
+        else:  # one row, fed with the top M*k of the whole batch
+            k = min(self.picks * self.topk, self.capacity)
+            eligible = torch.ones(1, len(scores), dtype=torch.bool, device=scores.device)
+        k = min(k, len(scores))
+        local = self._top(scores.float(), eligible, k)  # [M, k] positions in this batch
+        # -inf marks "no candidate"; real scores are finite logit margins.
+        top_scores = torch.where(local.valid, scores.float()[local.index], -torch.inf)
+        cand_scores = gather(top_scores[None]).transpose(0, 1).flatten(1)  # [M, world * k]
+        cand_sources = gather(sources[local.index][None]).transpose(0, 1).flatten(1)
+        cand_images = gather(images[local.index][None]).transpose(0, 1).flatten(1, 2)
+        win = self._top(cand_scores, cand_scores > -torch.inf, k)
+        self._push(rows, cand_images.gather(1, _expand(win.index, cand_images)),
+                   cand_sources.gather(1, win.index), win.valid)  # fmt: skip
+
+    def _picked_rows(self, generator: torch.Generator) -> torch.Tensor:
         if not self.class_wise:
-            top = torch.topk(scores, min(self.picks * self.topk, len(scores))).indices
-            self._push(0, images[top], sources[top])
-            return
+            return torch.zeros(1, dtype=torch.long)
         order = torch.randperm(self.num_classes, generator=generator)
-        for c in order[: min(self.picks, self.num_classes)].tolist():
-            candidates = torch.nonzero(labels == c).flatten()
-            if len(candidates):
-                best = candidates[
-                    torch.topk(scores[candidates], min(self.topk, len(candidates))).indices
-                ]
-                self._push(c, images[best], sources[best])
+        return order[: min(self.picks, self.num_classes)]
+
+    @staticmethod
+    def _top(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> _Top:
+        """Per row, the k eligible columns of highest score (ties: lower column first)."""
+        keyed = torch.where(eligible, scores.expand_as(eligible), -torch.inf)
+        order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, :k]
+        valid = eligible.gather(1, order)
+        return _Top(order, valid)
+
+    def _push(
+        self, rows: torch.Tensor, images: torch.Tensor, sources: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """Write up to k items per row at the ring's next slots; valid items come first."""
+        rows, images, sources, valid = (
+            t.to(self.pushed.device) for t in (rows, images, sources, valid)
+        )
+        k = valid.shape[1]
+        slots = (self.pushed[rows, None] + torch.arange(k, device=rows.device)) % self.capacity
+        r = rows[:, None].expand_as(slots)
+        self.images[r, slots] = torch.where(_expand(valid, images), images, self.images[r, slots])
+        self.sources[r, slots] = torch.where(valid, sources, self.sources[r, slots])
+        self.pushed.index_add_(0, rows, valid.sum(1))
 
     def _load_from_state_dict(self, state: dict, prefix: str, *args, **kwargs) -> None:
         for name, current in self.named_buffers(recurse=False):
@@ -110,3 +165,4 @@ class CSQueue(nn.Module):
                     f"{tuple(current.shape)} (queue_length, class_wise or image size changed?)"
                 )
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
+        self._maybe_empty = True

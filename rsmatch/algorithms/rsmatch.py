@@ -124,9 +124,11 @@ class RSMatch(Algorithm):
         r = self.cfg.rsmatch
         b, u = len(batch.x_lb), len(batch.u_w)
         # B items from the queue: drawn globally with the step's generator, this rank's slice.
+        # Drawn before this step's push, so (2) sees the queue as of the previous step (only
+        # reals at step 0): the push needs this forward's detector scores on u_w, and the
+        # sample must be in this same forward (one detector forward per step, as the paper).
         global_b = b * ctx.world
         queued = self.queue.sample(global_b, ctx.generator)[ctx.rank * b : (ctx.rank + 1) * b]
-        queued = queued.to(batch.x_lb.device)
         x_lb_det = batch.x_lb_s if r.strong_labeled else batch.x_lb
         x_cls = torch.cat([batch.x_lb, batch.u_w, batch.u_s])
         x_det = torch.cat([x_lb_det, queued, batch.u_w, batch.u_s])
@@ -138,16 +140,19 @@ class RSMatch(Algorithm):
         pl = self.base.pseudo_labels(views, batch, ctx)
         yhat = views.w["logits"].detach().argmax(-1)
 
-        # (1) synthetic score s_j on the weak view; detector pseudo-labels zhat_j.
-        p_d = det_w.detach().float().softmax(-1)
-        score = p_d[:, SYNTHETIC]
+        # (1) synthetic score s_j on the weak view; detector pseudo-labels zhat_j. The queue
+        # ranks by the fp32 logit margin, the log-odds of s_j: the same order, but it does not
+        # saturate at 1.0 (where ties would fall back to batch position).
+        det_w = det_w.detach().float()
+        score = det_w[:, SYNTHETIC] - det_w[:, REAL]
+        p_d = det_w.softmax(-1)
         det_conf, zhat = p_d.max(-1)
 
         # (2) detector, supervised: labeled reals are real, queued items synthetic.
         loss_ds = F.cross_entropy(det_lb, torch.full_like(batch.y_lb, REAL))
         if len(queued):
             loss_ds = loss_ds + F.cross_entropy(
-                det_q, torch.full((len(queued),), SYNTHETIC, device=det_q.device)
+                det_q, det_q.new_full((len(queued),), SYNTHETIC, dtype=torch.long)
             )
         # (3) detector, unsupervised: FixMatch on its own binary pseudo-labels.
         det_mask = (det_conf >= r.detector_threshold).float()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Mutation testing of rsmatch/algorithms/, rsmatch/csqueue.py and rsmatch/evaluate.py against
+# the fast tests named in pyproject.toml [tool.mutmut]; survivors are explained in
+# docs/mutation.md. Needs `pip install -e .[mutation]`. Results persist in mutants/, so a rerun
+# only retests what changed.
+#   tools/mutation.sh                      # everything
+#   tools/mutation.sh 'rsmatch.csqueue*'   # one module (mutmut's mutant-name globs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+unset PYTHONPATH  # mutmut puts its mutated copy first on sys.path
+python -m mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "$@"
+python -m mutmut results
