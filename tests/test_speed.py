@@ -75,12 +75,7 @@ def test_counter_sees_every_kind_of_sync():
     assert not counter.hits
 
 
-ALGORITHMS = [
-    "supervised", "fixmatch", "flexmatch", "freematch", "simmatch",
-    pytest.param("rsmatch", marks=pytest.mark.xfail(
-        strict=False, reason="CSQueue push/sample still read the queue on the host "
-        "(Python loops, nonzero); vectorised on another branch")),
-]  # fmt: skip
+ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
 
 
 def _warm_trainer(sources, tmp_path, algorithm: str, device: str = "cpu") -> Trainer:
