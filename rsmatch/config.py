@@ -194,7 +194,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str, where: str, marks: bool = True) -> Any:
+def parse_yaml(text: str, where: str, marks: bool = True) -> Any:
     """Parse YAML; any error becomes one line `WHERE:LINE:COL: problem` (or `WHERE: problem`)."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
@@ -291,7 +291,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"{text}: overrides are key=value, e.g. train.lr=0.01")
     where = f"{key.strip()}: cannot parse {raw!r}"
-    return key.strip(), _yaml(raw, where, marks=False) if raw != "" else ""
+    return key.strip(), parse_yaml(raw, where, marks=False) if raw != "" else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -307,7 +307,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(
                 f"--config: cannot read {str(path)!r} ({_one_line(str(e))})"
             ) from None
-        tree = _yaml(text, str(path)) or {}
+        tree = parse_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"--config: {path} must hold a mapping at top level")
     for item in overrides:

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from rsmatch.config import Config, ConfigError, _yaml, load_config, to_dict
+from rsmatch.config import Config, ConfigError, load_config, parse_yaml, to_dict
 
 GRID_KEYS = ("base", "output", "axes", "overrides")
 MANIFEST = "experiment.json"  # what the report reads to know the runs a grid expects
@@ -128,10 +128,10 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"{path}: no such grid file")
-    try:
-        raw = _yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise GridError(f"{path}: not valid YAML ({e})") from None
+    try:  # the same YAML dialect as configs; errors as FILE:LINE:COL: problem
+        raw = parse_yaml(path.read_text(), str(path))
+    except ConfigError as e:
+        raise GridError(str(e)) from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid is a mapping with {', '.join(GRID_KEYS)}")
     unknown = sorted(set(raw) - set(GRID_KEYS))
