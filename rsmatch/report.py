@@ -132,7 +132,9 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         for entry in manifest["runs"]:
             path = (manifest_file.parent / entry["name"]).resolve()
             expected[path] = (flatten(entry["config"]), _extras(entry["axes"], covered))
-    folders = {p.parent.resolve() for p in runs_dir.rglob("config.yaml")}
+    folders = {  # a run's config.yaml; checkpoints keep a copy of it, which is no run
+        p.parent.resolve() for p in runs_dir.rglob("config.yaml") if "checkpoints" not in p.parts
+    }
     runs = []
     for path in sorted(folders | set(expected)):
         cfg_file = path / "config.yaml"

@@ -27,6 +27,9 @@ def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, bes
         section, leaf = key.split("__")
         cfg[section][leaf] = value
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ckpt = run / "checkpoints" / "step_00000010"  # checkpoints hold a copy of the config
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "run.json").write_text(
         json.dumps({"seed": seed, "git": {"commit": commit, "dirty": False}})
     )
