@@ -66,10 +66,18 @@ def test_fixmatch_keeps_a_confidence_equal_to_tau():
 
 
 def test_supervised_step_by_hand():
-    out = algorithm("supervised").step(Replay(LOGITS), BATCH, CTX)
+    batch = Batch(x_lb=images([1, 2, 11]), y_lb=torch.tensor([0, 2, 1]), idx_lb=torch.arange(3))
+    out = algorithm("supervised").step(Replay(LOGITS), batch, CTX)
     assert list(out.losses) == ["loss_s"]
-    assert out.losses["loss_s"].item() == pytest.approx((ce(LOGITS[1], 0) + ce(LOGITS[2], 2)) / 2)
-    assert out.metrics["train_acc"].item() == 0.5  # 1 -> 0 right, 2 -> 1 wrong
+    expected = (ce(LOGITS[1], 0) + ce(LOGITS[2], 2) + ce(LOGITS[11], 1)) / 3
+    assert out.losses["loss_s"].item() == pytest.approx(expected)
+    assert out.metrics["train_acc"].item() == pytest.approx(2 / 3)  # 2 -> 1 is wrong
+
+
+@pytest.mark.parametrize("name", ["flexmatch", "freematch"])
+def test_the_step_hands_batch_and_context_to_the_pseudo_labels(name):
+    out = algorithm(name).step(Replay(LOGITS), BATCH, CTX)  # they read idx_ulb / ctx
+    assert torch.isfinite(out.losses["loss_u"])
 
 
 def test_soft_cross_entropy_by_hand():
