@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from rsmatch.config import load_config  # noqa: E402
 from rsmatch.data.decode import decode  # noqa: E402
 from rsmatch.data.loaders import load_benchmark_from_config  # noqa: E402
-from rsmatch.export import load_classifier  # noqa: E402
+from rsmatch.export import load_classifier, load_detector  # noqa: E402
 
 
 class Pool:
@@ -171,13 +171,7 @@ def load_run_detector(run: Path) -> nn.Module | None:
     """The run's exported detector, or None when the run has none (non-RSMatch runs, or
     runs trained before detectors were exported)."""
     folder = run / "detector"
-    if not folder.is_dir():
-        return None
-    try:
-        from rsmatch.export import load_detector
-    except ImportError:  # an export format this version cannot read
-        return None
-    return load_detector(folder)
+    return load_detector(folder) if folder.is_dir() else None
 
 
 def analyze(run: Path, out: Path, samples: int = 1000, per_class: int = 2, classes: int = 10,
