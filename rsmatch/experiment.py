@@ -201,11 +201,12 @@ def run_state(run_dir: Path) -> str:
     return "todo"
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"train.lr": ...}; `data.synthetic` stays one value."""
+    out: dict[str, Any] = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and k != "synthetic":  # data.synthetic is one value
-            out.update(_flat(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and k != "synthetic":
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -220,8 +221,8 @@ def config_drift(run: Run) -> str | None:
     saved_file = run.path / "config.yaml"
     if not saved_file.is_file() or run_state(run.path) == "todo":
         return None
-    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
-    wanted = _flat(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    wanted = flatten(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
     for key in sorted(saved.keys() & wanted.keys()):
         if saved[key] != wanted[key]:
             return f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"

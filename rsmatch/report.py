@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from rsmatch.experiment import MANIFEST
+from rsmatch.experiment import MANIFEST, flatten
 from rsmatch.registry import algorithms
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
@@ -51,16 +51,6 @@ class RunInfo:
     @property
     def cell(self) -> tuple[str, tuple[int, float]]:
         return self.method, (self.labels, self.ratio)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "synthetic":  # data.synthetic is one value
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def method_name(cfg: dict[str, Any], extras: tuple[str, ...] = ()) -> str:

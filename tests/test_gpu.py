@@ -10,7 +10,6 @@ import os
 # cuBLAS reads this when its first handle is made: deterministic GEMMs for the resume check.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import shutil  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -24,7 +23,7 @@ import rsmatch  # noqa: E402
 from rsmatch.trainer import Trainer  # noqa: E402
 
 from .conftest import tiny_config  # noqa: E402
-from .test_trainer import _run, _weights  # noqa: E402
+from .test_trainer import assert_resume_is_exact  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -162,19 +161,7 @@ def deterministic():
 )
 def test_resume_is_exact_on_gpu(sources, tmp_path, deterministic, algorithm, precision):
     """4 steps straight == 2 steps, resume from that checkpoint alone, 2 more (fp16: its scaler)."""
-    extra = {"algorithm": algorithm, "train.mixed_precision": precision}
-    straight = _run(tiny_config(sources, tmp_path / "a", **extra, **{"train.keep_checkpoints": 5}))
-    resumed_dir = tmp_path / "b" / "checkpoints"
-    resumed_dir.mkdir(parents=True)
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000002", resumed_dir / "step_00000002")
-    (resumed_dir / "latest").write_text("step_00000002\n")
-    resumed = _run(tiny_config(sources, tmp_path / "b", **extra), resume=True)
+    straight = assert_resume_is_exact(
+        sources, tmp_path, algorithm=algorithm, **{"train.mixed_precision": precision}
+    )
     assert straight.accelerator.device.type == "cuda"
-    a, b = _weights(straight), _weights(resumed)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    for k, v in straight.algorithm.state_dict().items():
-        assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
-    ema_a, ema_b = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
-    for k in ema_a:
-        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=1e-6, msg=k)
