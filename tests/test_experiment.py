@@ -170,7 +170,7 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path,
         if run.is_dir():
             assert json.loads((run / "metrics.json").read_text())["step"] == 6, run
     assert _mtime(first) == finished  # not redone
-    assert json.loads((second / "run.json").read_text())["resumed_from"]
+    assert json.loads((second / "run.json").read_text())["history"][-1]["resumed_from"]
     manifest = json.loads((out / MANIFEST).read_text())
     assert [r["name"] for r in manifest["runs"]] == sorted(
         p.name for p in out.iterdir() if p.is_dir()
