@@ -72,10 +72,16 @@ def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
     old = flat(saved)
     new = flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same round trip as saved
+    # A whole section on one side only is an algorithm registered on one side only (a plugin,
+    # a newer version); it matters only when it is this run's own algorithm.
+    sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}
+    ignored = sections - {cfg.algorithm}
     differ = [
         f"{k} ({old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r})"
         for k in sorted(old.keys() | new.keys())
-        if k not in RESUMABLE and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+        if k not in RESUMABLE
+        and k.split(".")[0] not in ignored
+        and old.get(k, _ABSENT) != new.get(k, _ABSENT)
     ]
     if differ:
         raise ConfigError(

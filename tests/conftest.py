@@ -50,6 +50,16 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"real": root / "real", "gen_a": root / "gen_a", "gen_b": root / "gen_b"}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each test builds its Accelerator with its own precision; Accelerate keeps one global
+    state per process, which a later Accelerator with another precision may not change."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_overrides(sources: dict[str, Path], out: Path, **extra: object) -> list[str]:
     """A config that trains a few steps in seconds on the tiny sources."""
     base = {

@@ -17,7 +17,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from accelerate.state import AcceleratorState  # noqa: E402
 
 import rsmatch  # noqa: E402
 from rsmatch.trainer import Trainer  # noqa: E402
@@ -29,13 +28,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """Each test builds its own Accelerator with its own precision (one process, many runs)."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]

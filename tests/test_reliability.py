@@ -397,3 +397,22 @@ def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
         and [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     )
     checkpoint.verify(tmp_path / "step_00000001")
+
+
+def test_resume_ignores_sections_of_algorithms_registered_on_one_side_only():
+    """A plugin algorithm's section in the saved config (or only in the new one) does not block a
+    resume; a change inside the run's own algorithm section still does."""
+    import yaml
+
+    from rsmatch.config import load_config, to_dict
+    from rsmatch.runinfo import check_resume_config
+
+    cfg = load_config(None, ["algorithm=freematch"])
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    check_resume_config({**saved, "plugin": {"scale": 2.0}}, cfg, Path("ckpt"))
+    saved["freematch"]["ema_p"] = 0.5
+    with pytest.raises(ConfigError, match=r"freematch.ema_p \(0.5 -> 0.999\)"):
+        check_resume_config(saved, cfg, Path("ckpt"))
+    del saved["freematch"]
+    with pytest.raises(ConfigError, match=r"freematch.ema_p \('<absent>' -> 0.999\)"):
+        check_resume_config(saved, cfg, Path("ckpt"))
