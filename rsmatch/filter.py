@@ -28,7 +28,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from rsmatch.benchmark.integrity import decode_bytes
-from rsmatch.benchmark.sources import LABEL_COLUMNS, image_files
+from rsmatch.benchmark.sources import LABEL_COLUMNS, image_bytes, image_files
 from rsmatch.export import load_detector
 from rsmatch.models import Detector
 
@@ -185,10 +185,6 @@ def to_tensor(data: bytes, size: tuple[int, int]) -> torch.Tensor | None:
         return pil_to_tensor(pil)
 
 
-def raw_bytes(item: dict) -> bytes:
-    return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
-
-
 class _Decoded(torch.utils.data.Dataset):
     def __init__(self, ds: datasets.Dataset, rows: range, size: tuple[int, int]) -> None:
         col = image_column(ds)
@@ -200,7 +196,7 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool]:
         row = self.rows[i]
-        x = to_tensor(raw_bytes(self.items[row]), self.size)
+        x = to_tensor(image_bytes(self.items[row]), self.size)
         return (
             row,
             (x if x is not None else torch.zeros(3, *self.size, dtype=torch.uint8)),

@@ -13,7 +13,8 @@ import datasets
 import numpy as np
 import torch
 
-from rsmatch.filter import FilterResult, image_column, label_column, raw_bytes, to_tensor
+from rsmatch.benchmark.sources import image_bytes
+from rsmatch.filter import FilterResult, image_column, label_column, to_tensor
 
 GRID_IMAGES = 8  # per class and grid
 GRID_CLASSES = 20  # classes shown in a grid (the first ones by index)
@@ -108,7 +109,7 @@ def extremes(scored: datasets.DatasetDict, size: tuple[int, int], most_synthetic
         for _, _, split, row in picked:
             ds = scored[split]
             item = ds.cast_column(image_column(ds), datasets.Image(decode=False))[row]
-            imgs.append(to_tensor(raw_bytes(item[image_column(ds)]), size))
+            imgs.append(to_tensor(image_bytes(item[image_column(ds)]), size))
         rows.append((name, imgs, [e[1] for e in picked]))
     return rows
 

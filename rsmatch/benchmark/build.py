@@ -24,6 +24,7 @@ from rsmatch.benchmark.sources import (
     RealIndex,
     RealSource,
     SourceIndex,
+    image_bytes,
     index_cifake_folder,
     index_class_folder,
     index_real,
@@ -181,8 +182,7 @@ def images_to_generate(
 
 def _is_jpeg(real: RealSource) -> bool:
     first = real.train.cast_column("image", datasets.Image(decode=False))[0]["image"]
-    data = first["bytes"] or Path(first["path"]).read_bytes()
-    return data[:2] == b"\xff\xd8"
+    return image_bytes(first)[:2] == b"\xff\xd8"
 
 
 def generate_missing(

@@ -29,6 +29,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LABEL_COLUMNS = ("label", "fine_label", "labels")  # uoft-cs/cifar100 uses fine_label
 
 
+def image_bytes(item: dict) -> bytes:
+    """The encoded bytes of an undecoded `datasets.Image` value: stored, or read from its path."""
+    return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
+
+
 class SourceError(ValueError):
     """A source that cannot be used; the message names the path or id."""
 
@@ -68,9 +73,7 @@ class SourceIndex:
             return
         for i, item in enumerate(self.dataset.cast_column("image", datasets.Image(decode=False))):
             image = item["image"]
-            data = (
-                image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
-            )
+            data = image_bytes(image)
             suffix = f" ({image['path']})" if image.get("path") else ""
             yield f"{self.where}[{i}]{suffix}", data
 

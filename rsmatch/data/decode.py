@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import torch
 
 from rsmatch.benchmark.integrity import decode_bytes
-from rsmatch.benchmark.sources import SourceError
+from rsmatch.benchmark.sources import SourceError, image_bytes
 
 
 def decode(ds: datasets.Dataset, column: str = "image") -> torch.Tensor:
@@ -16,7 +14,7 @@ def decode(ds: datasets.Dataset, column: str = "image") -> torch.Tensor:
     raw = ds.cast_column(column, datasets.Image(decode=False))[column]
     out = None
     for i, item in enumerate(raw):
-        data = item["bytes"] if item["bytes"] is not None else Path(item["path"]).read_bytes()
+        data = image_bytes(item)
         try:
             img = decode_bytes(data)
         except RuntimeError as e:
