@@ -8,9 +8,6 @@ rank at evaluation and in checkpoints, and exact resume.
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,35 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import tiny_overrides
+from .torchrun import torchrun
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Seen once in ~15 runs here: a gloo worker aborting natively ("terminate called without an
-# active exception", SIGABRT) about a second into a run. Root cause not found; such a launch is
-# retried once, any other failure is not.
-NATIVE_ABORT = "terminate called without an active exception"
-
-
 def _launch(args: list[str], processes: int) -> None:
-    for attempt in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(_free_port()), str(WORKER), *args]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if res.returncode == 0 or NATIVE_ABORT not in res.stderr or attempt == 1:
-            break
-        shutil.rmtree(args_output_dir(args), ignore_errors=True)
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir=")))
+    res = torchrun(WORKER, args, processes, restore=out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
-
-def args_output_dir(args: list[str]) -> str:
-    return next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir="))
 
 
 def _run_both(sources, tmp_path, extra):

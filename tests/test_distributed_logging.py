@@ -2,15 +2,12 @@
 
 import json
 import math
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from .conftest import tiny_overrides
-from .test_distributed import NATIVE_ABORT, _free_port
+from .torchrun import torchrun
 
 WORKER = Path(__file__).with_name("logging_worker.py")
 
@@ -24,13 +21,7 @@ def test_freematch_logs_every_step_with_two_processes(sources, tmp_path):
         # one unlabeled image per rank and ema_p 0: the less confident one falls below the global
         # mean, so one rank has a fairness term and the other none (a collective failed before)
         "train.batch_size": 2, "train.uratio": 1})  # fmt: skip
-    for _ in range(2):  # see test_distributed.NATIVE_ABORT
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(WORKER), *args]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode == 0 or NATIVE_ABORT not in res.stderr:
-            break
-        shutil.rmtree(out, ignore_errors=True)
+    res = torchrun(WORKER, args, 2, restore=out, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ranks = json.loads((out / "logged.json").read_text())
     assert len(ranks) == 2 and len(ranks[0]["logs"]) == 4

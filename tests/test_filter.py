@@ -29,6 +29,7 @@ from rsmatch.filter_report import provenance_metrics
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config, tiny_overrides
+from .torchrun import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -356,19 +357,10 @@ def test_exclude_errors(bench, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_score_like_one(run, sources, tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     out, _ = run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = ["--detector", str(out), "--images", str(sources["real"]), "--precision", "no"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(port), "launch/filter.py", *args, "--out", str(tmp_path / "p2")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    res = torchrun("launch/filter.py", [*args, "--out", str(tmp_path / "p2")],
+                   restore=tmp_path / "p2", cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert cli.main([*args, "--out", str(tmp_path / "p1")]) == 0
     one, two = scores_of(tmp_path / "p1")[1], scores_of(tmp_path / "p2")[1]

@@ -20,6 +20,7 @@ from rsmatch.config import ConfigError
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config, tiny_overrides
+from .torchrun import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP2, STEP4 = "step_00000002", "step_00000004"
@@ -359,15 +360,8 @@ def test_two_runs_racing_into_one_folder_exactly_one_trains(sources, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_print_an_error_once(sources, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(port), str(ROOT / "launch" / "train.py"),
-           *tiny_overrides(sources, tmp_path / "run", **{"train.seed": -1})]  # fmt: skip
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    args = tiny_overrides(sources, tmp_path / "run", **{"train.seed": -1})
+    res = torchrun(ROOT / "launch" / "train.py", args, cwd=tmp_path, timeout=300)
     errors = [x for x in (res.stdout + res.stderr).splitlines() if "rsmatch-train: error:" in x]
     assert errors == ["rsmatch-train: error: train.seed=-1: must be in [0, 2**32)"], res.stderr
     assert res.returncode != 0 and not (tmp_path / "run").exists()
