@@ -11,12 +11,11 @@ draws both per image. Here the random draws (`sample_*`) are separate from the p
 (`apply_*`): the trainer draws them for the *global* batch from a generator seeded by the step
 and each rank applies its slice, so views do not depend on the number of processes.
 
-Host and device: the draws are made on the host, and `Params.to(device)` moves everything but
-the op indices (`StrongParams.ops` stays on the host, without blocking the host: see
-`rsmatch.data.transfer`). `apply_strong` groups the images by op on the host, from those host
-indices, and sends the grouping to the device in one copy; so augmenting a batch on a GPU never
-waits for the GPU (no data-dependent read of a device tensor, no blocking copy, no device tensor
-built from Python data).
+Host and device: the draws are made on the host. `Params.to(device)` moves them with copies that
+never block the host (`rsmatch.data.transfer`), except the op indices, which stay on the host
+(`StrongParams.ops`): `apply_strong` groups the images by op there and sends the grouping to the
+device in one copy. So augmenting a batch on a GPU never waits for the GPU: no read of a device
+value, no blocking copy, no device tensor built from Python data.
 """
 
 from __future__ import annotations
@@ -150,8 +149,8 @@ def _contrast(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    kernel = torch.ones(3, 3, device=x.device)  # not torch.tensor(...): a blocking copy
-    kernel[1, 1] = 5.0
+    # [[1, 1, 1], [1, 5, 1], [1, 1, 1]], made on the device: torch.tensor(..., device=) would block
+    kernel = F.pad(torch.full((1, 1), 5.0, device=x.device), (1, 1, 1, 1), value=1.0)
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
     # ImageFilter.SMOOTH. Integer weights keep the sum exact even under TF32; k/13 is never a tie.
     smooth = (F.conv2d(x, kernel, groups=x.shape[1]) / 13).round()
