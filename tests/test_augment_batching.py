@@ -57,6 +57,7 @@ def test_to_device_copies_only_across_devices():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_to_device_copies_asynchronously_to_cuda():
     t = torch.arange(1000)
+    to_device(t, "cuda")  # the first pinned allocation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

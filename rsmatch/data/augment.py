@@ -284,7 +284,7 @@ def _op_groups(ops: torch.Tensor, device: torch.device) -> list[list[tuple[str, 
     in increasing row order within an op, and the sorted rows go to the device in one copy.
     """
     order = ops.argsort(dim=0, stable=True)  # [N, N_OPS]
-    counts = torch.stack([torch.bincount(o, minlength=len(OPS)) for o in ops.T]).tolist()
+    counts = [torch.bincount(o, minlength=len(OPS)).tolist() for o in ops.T]
     rows = to_device(order.T.contiguous(), device)  # [N_OPS, N]
     groups = []
     for slot, slot_counts in enumerate(counts):
