@@ -13,6 +13,8 @@ import torch
 from rsmatch.data import augment
 from rsmatch.data.transfer import to_device
 
+from .conftest import needs_cuda
+
 N = 24
 
 
@@ -54,7 +56,7 @@ def test_to_device_copies_only_across_devices():
     assert to_device(t, torch.device("meta")).device.type == "meta"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_to_device_copies_asynchronously_to_cuda():
     t = torch.arange(1000)
     to_device(t, "cuda")  # the first pinned allocation

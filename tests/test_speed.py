@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from rsmatch.data import augment
 from rsmatch.trainer import Trainer
 
-from .conftest import tiny_config
+from .conftest import needs_cuda, tiny_config
 
 # Calls that read a device value on the host, or whose output size depends on the data.
 SYNCING = {
@@ -214,7 +214,7 @@ def test_training_step_has_no_host_sync(sources, tmp_path, algorithm):
     assert all(v.device == trainer.accelerator.device for v in logged.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
     trainer = _warm_trainer(sources, tmp_path, algorithm)
@@ -226,7 +226,7 @@ def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_batch_making_has_no_cuda_sync(sources, tmp_path):
     """The GPU side of `test_batch_making_never_waits_for_the_device`: pinned, asynchronous
     copies included (a blocking copy is a sync there)."""
