@@ -211,7 +211,10 @@ def _start(kind: str, args: argparse.Namespace) -> subprocess.Popen:
         python = str(USB_VENV / "bin" / "python")
         env["PYTHONPATH"] = str(USB_VENV / "stubs")
     else:
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        # this checkout first, before what the caller had (e.g. the GPU check's wheel folder)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
+        )
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *_shared_flags(args)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     if _expect(proc, "ready") is None:
