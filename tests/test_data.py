@@ -32,6 +32,19 @@ def test_split_is_deterministic_by_seed(sources):
     assert set(_ids(a, "unlabeled")) != set(_ids(c, "unlabeled"))
 
 
+def test_pool_order_carries_no_provenance(sources):
+    """Reals and each generator's images are interleaved by a seeded shuffle, not stacked."""
+    a, b, c = _split(sources, 0), _split(sources, 0), _split(sources, 1)
+    gens = list(a["unlabeled"]["generator"])
+    assert _ids(a, "unlabeled") == _ids(b, "unlabeled")  # deterministic by seed
+    assert list(c["unlabeled"]["generator"]) != gens
+    # stacked, the pool would read real..real a..a b..b: count the changes of generator
+    changes = sum(x != y for x, y in zip(gens, gens[1:]))
+    assert len(set(gens)) == 3 and changes > 10, gens
+    first_half = [g != "real" for g in gens[: len(gens) // 2]]
+    assert 0 < sum(first_half) < len(first_half)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7])
 def test_replacement_is_exactly_class_balanced(sources, ratio):
     dd = _split(sources, ratio=ratio)

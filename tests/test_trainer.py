@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from rsmatch.benchmark.store import save_benchmark
 from rsmatch.config import ConfigError
-from rsmatch.data.loaders import load_train_data
+from rsmatch.data.loaders import load_benchmark_from_config, load_train_data
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config, tiny_overrides
@@ -82,17 +84,24 @@ def test_resume_continues_the_exact_trajectory(sources, tmp_path, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
 def test_provenance_never_reaches_training(sources, tmp_path, algorithm):
-    """Shuffling the is_synthetic column leaves training bit-identical."""
-    cfg = tiny_config(sources, tmp_path / "a", algorithm=algorithm, **{"train.eval_every": 100})
-    data = load_train_data(cfg.data)
-    plain = _run(cfg, data=data)
-    shuffled = load_train_data(cfg.data)
-    perm = torch.randperm(
-        len(shuffled.provenance.is_synthetic), generator=torch.Generator().manual_seed(1)
-    )
-    shuffled.provenance.is_synthetic = ~shuffled.provenance.is_synthetic[perm]
-    cfg_b = tiny_config(sources, tmp_path / "b", algorithm=algorithm, **{"train.eval_every": 100})
-    other = _run(cfg_b, data=shuffled)
+    """Permuting the provenance columns of the pool (is_synthetic, generator and source_id
+    together, rows and images left in place) leaves training bit-identical. The pool order is
+    shuffled at split time, so a row's position carries no provenance either."""
+    dd, meta = load_benchmark_from_config(tiny_config(sources, tmp_path / "x").data)
+    pool = dd["unlabeled"]
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1)).tolist()
+    columns = ("is_synthetic", "generator", "source_id")
+    assert [pool["is_synthetic"][i] for i in perm] != pool["is_synthetic"]
+    permuted = pool.remove_columns(list(columns))
+    for name in columns:
+        permuted = permuted.add_column(name, [pool[name][i] for i in perm])
+    trained = []
+    for name, unlabeled in (("plain", pool), ("permuted", permuted)):
+        save_benchmark(datasets.DatasetDict({**dd, "unlabeled": unlabeled}), tmp_path / name, meta)
+        cfg = tiny_config(sources, tmp_path / f"run_{name}", algorithm=algorithm,
+                          **{"train.eval_every": 100, "data.benchmark": str(tmp_path / name)})  # fmt: skip
+        trained.append(_run(cfg))
+    plain, other = trained
     a, b = _weights(plain), _weights(other)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert plain.algorithm.state_dict().keys() == other.algorithm.state_dict().keys()

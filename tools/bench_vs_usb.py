@@ -136,10 +136,15 @@ def _usb_step(args: argparse.Namespace):
     from semilearn import get_algorithm, get_config, get_net_builder
 
     out = tempfile.mkdtemp(prefix="bench-usb-")
+    # USB's samplers materialise num_train_iter * batch indices as one Python list up front
+    # (semilearn's DistributedSampler.__iter__: torch.cat(...).tolist()); sized for a real run
+    # (2**20 steps) that list alone outgrew 22 GB and the worker was OOM-killed. Ask for the
+    # steps this benchmark takes.
+    steps = args.warmup + args.rounds * args.steps
     config = get_config({
         "algorithm": "fixmatch", "net": "wrn_28_2", "dataset": "cifar10", "num_classes": CLASSES,
         "num_labels": CLASSES * LABELS_PER_CLASS, "batch_size": args.batch_size,
-        "uratio": args.uratio, "num_train_iter": 1 << 20, "epoch": 1, "amp": False,
+        "uratio": args.uratio, "num_train_iter": steps, "epoch": 1, "amp": False,
         "num_workers": args.usb_workers, "gpu": None, "world_size": 1, "distributed": False,
         "multiprocessing_distributed": False, "save_dir": out, "data_dir": out, "seed": 0,
         "img_size": 32, "crop_ratio": 0.875, "p_cutoff": 0.95, "hard_label": True, "T": 0.5,
@@ -215,7 +220,8 @@ def _expect(proc: subprocess.Popen, word: str) -> str | None:
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     return [f"--batch-size={args.batch_size}", f"--uratio={args.uratio}",
             f"--threads={args.threads}", f"--warmup={args.warmup}", f"--pool={args.pool}",
-            f"--usb-workers={args.usb_workers}", f"--precision={args.precision}"]  # fmt: skip
+            f"--usb-workers={args.usb_workers}", f"--precision={args.precision}",
+            f"--steps={args.steps}", f"--rounds={args.rounds}"]  # fmt: skip
 
 
 def drive(args: argparse.Namespace) -> dict:

@@ -5,7 +5,8 @@ world size, not the other classes): shuffle the real train images, take the firs
 `labels_per_class` as labeled, the next `unlabeled_per_class` (or all) as the unlabeled pool,
 drop the first round(r * pool) of the pool and add as many synthetic images of class c, drawn in
 equal shares from the generators (sorted by name; the remainder goes to the first ones).
-Every row carries provenance that training never reads: `is_synthetic`, `generator`,
+The pool is then shuffled by a generator seeded by (seed, POOL_ORDER), so a row's position says
+nothing about where it came from. Every row carries provenance that training never reads: `is_synthetic`, `generator`,
 `source_id`. With r = 0 no generator is needed (real-only SSL).
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 from rsmatch.benchmark.sources import RealSource, SourceError, class_counts
 
 REAL = "real"  # the provenance name of real rows, so no generator may use it
+POOL_ORDER = 2**32 - 1  # the seed key of the pool shuffle; class keys are 0..C-1
 
 
 @dataclass
@@ -129,10 +131,12 @@ def build_split(
         for g, share in generator_shares(n_replace, list(synthetic)).items():
             candidates = np.flatnonzero(synth_labels[g] == c)
             syn_rows[g] += rng.permutation(candidates)[:share].tolist()
-    unlabeled = [_with_provenance(real.train, REAL, unl_rows)]
-    unlabeled += [_with_provenance(synthetic[g], g, syn_rows[g]) for g in sorted(synthetic)]
+    parts = [_with_provenance(real.train, REAL, unl_rows)]
+    parts += [_with_provenance(synthetic[g], g, syn_rows[g]) for g in sorted(synthetic)]
+    unlabeled = datasets.concatenate_datasets(parts)
+    order = np.random.default_rng([spec.seed, POOL_ORDER]).permutation(len(unlabeled))
     return datasets.DatasetDict(
         labeled=_with_provenance(real.train, REAL, lab_rows),
-        unlabeled=datasets.concatenate_datasets(unlabeled),
+        unlabeled=unlabeled.select(order),
         test=_with_provenance(real.test, REAL, list(range(len(real.test)))),
     )
