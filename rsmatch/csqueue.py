@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rsmatch.data.transfer import to_device
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -86,7 +88,7 @@ class CSQueue(nn.Module):
             if self._maybe_empty:
                 return self.images.new_zeros((0, *self.images.shape[2:]))
         # Exact integers: a 62-bit draw modulo the held count (bias < count / 2**62).
-        draw = torch.randint(0, 2**62, (n,), generator=generator).to(fill.device)
+        draw = to_device(torch.randint(0, 2**62, (n,), generator=generator), fill.device)
         k = draw % fill.sum()
         ends = fill.cumsum(0)
         rows = torch.searchsorted(ends, k, right=True)
@@ -110,7 +112,7 @@ class CSQueue(nn.Module):
         batch's top k. Ties go to the lower global batch position (stable sorts), so ranks and
         a one-process run agree. Only the images of the local top k travel.
         """
-        rows = self._picked_rows(generator).to(scores.device)
+        rows = to_device(self._picked_rows(generator), scores.device)  # drawn on the host
         if self.class_wise:
             k = min(self.topk, self.capacity)
             eligible = pseudo_labels[None, :] == rows[:, None]  # [M, N]

@@ -20,6 +20,15 @@ CLASSES = ["cat", "dog", "ship"]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def needs_cuda(test):
+    """A test that runs only on a CUDA GPU: skipped without one, and selected by `-m gpu`
+    (tools/gpu_check.sh runs `pytest -m gpu tests/`)."""
+    import torch
+
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
 def _jpeg(rng: np.random.Generator, colour: int, synthetic: bool) -> bytes:
     """A 32x32 image whose dominant channel encodes the class; synthetic ones are smoother."""
     pixels = rng.integers(0, 90, (32, 32, 3))

@@ -28,6 +28,8 @@ from torchvision.transforms import functional as TVF
 
 from rsmatch.data import augment
 
+from .conftest import needs_cuda
+
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 # USB's augment_list(): op -> (min, max) of its uniformly drawn magnitude. No Invert.
@@ -185,7 +187,7 @@ def test_strong_view_matches_usb_pipeline(images: list[Image.Image]):
     assert torch.equal(augment.apply_strong(to_tensor(many), p), usb_strong(many, p))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_strong_view_on_cuda_matches_usb_pipeline(images: list[Image.Image]):
     """The trainer augments on the training device: TF32, fused kernels and CUDA's libm must
     not change a pixel."""

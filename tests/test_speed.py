@@ -5,7 +5,11 @@ index whose size depends on the data, `bincount`, `nonzero`, ...) stalls the CPU
 queued kernels finish, so the next step cannot be queued behind the current one. On CPU such
 reads cost nothing and cannot be timed, so `SyncCounter` intercepts the calls that would sync
 on a GPU; on a GPU, `torch.cuda.set_sync_debug_mode("error")` checks the same step directly.
-The batch is built before counting: the data pipeline's draws are host-side by design.
+
+The batch is built before counting there: batch making reads its host-side draws on purpose
+(op grouping, index streams). It is checked apart, with its device work on the `meta` device,
+which holds no data: any read of a device value raises, host-side reads run as usual, and
+`DeviceWaits` counts what else would make the host wait (blocking copies, masked writes).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from rsmatch.data import augment
 from rsmatch.trainer import Trainer
 
-from .conftest import tiny_config
+from .conftest import needs_cuda, tiny_config
 
 # Calls that read a device value on the host, or whose output size depends on the data.
 SYNCING = {
@@ -39,6 +44,13 @@ def _has_mask(index: object) -> bool:
     return isinstance(index, (tuple, list)) and any(_has_mask(i) for i in index)
 
 
+def _site() -> str:
+    """The innermost rsmatch line on the stack: where the call was made."""
+    stack = traceback.extract_stack()[:-2]
+    frame = next((f for f in reversed(stack) if "/rsmatch/" in f.filename), None)
+    return f"{frame.filename.rsplit('/rsmatch/', 1)[1]}:{frame.lineno}" if frame else "?"
+
+
 class SyncCounter(TorchFunctionMode):
     """Counts host syncs by the calls that cause them, with the line that made each."""
 
@@ -50,13 +62,58 @@ class SyncCounter(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         masked = name in ("__getitem__", "__setitem__") and _has_mask(args[1])
         if name in SYNCING or masked:
-            frame = next(
-                (f for f in reversed(traceback.extract_stack()[:-1]) if "/rsmatch/" in f.filename),
-                None,
-            )
-            where = f"{frame.filename.rsplit('/rsmatch/', 1)[1]}:{frame.lineno}" if frame else "?"
-            self.hits[f"{name}{'[bool mask]' if masked else ''} at {where}"] += 1
+            self.hits[f"{name}{'[bool mask]' if masked else ''} at {_site()}"] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _tensors(args: object) -> list[torch.Tensor]:
+    if isinstance(args, torch.Tensor):
+        return [args]
+    if isinstance(args, (tuple, list)):
+        return [t for a in args for t in _tensors(a)]
+    return []
+
+
+def _on_device(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
+class DeviceWaits(TorchFunctionMode):
+    """For device work run on `meta`, which raises on reading a device value: counts, with their
+    lines, the calls that make the host wait on CUDA but that `meta` lets through:
+    - a copy from the host (`to`, `cuda`, `copy_`) without `non_blocking=True` as a keyword;
+    - a device tensor built from host data (`tensor`, `as_tensor`, `new_tensor`);
+    - a host tensor other than a 0-dim scalar meeting device tensors in one call (a host index,
+      say), which torch copies over behind the scenes;
+    - a boolean-mask assignment into a device tensor (`meta` does it without the mask's data).
+    Whether the host memory is pinned cannot be seen on a CPU: the GPU tests check that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if name in ("to", "cuda", "copy_"):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0] if name == "copy_" else out
+            if _on_device(dst) and not _on_device(src) and kwargs.get("non_blocking") is not True:
+                self.hits[f"blocking {name} at {_site()}"] += 1
+        elif name in ("tensor", "as_tensor", "new_tensor"):
+            data = args[1] if name == "new_tensor" else args[0]
+            if _on_device(out) and not _on_device(data):
+                self.hits[f"{name} from host data at {_site()}"] += 1
+        elif name == "__setitem__" and _on_device(args[0]) and _has_mask(args[1]):
+            self.hits[f"__setitem__[bool mask] at {_site()}"] += 1
+        else:
+            tensors = _tensors((args, list(kwargs.values())))
+            if any(map(_on_device, tensors)) and any(
+                not _on_device(t) and t.dim() > 0 for t in tensors
+            ):
+                self.hits[f"host tensor in {name} at {_site()}"] += 1
+        return out
 
 
 def test_counter_sees_every_kind_of_sync():
@@ -73,6 +130,64 @@ def test_counter_sees_every_kind_of_sync():
     with SyncCounter() as counter:  # indexing by positions, masks as weights: no sync
         t[torch.tensor([1, 0])] = torch.where(mask, t, 0.0)
     assert not counter.hits
+
+
+def test_meta_device_refuses_every_read_of_a_device_value():
+    """The premise of the batch-making test: what would sync on a GPU raises on `meta`, but a
+    masked assignment, which `DeviceWaits` counts."""
+    t = torch.ones(2, 3, device="meta")
+    mask = t > 0
+    calls = [
+        lambda: t[0, 0].item(), t.tolist, lambda: bool(t[0, 0]), lambda: int(t[0, 0]),
+        lambda: float(t[0, 0]), lambda: [0, 1][t.long()[0, 0]], t.nonzero, lambda: t[mask],
+        t.cpu, t.numpy,
+        lambda: torch.bincount(t.long().flatten()), t.unique, lambda: t.masked_select(mask),
+        lambda: torch.repeat_interleave(t.long().flatten()), lambda: torch.argwhere(t),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises((RuntimeError, NotImplementedError, TypeError)):
+            call()
+
+
+def test_device_waits_sees_what_meta_lets_through():
+    meta, host = torch.device("meta"), torch.ones(2)
+    blocking = [
+        lambda: host.to(meta), lambda: host.to(meta, non_blocking=False),
+        lambda: torch.empty(2, device=meta).copy_(host), lambda: torch.tensor([1.0], device=meta),
+        lambda: torch.as_tensor(1.0, device=meta), lambda: host.new_tensor([1.0], device=meta),
+        lambda: torch.ones(3, device=meta).index_select(0, torch.tensor([0, 2])),
+        lambda: torch.ones(3, device=meta)[torch.tensor([True, False, True])],
+        lambda: torch.ones(3, device=meta).__setitem__(torch.ones(3, device=meta) > 0, 0.0),
+    ]  # fmt: skip
+    for call in blocking:
+        with DeviceWaits() as counter:
+            call()
+        assert sum(counter.hits.values()) == 1, counter.hits
+    with DeviceWaits() as counter:  # asynchronous copies, fills, host-side and scalar work
+        dev = host.to(meta, non_blocking=True)
+        torch.empty(2, device=meta).copy_(host, non_blocking=True)
+        torch.full((2,), 5.0, device=meta) + dev * torch.tensor(2.0) + 1.0
+        torch.as_tensor(dev, device=meta), host.to(torch.float64), host.index_select(0, host.long())
+    assert not counter.hits, counter.hits
+
+
+def test_batch_making_never_waits_for_the_device(sources, tmp_path, monkeypatch):
+    """`trainer.batches(step)` with every view (RSMatch's strong labeled view included) and the
+    device work on `meta`: no read of a device value (it would raise), no blocking copy."""
+    cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
+                      **{"rsmatch.strong_labeled": True})  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.batches.device = torch.device("meta")
+    ops, apply_op = set(), augment.apply_op
+    monkeypatch.setattr(
+        augment, "apply_op", lambda x, name, m: ops.add(name) or apply_op(x, name, m)
+    )
+    with DeviceWaits() as counter:
+        batches = [trainer.batches(step) for step in range(2)]
+    assert not counter.hits, f"blocking transfers in batch making: {dict(counter.hits)}"
+    assert ops == set(augment.OPS) - {"identity"}  # every op ran
+    views = [v for batch in batches for v in vars(batch).values()]
+    assert all(v is not None and v.device.type == "meta" for v in views), views
 
 
 ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
@@ -99,7 +214,7 @@ def test_training_step_has_no_host_sync(sources, tmp_path, algorithm):
     assert all(v.device == trainer.accelerator.device for v in logged.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
     trainer = _warm_trainer(sources, tmp_path, algorithm)
@@ -107,6 +222,23 @@ def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
     torch.cuda.set_sync_debug_mode("error")
     try:
         trainer.train_step(2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_batch_making_has_no_cuda_sync(sources, tmp_path):
+    """The GPU side of `test_batch_making_never_waits_for_the_device`: pinned, asynchronous
+    copies included (a blocking copy is a sync there)."""
+    cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
+                      **{"rsmatch.strong_labeled": True})  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.batches.device.type == "cuda"
+    trainer.batches(0)  # first pinned allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.batches(1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

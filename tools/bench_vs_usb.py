@@ -10,6 +10,8 @@ and random uint8 CIFAR-sized images (10 classes, 4 labels per class, a pool of `
 
 - bare: one forward + backward + SGD step of rsmatch's classifier over B + 2*mu*B images;
   no data pipeline, no EMA, no pseudo-labels. rsmatch's `auto` precision and memory format.
+  On a CUDA machine bare, fixmatch and rsmatch run on the GPU (the clock waits for the GPU);
+  USB's contender is CPU-only here (its batches are kept on the CPU by patch 3).
 - usb: semilearn 0.3.2 (PyPI) in its own venv, driven through its own classes: `get_config`,
   `get_net_builder`, `get_algorithm` (its CIFAR datasets, PIL RandAugment, DataLoader with
   `--usb-workers` workers, FixMatch `train_step`, then its `ParamUpdateHook` and `EMAHook`).
@@ -53,8 +55,13 @@ def _images(n: int, seed: int):
 
 
 def _serve(step, args: argparse.Namespace) -> None:
+    import torch
+
+    # on a GPU the clock is read only after the queued kernels have finished
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for k in range(args.warmup):
         step(k)
+    sync()
     print("ready", flush=True)
     k = args.warmup
     for line in sys.stdin:
@@ -63,6 +70,7 @@ def _serve(step, args: argparse.Namespace) -> None:
         for _ in range(n):
             step(k)
             k += 1
+        sync()
         print(f"seconds {(time.perf_counter() - start) / n}", flush=True)
 
 
@@ -102,21 +110,25 @@ def _bare_step(args: argparse.Namespace):
 
     cfg = load_config(None, ["algorithm=fixmatch", "model.backbone=wrn28_2"])
     precision = hardware.resolve(args.precision, "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = make_algorithm(cfg, CLASSES, 40, args.pool, (3, 32, 32)).build_model().train()
+    model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.normalize.channels_last = True
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True)
     n = args.batch_size * (1 + 2 * args.uratio)
-    x = torch.from_numpy(_images(n, 1)).permute(0, 3, 1, 2).contiguous()
-    y = torch.arange(n) % CLASSES
-    bf16 = precision.mixed_precision == "bf16"
+    x = torch.from_numpy(_images(n, 1)).permute(0, 3, 1, 2).contiguous().to(device)
+    y = (torch.arange(n) % CLASSES).to(device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
 
     def step(_k: int) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
             loss = torch.nn.functional.cross_entropy(model(x)["logits"], y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -199,7 +211,10 @@ def _start(kind: str, args: argparse.Namespace) -> subprocess.Popen:
         python = str(USB_VENV / "bin" / "python")
         env["PYTHONPATH"] = str(USB_VENV / "stubs")
     else:
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        # this checkout first, before what the caller had (e.g. the GPU check's wheel folder)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
+        )
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *_shared_flags(args)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     if _expect(proc, "ready") is None:
@@ -262,9 +277,12 @@ def _machine() -> str:
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
+    import torch
+
     from rsmatch.hardware import native_cpu_bf16
 
-    return f"{model}, {os.cpu_count()} CPUs, native bf16: {native_cpu_bf16()}"
+    gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{model}, {os.cpu_count()} CPUs, native bf16: {native_cpu_bf16()}{gpu}"
 
 
 def main(argv: list[str] | None = None) -> int:

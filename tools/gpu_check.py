@@ -1,8 +1,9 @@
 """Run the GPU check's steps, each under its own time limit, and write OUT/gpu_check.json.
 
 Called by tools/gpu_check.sh after its offline install (docs/gpu-check.md). Steps, in order:
-machine facts, `pytest -m gpu tests/test_gpu.py`, FixMatch and RSMatch throughput (WRN-28-2,
-B = 64, mu = 7), then FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
+machine facts, `pytest -m gpu tests/` (every test that needs CUDA), the bare step, FixMatch and
+RSMatch timed interleaved in rounds after a warm-up (tools/bench_vs_usb.py; WRN-28-2, B = 64,
+mu = 7), then (unless --skip-train) FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
 labels per class) for as many steps as the measured throughput fits in --train-seconds. A step
 that fails or runs out of time is recorded and the next one runs; the whole check ends within
 --budget seconds of the script's start. At most 8 files land in --out (the device tool's limit).
@@ -35,9 +36,22 @@ KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evalu
 # the steps after them (seconds per throughput run, a share of the budget for the trainings),
 # so that a slow step cannot leave the trainings no time.
 GPU = {
-    "limits": {"pytest": 150, "throughput": 60, "keep_per_throughput": 30, "train_share": 1 / 3},
+    "limits": {"pytest": 150, "throughput": 120, "train_share": 1 / 3},
     "backbone": ["model.backbone=wrn28_2", "train.batch_size=64", "train.uratio=7"],
-    "throughput": ["--warmup", "3", "--steps", "10"],
+    "throughput": [
+        "--batch-size",
+        "64",
+        "--uratio",
+        "7",
+        "--pool",
+        "5000",
+        "--warmup",
+        "10",
+        "--steps",
+        "10",
+        "--rounds",
+        "3",
+    ],  # fmt: skip
     "train": [
         "data.labels_per_class=25",
         "train.eval_batch_size=1024",
@@ -45,7 +59,7 @@ GPU = {
     ],
 }
 TINY = {
-    "limits": {"pytest": 120, "throughput": 90, "keep_per_throughput": 20, "train_share": 1 / 5},
+    "limits": {"pytest": 120, "throughput": 90, "train_share": 1 / 5},
     "backbone": [
         "model.backbone=wrn10_1",
         "rsmatch.detector_backbone=wrn10_1",
@@ -57,7 +71,20 @@ TINY = {
         "rsmatch.detector_threshold=0.5",
         "data.labels_per_class=4",
     ],
-    "throughput": ["--warmup", "1", "--steps", "1"],
+    "throughput": [
+        "--batch-size",
+        "2",
+        "--uratio",
+        "2",
+        "--pool",
+        "64",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+    ],  # fmt: skip
     "train": ["train.eval_batch_size=256", "train.log_every=1"],
 }
 TINY_TRAIN_STEPS = 2
@@ -129,6 +156,16 @@ def last_json_line(log: Path) -> dict | None:
             except json.JSONDecodeError:
                 return None
     return None
+
+
+def trailing_json(log: Path) -> dict | None:
+    """The indented JSON object that ends a log (tools/bench_vs_usb.py's summary)."""
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line == "{"]
+    try:
+        return json.loads("\n".join(lines[starts[-1] :])) if starts else None
+    except json.JSONDecodeError:
+        return None
 
 
 def junit_results(path: Path, log: Path) -> dict:
@@ -253,39 +290,39 @@ class Check:
 
 
 def gpu_tests(c: Check) -> dict:
-    """`pytest -m gpu tests/test_gpu.py`; each test's outcome from its junit report."""
+    """`pytest -m gpu tests/`; each test's outcome from its junit report."""
     junit, log = c.out / "pytest-junit.xml", c.out / "pytest.log"
-    cmd = [c.py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-p", "no:cacheprovider",
+    cmd = [c.py, "-m", "pytest", "-m", "gpu", "tests/", "-v", "-p", "no:cacheprovider",
            "-o", "junit_family=xunit1", f"--junitxml={junit}"]  # fmt: skip
-    keep = c.keep_for_train + len(ALGORITHMS) * c.limits["keep_per_throughput"]
+    keep = c.keep_for_train + c.limits["throughput"]
     result = run(cmd, log, min(c.limits["pytest"], c.clock.left() - keep), c.env)
     if log.is_file():
         result.update(junit_results(junit, log))
     return result
 
 
-def throughput(c: Check, bench_data: Path) -> dict:
-    """`rsmatch-throughput` per algorithm; both logs end up in OUT/throughput.log."""
-    results: dict = {}
-    for i, algo in enumerate(ALGORITHMS):
-        log = c.work / f"throughput-{algo}.log"
-        cmd = [c.py, "-m", "rsmatch.cli.throughput", *c.sizes["throughput"], f"algorithm={algo}",
-               *c.sizes["backbone"], *c.precision_keys, *data_overrides(bench_data),
-               f"train.output_dir={c.work / f'tp-{algo}'}"]  # fmt: skip
-        keep = c.keep_for_train + (len(ALGORITHMS) - 1 - i) * c.limits["keep_per_throughput"]
-        result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - keep), c.env)
-        if log.is_file():
-            measured = last_json_line(log)
-            if measured:
-                result.update(measured, it_per_s=round(1 / measured["s_per_step"], 2))
-            with open(c.out / "throughput.log", "a") as f:
-                f.write(log.read_text())
-        results[algo] = result
-    results["status"] = overall([results[a] for a in ALGORITHMS])
-    if all("s_per_step" in results[a] for a in ALGORITHMS):
-        ratio = results["rsmatch"]["s_per_step"] / results["fixmatch"]["s_per_step"]
-        results["rsmatch_over_fixmatch"] = round(ratio, 3)
-    return results
+def throughput(c: Check) -> dict:
+    """The bare step, FixMatch and RSMatch in one interleaved run (tools/bench_vs_usb.py):
+    every contender warmed up first, then timed in alternating rounds."""
+    log = c.out / "throughput.log"
+    precision = {"no": "no", "bf16": "bf16"}.get(c.precision_keys[0].split("=", 1)[1], "auto")
+    cmd = [c.py, "tools/bench_vs_usb.py", "--only", "bare", *ALGORITHMS, *c.sizes["throughput"],
+           f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={precision}"]  # fmt: skip
+    result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - c.keep_for_train), c.env)
+    measured = trailing_json(log) if log.is_file() else None
+    if measured:
+        med = measured["median_s_per_step"]
+        for name in med:
+            result[name] = {"status": "ok", "s_per_step": med[name],
+                            "it_per_s": round(1 / med[name], 2)}  # fmt: skip
+        result["ratios"] = measured["ratios"]
+        result["bench_machine"] = measured["machine"]
+    for algo in ALGORITHMS:
+        result.setdefault(algo, {"status": result["status"]})
+    if all("s_per_step" in result[a] for a in ALGORITHMS):
+        ratio = result["rsmatch"]["s_per_step"] / result["fixmatch"]["s_per_step"]
+        result["rsmatch_over_fixmatch"] = round(ratio, 3)
+    return result
 
 
 def train(c: Check, data: Path | None, s_per_step: dict[str, float], seconds: float) -> dict:
@@ -335,14 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, help="default .gpudata (GPU) or data/demo (--dry-run)")
-    ap.add_argument("--bench-data", type=Path, default=ROOT / "data/demo",
-                    help="data of the throughput step (its size does not change a step's time)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument(
         "--budget", type=float, help="seconds for everything (default 450; dry run 300)"
     )
     ap.add_argument("--train-seconds", type=float, default=100.0,
                     help="training loop seconds per algorithm, shortened to fit the budget")  # fmt: skip
+    ap.add_argument("--skip-train", action="store_true", help="stop after the throughput step")
     ap.add_argument("--precision", help="train.mixed_precision (default bf16; dry run: no)")
     ap.add_argument("--channels-last", help="train.channels_last (default true; dry run: false)")
     ap.add_argument("--started", type=float, default=time.time())
@@ -363,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         dry, sizes, args.out, Path(tempfile.mkdtemp(prefix="gpu_check_", dir=scratch_dir())),
         Clock(args.started, budget), env,
         [f"train.mixed_precision={precision}", f"train.channels_last={channels_last}"],
-        keep_for_train=sizes["limits"]["train_share"] * budget,
+        keep_for_train=0.0 if args.skip_train else sizes["limits"]["train_share"] * budget,
     )  # fmt: skip
     steps: dict = {"install": {"status": args.install_status, "mode": args.install_mode,
                                "seconds": round(time.time() - args.started, 1), "log": "install.log"}}  # fmt: skip
@@ -375,13 +411,14 @@ def main(argv: list[str] | None = None) -> int:
         steps["machine"] = run([c.py, "-c", ENV_SCRIPT], env_log, min(60, c.clock.left()), env)
         summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
         steps["gpu_tests"] = gpu_tests(c)
-        steps["throughput"] = throughput(c, args.bench_data)
-        data, steps["data"] = unpack_data(
-            args.data or ROOT / ("data/demo" if dry else ".gpudata"), c.work
-        )
-        measured = {a: steps["throughput"][a]["s_per_step"] for a in ALGORITHMS
-                    if "s_per_step" in steps["throughput"][a]}  # fmt: skip
-        steps["train"] = train(c, data, measured, args.train_seconds)
+        steps["throughput"] = throughput(c)
+        if not args.skip_train:
+            data, steps["data"] = unpack_data(
+                args.data or ROOT / ("data/demo" if dry else ".gpudata"), c.work
+            )
+            measured = {a: steps["throughput"][a]["s_per_step"] for a in ALGORITHMS
+                        if "s_per_step" in steps["throughput"][a]}  # fmt: skip
+            steps["train"] = train(c, data, measured, args.train_seconds)
     except Exception as e:  # recorded with whatever finished, then raised
         summary["error"] = f"{type(e).__name__}: {e}"
         raise

@@ -10,15 +10,25 @@ Why not torchvision's RandAugment: it applies one op and one magnitude to a whol
 draws both per image. Here the random draws (`sample_*`) are separate from the pixel work
 (`apply_*`): the trainer draws them for the *global* batch from a generator seeded by the step
 and each rank applies its slice, so views do not depend on the number of processes.
+
+Host and device: the draws are made on the host. `Params.to(device)` moves them with copies that
+never block the host (`rsmatch.data.transfer`), except the op indices, which stay on the host
+(`StrongParams.ops`): `apply_strong` groups the images by op there and sends the grouping to the
+device in one copy. So augmenting a batch on a GPU never waits for the GPU: no read of a device
+value, no blocking copy, no device tensor built from Python data.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
+
+from rsmatch.data.transfer import to_device
 
 OPS = (
     "identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
@@ -36,7 +46,9 @@ class Params:
         return type(self)(**{f.name: getattr(self, f.name)[sel] for f in fields(self)})
 
     def to(self, device: torch.device | str) -> Params:
-        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return type(self)(
+            **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)}
+        )
 
 
 @dataclass
@@ -48,7 +60,7 @@ class WeakParams(Params):
 @dataclass
 class StrongParams(Params):
     weak: WeakParams
-    ops: torch.Tensor  # [N, N_OPS] op indices
+    ops: torch.Tensor  # [N, N_OPS] op indices, on the host (`to` leaves them there)
     mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1]
     cutout: torch.Tensor  # [N, 3] U(0,1) draws for the centre x, y; side fraction U(0, 0.5)
 
@@ -56,8 +68,8 @@ class StrongParams(Params):
         return StrongParams(self.weak[sel], self.ops[sel], self.mags[sel], self.cutout[sel])
 
     def to(self, device: torch.device | str) -> StrongParams:
-        return StrongParams(self.weak.to(device), self.ops.to(device), self.mags.to(device),
-                            self.cutout.to(device))  # fmt: skip
+        return StrongParams(self.weak.to(device), self.ops, to_device(self.mags, device),
+                            to_device(self.cutout, device))  # fmt: skip
 
 
 def sample_weak(n: int, gen: torch.Generator, pad: int = 4) -> WeakParams:
@@ -137,7 +149,8 @@ def _contrast(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device)
+    # [[1, 1, 1], [1, 5, 1], [1, 1, 1]], made on the device: torch.tensor(..., device=) would block
+    kernel = F.pad(torch.full((1, 1), 5.0, device=x.device), (1, 1, 1, 1), value=1.0)
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
     # ImageFilter.SMOOTH. Integer weights keep the sum exact even under TF32; k/13 is never a tie.
     smooth = (F.conv2d(x, kernel, groups=x.shape[1]) / 13).round()
@@ -186,15 +199,16 @@ def _affine(x: torch.Tensor, *coeffs: torch.Tensor | float) -> torch.Tensor:
     """Image.transform(AFFINE, coeffs) as Pillow runs it when the map shears or rotates:
     nearest neighbour in 16.16 fixed point, black outside.
 
-    coeffs (a, b, c, d, e, f), floats or one per image: the output pixel centred at (X, Y) reads
-    the input pixel at (aX + bY + c, dX + eY + f), each coefficient rounded to 1/65536.
+    coeffs (a, b, c, d, e, f), Python floats or float64 tensors of one per image: the output
+    pixel centred at (X, Y) reads the input pixel at (aX + bY + c, dX + eY + f), each coefficient
+    rounded to 1/65536. Floats stay Python floats (float64 too): no copy to the device.
     """
-    a, b, c, d, e, f = torch.broadcast_tensors(
-        *(torch.as_tensor(k, dtype=torch.float64, device=x.device) for k in coeffs)
-    )
+    a, b, c, d, e, f = coeffs
 
-    def fix(t: torch.Tensor) -> torch.Tensor:
-        return (t * 65536.0 + 0.5).floor().long().view(-1, 1, 1)
+    def fix(t: torch.Tensor | float) -> torch.Tensor | int:
+        if isinstance(t, torch.Tensor):
+            return (t * 65536.0 + 0.5).floor().long().view(-1, 1, 1)
+        return math.floor(t * 65536.0 + 0.5)
 
     ys, xs = _grid(x)
     ys, xs = ys.long(), xs.long()
@@ -257,16 +271,40 @@ def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     inside = (
         (xs >= x0) & (xs <= (x0 + v).floor()) & (ys >= y0) & (ys <= (y0 + v).floor()) & (v > 0)
     )  # fmt: skip
-    fill = torch.tensor(CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = torch.cat(  # filled on the device: torch.tensor(CUTOUT_FILL, device=) would block
+        [torch.full((1, 1, 1, 1), v, device=x.device, dtype=x.dtype) for v in CUTOUT_FILL], dim=1
+    )
     return torch.where(inside[:, None], fill, x)
 
 
+def _op_groups(ops: torch.Tensor, device: torch.device) -> list[list[tuple[str, torch.Tensor]]]:
+    """Per slot, (op name, rows drawing it) for each op drawn there but identity.
+
+    Computed from the host op indices [N, N_OPS]: one stable sort per slot lists the rows by op,
+    in increasing row order within an op, and the sorted rows go to the device in one copy.
+    """
+    order = ops.argsort(dim=0, stable=True)  # [N, N_OPS]
+    counts = [torch.bincount(o, minlength=len(OPS)).tolist() for o in ops.T]
+    rows = to_device(order.T.contiguous(), device)  # [N_OPS, N]
+    groups = []
+    for slot, slot_counts in enumerate(counts):
+        starts = [0, *itertools.accumulate(slot_counts)]
+        groups.append([
+            (name, rows[slot, starts[k] : starts[k + 1]])
+            for k, name in enumerate(OPS)
+            if name != "identity" and slot_counts[k]
+        ])  # fmt: skip
+    return groups
+
+
 def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
-    """Weak view, then 3 RandAugment ops, then Cutout. uint8 [N,C,H,W] in and out."""
+    """Weak view, then 3 RandAugment ops, then Cutout. uint8 [N,C,H,W] in and out.
+
+    `p.ops` on the host (where `StrongParams.to` leaves it), the rest on x's device.
+    """
     out = apply_weak(x, p.weak).float()
-    for slot in range(p.ops.shape[1]):
-        for k, name in enumerate(OPS):
-            sel = p.ops[:, slot] == k
-            if name != "identity" and bool(sel.any()):
-                out[sel] = apply_op(out[sel], name, p.mags[sel, slot])
+    for slot, groups in enumerate(_op_groups(p.ops, x.device)):
+        for name, rows in groups:
+            mags = p.mags[:, slot].index_select(0, rows)
+            out.index_copy_(0, rows, apply_op(out.index_select(0, rows), name, mags))
     return _cutout(out, p.cutout).to(torch.uint8)

@@ -2,7 +2,9 @@
 
 The global batch at step k is drawn from generators seeded by (seed, stream, k or epoch), and
 each rank takes its contiguous slice. So resuming needs only the step counter, and the global
-batch (indices and augmentation draws) is the same for any number of processes.
+batch (indices and augmentation draws) is the same for any number of processes. Everything is
+drawn on the host and reaches the device by copies that never block the host
+(`rsmatch.data.transfer`); the augmentation then runs on the device (`rsmatch.data.augment`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rsmatch.data import augment
 from rsmatch.data.batch import Batch, Provenance, TrainData
 from rsmatch.data.decode import decode
 from rsmatch.data.exclude import kept_rows
+from rsmatch.data.transfer import to_device
 
 # Stream ids keep the random draws of different consumers independent.
 LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)
@@ -125,8 +128,9 @@ class BatchMaker:
         gen = step_generator(self.seed, AUG_LABELED, step)
         idx = self.lb_stream.indices(step)[self.lo : self.hi]
         weak = augment.sample_weak(self.b, gen)[self.lo : self.hi].to(dev)
-        x = d.labeled[idx].to(dev, non_blocking=True)
-        batch = Batch(augment.apply_weak(x, weak), d.labeled_y[idx].to(dev), idx.to(dev))
+        x = to_device(d.labeled[idx], dev)
+        batch = Batch(augment.apply_weak(x, weak), to_device(d.labeled_y[idx], dev),
+                      to_device(idx, dev))  # fmt: skip
         if self.strong_labeled:  # drawn after the weak params, so those never depend on it
             strong = augment.sample_strong(self.b, gen)[self.lo : self.hi].to(dev)
             batch.x_lb_s = augment.apply_strong(x, strong)
@@ -135,8 +139,8 @@ class BatchMaker:
             uidx = self.ulb_stream.indices(step)[self.ulo : self.uhi]
             weak = augment.sample_weak(self.ub, gen)[self.ulo : self.uhi].to(dev)
             strong = augment.sample_strong(self.ub, gen)[self.ulo : self.uhi].to(dev)
-            u = d.unlabeled[uidx].to(dev, non_blocking=True)
+            u = to_device(d.unlabeled[uidx], dev)
             batch.u_w = augment.apply_weak(u, weak)  # own crop and flip, as in USB
             batch.u_s = augment.apply_strong(u, strong)
-            batch.idx_ulb = uidx.to(dev)
+            batch.idx_ulb = to_device(uidx, dev)
         return batch

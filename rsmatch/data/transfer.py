@@ -1,0 +1,21 @@
+"""Host-to-device copies that never make the host wait.
+
+A copy from pageable host memory is synchronous on CUDA (torch waits for it, and
+`torch.cuda.set_sync_debug_mode` flags it), so the host could not queue the next kernels while
+it runs. Pinned memory lets the copy run asynchronously on the current stream; torch's pinned
+allocator keeps the staging buffer alive until the copy is done, so the tensor handed in may be
+dropped or reused at once. Pinning needs CUDA, hence only for CUDA targets; elsewhere (CPU, meta)
+`non_blocking` costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` (on the host) on `device` without blocking the host; `t` itself when already there."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -1,0 +1,69 @@
+"""`apply_strong` groups the images of a batch by op on the host and works on each group on the
+device. These tests pin that grouping with properties that need no reference pixels (the pixels
+themselves are pinned against Pillow in tests/test_augment_parity.py): a batch in which every
+image draws the same op is that op applied to the whole batch, and each image of a mixed batch
+comes out as it does alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rsmatch.data import augment
+from rsmatch.data.transfer import to_device
+
+from .conftest import needs_cuda
+
+N = 24
+
+
+def _images(seed: int, n: int = N) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("name", augment.OPS)
+def test_a_batch_of_one_op_is_that_op_on_the_whole_batch(name):
+    x = _images(1)
+    p = augment.sample_strong(N, torch.Generator().manual_seed(2))
+    p.ops.fill_(augment.OPS.index(name))
+    p.cutout[:, 2] = 0.0  # Cutout of side 0 draws nothing
+    want = augment.apply_weak(x, p.weak).float()
+    for slot in range(augment.N_OPS):
+        want = augment.apply_op(want, name, p.mags[:, slot])
+    assert torch.equal(augment.apply_strong(x, p), want.to(torch.uint8))
+
+
+def test_each_image_of_a_mixed_batch_comes_out_as_alone():
+    x = _images(3, 96)
+    p = augment.sample_strong(96, torch.Generator().manual_seed(4))
+    assert all(len(p.ops[:, slot].unique()) == len(augment.OPS) for slot in range(3))
+    out = augment.apply_strong(x, p)
+    for i in range(len(x)):
+        assert torch.equal(out[i : i + 1], augment.apply_strong(x[i : i + 1], p[i : i + 1])), i
+
+
+def test_params_leave_the_op_indices_on_the_host():
+    p = augment.sample_strong(4, torch.Generator().manual_seed(5)).to("meta")
+    assert p.ops.device.type == "cpu"
+    assert {t.device.type for t in (p.mags, p.cutout, p.weak.shift, p.weak.flip)} == {"meta"}
+
+
+def test_to_device_copies_only_across_devices():
+    t = torch.arange(3)
+    assert to_device(t, "cpu") is t
+    assert to_device(t, torch.device("meta")).device.type == "meta"
+
+
+@needs_cuda
+def test_to_device_copies_asynchronously_to_cuda():
+    t = torch.arange(1000)
+    to_device(t, "cuda")  # the first pinned allocation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = to_device(t, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), t)

@@ -1,0 +1,82 @@
+"""Where a training step's time goes: batch making, the algorithm step, and the bare step.
+
+    python tools/profile_step.py --algorithm fixmatch [--batch-size 64 --uratio 7] [--trace]
+
+Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
+`auto` precision; on the GPU when there is one), warms them up, then times, alternating over
+`--rounds`: `trainer.batches(step)` alone, `trainer.train_step` on a pre-made batch, and the
+bare forward + backward + SGD step. On a GPU each timing waits for the device. With `--trace`
+it also prints the top operators of one profiled step (torch.profiler), by self time on the
+host and, on a GPU, on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_vs_usb as bench  # noqa: E402
+
+
+def _timed(sync, fn, *args) -> float:
+    sync()
+    start = time.perf_counter()
+    fn(*args)
+    sync()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algorithm", default="fixmatch")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--uratio", type=int, default=7)
+    ap.add_argument("--pool", type=int, default=5000)
+    ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--trace", action="store_true")
+    args = ap.parse_args(argv)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    step = bench._rsmatch_step(args, args.algorithm)
+    trainer = step.__self__
+    bare = bench._bare_step(args)
+    for k in range(args.warmup):
+        step(k)
+        bare(k)
+    make = trainer.batches
+    times: dict[str, list[float]] = {"batch_making": [], "step_on_a_made_batch": [], "bare": []}
+    for r in range(args.rounds):
+        k = args.warmup + r
+        times["batch_making"].append(_timed(sync, make, k))
+        batch = make(k)
+        trainer.batches = lambda _step, made=batch: made
+        times["step_on_a_made_batch"].append(_timed(sync, trainer.train_step, k))
+        trainer.batches = make
+        times["bare"].append(_timed(sync, bare, k))
+    med = {name: round(statistics.median(v), 4) for name, v in times.items()}
+    print(json.dumps({"machine": bench._machine(), "algorithm": args.algorithm,
+                      "precision": trainer.precision.record(), "median_s": med}, indent=2))  # fmt: skip
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            trainer.train_step(args.warmup + args.rounds)
+            sync()
+        averages = prof.key_averages()
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=20))
+        if torch.cuda.is_available():
+            print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
