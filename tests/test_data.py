@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
-from rsmatch.benchmark.split import SplitSpec, build_split, generator_shares
+from rsmatch.benchmark.split import (
+    SplitSpec,
+    build_split,
+    generator_shares,
+    pool_sizes,
+    required_per_generator,
+)
 from rsmatch.benchmark.store import summary
 from rsmatch.data import augment
 from rsmatch.data.batch import Provenance, TrainData
@@ -160,3 +166,45 @@ def test_bundled_demo_matches_shared_data():
     with tarfile.open(SHARED / "cifar10-jpeg.tar.gz") as tar:
         member = tar.extractfile(f"cifar10/train/{name}/{first['path']}")
         assert member is not None and member.read() == first["bytes"]
+
+
+def test_the_cap_and_the_synthetic_images_may_be_used_up_exactly(sources):
+    dd = _split(sources, cap=26)  # 30 - 4 labeled: the whole pool
+    assert len(dd["unlabeled"]) == 3 * 26
+    dd = _split(sources, ratio=0.92)  # round(0.92 * 26) = 24: 12 of each generator's 12
+    gens = list(dd["unlabeled"]["generator"])
+    assert gens.count("a") == gens.count("b") == 3 * 12
+
+
+def test_every_split_has_a_prompt_column_and_generators_keep_theirs(sources):
+    real = load_real(str(sources["real"]))
+    synth = {g: load_synthetic(str(sources[f"gen_{g}"]), real.class_names) for g in ("a", "b")}
+    prompts = [f"a photo number {i}" for i in range(len(synth["a"]))]
+    synth["a"] = synth["a"].add_column("prompt", prompts)
+    dd = build_split(real, synth, SplitSpec(4, 0.5, None, 0))
+    for split in ("labeled", "test"):
+        assert set(dd[split]["prompt"]) == {""}
+    unl = dd["unlabeled"]
+    for gen, prompt, sid in zip(unl["generator"], unl["prompt"], unl["source_id"]):
+        # source_id is "<generator>/<row>": generator a's rows keep their own prompt
+        assert prompt == (prompts[int(sid.split("/")[1])] if gen == "a" else ""), sid
+
+
+def test_pool_sizes_apply_the_cap_per_class():
+    counts = np.array([30, 12])  # pools of 26 and 8 after 4 labeled
+    assert pool_sizes(counts, SplitSpec(4, 0.5, None, 0)) == [26, 8]
+    assert pool_sizes(counts, SplitSpec(4, 0.5, 20, 0)) == [20, 8]
+
+
+def test_required_per_generator_is_the_largest_share_of_any_class():
+    counts = np.array([30, 12])
+    # ratio 0.5: class 0 replaces 13 (a 7, b 6), class 1 replaces 4 (2, 2)
+    assert required_per_generator(counts, SplitSpec(4, 0.5, None, 0), ["b", "a"]) == {
+        "b": 6,
+        "a": 7,
+    }
+    # capped at 2 per class: 1 replaced per class, all from a
+    assert required_per_generator(counts, SplitSpec(4, 0.5, 2, 0), ["a", "b"]) == {"a": 1, "b": 0}
+    assert required_per_generator(counts, SplitSpec(4, 0.0, None, 0), ["a"]) == {"a": 0}
+    # no class has an unlabeled image (4 labeled of 4, or of 3): nothing to generate
+    assert required_per_generator(np.array([4, 3]), SplitSpec(4, 0.7, None, 0), ["a"]) == {"a": 0}
