@@ -114,6 +114,22 @@ def test_sample_is_uniform_over_held_items():
     assert torch.equal(drawn, again)  # the generator alone decides
 
 
+def test_sample_maps_each_62_bit_draw_to_the_held_item_of_its_rank():
+    """The k-th held item in row-major order, k = draw mod held count, with the draws of
+    randint(0, 2**62) from the step's generator: a seed's draws are part of the contract
+    (resume and the 1-vs-N-process equality rest on them)."""
+    q = CSQueue(3, 4, picks=3, topk=1, image_shape=SHAPE)
+    for i in range(3):  # held, row-major: class 0 -> 10, 11, 12; class 2 -> 50
+        ids = torch.tensor([10 + i, 50])
+        q.update(torch.ones(2), torch.tensor([0, 2 if i == 0 else 0]), _images(ids), ids,
+                 torch.Generator())  # fmt: skip
+    held = [10, 11, 12, 50]
+    draws = torch.randint(0, 2**62, (64,), generator=torch.Generator().manual_seed(7)).tolist()
+    expected = [held[d % 4] for d in draws]
+    drawn = q.sample(64, torch.Generator().manual_seed(7))[:, 0, 0, 0].tolist()
+    assert drawn == expected
+
+
 def test_sample_is_uniform_over_a_hundred_items():
     q = CSQueue(1, 100, picks=1, topk=100, image_shape=SHAPE)
     ids = torch.arange(100)
