@@ -6,8 +6,8 @@ Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-size
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
 `--rounds`: `trainer.batches(step)` alone, `trainer.train_step` on a pre-made batch, and the
 bare forward + backward + SGD step. On a GPU each timing waits for the device. With `--trace`
-it also prints the top operators of one profiled step (torch.profiler), by self time on the
-host and, on a GPU, on the device.
+it also prints the top operators of one profiled training step and of one bare step
+(torch.profiler), by self time on the host and, on a GPU, on the device.
 """
 
 from __future__ import annotations
@@ -64,17 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     med = {name: round(statistics.median(v), 4) for name, v in times.items()}
     print(json.dumps({"machine": bench._machine(), "algorithm": args.algorithm,
                       "precision": trainer.precision.record(), "median_s": med}, indent=2))  # fmt: skip
-    if args.trace:
+    if args.trace:  # one step of each, operator by operator
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            trainer.train_step(args.warmup + args.rounds)
-            sync()
-        averages = prof.key_averages()
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=20))
-        if torch.cuda.is_available():
-            print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
+        k = args.warmup + args.rounds
+        for name, fn in (("train_step", trainer.train_step), ("bare", bare)):
+            with torch.profiler.profile(activities=activities) as prof:
+                fn(k)
+                sync()
+            averages = prof.key_averages()
+            print(f"--- {name}")
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
+            if torch.cuda.is_available():
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
     return 0
 
 
