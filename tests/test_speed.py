@@ -15,6 +15,7 @@ which holds no data: any read of a device value raises, host-side reads run as u
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import subprocess
 import sys
@@ -214,16 +215,23 @@ def test_training_step_has_no_host_sync(sources, tmp_path, algorithm):
     assert all(v.device == trainer.accelerator.device for v in logged.values())
 
 
+@contextlib.contextmanager
+def cuda_syncs_raise():
+    """Inside, any synchronising CUDA call raises (work queued before is waited for first)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @needs_cuda
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
     trainer = _warm_trainer(sources, tmp_path, algorithm)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_raise():
         trainer.train_step(2)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @needs_cuda
@@ -235,12 +243,8 @@ def test_batch_making_has_no_cuda_sync(sources, tmp_path):
     trainer = Trainer(cfg)
     assert trainer.batches.device.type == "cuda"
     trainer.batches(0)  # first pinned allocations
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_raise():
         trainer.batches(1)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_logs_reduce_in_sorted_order_and_refuse_a_changing_key_set(sources, tmp_path):
