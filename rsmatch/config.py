@@ -259,8 +259,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key in values:
         if key not in names:
             hint = did_you_mean(str(key), sorted(names), prefix)
+            shown = str(key) if str(key).isprintable() else repr(str(key))  # one line, always
             raise ConfigError(
-                f"{prefix}{key}: unknown key{hint} (valid: {', '.join(sorted(names))})"
+                f"{prefix}{shown}: unknown key{hint} (valid: {', '.join(sorted(names))})"
             )
     kwargs = {}
     for name, value in values.items():
@@ -289,7 +290,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=0.01`` -> ("train.lr", 0.01); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{text}: overrides are key=value, e.g. train.lr=0.01")
+        shown = text if text.isprintable() else repr(text)
+        raise ConfigError(f"{shown}: overrides are key=value, e.g. train.lr=0.01")
+    if not key.isprintable():  # a newline or control character would break the one-line error
+        raise ConfigError(f"{key!r}: not a config key (dotted names, e.g. train.lr=0.01)")
     where = f"{key.strip()}: cannot parse {raw!r}"
     return key.strip(), parse_yaml(raw, where, marks=False) if raw != "" else ""
 

@@ -169,6 +169,21 @@ def _loads_or_one_line(path, overrides) -> None:
         assert str(e) and "\n" not in str(e), repr(str(e))
 
 
+@pytest.mark.parametrize("overrides", [["0\n0=None"], ["a\nb"], ["train.\tlr=1"]])
+def test_keys_with_control_characters_fail_as_one_line(overrides):
+    """Found by the random-override test below: a key holding a newline gave a two-line error."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value) and "\t" not in str(e.value)
+
+
+def test_yaml_key_with_a_newline_is_named_on_one_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text('"0\\n0": 1\n')
+    with pytest.raises(ConfigError, match=r"^'0\\n0': unknown key"):
+        load_config(f, [])
+
+
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
