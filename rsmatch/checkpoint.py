@@ -109,6 +109,8 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank: DeepSpeed writes shards
+    # every rank's files (its RNG state, its shards) are in `tmp` before it is sealed and moved
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file(
             {k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors")

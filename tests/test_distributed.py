@@ -23,7 +23,9 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 def _launch(args: list[str], processes: int) -> None:
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir=")))
     res = torchrun(WORKER, args, processes, restore=out)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # every rank's own traceback lines first: the launcher's tail names only the first failure
+    ranks = "\n".join(x for x in res.stderr.splitlines() if x.startswith("[rank"))
+    assert res.returncode == 0, ranks[-6000:] + res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def _run_both(sources, tmp_path, extra):
@@ -94,6 +96,10 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
     ranks = json.loads((straight / "ranks.json").read_text())
     assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
     assert any("running_mean" in k for k in ranks[0])
+    for ckpt in (straight / "checkpoints").glob("step_*"):  # sealed only once every rank wrote
+        listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= listed.keys(), ckpt
+        assert sorted(listed) == sorted(p.name for p in ckpt.iterdir() if p.name != "manifest.json")
 
     # a second run gets only the step-2 checkpoint of the first and resumes to step 4
     resumed = tmp_path / "resumed"
