@@ -210,6 +210,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _shown(name: str) -> str:
+    """A key or override as typed, escaped when it holds a newline or control character, so
+    the error that names it stays on one line."""
+    return name if name.isprintable() else repr(name)
+
+
 def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
     """`; did you mean PREFIX+X?` for a near miss (difflib), else an empty string."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
@@ -259,9 +265,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key in values:
         if key not in names:
             hint = did_you_mean(str(key), sorted(names), prefix)
-            shown = str(key) if str(key).isprintable() else repr(str(key))  # one line, always
             raise ConfigError(
-                f"{prefix}{shown}: unknown key{hint} (valid: {', '.join(sorted(names))})"
+                f"{prefix}{_shown(str(key))}: unknown key{hint} (valid: {', '.join(sorted(names))})"
             )
     kwargs = {}
     for name, value in values.items():
@@ -290,9 +295,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=0.01`` -> ("train.lr", 0.01); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        shown = text if text.isprintable() else repr(text)
-        raise ConfigError(f"{shown}: overrides are key=value, e.g. train.lr=0.01")
-    if not key.isprintable():  # a newline or control character would break the one-line error
+        raise ConfigError(f"{_shown(text)}: overrides are key=value, e.g. train.lr=0.01")
+    if not key.isprintable():  # checked once here: every later error names the key as typed
         raise ConfigError(f"{key!r}: not a config key (dotted names, e.g. train.lr=0.01)")
     where = f"{key.strip()}: cannot parse {raw!r}"
     return key.strip(), parse_yaml(raw, where, marks=False) if raw != "" else ""

@@ -6,8 +6,8 @@ world size, not the other classes): shuffle the real train images, take the firs
 drop the first round(r * pool) of the pool and add as many synthetic images of class c, drawn in
 equal shares from the generators (sorted by name; the remainder goes to the first ones).
 The pool is then shuffled by a generator seeded by (seed, POOL_ORDER), so a row's position says
-nothing about where it came from. Every row carries provenance that training never reads: `is_synthetic`, `generator`,
-`source_id`. With r = 0 no generator is needed (real-only SSL).
+nothing about where it came from. Every row carries provenance that training never reads:
+`is_synthetic`, `generator`, `source_id`. With r = 0 no generator is needed (real-only SSL).
 """
 
 from __future__ import annotations
