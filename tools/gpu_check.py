@@ -280,13 +280,21 @@ class Check:
     work: Path
     clock: Clock
     env: dict[str, str]
-    precision_keys: list[str]
+    precision: str  # train.mixed_precision
+    channels_last: str  # train.channels_last
     keep_for_train: float
     py: str = sys.executable
 
     @property
     def limits(self) -> dict:
         return self.sizes["limits"]
+
+    @property
+    def precision_keys(self) -> list[str]:
+        return [
+            f"train.mixed_precision={self.precision}",
+            f"train.channels_last={self.channels_last}",
+        ]
 
 
 def gpu_tests(c: Check) -> dict:
@@ -305,7 +313,7 @@ def throughput(c: Check) -> dict:
     """The bare step, FixMatch and RSMatch in one interleaved run (tools/bench_vs_usb.py):
     every contender warmed up first, then timed in alternating rounds."""
     log = c.out / "throughput.log"
-    precision = {"no": "no", "bf16": "bf16"}.get(c.precision_keys[0].split("=", 1)[1], "auto")
+    precision = c.precision if c.precision in ("no", "bf16") else "auto"  # what the bench takes
     cmd = [c.py, "tools/bench_vs_usb.py", "--only", "bare", *ALGORITHMS, *c.sizes["throughput"],
            f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={precision}"]  # fmt: skip
     result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - c.keep_for_train), c.env)
@@ -397,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     c = Check(
         dry, sizes, args.out, Path(tempfile.mkdtemp(prefix="gpu_check_", dir=scratch_dir())),
-        Clock(args.started, budget), env,
-        [f"train.mixed_precision={precision}", f"train.channels_last={channels_last}"],
+        Clock(args.started, budget), env, precision, channels_last,
         keep_for_train=0.0 if args.skip_train else sizes["limits"]["train_share"] * budget,
     )  # fmt: skip
     steps: dict = {"install": {"status": args.install_status, "mode": args.install_mode,
