@@ -86,6 +86,7 @@ class Trainer:
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
+        self.host_memory = hardware.keep_host_memory(cfg.train.keep_host_memory, acc.device.type)
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
         self.lock = runfolder.RunLock(self.out)  # taken by prepare_output, for the whole run
@@ -195,7 +196,7 @@ class Trainer:
                 acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
-                "precision": self.precision.record(), "split": self.data.split_meta,
+                "precision": self.precision.record(), "host_memory": self.host_memory, "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             }, resumed_from=str(found) if found else None)  # fmt: skip
         acc.wait_for_everyone()
