@@ -5,11 +5,13 @@
 
 Every contender is a worker process built once (its warm-up steps excluded), then timed in
 rounds, interleaved (bare, usb, fixmatch, rsmatch, bare, usb, ...), so that a drift of the
-machine's load hits all of them alike. All use the same B, mu, number of torch threads, WRN-28-2
+machine's load hits all of them alike. Each round starts with one untimed step; between its
+rounds a worker hands its freed memory back to the OS, so idle workers do not hold their peak. All use the same B, mu, number of torch threads, WRN-28-2
 and random uint8 CIFAR-sized images (10 classes, 4 labels per class, a pool of `--pool`).
 
 - bare: one forward + backward + SGD step of rsmatch's classifier over B + 2*mu*B images;
-  no data pipeline, no EMA, no pseudo-labels. rsmatch's `auto` precision and memory format.
+  no data pipeline, no EMA, no pseudo-labels. rsmatch's `auto` precision, memory format and
+  host memory (`train.keep_host_memory`).
   On a CUDA machine bare, fixmatch and rsmatch run on the GPU (the clock waits for the GPU);
   USB's contender is CPU-only here (its batches are kept on the CPU by patch 3).
 - usb: semilearn 0.3.2 (PyPI) in its own venv, driven through its own classes: `get_config`,
@@ -20,6 +22,7 @@ and random uint8 CIFAR-sized images (10 classes, 4 labels per class, a pool of `
     2. `torchvision.datasets.CIFAR10` serves the random images instead of downloading;
     3. `Tensor.cuda` returns the tensor (USB's `process_batch` moves every batch to a GPU);
     4. only the step's hooks run (no evaluation, checkpoint, CUDA-event timer or logging).
+  glibc's default allocator, as USB ships; `--usb-keep-host-memory` gives it rsmatch's setting.
 - rsmatch fixmatch / rsmatch: `Trainer.train_step`, config defaults (`auto` precision and
   memory format), batches built by rsmatch's own in-process pipeline.
 
@@ -62,16 +65,31 @@ def _serve(step, args: argparse.Namespace) -> None:
     for k in range(args.warmup):
         step(k)
     sync()
+    _hand_back_memory()
     print("ready", flush=True)
     k = args.warmup
     for line in sys.stdin:
         n = int(line.split()[1])
+        step(k)  # untimed: faults back in what the last round handed back
+        k += 1
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             step(k)
             k += 1
         sync()
         print(f"seconds {(time.perf_counter() - start) / n}", flush=True)
+        _hand_back_memory()
+
+
+def _hand_back_memory() -> None:
+    """An idle worker returns its freed heap to the OS: with `keep_host_memory` each one holds
+    its peak (6-8 GB in fp32), and four of them outgrew a 24 GiB machine."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rsmatch_step(args: argparse.Namespace, algorithm: str):
@@ -152,7 +170,7 @@ def _usb_step(args: argparse.Namespace):
     # (semilearn's DistributedSampler.__iter__: torch.cat(...).tolist()); sized for a real run
     # (2**20 steps) that list alone outgrew 22 GB and the worker was OOM-killed. Ask for the
     # steps this benchmark takes.
-    steps = args.warmup + args.rounds * args.steps
+    steps = args.warmup + args.rounds * (1 + args.steps)  # each round's untimed step too
     config = get_config({
         "algorithm": "fixmatch", "net": "wrn_28_2", "dataset": "cifar10", "num_classes": CLASSES,
         "num_labels": CLASSES * LABELS_PER_CLASS, "batch_size": args.batch_size,
@@ -183,6 +201,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kind = args.worker
+    if kind == "bare" or (kind == "usb" and args.usb_keep_host_memory):
+        # rsmatch's workers apply train.keep_host_memory themselves; the bare step is the limit
+        from rsmatch.hardware import keep_host_memory
+
+        keep_host_memory("auto", "cuda" if torch.cuda.is_available() else "cpu")
     step = {"bare": _bare_step, "usb": _usb_step}.get(kind)
     _serve(step(args) if step else _rsmatch_step(args, kind), args)
 
@@ -236,7 +259,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
     return [f"--batch-size={args.batch_size}", f"--uratio={args.uratio}",
             f"--threads={args.threads}", f"--warmup={args.warmup}", f"--pool={args.pool}",
             f"--usb-workers={args.usb_workers}", f"--precision={args.precision}",
-            f"--steps={args.steps}", f"--rounds={args.rounds}"]  # fmt: skip
+            f"--steps={args.steps}", f"--rounds={args.rounds}",
+            *(["--usb-keep-host-memory"] if args.usb_keep_host_memory else [])]  # fmt: skip
 
 
 def drive(args: argparse.Namespace) -> dict:
@@ -266,7 +290,8 @@ def drive(args: argparse.Namespace) -> dict:
         ratios["rsmatch / rsmatch fixmatch (<= 1.2 wanted)"] = med["rsmatch"] / med["fixmatch"]
     return {
         "machine": _machine(), "batch_size": args.batch_size, "uratio": args.uratio,
-        "threads": args.threads, "rsmatch_precision": args.precision, "steps_per_round": args.steps, "rounds": args.rounds,
+        "threads": args.threads, "rsmatch_precision": args.precision,
+        "usb_keep_host_memory": args.usb_keep_host_memory, "steps_per_round": args.steps, "rounds": args.rounds,
         "median_s_per_step": {k: round(v, 4) for k, v in med.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
     }  # fmt: skip
@@ -301,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"),
                     help="rsmatch's train.mixed_precision, also used by the bare step "
                          "(`no` forces fp32, as on a CPU without native bf16)")  # fmt: skip
+    ap.add_argument("--usb-keep-host-memory", action="store_true",
+                    help="give USB's worker rsmatch's host-memory setting too (not USB as shipped: "
+                         "shows how much of the gap is the allocator)")  # fmt: skip
     ap.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
