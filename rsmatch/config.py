@@ -131,9 +131,9 @@ class TrainConfig:
     keep_host_memory: bool | str = option(
         "auto",
         "Keep freed host memory in the process (glibc: no mmap per large tensor, no trimming), "
-        "so a CPU step stops page-faulting every activation: 1.35x (bf16) to 1.6x (fp32) faster "
-        "on a 2-core CPU (docs/speed.md). `auto`: on when the model runs on the CPU; the "
-        "resident memory then stays at its peak.",
+        "so a CPU step stops page-faulting every activation: 1.35x (bf16) to 1.4-1.5x (fp32) "
+        "faster on a 2-core CPU (docs/speed.md). `auto`: on when the model runs on the CPU; "
+        "the resident memory then stays at its peak.",
     )
     sync_bn: bool | str = option(
         "auto",

@@ -94,18 +94,33 @@ def resolve(
     return Precision(chosen, layout, reason, warning)
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (whose mallopt and malloc_trim are used here), else None."""
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+
 def keep_host_memory(setting: bool | str, device_type: str) -> str:
     """Apply `train.keep_host_memory` to this process; returns what was done, for run.json.
 
     `auto` keeps memory when the model runs on the CPU (a GPU step's host allocations are small).
     The process's resident memory then stays at its peak instead of shrinking between steps.
     """
-    if setting is False or (setting == "auto" and device_type != "cpu"):
-        return f"off ({'train.keep_host_memory=false' if setting is False else device_type})"
-    if platform.libc_ver()[0] != "glibc":
+    if setting is False:
+        return "off (train.keep_host_memory=false)"
+    if setting == "auto" and device_type != "cpu":
+        return f"off ({device_type})"
+    libc = _glibc()
+    if libc is None:
         return "off (not glibc: the system allocator is left as it is)"
-    libc = ctypes.CDLL("libc.so.6")
     # -1 disables trimming (mallopt(3)); no mmap'd chunks, so large tensors come from the heap
     if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1)):
         return "off (glibc refused mallopt)"
     return "on: large tensors from the heap, freed memory kept (no page faults per step)"
+
+
+def hand_back_host_memory() -> None:
+    """Return the freed heap to the OS now (glibc's malloc_trim), for a process that will idle
+    while others work: with `keep_host_memory` it would otherwise hold its peak."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

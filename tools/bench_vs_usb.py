@@ -6,8 +6,9 @@
 Every contender is a worker process built once (its warm-up steps excluded), then timed in
 rounds, interleaved (bare, usb, fixmatch, rsmatch, bare, usb, ...), so that a drift of the
 machine's load hits all of them alike. Each round starts with one untimed step; between its
-rounds a worker hands its freed memory back to the OS, so idle workers do not hold their peak. All use the same B, mu, number of torch threads, WRN-28-2
-and random uint8 CIFAR-sized images (10 classes, 4 labels per class, a pool of `--pool`).
+rounds a worker hands its freed memory back to the OS, so idle workers do not hold their peak.
+All use the same B, mu, number of torch threads, WRN-28-2 and random uint8 CIFAR-sized images
+(10 classes, 4 labels per class, a pool of `--pool`).
 
 - bare: one forward + backward + SGD step of rsmatch's classifier over B + 2*mu*B images;
   no data pipeline, no EMA, no pseudo-labels. rsmatch's `auto` precision, memory format and
@@ -60,12 +61,15 @@ def _images(n: int, seed: int):
 def _serve(step, args: argparse.Namespace) -> None:
     import torch
 
+    # idle workers hand their heap back: four holding their 6-8 GB fp32 peaks outgrew 24 GiB
+    from rsmatch.hardware import hand_back_host_memory
+
     # on a GPU the clock is read only after the queued kernels have finished
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for k in range(args.warmup):
         step(k)
     sync()
-    _hand_back_memory()
+    hand_back_host_memory()
     print("ready", flush=True)
     k = args.warmup
     for line in sys.stdin:
@@ -79,17 +83,7 @@ def _serve(step, args: argparse.Namespace) -> None:
             k += 1
         sync()
         print(f"seconds {(time.perf_counter() - start) / n}", flush=True)
-        _hand_back_memory()
-
-
-def _hand_back_memory() -> None:
-    """An idle worker returns its freed heap to the OS: with `keep_host_memory` each one holds
-    its peak (6-8 GB in fp32), and four of them outgrew a 24 GiB machine."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        hand_back_host_memory()
 
 
 def _rsmatch_step(args: argparse.Namespace, algorithm: str):
