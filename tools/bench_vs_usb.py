@@ -106,7 +106,7 @@ def _rsmatch_step(args: argparse.Namespace, algorithm: str):
     cfg = load_config(None, [
         f"algorithm={algorithm}", "model.backbone=wrn28_2", f"train.batch_size={args.batch_size}",
         f"train.uratio={args.uratio}", f"train.output_dir={out}", "train.progress=false",
-        f"train.mixed_precision={args.precision}",
+        f"train.mixed_precision={args.precision}", f"train.compile={args.compile}",
     ])  # fmt: skip
     trainer = Trainer(cfg, data=data)
     print(json.dumps({"precision": trainer.precision.record()}), file=sys.stderr)
@@ -128,6 +128,8 @@ def _bare_step(args: argparse.Namespace):
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
         model.normalize.channels_last = True
+    if args.compile:
+        model.compile()  # as the trainer does with train.compile
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True)
     n = args.batch_size * (1 + 2 * args.uratio)
     x = torch.from_numpy(_images(n, 1)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -254,6 +256,7 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
             f"--threads={args.threads}", f"--warmup={args.warmup}", f"--pool={args.pool}",
             f"--usb-workers={args.usb_workers}", f"--precision={args.precision}",
             f"--steps={args.steps}", f"--rounds={args.rounds}",
+            *(["--compile"] if args.compile else []),
             *(["--usb-keep-host-memory"] if args.usb_keep_host_memory else [])]  # fmt: skip
 
 
@@ -284,7 +287,7 @@ def drive(args: argparse.Namespace) -> dict:
         ratios["rsmatch / rsmatch fixmatch (<= 1.2 wanted)"] = med["rsmatch"] / med["fixmatch"]
     return {
         "machine": _machine(), "batch_size": args.batch_size, "uratio": args.uratio,
-        "threads": args.threads, "rsmatch_precision": args.precision,
+        "threads": args.threads, "rsmatch_precision": args.precision, "compile": args.compile,
         "usb_keep_host_memory": args.usb_keep_host_memory, "steps_per_round": args.steps, "rounds": args.rounds,
         "median_s_per_step": {k: round(v, 4) for k, v in med.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
@@ -320,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"),
                     help="rsmatch's train.mixed_precision, also used by the bare step "
                          "(`no` forces fp32, as on a CPU without native bf16)")  # fmt: skip
+    ap.add_argument("--compile", action="store_true",
+                    help="rsmatch's train.compile for its contenders, and the bare step's model "
+                         "compiled the same way (USB is never compiled)")  # fmt: skip
     ap.add_argument("--usb-keep-host-memory", action="store_true",
                     help="give USB's worker rsmatch's host-memory setting too (not USB as shipped: "
                          "shows how much of the gap is the allocator)")  # fmt: skip

@@ -36,7 +36,7 @@ KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evalu
 # the steps after them (seconds per throughput run, a share of the budget for the trainings),
 # so that a slow step cannot leave the trainings no time.
 GPU = {
-    "limits": {"pytest": 150, "throughput": 120, "train_share": 1 / 3},
+    "limits": {"pytest": 150, "throughput": 120, "compile": 150, "train_share": 1 / 3},
     "backbone": ["model.backbone=wrn28_2", "train.batch_size=64", "train.uratio=7"],
     "throughput": [
         "--batch-size",
@@ -59,7 +59,7 @@ GPU = {
     ],
 }
 TINY = {
-    "limits": {"pytest": 120, "throughput": 90, "train_share": 1 / 5},
+    "limits": {"pytest": 120, "throughput": 90, "compile": 240, "train_share": 1 / 5},
     "backbone": [
         "model.backbone=wrn10_1",
         "rsmatch.detector_backbone=wrn10_1",
@@ -158,9 +158,9 @@ def last_json_line(log: Path) -> dict | None:
     return None
 
 
-def trailing_json(log: Path) -> dict | None:
+def trailing_json(text: str) -> dict | None:
     """The indented JSON object that ends a log (tools/bench_vs_usb.py's summary)."""
-    lines = log.read_text(errors="replace").splitlines()
+    lines = text.splitlines()
     starts = [i for i, line in enumerate(lines) if line == "{"]
     try:
         return json.loads("\n".join(lines[starts[-1] :])) if starts else None
@@ -230,6 +230,10 @@ def digest(summary: dict) -> list[str]:
                 "detector_acc",
             )
             lines.append(f"  {group} {algo}: { {k: part[k] for k in keep if k in part} }")
+    for mode, part in steps.get("compile", {}).items():
+        if isinstance(part, dict):
+            timed = {k: part[k].get("s_per_step") for k in ("bare", "fixmatch") if k in part}
+            lines.append(f"  compile {mode}: {part.get('status')} s_per_step {timed}")
     return lines
 
 
@@ -309,15 +313,18 @@ def gpu_tests(c: Check) -> dict:
     return result
 
 
-def throughput(c: Check) -> dict:
-    """The bare step, FixMatch and RSMatch in one interleaved run (tools/bench_vs_usb.py):
-    every contender warmed up first, then timed in alternating rounds."""
-    log = c.out / "throughput.log"
+def bench(c: Check, contenders: tuple[str, ...], log: Path, limit: float, extra: list[str],
+          env: dict[str, str]) -> dict:  # fmt: skip
+    """One interleaved run of tools/bench_vs_usb.py: every contender warmed up first, then timed
+    in alternating rounds; its medians, ratios and machine."""
     precision = c.precision if c.precision in ("no", "bf16") else "auto"  # what the bench takes
-    cmd = [c.py, "tools/bench_vs_usb.py", "--only", "bare", *ALGORITHMS, *c.sizes["throughput"],
-           f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={precision}"]  # fmt: skip
-    result = run(cmd, log, min(c.limits["throughput"], c.clock.left() - c.keep_for_train), c.env)
-    measured = trailing_json(log) if log.is_file() else None
+    cmd = [c.py, "tools/bench_vs_usb.py", "--only", *contenders, *c.sizes["throughput"],
+           f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={precision}", *extra]  # fmt: skip
+    before = log.stat().st_size if log.is_file() else 0  # runs may share a log: read only this one
+    result = run(cmd, log, limit, env)
+    measured = (
+        trailing_json(log.read_bytes()[before:].decode(errors="replace")) if log.is_file() else None
+    )
     if measured:
         med = measured["median_s_per_step"]
         for name in med:
@@ -325,12 +332,38 @@ def throughput(c: Check) -> dict:
                             "it_per_s": round(1 / med[name], 2)}  # fmt: skip
         result["ratios"] = measured["ratios"]
         result["bench_machine"] = measured["machine"]
-    for algo in ALGORITHMS:
-        result.setdefault(algo, {"status": result["status"]})
+    for name in contenders:
+        result.setdefault(name, {"status": result["status"]})
+    return result
+
+
+def throughput(c: Check) -> dict:
+    """The bare step, FixMatch and RSMatch in one interleaved run."""
+    limit = min(c.limits["throughput"], c.clock.left() - c.keep_for_train)
+    result = bench(c, ("bare", *ALGORITHMS), c.out / "throughput.log", limit, [], c.env)
     if all("s_per_step" in result[a] for a in ALGORITHMS):
         ratio = result["rsmatch"]["s_per_step"] / result["fixmatch"]["s_per_step"]
         result["rsmatch_over_fixmatch"] = round(ratio, 3)
     return result
+
+
+# `train.compile` variants: torch.compile's default, and with CUDA graphs (what its
+# mode="reduce-overhead" turns on), which replay the compiled graphs without launching each kernel.
+COMPILE_MODES = {"default": {}, "cudagraphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
+
+
+def compiled(c: Check, modes: list[str]) -> dict:
+    """The bare step and FixMatch with `train.compile` (the bare model compiled alike), per mode;
+    compared with the throughput step's uncompiled figures (same machine, run just before)."""
+    results: dict = {}
+    for mode in modes:
+        limit = min(c.limits["compile"], c.clock.left() - c.keep_for_train)
+        env = c.env | COMPILE_MODES[mode]
+        results[mode] = bench(
+            c, ("bare", "fixmatch"), c.out / "compile.log", limit, ["--compile"], env
+        )
+    results["status"] = overall([results[m] for m in modes])
+    return results
 
 
 def train(c: Check, data: Path | None, s_per_step: dict[str, float], seconds: float) -> dict:
@@ -387,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seconds", type=float, default=100.0,
                     help="training loop seconds per algorithm, shortened to fit the budget")  # fmt: skip
     ap.add_argument("--skip-train", action="store_true", help="stop after the throughput step")
-    ap.add_argument("--precision", help="train.mixed_precision (default bf16; dry run: no)")
-    ap.add_argument("--channels-last", help="train.channels_last (default true; dry run: false)")
+    ap.add_argument("--compile", nargs="+", choices=tuple(COMPILE_MODES), default=[],
+                    help="also time the bare step and FixMatch with train.compile, in each mode "
+                         "(cudagraphs: compiled and replayed as CUDA graphs)")  # fmt: skip
+    ap.add_argument("--precision", help="train.mixed_precision (default auto; dry run: no)")
+    ap.add_argument("--channels-last", help="train.channels_last (default auto; dry run: false)")
     ap.add_argument("--started", type=float, default=time.time())
     ap.add_argument("--install-status", default="skipped")
     ap.add_argument("--install-mode", default="pythonpath")
@@ -397,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     dry = args.dry_run
     sizes = TINY if dry else GPU
     budget = args.budget or (300 if dry else 450)
-    precision = args.precision or ("no" if dry else "bf16")
-    channels_last = args.channels_last or ("false" if dry else "true")
+    precision = args.precision or ("no" if dry else "auto")
+    channels_last = args.channels_last or ("false" if dry else "auto")
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if dry:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU only: the GPU tests skip themselves
@@ -419,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
         steps["gpu_tests"] = gpu_tests(c)
         steps["throughput"] = throughput(c)
+        if args.compile:
+            steps["compile"] = compiled(c, args.compile)
         if not args.skip_train:
             data, steps["data"] = unpack_data(
                 args.data or ROOT / ("data/demo" if dry else ".gpudata"), c.work

@@ -5,7 +5,8 @@
 Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
 `--rounds`: `trainer.batches(step)` alone, `trainer.train_step` on a pre-made batch, and the
-bare forward + backward + SGD step. On a GPU each timing waits for the device. With `--trace`
+bare forward + backward + SGD step. On a GPU each timing waits for the device. It also counts
+the aten operators each of the three dispatches (what a launch-bound GPU step pays for). With `--trace`
 it also prints the top operators of one profiled training step and of one bare step
 (torch.profiler), by self time on the host and, on a GPU, on the device.
 """
@@ -20,9 +21,29 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vs_usb as bench  # noqa: E402
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators a call dispatches (views included). On a GPU whose step is
+    bound by launching kernels, this count, not FLOPs, is what a step costs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn, *args) -> int:
+    with _CountOps() as counter:
+        fn(*args)
+    return counter.count
 
 
 def _timed(sync, fn, *args) -> float:
@@ -42,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="train.compile, and the bare model too")
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args(argv)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
@@ -62,13 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         trainer.batches = make
         times["bare"].append(_timed(sync, bare, k))
     med = {name: round(statistics.median(v), 4) for name, v in times.items()}
+    k = args.warmup + args.rounds
+    batch = make(k)
+    ops = {"batch_making": _ops(make, k), "bare": _ops(bare, k)}
+    trainer.batches = lambda _step: batch
+    ops["step_on_a_made_batch"] = _ops(trainer.train_step, k)
+    trainer.batches = make
     print(json.dumps({"machine": bench._machine(), "algorithm": args.algorithm,
-                      "precision": trainer.precision.record(), "median_s": med}, indent=2))  # fmt: skip
+                      "precision": trainer.precision.record(), "median_s": med,
+                      "aten_ops": ops}, indent=2))  # fmt: skip
     if args.trace:  # one step of each, operator by operator
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        k = args.warmup + args.rounds
         for name, fn in (("train_step", trainer.train_step), ("bare", bare)):
             with torch.profiler.profile(activities=activities) as prof:
                 fn(k)
