@@ -1,5 +1,5 @@
-"""`apply_strong` groups the images of a batch by op on the host and works on each group on the
-device. These tests pin that grouping with properties that need no reference pixels (the pixels
+"""`apply_strong` groups the images of a batch by op on the host (the geometric ops' source maps
+are made there too) and works on each group on the device. These tests pin that grouping with properties that need no reference pixels (the pixels
 themselves are pinned against Pillow in tests/test_augment_parity.py): a batch in which every
 image draws the same op is that op applied to the whole batch, and each image of a mixed batch
 comes out as it does alone.
@@ -35,6 +35,11 @@ def test_a_batch_of_one_op_is_that_op_on_the_whole_batch(name):
     assert torch.equal(augment.apply_strong(x, p), want.to(torch.uint8))
 
 
+def test_geometric_ops_come_last_so_sorting_by_op_puts_them_together():
+    assert augment.OPS[-len(augment.GEOMETRIC) :] == augment.GEOMETRIC
+    assert set(augment.GEOMETRIC) == {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+
+
 def test_each_image_of_a_mixed_batch_comes_out_as_alone():
     x = _images(3, 96)
     p = augment.sample_strong(96, torch.Generator().manual_seed(4))
@@ -44,10 +49,10 @@ def test_each_image_of_a_mixed_batch_comes_out_as_alone():
         assert torch.equal(out[i : i + 1], augment.apply_strong(x[i : i + 1], p[i : i + 1])), i
 
 
-def test_params_leave_the_op_indices_on_the_host():
+def test_params_leave_the_op_indices_and_magnitudes_on_the_host():
     p = augment.sample_strong(4, torch.Generator().manual_seed(5)).to("meta")
-    assert p.ops.device.type == "cpu"
-    assert {t.device.type for t in (p.mags, p.cutout, p.weak.shift, p.weak.flip)} == {"meta"}
+    assert p.ops.device.type == p.mags.device.type == "cpu"
+    assert {t.device.type for t in (p.cutout, p.weak.shift, p.weak.flip)} == {"meta"}
 
 
 def test_to_device_copies_only_across_devices():

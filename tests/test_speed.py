@@ -183,6 +183,9 @@ def test_batch_making_never_waits_for_the_device(sources, tmp_path, monkeypatch)
     monkeypatch.setattr(
         augment, "apply_op", lambda x, name, m: ops.add(name) or apply_op(x, name, m)
     )
+    monkeypatch.setattr(augment, "_SOURCES", {  # the geometric ops' source maps, made on the host
+        name: lambda v, h, w, name=name, source=source: ops.add(name) or source(v, h, w)
+        for name, source in augment._SOURCES.items()})  # fmt: skip
     with DeviceWaits() as counter:
         batches = [trainer.batches(step) for step in range(2)]
     assert not counter.hits, f"blocking transfers in batch making: {dict(counter.hits)}"
@@ -309,3 +312,20 @@ def test_compiled_model_trains_like_the_eager_one(sources, tmp_path):
     assert runs[True].keys() == runs[False].keys()  # no `_orig_mod.` names in checkpoints
     for k, v in runs[False].items():
         torch.testing.assert_close(runs[True][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_and_counts_its_operators():
+    """tools/profile_step.py at tiny sizes: the three timings, and operator counts in which the
+    trainer's step on a made batch (losses, EMA, clipping, logging) dispatches more than the
+    bare forward + backward + SGD, and batch making dispatches some of its own."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "profile_step.py"
+    cmd = [sys.executable, str(tool), "--batch-size", "2", "--uratio", "1", "--pool", "64",
+           "--warmup", "1", "--rounds", "1"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{\n") :])  # after DeepSpeed's stdout line
+    assert summary["median_s"].keys() == {"batch_making", "step_on_a_made_batch", "bare"}
+    assert all(t > 0 for t in summary["median_s"].values())
+    ops = summary["aten_ops"]
+    assert ops["step_on_a_made_batch"] > ops["bare"] > 0 and ops["batch_making"] > 100

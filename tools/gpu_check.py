@@ -3,7 +3,8 @@
 Called by tools/gpu_check.sh after its offline install (docs/gpu-check.md). Steps, in order:
 machine facts, `pytest -m gpu tests/` (every test that needs CUDA), the bare step, FixMatch and
 RSMatch timed interleaved in rounds after a warm-up (tools/bench_vs_usb.py; WRN-28-2, B = 64,
-mu = 7), then (unless --skip-train) FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
+mu = 7), with --compile the bare step and FixMatch again with train.compile in each mode, then
+(unless --skip-train) FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
 labels per class) for as many steps as the measured throughput fits in --train-seconds. A step
 that fails or runs out of time is recorded and the next one runs; the whole check ends within
 --budget seconds of the script's start. At most 8 files land in --out (the device tool's limit).

@@ -12,10 +12,13 @@ draws both per image. Here the random draws (`sample_*`) are separate from the p
 and each rank applies its slice, so views do not depend on the number of processes.
 
 Host and device: the draws are made on the host. `Params.to(device)` moves them with copies that
-never block the host (`rsmatch.data.transfer`), except the op indices, which stay on the host
-(`StrongParams.ops`): `apply_strong` groups the images by op there and sends the grouping to the
-device in one copy. So augmenting a batch on a GPU never waits for the GPU: no read of a device
-value, no blocking copy, no device tensor built from Python data.
+never block the host (`rsmatch.data.transfer`), except the op indices and magnitudes, which stay
+on the host (`StrongParams.ops`, `.mags`): `apply_strong` groups the images by op there, and
+works out there where each pixel of a geometric op (rotate, shear, translate) comes from, since
+that depends on the draws alone; the grouping, the magnitudes and these source maps go to the
+device in one copy each. So augmenting a batch on a GPU never waits for the GPU (no read of a
+device value, no blocking copy, no device tensor built from Python data), and it launches few
+kernels: all geometric images of a slot are warped by one gather, whatever their ops.
 """
 
 from __future__ import annotations
@@ -61,15 +64,16 @@ class WeakParams(Params):
 class StrongParams(Params):
     weak: WeakParams
     ops: torch.Tensor  # [N, N_OPS] op indices, on the host (`to` leaves them there)
-    mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1]
+    mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1], on the host too
     cutout: torch.Tensor  # [N, 3] U(0,1) draws for the centre x, y; side fraction U(0, 0.5)
 
     def __getitem__(self, sel: slice | torch.Tensor) -> StrongParams:
         return StrongParams(self.weak[sel], self.ops[sel], self.mags[sel], self.cutout[sel])
 
     def to(self, device: torch.device | str) -> StrongParams:
-        return StrongParams(self.weak.to(device), self.ops, to_device(self.mags, device),
-                            to_device(self.cutout, device))  # fmt: skip
+        return StrongParams(
+            self.weak.to(device), self.ops, self.mags, to_device(self.cutout, device)
+        )
 
 
 def sample_weak(n: int, gen: torch.Generator, pad: int = 4) -> WeakParams:
@@ -169,33 +173,41 @@ def _solarize(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= _per_image(v), 255 - x, x)
 
 
-def _lookup(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """out[n, :, i, j] = x[n, :, row[n, i, j], col[n, i, j]]; black where that is outside."""
-    n, ch, h, w = x.shape
-    row, col = row.expand(n, h, w), col.expand(n, h, w)
+def _source_index(row: torch.Tensor, col: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[n, h*w]: for each output pixel, the flat index of the input pixel it reads, -1 outside.
+    row, col: [n or 1, h or 1, w or 1] integer source coordinates."""
+    row, col = torch.broadcast_tensors(row, col)
+    row, col = row.expand(-1, h, w), col.expand(-1, h, w)
     inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    flat = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).reshape(n, 1, h * w)
-    out = x.flatten(2).gather(2, flat.expand(n, ch, h * w)).view_as(x)
-    return torch.where(inside[:, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(inside, row * w + col, -1).flatten(1)
 
 
-def _grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w = x.shape[2:]
-    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1)
-    return ys, torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w)
+def _warp(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """out[n, :, p] = x[n, :, source[n, p]]; black where source is -1. x [N,C,H,W]."""
+    n, ch = x.shape[:2]
+    index = source.clamp(min=0).long()[:, None].expand(n, ch, -1)
+    out = x.flatten(2).gather(2, index).view_as(x)
+    return torch.where(
+        (source >= 0).view(n, 1, *x.shape[2:]), out, torch.zeros((), dtype=x.dtype, device=x.device)
+    )
 
 
-def _translate(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def _grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ys = torch.arange(h, device=device, dtype=torch.float64).view(1, h, 1)
+    return ys, torch.arange(w, device=device, dtype=torch.float64).view(1, 1, w)
+
+
+def _translate(dx: torch.Tensor, dy: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Image.transform(AFFINE, (1, 0, dx, 0, 1, dy)), which Pillow runs as a nearest "scale" in
     float64: the output pixel centred at (X, Y) reads the input pixel (floor(X + dx),
     floor(Y + dy)); black outside."""
-    ys, xs = _grid(x)
+    ys, xs = _grid(h, w, dx.device)
     col = (dx.view(-1, 1, 1) + 0.5 + xs).floor().long()
     row = (dy.view(-1, 1, 1) + 0.5 + ys).floor().long()
-    return _lookup(x, row, col)
+    return _source_index(row, col, h, w)
 
 
-def _affine(x: torch.Tensor, *coeffs: torch.Tensor | float) -> torch.Tensor:
+def _affine(h: int, w: int, *coeffs: torch.Tensor | float) -> torch.Tensor:
     """Image.transform(AFFINE, coeffs) as Pillow runs it when the map shears or rotates:
     nearest neighbour in 16.16 fixed point, black outside.
 
@@ -204,25 +216,48 @@ def _affine(x: torch.Tensor, *coeffs: torch.Tensor | float) -> torch.Tensor:
     rounded to 1/65536. Floats stay Python floats (float64 too): no copy to the device.
     """
     a, b, c, d, e, f = coeffs
+    device = next(t.device for t in coeffs if isinstance(t, torch.Tensor))
 
     def fix(t: torch.Tensor | float) -> torch.Tensor | int:
         if isinstance(t, torch.Tensor):
             return (t * 65536.0 + 0.5).floor().long().view(-1, 1, 1)
         return math.floor(t * 65536.0 + 0.5)
 
-    ys, xs = _grid(x)
+    ys, xs = _grid(h, w, device)
     ys, xs = ys.long(), xs.long()
     col = (fix(c + a * 0.5 + b * 0.5) + xs * fix(a) + ys * fix(b)) >> 16
     row = (fix(f + d * 0.5 + e * 0.5) + xs * fix(d) + ys * fix(e)) >> 16
-    return _lookup(x, row, col)
+    return _source_index(row, col, h, w)
 
 
-def _rotate(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _rotate(v: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Image.rotate(v): counter-clockwise by v degrees about the image centre."""
-    cx, cy = x.shape[3] / 2, x.shape[2] / 2
+    cx, cy = w / 2, h / 2
     a = torch.deg2rad(-v)
     cos, sin = torch.cos(a), torch.sin(a)
-    return _affine(x, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+    return _affine(
+        h, w, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy
+    )
+
+
+# Where each output pixel of a geometric op comes from, given the magnitudes v [n] and the
+# size: [n, h*w] source indices. These ops are the last five of OPS, so sorting a slot by op
+# puts them together.
+_SOURCES = {
+    "rotate": _rotate,
+    # USB's shears act about the top-left corner (Pillow's origin), not the centre
+    "shear_x": lambda v, h, w: _affine(h, w, 1.0, v, 0.0, 0.0, 1.0, 0.0),
+    "shear_y": lambda v, h, w: _affine(h, w, 1.0, 0.0, 0.0, v, 1.0, 0.0),
+    "translate_x": lambda v, h, w: _translate(v * w, torch.zeros_like(v), h, w),
+    "translate_y": lambda v, h, w: _translate(torch.zeros_like(v), v * h, h, w),
+}
+GEOMETRIC = tuple(_SOURCES)
+
+
+def _magnitudes(name: str, m: torch.Tensor) -> torch.Tensor:
+    """m in [0, 1] mapped linearly onto USB's range for the op, in float64 as Python computes it."""
+    lo, hi = RANGES[name]
+    return lo + (hi - lo) * m.to(torch.float64)
 
 
 _OP_FNS = {
@@ -235,22 +270,14 @@ _OP_FNS = {
     "sharpness": _sharpness,
     "posterize": _posterize,
     "solarize": _solarize,
-    "rotate": _rotate,
-    # USB's shears act about the top-left corner (Pillow's origin), not the centre
-    "shear_x": lambda x, v: _affine(x, 1.0, v, 0.0, 0.0, 1.0, 0.0),
-    "shear_y": lambda x, v: _affine(x, 1.0, 0.0, 0.0, v, 1.0, 0.0),
-    "translate_x": lambda x, v: _translate(x, v * x.shape[3], torch.zeros_like(v)),
-    "translate_y": lambda x, v: _translate(x, torch.zeros_like(v), v * x.shape[2]),
+    **{name: lambda x, v, source=source: _warp(x, source(v, *x.shape[2:]))
+       for name, source in _SOURCES.items()},
 }  # fmt: skip
 
 
 def apply_op(x: torch.Tensor, name: str, m: torch.Tensor) -> torch.Tensor:
-    """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image.
-
-    m maps linearly onto USB's range for the op, in float64 as Python computes it.
-    """
-    lo, hi = RANGES[name]
-    return _OP_FNS[name](x, lo + (hi - lo) * m.to(x.device, torch.float64))
+    """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image."""
+    return _OP_FNS[name](x, _magnitudes(name, m.to(x.device)))
 
 
 def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -277,34 +304,59 @@ def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(inside[:, None], fill, x)
 
 
-def _op_groups(ops: torch.Tensor, device: torch.device) -> list[list[tuple[str, torch.Tensor]]]:
-    """Per slot, (op name, rows drawing it) for each op drawn there but identity.
+@dataclass
+class _Plan:
+    """What `apply_strong` does in each slot, worked out on the host and sent in one copy each:
+    per op, the rows that drew it (a run of `rows`) with their magnitudes; for the geometric rows,
+    all together at the end of each slot's run, where each of their pixels comes from."""
 
-    Computed from the host op indices [N, N_OPS]: one stable sort per slot lists the rows by op,
-    in increasing row order within an op, and the sorted rows go to the device in one copy.
-    """
-    order = ops.argsort(dim=0, stable=True)  # [N, N_OPS]
-    counts = [torch.bincount(o, minlength=len(OPS)).tolist() for o in ops.T]
-    rows = to_device(order.T.contiguous(), device)  # [N_OPS, N]
-    groups = []
-    for slot, slot_counts in enumerate(counts):
-        starts = [0, *itertools.accumulate(slot_counts)]
-        groups.append([
-            (name, rows[slot, starts[k] : starts[k + 1]])
-            for k, name in enumerate(OPS)
-            if name != "identity" and slot_counts[k]
-        ])  # fmt: skip
-    return groups
+    rows: torch.Tensor  # [N_OPS, N] per slot, the rows sorted by op (stable: by row within an op)
+    mags: torch.Tensor  # [N_OPS, N] their magnitudes
+    starts: list[list[int]]  # per slot, where each op's run starts in `rows`, then N
+    sources: list[torch.Tensor]  # per slot, [rows of geometric ops, H*W] source indices
+
+    def runs(self, slot: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(op, rows, magnitudes) of each pixel op drawn in the slot, identity left out."""
+        s = self.starts[slot]
+        return [(name, self.rows[slot, s[k] : s[k + 1]], self.mags[slot, s[k] : s[k + 1]])
+                for k, name in enumerate(OPS)
+                if name != "identity" and name not in GEOMETRIC and s[k + 1] > s[k]]  # fmt: skip
+
+    def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's rows that drew a geometric op, and where their pixels come from."""
+        return self.rows[slot, self.starts[slot][OPS.index(GEOMETRIC[0])] :], self.sources[slot]
+
+
+def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.device) -> _Plan:
+    """From the host draws ops, mags [N, N_OPS]. Each geometric op's source maps are computed
+    once for all the slots, then laid out slot by slot, in the order of `rows`."""
+    order = ops.argsort(dim=0, stable=True).T  # [N_OPS, N]
+    sorted_ops, sorted_mags = ops.T.gather(1, order), mags.T.gather(1, order)
+    starts = [[0, *itertools.accumulate(torch.bincount(o, minlength=len(OPS)).tolist())]
+              for o in sorted_ops]  # fmt: skip
+    pieces: list[list[torch.Tensor]] = [[] for _ in starts]
+    for name in GEOMETRIC:
+        k = OPS.index(name)
+        runs = [sorted_mags[slot, s[k] : s[k + 1]] for slot, s in enumerate(starts)]
+        sources = _SOURCES[name](_magnitudes(name, torch.cat(runs)), h, w).to(torch.int16)
+        for slot, part in enumerate(sources.split([len(r) for r in runs])):
+            pieces[slot].append(part)
+    sources = to_device(torch.cat([p for slot in pieces for p in slot]), device)
+    sizes = [len(order[0]) - s[OPS.index(GEOMETRIC[0])] for s in starts]
+    return _Plan(to_device(order.contiguous(), device), to_device(sorted_mags, device), starts,
+                 list(sources.split(sizes)))  # fmt: skip
 
 
 def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
     """Weak view, then 3 RandAugment ops, then Cutout. uint8 [N,C,H,W] in and out.
 
-    `p.ops` on the host (where `StrongParams.to` leaves it), the rest on x's device.
+    `p.ops` and `p.mags` on the host (where `StrongParams.to` leaves them), the rest on x's device.
     """
     out = apply_weak(x, p.weak).float()
-    for slot, groups in enumerate(_op_groups(p.ops, x.device)):
-        for name, rows in groups:
-            mags = p.mags[:, slot].index_select(0, rows)
+    plan = _plan(p.ops, p.mags, *x.shape[2:], x.device)
+    for slot in range(N_OPS):
+        for name, rows, mags in plan.runs(slot):
             out.index_copy_(0, rows, apply_op(out.index_select(0, rows), name, mags))
+        rows, sources = plan.geometric(slot)
+        out.index_copy_(0, rows, _warp(out.index_select(0, rows), sources))
     return _cutout(out, p.cutout).to(torch.uint8)
