@@ -16,6 +16,7 @@ import torch
 
 from rsmatch import runfolder
 from rsmatch.checkpoint import CheckpointError
+from rsmatch.cli.train import OTHER_RANKS_WAIT_S
 from rsmatch.config import ConfigError
 from rsmatch.trainer import Trainer
 
@@ -114,10 +115,17 @@ def test_yaml_error_names_file_line_and_column(tmp_path):
     assert line == "rsmatch-train: error: bad.yaml:3:9: mapping values are not allowed here", line
 
 
-def test_error_is_printed_by_the_main_process_only(sources, tmp_path):
+def test_a_rank_left_running_reports_its_error_after_the_wait(sources, tmp_path):
+    """Rank 1 alone: no rank 0 exits first to have the launcher stop it, so after its wait it
+    reports the error itself, naming its rank (an error of one node is never silenced)."""
+    start = time.monotonic()
     res = cli(tiny_overrides(sources, tmp_path / "run", **{"train.seed": -1}), tmp_path,
               env={"RANK": "1"})  # fmt: skip
-    assert res.returncode == 2 and res.stderr.strip() == ""
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip() == "rsmatch-train: error: [rank 1] train.seed=-1: must be in [0, 2**32)"
+    )
+    assert time.monotonic() - start >= OTHER_RANKS_WAIT_S
 
 
 def test_output_dir_under_a_regular_file(sources, tmp_path):

@@ -2,8 +2,8 @@
 
 Every input is checked before data is decoded or anything is written: the config, the output
 folder (writable, not holding another run) and, with `--resume`, the checkpoint (verified by its
-manifest) and its config. An error is one line naming the key or file, printed by the main
-process only, with exit code 2.
+manifest) and its config. An error is one line naming the key or file, with exit code 2,
+printed once under torchrun (see `_report`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from rsmatch.benchmark.sources import SourceError
@@ -19,6 +20,7 @@ from rsmatch.checkpoint import CheckpointError
 from rsmatch.config import ConfigError, load_config
 
 ERRORS = (ConfigError, SourceError, CheckpointError)
+OTHER_RANKS_WAIT_S = 5.0  # see _report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _report(error: Exception) -> None:
+    """Print the error on stderr, once when every process finds it.
+
+    Rank 0 prints at once. The other ranks usually meet the same error at the same moment; they
+    wait first, so that the launcher, seeing rank 0 exit, stops them before they repeat it
+    (printing at once instead, one could exit first and have torchrun stop rank 0 before it
+    printed). A rank still running after the wait met an error of its own, say a file missing
+    on one node: it prints it, naming its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(f"rsmatch-train: error: {f'[rank {rank}] ' if rank else ''}{error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         metrics = trainer.fit(resume=resume)
     except ERRORS as e:
-        if _is_main():  # every process finds the same error; one line is enough
-            print(f"rsmatch-train: error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     if trainer.accelerator.is_main_process:
         print(json.dumps(metrics))
