@@ -179,13 +179,11 @@ def test_batch_making_never_waits_for_the_device(sources, tmp_path, monkeypatch)
                       **{"rsmatch.strong_labeled": True})  # fmt: skip
     trainer = Trainer(cfg)
     trainer.batches.device = torch.device("meta")
-    ops, apply_op = set(), augment.apply_op
-    monkeypatch.setattr(
-        augment, "apply_op", lambda x, name, m: ops.add(name) or apply_op(x, name, m)
-    )
-    monkeypatch.setattr(augment, "_SOURCES", {  # the geometric ops' source maps, made on the host
-        name: lambda v, h, w, name=name, source=source: ops.add(name) or source(v, h, w)
-        for name, source in augment._SOURCES.items()})  # fmt: skip
+    ops = set()
+    for table in ("_OP_FNS", "_SOURCES"):  # the pixel ops; the geometric ops' maps (on the host)
+        monkeypatch.setattr(augment, table, {
+            name: lambda *a, name=name, fn=fn: ops.add(name) or fn(*a)
+            for name, fn in getattr(augment, table).items()})  # fmt: skip
     with DeviceWaits() as counter:
         batches = [trainer.batches(step) for step in range(2)]
     assert not counter.hits, f"blocking transfers in batch making: {dict(counter.hits)}"

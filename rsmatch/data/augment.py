@@ -254,10 +254,14 @@ _SOURCES = {
 GEOMETRIC = tuple(_SOURCES)
 
 
-def _magnitudes(name: str, m: torch.Tensor) -> torch.Tensor:
-    """m in [0, 1] mapped linearly onto USB's range for the op, in float64 as Python computes it."""
-    lo, hi = RANGES[name]
-    return lo + (hi - lo) * m.to(torch.float64)
+_LOW = torch.tensor([RANGES[name][0] for name in OPS], dtype=torch.float64)
+_SPAN = torch.tensor([RANGES[name][1] - RANGES[name][0] for name in OPS], dtype=torch.float64)
+
+
+def _magnitudes(op: torch.Tensor | int, m: torch.Tensor) -> torch.Tensor:
+    """m in [0, 1] mapped linearly onto USB's range of the op (an index into OPS, or one per m),
+    in float64 as Python computes it."""
+    return _LOW[op] + _SPAN[op] * m.to(torch.float64)
 
 
 _OP_FNS = {
@@ -277,7 +281,7 @@ _OP_FNS = {
 
 def apply_op(x: torch.Tensor, name: str, m: torch.Tensor) -> torch.Tensor:
     """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image."""
-    return _OP_FNS[name](x, _magnitudes(name, m.to(x.device)))
+    return _OP_FNS[name](x, _magnitudes(OPS.index(name), m.to(x.device)))
 
 
 def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -307,11 +311,11 @@ def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Plan:
     """What `apply_strong` does in each slot, worked out on the host and sent in one copy each:
-    per op, the rows that drew it (a run of `rows`) with their magnitudes; for the geometric rows,
-    all together at the end of each slot's run, where each of their pixels comes from."""
+    per op, the rows that drew it (a run of `rows`) with their magnitudes in the op's range; for
+    the geometric rows, all together at the end of each slot's run, where their pixels come from."""
 
     rows: torch.Tensor  # [N_OPS, N] per slot, the rows sorted by op (stable: by row within an op)
-    mags: torch.Tensor  # [N_OPS, N] their magnitudes
+    mags: torch.Tensor  # [N_OPS, N] their magnitudes, mapped onto their ops' ranges (float64)
     starts: list[list[int]]  # per slot, where each op's run starts in `rows`, then N
     sources: list[torch.Tensor]  # per slot, [rows of geometric ops, H*W] source indices
 
@@ -331,14 +335,15 @@ def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.d
     """From the host draws ops, mags [N, N_OPS]. Each geometric op's source maps are computed
     once for all the slots, then laid out slot by slot, in the order of `rows`."""
     order = ops.argsort(dim=0, stable=True).T  # [N_OPS, N]
-    sorted_ops, sorted_mags = ops.T.gather(1, order), mags.T.gather(1, order)
+    sorted_ops = ops.T.gather(1, order)
+    sorted_mags = _magnitudes(sorted_ops, mags.T.gather(1, order))
     starts = [[0, *itertools.accumulate(torch.bincount(o, minlength=len(OPS)).tolist())]
               for o in sorted_ops]  # fmt: skip
     pieces: list[list[torch.Tensor]] = [[] for _ in starts]
     for name in GEOMETRIC:
         k = OPS.index(name)
         runs = [sorted_mags[slot, s[k] : s[k + 1]] for slot, s in enumerate(starts)]
-        sources = _SOURCES[name](_magnitudes(name, torch.cat(runs)), h, w).to(torch.int16)
+        sources = _SOURCES[name](torch.cat(runs), h, w).to(torch.int16)
         for slot, part in enumerate(sources.split([len(r) for r in runs])):
             pieces[slot].append(part)
     sources = to_device(torch.cat([p for slot in pieces for p in slot]), device)
@@ -356,7 +361,7 @@ def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
     plan = _plan(p.ops, p.mags, *x.shape[2:], x.device)
     for slot in range(N_OPS):
         for name, rows, mags in plan.runs(slot):
-            out.index_copy_(0, rows, apply_op(out.index_select(0, rows), name, mags))
+            out.index_copy_(0, rows, _OP_FNS[name](out.index_select(0, rows), mags))
         rows, sources = plan.geometric(slot)
         out.index_copy_(0, rows, _warp(out.index_select(0, rows), sources))
     return _cutout(out, p.cutout).to(torch.uint8)
