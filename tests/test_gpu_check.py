@@ -57,7 +57,15 @@ def test_dry_run_records_every_step(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     steps = summary["steps"]
     assert summary["dry_run"] is True and summary["machine"]["gpu"] is None
-    assert set(steps) == {"install", "machine", "gpu_tests", "throughput", "data", "train"}
+    assert set(steps) == {
+        "install",
+        "machine",
+        "gpu_tests",
+        "throughput",
+        "profile",
+        "data",
+        "train",
+    }
     assert steps["install"]["status"] == "skipped"
     assert all(steps[k]["status"] == "ok" for k in set(steps) - {"install"})
     # GPU tests: collected, each one recorded, all skipped on a CPU
@@ -78,10 +86,15 @@ def test_dry_run_records_every_step(tmp_path):
         assert 0 <= run["test_acc"] <= 1 and len(run["evals"]) == 2
         assert (run["detector_acc"] is not None) == (algo == "rsmatch")
         assert run["counts"] == {"labeled": 12, "unlabeled": 36, "test": 15}  # 3 x (4, 12, 5)
+    # each algorithm's step split, and more operators in RSMatch's step (its detector) than FixMatch's
+    prof = steps["profile"]
+    assert all(prof[a]["median_s"]["bare"] > 0 for a in ("fixmatch", "rsmatch"))
+    made = {a: prof[a]["aten_ops"]["step_on_a_made_batch"] for a in ("fixmatch", "rsmatch")}
+    assert made["rsmatch"] > made["fixmatch"] > prof["fixmatch"]["aten_ops"]["bare"]
     assert steps["data"]["from"].endswith("gpudata.tar.gz")
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # the device tool's limits
-    assert {"gpu_check.json", "install.log", "pytest.log", "pytest-junit.xml"} <= set(files)
+    assert {"gpu_check.json", "install.log", "pytest.log", "profile.log"} <= set(files)
 
 
 def test_junit_outcomes_are_grouped_per_algorithm(tmp_path):

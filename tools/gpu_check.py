@@ -3,7 +3,8 @@
 Called by tools/gpu_check.sh after its offline install (docs/gpu-check.md). Steps, in order:
 machine facts, `pytest -m gpu tests/` (every test that needs CUDA), the bare step, FixMatch and
 RSMatch timed interleaved in rounds after a warm-up (tools/bench_vs_usb.py; WRN-28-2, B = 64,
-mu = 7), with --compile the bare step and FixMatch again with train.compile in each mode, then
+mu = 7), each algorithm's step split and its operators counted (tools/profile_step.py), with
+--compile the bare step and FixMatch again with train.compile in each mode, then
 (unless --skip-train) FixMatch and RSMatch trained on CIFAR-10 (ddpm + cgan at r = 0.5, 25
 labels per class) for as many steps as the measured throughput fits in --train-seconds. A step
 that fails or runs out of time is recorded and the next one runs; the whole check ends within
@@ -37,7 +38,13 @@ KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evalu
 # the steps after them (seconds per throughput run, a share of the budget for the trainings),
 # so that a slow step cannot leave the trainings no time.
 GPU = {
-    "limits": {"pytest": 150, "throughput": 120, "compile": 150, "train_share": 1 / 3},
+    "limits": {
+        "pytest": 150,
+        "throughput": 120,
+        "profile": 60,
+        "compile": 150,
+        "train_share": 1 / 3,
+    },
     "backbone": ["model.backbone=wrn28_2", "train.batch_size=64", "train.uratio=7"],
     "throughput": [
         "--batch-size",
@@ -53,6 +60,7 @@ GPU = {
         "--rounds",
         "3",
     ],  # fmt: skip
+    "profile": ["--batch-size=64", "--uratio=7", "--pool=5000", "--warmup=5", "--rounds=5"],
     "train": [
         "data.labels_per_class=25",
         "train.eval_batch_size=1024",
@@ -60,7 +68,13 @@ GPU = {
     ],
 }
 TINY = {
-    "limits": {"pytest": 120, "throughput": 90, "compile": 240, "train_share": 1 / 5},
+    "limits": {
+        "pytest": 120,
+        "throughput": 90,
+        "profile": 90,
+        "compile": 240,
+        "train_share": 1 / 5,
+    },
     "backbone": [
         "model.backbone=wrn10_1",
         "rsmatch.detector_backbone=wrn10_1",
@@ -86,6 +100,7 @@ TINY = {
         "--rounds",
         "1",
     ],  # fmt: skip
+    "profile": ["--batch-size=2", "--uratio=2", "--pool=64", "--warmup=1", "--rounds=1"],
     "train": ["train.eval_batch_size=256", "train.log_every=1"],
 }
 TINY_TRAIN_STEPS = 2
@@ -231,6 +246,10 @@ def digest(summary: dict) -> list[str]:
                 "detector_acc",
             )
             lines.append(f"  {group} {algo}: { {k: part[k] for k in keep if k in part} }")
+    for algo in ALGORITHMS:
+        part = steps.get("profile", {}).get(algo, {})
+        if "median_s" in part:
+            lines.append(f"  profile {algo}: s {part['median_s']} aten ops {part['aten_ops']}")
     for mode, part in steps.get("compile", {}).items():
         if isinstance(part, dict):
             timed = {k: part[k].get("s_per_step") for k in ("bare", "fixmatch") if k in part}
@@ -295,6 +314,11 @@ class Check:
         return self.sizes["limits"]
 
     @property
+    def tool_precision(self) -> str:
+        """The precision as the bench and profiler tools take it."""
+        return self.precision if self.precision in ("no", "bf16") else "auto"
+
+    @property
     def precision_keys(self) -> list[str]:
         return [
             f"train.mixed_precision={self.precision}",
@@ -304,7 +328,7 @@ class Check:
 
 def gpu_tests(c: Check) -> dict:
     """`pytest -m gpu tests/`; each test's outcome from its junit report."""
-    junit, log = c.out / "pytest-junit.xml", c.out / "pytest.log"
+    junit, log = c.work / "pytest-junit.xml", c.out / "pytest.log"  # the report is in the JSON
     cmd = [c.py, "-m", "pytest", "-m", "gpu", "tests/", "-v", "-p", "no:cacheprovider",
            "-o", "junit_family=xunit1", f"--junitxml={junit}"]  # fmt: skip
     keep = c.keep_for_train + c.limits["throughput"]
@@ -314,18 +338,23 @@ def gpu_tests(c: Check) -> dict:
     return result
 
 
+def run_for_json(
+    cmd: list[str], log: Path, limit: float, env: dict[str, str]
+) -> tuple[dict, dict | None]:
+    """run(), and the JSON summary that ends what this run wrote to log (runs may share a log)."""
+    before = log.stat().st_size if log.is_file() else 0
+    result = run(cmd, log, limit, env)
+    text = log.read_bytes()[before:].decode(errors="replace") if log.is_file() else ""
+    return result, trailing_json(text)
+
+
 def bench(c: Check, contenders: tuple[str, ...], log: Path, limit: float, extra: list[str],
           env: dict[str, str]) -> dict:  # fmt: skip
     """One interleaved run of tools/bench_vs_usb.py: every contender warmed up first, then timed
     in alternating rounds; its medians, ratios and machine."""
-    precision = c.precision if c.precision in ("no", "bf16") else "auto"  # what the bench takes
     cmd = [c.py, "tools/bench_vs_usb.py", "--only", *contenders, *c.sizes["throughput"],
-           f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={precision}", *extra]  # fmt: skip
-    before = log.stat().st_size if log.is_file() else 0  # runs may share a log: read only this one
-    result = run(cmd, log, limit, env)
-    measured = (
-        trailing_json(log.read_bytes()[before:].decode(errors="replace")) if log.is_file() else None
-    )
+           f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={c.tool_precision}", *extra]  # fmt: skip
+    result, measured = run_for_json(cmd, log, limit, env)
     if measured:
         med = measured["median_s_per_step"]
         for name in med:
@@ -346,6 +375,22 @@ def throughput(c: Check) -> dict:
         ratio = result["rsmatch"]["s_per_step"] / result["fixmatch"]["s_per_step"]
         result["rsmatch_over_fixmatch"] = round(ratio, 3)
     return result
+
+
+def profile(c: Check) -> dict:
+    """Where each algorithm's step goes (tools/profile_step.py): batch making alone, the step on a
+    made batch and the bare step, timed alternately, and the operators each dispatches (on a GPU
+    bound by issuing kernels, the count is what a step costs)."""
+    results: dict = {}
+    for algo in ALGORITHMS:
+        limit = min(c.limits["profile"], c.clock.left() - c.keep_for_train)
+        cmd = [c.py, "tools/profile_step.py", "--algorithm", algo, *c.sizes["profile"],
+               f"--precision={c.tool_precision}"]  # fmt: skip
+        results[algo], measured = run_for_json(cmd, c.out / "profile.log", limit, c.env)
+        if measured:
+            results[algo] |= {k: measured[k] for k in ("median_s", "aten_ops")}
+    results["status"] = overall([results[a] for a in ALGORITHMS])
+    return results
 
 
 # `train.compile` variants: torch.compile's default, and with CUDA graphs (what its
@@ -420,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--train-seconds", type=float, default=100.0,
                     help="training loop seconds per algorithm, shortened to fit the budget")  # fmt: skip
-    ap.add_argument("--skip-train", action="store_true", help="stop after the throughput step")
+    ap.add_argument("--skip-train", action="store_true", help="stop before the trainings")
     ap.add_argument("--compile", nargs="+", choices=tuple(COMPILE_MODES), default=[],
                     help="also time the bare step and FixMatch with train.compile, in each mode "
                          "(cudagraphs: compiled and replayed as CUDA graphs)")  # fmt: skip
@@ -456,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["machine"] = last_json_line(env_log) if env_log.is_file() else None
         steps["gpu_tests"] = gpu_tests(c)
         steps["throughput"] = throughput(c)
+        steps["profile"] = profile(c)
         if args.compile:
             steps["compile"] = compiled(c, args.compile)
         if not args.skip_train:
