@@ -175,7 +175,7 @@ def last_json_line(log: Path) -> dict | None:
 
 
 def trailing_json(text: str) -> dict | None:
-    """The indented JSON object that ends a log (tools/bench_vs_usb.py's summary)."""
+    """The indented JSON object that ends a tool's output (bench_vs_usb.py's, profile_step.py's)."""
     lines = text.splitlines()
     starts = [i for i, line in enumerate(lines) if line == "{"]
     try:

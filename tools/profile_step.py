@@ -18,7 +18,9 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,18 +42,31 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops(fn, *args) -> int:
+def _counted(fn, *args) -> tuple[int, Any]:
+    """fn(*args) with the aten operators it dispatches counted: (count, its result)."""
     with _CountOps() as counter:
-        fn(*args)
-    return counter.count
+        result = fn(*args)
+    return counter.count, result
 
 
-def _timed(sync, fn, *args) -> float:
+def _timed(sync, fn, *args) -> tuple[float, Any]:
+    """fn(*args) timed, the device waited for: (seconds, its result)."""
     sync()
     start = time.perf_counter()
-    fn(*args)
+    result = fn(*args)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
+
+
+@contextmanager
+def _on_made_batch(trainer, batch):
+    """The trainer's steps take `batch` instead of making their own."""
+    make = trainer.batches
+    trainer.batches = lambda _step: batch
+    try:
+        yield
+    finally:
+        trainer.batches = make
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,23 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.warmup):
         step(k)
         bare(k)
-    make = trainer.batches
     times: dict[str, list[float]] = {"batch_making": [], "step_on_a_made_batch": [], "bare": []}
     for r in range(args.rounds):
         k = args.warmup + r
-        times["batch_making"].append(_timed(sync, make, k))
-        batch = make(k)
-        trainer.batches = lambda _step, made=batch: made
-        times["step_on_a_made_batch"].append(_timed(sync, trainer.train_step, k))
-        trainer.batches = make
-        times["bare"].append(_timed(sync, bare, k))
+        seconds, batch = _timed(sync, trainer.batches, k)
+        times["batch_making"].append(seconds)
+        with _on_made_batch(trainer, batch):
+            times["step_on_a_made_batch"].append(_timed(sync, trainer.train_step, k)[0])
+        times["bare"].append(_timed(sync, bare, k)[0])
     med = {name: round(statistics.median(v), 4) for name, v in times.items()}
     k = args.warmup + args.rounds
-    batch = make(k)
-    ops = {"batch_making": _ops(make, k), "bare": _ops(bare, k)}
-    trainer.batches = lambda _step: batch
-    ops["step_on_a_made_batch"] = _ops(trainer.train_step, k)
-    trainer.batches = make
+    ops = {}
+    ops["batch_making"], batch = _counted(trainer.batches, k)
+    with _on_made_batch(trainer, batch):
+        ops["step_on_a_made_batch"] = _counted(trainer.train_step, k)[0]
+    ops["bare"] = _counted(bare, k)[0]
     print(json.dumps({"machine": bench._machine(), "algorithm": args.algorithm,
                       "precision": trainer.precision.record(), "median_s": med,
                       "aten_ops": ops}, indent=2))  # fmt: skip

@@ -175,9 +175,8 @@ def _solarize(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _source_index(row: torch.Tensor, col: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """[n, h*w]: for each output pixel, the flat index of the input pixel it reads, -1 outside.
-    row, col: [n or 1, h or 1, w or 1] integer source coordinates."""
+    row, col: integer source coordinates that broadcast to [n, h, w]."""
     row, col = torch.broadcast_tensors(row, col)
-    row, col = row.expand(-1, h, w), col.expand(-1, h, w)
     inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
     return torch.where(inside, row * w + col, -1).flatten(1)
 
@@ -252,6 +251,7 @@ _SOURCES = {
     "translate_y": lambda v, h, w: _translate(torch.zeros_like(v), v * h, h, w),
 }
 GEOMETRIC = tuple(_SOURCES)
+_FIRST_GEOMETRIC = OPS.index(GEOMETRIC[0])  # where the geometric runs start in a sorted slot
 
 
 _LOW = torch.tensor([RANGES[name][0] for name in OPS], dtype=torch.float64)
@@ -328,7 +328,7 @@ class _Plan:
 
     def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's rows that drew a geometric op, and where their pixels come from."""
-        return self.rows[slot, self.starts[slot][OPS.index(GEOMETRIC[0])] :], self.sources[slot]
+        return self.rows[slot, self.starts[slot][_FIRST_GEOMETRIC] :], self.sources[slot]
 
 
 def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.device) -> _Plan:
@@ -347,7 +347,7 @@ def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.d
         for slot, part in enumerate(sources.split([len(r) for r in runs])):
             pieces[slot].append(part)
     sources = to_device(torch.cat([p for slot in pieces for p in slot]), device)
-    sizes = [len(order[0]) - s[OPS.index(GEOMETRIC[0])] for s in starts]
+    sizes = [len(order[0]) - s[_FIRST_GEOMETRIC] for s in starts]
     return _Plan(to_device(order.contiguous(), device), to_device(sorted_mags, device), starts,
                  list(sources.split(sizes)))  # fmt: skip
 
