@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import distribute_bn
 from tqdm.auto import tqdm
 
 from rsmatch import checkpoint, evaluate, hardware, runfolder
@@ -32,6 +32,8 @@ from rsmatch.config import Config, ConfigError, check_world_size, to_dict
 from rsmatch.data.batch import Provenance, TrainData
 from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
+from rsmatch.data.prefetch import Prefetcher
+from rsmatch.ema import ModelEma
 from rsmatch.models import Normalize
 from rsmatch.runinfo import trim_evals, write_run_record
 
@@ -124,7 +126,7 @@ class Trainer:
                 f"train.clip_grad_norm={t.clip_grad_norm}: the DeepSpeed config clips at "
                 f'{self.model.gradient_clipping()}; set "gradient_clipping": {t.clip_grad_norm} there'
             )
-        self.ema = ModelEmaV3(
+        self.ema = ModelEma(
             acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
@@ -132,10 +134,12 @@ class Trainer:
             self.model.compile()
         self.algorithm.to(acc.device)
         views = self.algorithm.views
-        self.batches = BatchMaker(
+        make = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
             unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
         )  # fmt: skip
+        self.prefetch = t.prefetch is True or (t.prefetch == "auto" and acc.device.type == "cuda")
+        self.batches = Prefetcher(make, acc.device, ahead=self.prefetch)
         prov = self.data.provenance  # for per-step probes, on the device once (no copy per step)
         self._probe_provenance = Provenance(prov.is_synthetic.to(acc.device), prov.generator)
         self.state = TrainerState()
@@ -196,7 +200,7 @@ class Trainer:
                 acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
-                "precision": self.precision.record(), "host_memory": self.host_memory, "split": self.data.split_meta,
+                "precision": self.precision.record(), "host_memory": self.host_memory, "prefetch": self.prefetch, "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             }, resumed_from=str(found) if found else None)  # fmt: skip
         acc.wait_for_everyone()
@@ -254,6 +258,7 @@ class Trainer:
                     self._save(step)
                 bar.update(1)
         finally:
+            self.batches.close()
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)

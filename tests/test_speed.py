@@ -178,7 +178,7 @@ def test_batch_making_never_waits_for_the_device(sources, tmp_path, monkeypatch)
     cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
                       **{"rsmatch.strong_labeled": True})  # fmt: skip
     trainer = Trainer(cfg)
-    trainer.batches.device = torch.device("meta")
+    trainer.batches.make.device = torch.device("meta")
     ops = set()
     for table in ("_OP_FNS", "_SOURCES"):  # the pixel ops; the geometric ops' maps (on the host)
         monkeypatch.setattr(augment, table, {
@@ -241,11 +241,27 @@ def test_batch_making_has_no_cuda_sync(sources, tmp_path):
     copies included (a blocking copy is a sync there)."""
     cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
                       **{"rsmatch.strong_labeled": True})  # fmt: skip
-    trainer = Trainer(cfg)
-    assert trainer.batches.device.type == "cuda"
-    trainer.batches(0)  # first pinned allocations
+    make = Trainer(cfg).batches.make  # made here, not ahead in the prefetching thread
+    assert make.device.type == "cuda"
+    make(0)  # first pinned allocations
     with cuda_syncs_raise():
-        trainer.batches(1)
+        make(1)
+
+
+@needs_cuda
+def test_prefetched_steps_have_no_cuda_sync(sources, tmp_path):
+    """With the next batch made in the worker thread on its own stream (`train.prefetch`, on
+    by default on CUDA): neither thread syncs, and the stream handover is a device-side wait."""
+    cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch")
+    trainer = Trainer(cfg)
+    assert trainer.prefetch and trainer.batches.stream is not None
+    for step in range(2):  # first pinned allocations, first kernels
+        trainer.train_step(step)
+    with cuda_syncs_raise():
+        for step in range(2, 4):  # batches 3 and 4 are made in the worker meanwhile
+            trainer.train_step(step)
+        trainer.batches(4)  # batch 4's outcome: an error in the worker is raised here
+    trainer.batches.close()
 
 
 def test_logs_reduce_in_sorted_order_and_refuse_a_changing_key_set(sources, tmp_path):

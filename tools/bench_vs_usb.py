@@ -49,6 +49,7 @@ USB = "semilearn==0.3.2"  # without its pins (torch, torchaudio, wandb, aim): th
 USB_IMPORTS = ["progress", "ruamel.yaml", "scikit-image"]
 STUBS = ("torchaudio", "wandb", "aim")
 CONTENDERS = ("bare", "usb", "fixmatch", "rsmatch")
+RSMATCH_CONTENDERS = {"fixmatch", "rsmatch"}
 
 
 # -- workers: build once, warm up, then time `run N` requests from stdin ------------------------
@@ -107,6 +108,7 @@ def _rsmatch_step(args: argparse.Namespace, algorithm: str):
         f"algorithm={algorithm}", "model.backbone=wrn28_2", f"train.batch_size={args.batch_size}",
         f"train.uratio={args.uratio}", f"train.output_dir={out}", "train.progress=false",
         f"train.mixed_precision={args.precision}", f"train.compile={args.compile}",
+        *args.override,
     ])  # fmt: skip
     trainer = Trainer(cfg, data=data)
     print(json.dumps({"precision": trainer.precision.record()}), file=sys.stderr)
@@ -223,7 +225,7 @@ def setup_usb() -> None:
     print(f"USB venv ready: {USB_VENV}")
 
 
-def _start(kind: str, args: argparse.Namespace) -> subprocess.Popen:
+def _start(kind: str, args: argparse.Namespace, override: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     python = sys.executable
     if kind == "usb":
@@ -234,7 +236,8 @@ def _start(kind: str, args: argparse.Namespace) -> subprocess.Popen:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p
         )
-    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *_shared_flags(args)]
+    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *_shared_flags(args),
+           *([f"--override={override}"] if override else [])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     if _expect(proc, "ready") is None:
         proc.kill()
@@ -264,6 +267,9 @@ def drive(args: argparse.Namespace) -> dict:
     if "usb" in args.only and not (USB_VENV / "bin" / "python").exists():
         raise SystemExit(f"bench_vs_usb: no USB venv at {USB_VENV}; run with --setup-usb first")
     workers = {kind: _start(kind, args) for kind in args.only}
+    if args.variant:  # interleaved with the others: rsmatch's contenders once more, overridden
+        for kind in RSMATCH_CONTENDERS & set(args.only):
+            workers[f"{kind} {args.variant}"] = _start(kind, args, args.variant)
     times: dict[str, list[float]] = {kind: [] for kind in workers}
     try:
         for r in range(args.rounds):
@@ -279,15 +285,17 @@ def drive(args: argparse.Namespace) -> dict:
             proc.wait()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {}
-    if {"bare", "fixmatch"} <= med.keys():
-        ratios["bare / rsmatch fixmatch (>= 0.9 wanted)"] = med["bare"] / med["fixmatch"]
-    if {"usb", "fixmatch"} <= med.keys():
-        ratios["usb / rsmatch fixmatch (speed-up over USB)"] = med["usb"] / med["fixmatch"]
-    if {"rsmatch", "fixmatch"} <= med.keys():
-        ratios["rsmatch / rsmatch fixmatch (<= 1.2 wanted)"] = med["rsmatch"] / med["fixmatch"]
+    for tail in ("", *([f" {args.variant}"] if args.variant else [])):
+        fm, rsm = f"fixmatch{tail}", f"rsmatch{tail}"
+        if {"bare", fm} <= med.keys():
+            ratios[f"bare / rsmatch {fm} (>= 0.9 wanted)"] = med["bare"] / med[fm]
+        if {"usb", fm} <= med.keys():
+            ratios[f"usb / rsmatch {fm} (speed-up over USB)"] = med["usb"] / med[fm]
+        if {rsm, fm} <= med.keys():
+            ratios[f"{rsm} / rsmatch {fm} (<= 1.2 wanted)"] = med[rsm] / med[fm]
     return {
         "machine": _machine(), "batch_size": args.batch_size, "uratio": args.uratio,
-        "threads": args.threads, "rsmatch_precision": args.precision, "compile": args.compile,
+        "threads": args.threads, "rsmatch_precision": args.precision, "compile": args.compile, "variant": args.variant,
         "usb_keep_host_memory": args.usb_keep_host_memory, "steps_per_round": args.steps, "rounds": args.rounds,
         "median_s_per_step": {k: round(v, 4) for k, v in med.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
@@ -330,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="give USB's worker rsmatch's host-memory setting too (not USB as shipped: "
                          "shows how much of the gap is the allocator)")  # fmt: skip
     ap.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--variant", metavar="KEY=VALUE",
+                    help="also time rsmatch's contenders with this config override, interleaved "
+                         "(an A/B in one run, e.g. train.prefetch=false)")  # fmt: skip
+    ap.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.setup_usb:

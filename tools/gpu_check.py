@@ -307,6 +307,7 @@ class Check:
     precision: str  # train.mixed_precision
     channels_last: str  # train.channels_last
     keep_for_train: float
+    variant: str | None = None  # a config override A/B-timed against the defaults
     py: str = sys.executable
 
     @property
@@ -317,6 +318,15 @@ class Check:
     def tool_precision(self) -> str:
         """The precision as the bench and profiler tools take it."""
         return self.precision if self.precision in ("no", "bf16") else "auto"
+
+    @property
+    def variant_flags(self) -> list[str]:
+        return ["--variant", self.variant] if self.variant else []
+
+    @property
+    def variant_share(self) -> float:
+        """How much longer a bench may take with the variant's two more workers."""
+        return 1.5 if self.variant else 1.0
 
     @property
     def precision_keys(self) -> list[str]:
@@ -368,9 +378,12 @@ def bench(c: Check, contenders: tuple[str, ...], log: Path, limit: float, extra:
 
 
 def throughput(c: Check) -> dict:
-    """The bare step, FixMatch and RSMatch in one interleaved run."""
-    limit = min(c.limits["throughput"], c.clock.left() - c.keep_for_train)
-    result = bench(c, ("bare", *ALGORITHMS), c.out / "throughput.log", limit, [], c.env)
+    """The bare step, FixMatch and RSMatch in one interleaved run (with --variant, FixMatch and
+    RSMatch with that override too, in the same rounds)."""
+    limit = min(c.variant_share * c.limits["throughput"], c.clock.left() - c.keep_for_train)
+    result = bench(
+        c, ("bare", *ALGORITHMS), c.out / "throughput.log", limit, c.variant_flags, c.env
+    )
     if all("s_per_step" in result[a] for a in ALGORITHMS):
         ratio = result["rsmatch"]["s_per_step"] / result["fixmatch"]["s_per_step"]
         result["rsmatch_over_fixmatch"] = round(ratio, 3)
@@ -399,15 +412,15 @@ COMPILE_MODES = {"default": {}, "cudagraphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
 
 
 def compiled(c: Check, modes: list[str]) -> dict:
-    """The bare step and FixMatch with `train.compile` (the bare model compiled alike), per mode;
-    compared with the throughput step's uncompiled figures (same machine, run just before)."""
+    """The bare step, FixMatch and RSMatch (and the variant's) with `train.compile` (the bare
+    model compiled alike), per mode; to compare with the throughput step's uncompiled figures
+    (same machine, run just before)."""
     results: dict = {}
     for mode in modes:
-        limit = min(c.limits["compile"], c.clock.left() - c.keep_for_train)
+        limit = min(c.variant_share * c.limits["compile"], c.clock.left() - c.keep_for_train)
         env = c.env | COMPILE_MODES[mode]
-        results[mode] = bench(
-            c, ("bare", "fixmatch"), c.out / "compile.log", limit, ["--compile"], env
-        )
+        extra = ["--compile", *c.variant_flags]
+        results[mode] = bench(c, ("bare", *ALGORITHMS), c.out / "compile.log", limit, extra, env)
     results["status"] = overall([results[m] for m in modes])
     return results
 
@@ -469,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="+", choices=tuple(COMPILE_MODES), default=[],
                     help="also time the bare step and FixMatch with train.compile, in each mode "
                          "(cudagraphs: compiled and replayed as CUDA graphs)")  # fmt: skip
+    ap.add_argument("--variant", metavar="KEY=VALUE",
+                    help="also time FixMatch and RSMatch with this override, interleaved, in the "
+                         "throughput and compile steps (e.g. train.prefetch=false)")  # fmt: skip
     ap.add_argument("--precision", help="train.mixed_precision (default auto; dry run: no)")
     ap.add_argument("--channels-last", help="train.channels_last (default auto; dry run: false)")
     ap.add_argument("--started", type=float, default=time.time())
@@ -489,11 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         dry, sizes, args.out, Path(tempfile.mkdtemp(prefix="gpu_check_", dir=scratch_dir())),
         Clock(args.started, budget), env, precision, channels_last,
         keep_for_train=0.0 if args.skip_train else sizes["limits"]["train_share"] * budget,
+        variant=args.variant,
     )  # fmt: skip
     steps: dict = {"install": {"status": args.install_status, "mode": args.install_mode,
                                "seconds": round(time.time() - args.started, 1), "log": "install.log"}}  # fmt: skip
     summary: dict = {"schema": 1, "dry_run": dry, "settings": {"precision": precision,
-                     "channels_last": channels_last, "budget_s": budget, "sizes": sizes},
+                     "channels_last": channels_last, "budget_s": budget, "sizes": sizes,
+                     "variant": args.variant},
                      "machine": None, "steps": steps}  # fmt: skip
     try:
         env_log = c.work / "env.log"

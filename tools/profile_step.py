@@ -5,7 +5,8 @@
 Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
 `--rounds`: `trainer.batches(step)` alone, `trainer.train_step` on a pre-made batch, and the
-bare forward + backward + SGD step. On a GPU each timing waits for the device. It also counts
+bare forward + backward + SGD step, with `train.prefetch` off (each part on the main thread,
+one after the other). On a GPU each timing waits for the device. It also counts
 the aten operators each of the three dispatches (what a launch-bound GPU step pays for). With `--trace`
 it also prints the top operators of one profiled training step and of one bare step
 (torch.profiler), by self time on the host and, on a GPU, on the device.
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="train.compile, and the bare model too")
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args(argv)
+    args.override = ["train.prefetch=false"]  # parts timed apart, on the main thread
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     step = bench._rsmatch_step(args, args.algorithm)
     trainer = step.__self__

@@ -1,0 +1,55 @@
+"""The EMA teacher: averages parameters, copies buffers, and does so in a fixed few operators."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rsmatch.ema import ModelEma
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _net(layers: int) -> nn.Sequential:
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(2, 2), nn.BatchNorm1d(2))])
+
+
+def test_parameters_averaged_and_buffers_copied() -> None:
+    model = _net(2)
+    ema = ModelEma(model, decay=0.9, exclude_buffers=True)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(3.0)
+        for name, b in model.named_buffers():
+            b.fill_(7 if name.endswith("num_batches_tracked") else 5.0)
+    ema.update(model)
+    # 1 + (1 - 0.9) * (3 - 1) = 1.2: parameters move a tenth of the way
+    for p in ema.module.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 1.2))
+    # buffers (running mean, variance and the counter) are copied, not averaged
+    for name, b in ema.module.named_buffers():
+        assert torch.equal(b, torch.full_like(b, 7 if name.endswith("num_batches_tracked") else 5))
+
+
+def test_update_dispatches_a_fixed_number_of_operators() -> None:
+    """One multi-tensor average and one multi-tensor copy, whatever the depth: on a GPU each
+    operator is a kernel launch (timm's own update copies each buffer apart: 3 per BatchNorm)."""
+    counts = []
+    for layers in (2, 20):
+        model = _net(layers)
+        ema = ModelEma(model, decay=0.9, exclude_buffers=True)
+        with _CountOps() as ops:
+            ema.update(model)
+        counts.append(ops.count)
+    assert counts[0] == counts[1] <= 4, counts
