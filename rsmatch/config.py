@@ -20,6 +20,9 @@ import yaml
 
 from rsmatch import registry
 
+# torch.compile's modes (torch._inductor.list_mode_options, plus its `default`)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
@@ -154,6 +157,13 @@ class TrainConfig:
         False,
         "torch.compile the trained model (not the EMA copy): fewer, fused kernels per step after "
         "a one-off compile of a few minutes; see docs/speed.md for where it pays.",
+    )
+    compile_mode: str = option(
+        "default",
+        "torch.compile's mode with train.compile: `default`, `reduce-overhead` (CUDA graphs: "
+        "the compiled network replayed without launching each kernel; on an H200 FixMatch and "
+        "RSMatch steps 1.2x and 1.37x faster than eager), `max-autotune` or "
+        "`max-autotune-no-cudagraphs`.",
     )
     progress: bool = option(True, "Show a progress bar on the main process.")
 
@@ -376,6 +386,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("channels_last", "sync_bn", "keep_host_memory", "prefetch"):
         value = getattr(t, key)
         check(value in (True, False, "auto"), f"train.{key}", value, "true, false or auto")
+    check(t.compile_mode in COMPILE_MODES, "train.compile_mode", t.compile_mode,
+          f"one of {', '.join(COMPILE_MODES)}")  # fmt: skip
+    check(t.compile or t.compile_mode == "default", "train.compile_mode", t.compile_mode,
+          "needs train.compile=true")  # fmt: skip
     check(t.clip_grad_norm >= 0, "train.clip_grad_norm", t.clip_grad_norm, "must be >= 0 (0 = off)")
     check(0 < cfg.ssl.threshold <= 1, "ssl.threshold", cfg.ssl.threshold, "not in (0, 1]")
     check(cfg.ssl.lambda_u >= 0, "ssl.lambda_u", cfg.ssl.lambda_u, "must be >= 0")

@@ -131,7 +131,7 @@ class Trainer:
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
         if t.compile:  # in place, after the EMA copy: names, unwrapping and checkpoints unchanged
-            self.model.compile()
+            self.model.compile(mode=t.compile_mode)
         self.algorithm.to(acc.device)
         views = self.algorithm.views
         make = BatchMaker(

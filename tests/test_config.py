@@ -40,6 +40,9 @@ def test_overrides_win_over_file(tmp_path):
         ("simmatch.temperature=0", "simmatch.temperature"),
         ("data.unlabeled_per_class=0", "data.unlabeled_per_class"),
         ("rsmatch.queue_length=0", "rsmatch.queue_length"),
+        ("train.prefetch=sometimes", "train.prefetch"),
+        ("train.compile_mode=fast", "train.compile_mode"),
+        ("train.compile_mode=reduce-overhead", "train.compile_mode"),  # without train.compile
     ],
 )
 def test_bad_values_name_the_key(override, named):

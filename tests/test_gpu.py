@@ -157,3 +157,20 @@ def test_resume_is_exact_on_gpu(sources, tmp_path, deterministic, algorithm, pre
         sources, tmp_path, algorithm=algorithm, **{"train.mixed_precision": precision}
     )
     assert straight.accelerator.device.type == "cuda"
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_cuda_graph_compiled_steps_train_like_eager(sources, tmp_path, algorithm):
+    """`train.compile_mode=reduce-overhead` (the network replayed as CUDA graphs, the next batch
+    prefetched meanwhile): the same weights as eager after a few steps, up to rounding."""
+    runs = {}
+    for mode in ("eager", "reduce-overhead"):
+        extra = {"train.compile": True, "train.compile_mode": mode} if mode != "eager" else {}
+        trainer = _trainer(sources, tmp_path / mode, algorithm, **extra)
+        assert trainer.prefetch
+        for step in range(4):
+            trainer.train_step(step)
+        trainer.batches.close()
+        runs[mode] = _params(trainer)
+    for k, v in runs["eager"].items():
+        torch.testing.assert_close(runs["reduce-overhead"][k], v, rtol=1e-2, atol=1e-3, msg=k)

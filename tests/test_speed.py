@@ -312,6 +312,14 @@ def test_bench_vs_usb_dry_run_without_usb():
     assert summary["ratios"]["bare / rsmatch fixmatch (>= 0.9 wanted)"] > 0
 
 
+def test_compile_mode_reaches_torch_compile(sources, tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
+    overrides = {"train.compile": True, "train.compile_mode": "reduce-overhead"}
+    Trainer(tiny_config(sources, tmp_path / "run", **overrides))
+    assert modes == ["reduce-overhead"]  # the trained model only, not the EMA copy
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(sources, tmp_path):
     from safetensors.torch import load_file

@@ -49,6 +49,7 @@ USB = "semilearn==0.3.2"  # without its pins (torch, torchaudio, wandb, aim): th
 USB_IMPORTS = ["progress", "ruamel.yaml", "scikit-image"]
 STUBS = ("torchaudio", "wandb", "aim")
 CONTENDERS = ("bare", "usb", "fixmatch", "rsmatch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RSMATCH_CONTENDERS = {"fixmatch", "rsmatch"}
 
 
@@ -107,7 +108,8 @@ def _rsmatch_step(args: argparse.Namespace, algorithm: str):
     cfg = load_config(None, [
         f"algorithm={algorithm}", "model.backbone=wrn28_2", f"train.batch_size={args.batch_size}",
         f"train.uratio={args.uratio}", f"train.output_dir={out}", "train.progress=false",
-        f"train.mixed_precision={args.precision}", f"train.compile={args.compile}",
+        f"train.mixed_precision={args.precision}", f"train.compile={bool(args.compile)}",
+        f"train.compile_mode={args.compile or 'default'}",
         *args.override,
     ])  # fmt: skip
     trainer = Trainer(cfg, data=data)
@@ -131,7 +133,7 @@ def _bare_step(args: argparse.Namespace):
         model = model.to(memory_format=torch.channels_last)
         model.normalize.channels_last = True
     if args.compile:
-        model.compile()  # as the trainer does with train.compile
+        model.compile(mode=args.compile)  # as the trainer does with train.compile
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True)
     n = args.batch_size * (1 + 2 * args.uratio)
     x = torch.from_numpy(_images(n, 1)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -259,7 +261,7 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
             f"--threads={args.threads}", f"--warmup={args.warmup}", f"--pool={args.pool}",
             f"--usb-workers={args.usb_workers}", f"--precision={args.precision}",
             f"--steps={args.steps}", f"--rounds={args.rounds}",
-            *(["--compile"] if args.compile else []),
+            *([f"--compile={args.compile}"] if args.compile else []),
             *(["--usb-keep-host-memory"] if args.usb_keep_host_memory else [])]  # fmt: skip
 
 
@@ -331,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"),
                     help="rsmatch's train.mixed_precision, also used by the bare step "
                          "(`no` forces fp32, as on a CPU without native bf16)")  # fmt: skip
-    ap.add_argument("--compile", action="store_true",
-                    help="rsmatch's train.compile for its contenders, and the bare step's model "
-                         "compiled the same way (USB is never compiled)")  # fmt: skip
+    ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                    metavar="MODE",
+                    help="rsmatch's train.compile for its contenders in this train.compile_mode "
+                         "(default: default), and the bare step's model compiled the same way "
+                         "(USB is never compiled)")  # fmt: skip
     ap.add_argument("--usb-keep-host-memory", action="store_true",
                     help="give USB's worker rsmatch's host-memory setting too (not USB as shipped: "
                          "shows how much of the gap is the allocator)")  # fmt: skip

@@ -5,7 +5,7 @@
 #
 #     bash tools/gpu_check.sh [--dry-run] [--out DIR] [--data DIR] [--budget S]
 #                             [--train-seconds S] [--precision P] [--channels-last V]
-#                             [--compile default cudagraphs]
+#                             [--compile default reduce-overhead] [--variant KEY=VALUE]
 #
 # --out defaults to $OUT when set (the device tool's folder), else runs/gpu_check.
 # --dry-run: tiny sizes on the CPU, no installs, GPU tests skipped (CI runs it, < 60 s).
