@@ -320,20 +320,33 @@ def test_compile_mode_reaches_torch_compile(sources, tmp_path, monkeypatch):
     assert modes == ["reduce-overhead"]  # the trained model only, not the EMA copy
 
 
+# RSMatch's detector starts as a coin flip (two near-equal logits), so the rounding of compiled
+# kernels flips a few of its early pseudo-labels and queue picks: measured on this CPU without
+# CUDA graphs, its first convolution moved 2.8e-3 (weights ~0.4) from eager in 4 steps.
+DETECTOR_ATOL = 1e-2
+
+
+def assert_trains_like_eager(
+    compiled: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], rtol: float, atol: float
+) -> None:
+    assert compiled.keys() == eager.keys()  # no `_orig_mod.` names
+    for k, v in eager.items():
+        tol = max(atol, DETECTOR_ATOL) if k.startswith("detector.") else atol
+        torch.testing.assert_close(compiled[k], v, rtol=rtol, atol=tol, msg=k)
+
+
 @pytest.mark.slow
-def test_compiled_model_trains_like_the_eager_one(sources, tmp_path):
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_compiled_model_trains_like_the_eager_one(sources, tmp_path, algorithm):
     from safetensors.torch import load_file
 
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
-        Trainer(
-            tiny_config(sources, out, algorithm="fixmatch", **{"train.compile": compiled})
-        ).fit()
-        runs[compiled] = load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors"))
-    assert runs[True].keys() == runs[False].keys()  # no `_orig_mod.` names in checkpoints
-    for k, v in runs[False].items():
-        torch.testing.assert_close(runs[True][k], v, rtol=1e-3, atol=1e-4, msg=k)
+        Trainer(tiny_config(sources, out, algorithm=algorithm, **{"train.compile": compiled})).fit()
+        step = out / "checkpoints" / "step_00000004"  # as saved: checkpoint names unchanged
+        runs[compiled] = load_file(str(step / "model.safetensors"))
+    assert_trains_like_eager(runs[True], runs[False], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow
