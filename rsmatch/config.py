@@ -143,7 +143,7 @@ class TrainConfig:
         "Make the next step's batch in a background thread, on its own CUDA stream, while the "
         "current step runs (same batches). `auto`: on CUDA, where the step is bound by the host "
         "issuing kernels; off on CPUs, where the step keeps every core busy and batch making "
-        "is ~1% of it.",
+        "is a few percent of it.",
     )
     sync_bn: bool | str = option(
         "auto",
@@ -161,8 +161,8 @@ class TrainConfig:
     compile_mode: str = option(
         "default",
         "torch.compile's mode with train.compile: `default`, `reduce-overhead` (CUDA graphs: "
-        "the compiled network replayed without launching each kernel; on an H200 FixMatch and "
-        "RSMatch steps 1.2x and 1.37x faster than eager), `max-autotune` or "
+        "the compiled network replayed without launching each kernel; on an H200 from no gain "
+        "to 1.37x, depending on the host: docs/speed.md), `max-autotune` or "
         "`max-autotune-no-cudagraphs`.",
     )
     progress: bool = option(True, "Show a progress bar on the main process.")

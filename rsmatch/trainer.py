@@ -258,10 +258,10 @@ class Trainer:
                     self._save(step)
                 bar.update(1)
         finally:
-            self.batches.close()
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.batches.close()  # the batch made ahead is dropped
             for tracker in acc.trackers:  # the process group stays up for the caller
                 tracker.finish()
         if interrupted:

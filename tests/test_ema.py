@@ -44,11 +44,24 @@ def test_parameters_averaged_and_buffers_copied() -> None:
 
 
 def test_update_dispatches_a_fixed_number_of_operators() -> None:
-    """One multi-tensor average and one multi-tensor copy, whatever the depth: on a GPU each
-    operator is a kernel launch (timm's own update copies each buffer apart: 3 per BatchNorm)."""
+    """One multi-tensor average and one multi-tensor copy per buffer dtype (float statistics,
+    int64 counters), whatever the depth: on a GPU each is one launch when its tensors share a
+    dtype (timm's own update copies each buffer apart: 3 per BatchNorm)."""
     counted, counts = _count_ops(), []
     for layers in (2, 20):
         model = _net(layers)
         ema = ModelEma(model, decay=0.9, exclude_buffers=True)
         counts.append(counted(ema.update, model)[0])
     assert counts[0] == counts[1] <= 4, counts
+
+
+def test_buffers_are_copied_in_one_list_per_dtype(monkeypatch) -> None:
+    """CUDA's multi-tensor copy launches once only when all its sources share a dtype."""
+    lists, copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: lists.append(s) or copy(d, s))
+    model = _net(3)
+    ModelEma(model, decay=0.9, exclude_buffers=True).update(model)
+    assert sorted([str(t.dtype) for t in group] for group in lists) == [
+        ["torch.float32"] * 6,  # running mean and variance of 3 BatchNorms
+        ["torch.int64"] * 3,  # their counters
+    ]

@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 
+from rsmatch.data.batch import Batch
 from rsmatch.data.loaders import BatchMaker
 from rsmatch.data.prefetch import Prefetcher
 
-from .conftest import tiny_config
+from .conftest import needs_cuda, tiny_config
 from .test_data import _data
 from .test_trainer import _run, _weights, assert_resume_is_exact
 
@@ -34,15 +35,19 @@ def test_prefetched_batches_are_the_steps_own_and_made_in_the_worker():
                 assert torch.equal(getattr(got, name), getattr(want, name)), (step, name)
     finally:
         prefetcher.close()
-    # each step's batch and the next one were made by the worker (3 ahead of a jump to 7)
-    assert set(made_by) == {0, 1, 2, 3, 7, 8, 9}
+    # each step's batch and the next one were made by the worker; 3, made ahead of the jump to
+    # 7, at most (its making may have started before the jump cancelled it)
+    assert {0, 1, 2, 7, 8, 9} <= set(made_by) <= {0, 1, 2, 3, 7, 8, 9}
     assert all(name.startswith("rsmatch-batches") for name in made_by.values()), made_by
 
 
 def test_an_error_in_the_worker_reaches_the_step_it_concerns():
+    failures = [3]
+
     def make(step: int):
-        if step == 3:
-            raise ValueError("broken batch 3")
+        if step in failures:
+            failures.remove(step)
+            raise ValueError(f"broken batch {step}")
         return step
 
     prefetcher = Prefetcher(make, torch.device("cpu"), ahead=True)
@@ -50,6 +55,7 @@ def test_an_error_in_the_worker_reaches_the_step_it_concerns():
         assert [prefetcher(k) for k in range(3)] == [0, 1, 2]  # batch 3 failed meanwhile
         with pytest.raises(ValueError, match="broken batch 3"):
             prefetcher(3)
+        assert prefetcher(3) == 3  # asked again, it is made again (a transient failure)
     finally:
         prefetcher.close()
     assert prefetcher(5) == 5  # a closed prefetcher starts a new worker when asked again
@@ -73,3 +79,39 @@ def test_training_with_and_without_prefetch_is_identical(sources, tmp_path):
 
 def test_resume_with_prefetch_is_exact(sources, tmp_path):
     assert_resume_is_exact(sources, tmp_path, algorithm="rsmatch", **{"train.prefetch": True})
+
+
+@needs_cuda
+def test_a_batch_from_the_side_stream_is_complete_on_the_main_stream():
+    """The worker's stream is held back by a long kernel before it fills the batch: the main
+    stream must wait for the batch's event (it reads garbage otherwise), and the batch's memory
+    must not go back to the worker's stream before the main stream is done with it."""
+    cuda = torch.device("cuda")
+
+    def slow(step: int) -> Batch:
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time, queued on the worker's stream
+        x = torch.full((64, 3, 32, 32), step, dtype=torch.uint8, device=cuda)
+        return Batch(x, torch.full((64,), step, device=cuda), torch.arange(64, device=cuda))
+
+    prefetcher = Prefetcher(slow, cuda, ahead=True)
+    try:
+        for step in range(1, 6):
+            batch = prefetcher(step)
+            assert int(batch.x_lb.sum()) == step * batch.x_lb.numel(), step
+            assert int(batch.y_lb.sum()) == step * 64, step
+    finally:
+        prefetcher.close()
+
+
+@needs_cuda
+def test_prefetched_cuda_batches_equal_batches_made_in_place():
+    cuda = torch.device("cuda")
+    make = BatchMaker(_data(), 6, 2, seed=3, rank=0, world=1, device=cuda)
+    prefetcher = Prefetcher(make, cuda, ahead=True)
+    try:
+        for step in (0, 1, 2, 7):
+            got, want = prefetcher(step), make(step)
+            for name in FIELDS:
+                assert torch.equal(getattr(got, name), getattr(want, name)), (step, name)
+    finally:
+        prefetcher.close()

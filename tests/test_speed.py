@@ -175,8 +175,8 @@ def test_device_waits_sees_what_meta_lets_through():
 def test_batch_making_never_waits_for_the_device(sources, tmp_path, monkeypatch):
     """`trainer.batches(step)` with every view (RSMatch's strong labeled view included) and the
     device work on `meta`: no read of a device value (it would raise), no blocking copy."""
-    cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
-                      **{"rsmatch.strong_labeled": True})  # fmt: skip
+    cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",  # made on this thread,
+                      **{"rsmatch.strong_labeled": True, "train.prefetch": False})  # fmt: skip
     trainer = Trainer(cfg)
     trainer.batches.make.device = torch.device("meta")
     ops = set()

@@ -41,8 +41,11 @@ class Prefetcher:
         if self.worker is None:
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="rsmatch-batches")
         if self.pending is None or self.pending[0] != step:  # first step, or a jump
+            if self.pending is not None:
+                self.pending[1].cancel()  # not wanted: unless already started, never made
             self.pending = (step, self.worker.submit(self._make, step))
-        batch, ready = self.pending[1].result()
+        future, self.pending = self.pending[1], None
+        batch, ready = future.result()  # an error is raised here; asking again remakes it
         self.pending = (step + 1, self.worker.submit(self._make, step + 1))
         if ready is not None:
             stream = torch.cuda.current_stream(self.device)
