@@ -20,12 +20,13 @@ FIELDS = ("x_lb", "y_lb", "idx_lb", "u_w", "u_s", "idx_ulb")
 
 
 def test_prefetched_batches_are_the_steps_own_and_made_in_the_worker():
-    make = BatchMaker(_data(), 6, 2, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    # two makers: one for the worker, one for this thread (a maker caches its epoch's order)
+    make, ahead = (BatchMaker(_data(), 6, 2, 3, 0, 1, torch.device("cpu")) for _ in range(2))
     made_by: dict[int, str] = {}
 
     def recorded(step: int):
         made_by[step] = threading.current_thread().name
-        return make(step)
+        return ahead(step)
 
     prefetcher = Prefetcher(recorded, torch.device("cpu"), ahead=True)
     try:
@@ -106,8 +107,8 @@ def test_a_batch_from_the_side_stream_is_complete_on_the_main_stream():
 @needs_cuda
 def test_prefetched_cuda_batches_equal_batches_made_in_place():
     cuda = torch.device("cuda")
-    make = BatchMaker(_data(), 6, 2, seed=3, rank=0, world=1, device=cuda)
-    prefetcher = Prefetcher(make, cuda, ahead=True)
+    make, ahead = (BatchMaker(_data(), 6, 2, 3, 0, 1, cuda) for _ in range(2))
+    prefetcher = Prefetcher(ahead, cuda, ahead=True)
     try:
         for step in (0, 1, 2, 7):
             got, want = prefetcher(step), make(step)
