@@ -252,7 +252,7 @@ def digest(summary: dict) -> list[str]:
             lines.append(f"  profile {algo}: s {part['median_s']} aten ops {part['aten_ops']}")
     for mode, part in steps.get("compile", {}).items():
         if isinstance(part, dict):
-            timed = {k: part[k].get("s_per_step") for k in ("bare", "fixmatch") if k in part}
+            timed = {k: part[k].get("s_per_step") for k in ("bare", *ALGORITHMS) if k in part}
             lines.append(f"  compile {mode}: {part.get('status')} s_per_step {timed}")
     return lines
 
@@ -358,13 +358,13 @@ def run_for_json(
     return result, trailing_json(text)
 
 
-def bench(c: Check, contenders: tuple[str, ...], log: Path, limit: float, extra: list[str],
-          env: dict[str, str]) -> dict:  # fmt: skip
-    """One interleaved run of tools/bench_vs_usb.py: every contender warmed up first, then timed
-    in alternating rounds; its medians, ratios and machine."""
+def bench(c: Check, log: Path, limit: float, extra: list[str]) -> dict:
+    """One interleaved run of tools/bench_vs_usb.py (the bare step, FixMatch, RSMatch): every
+    contender warmed up first, then timed in alternating rounds; its medians, ratios, machine."""
+    contenders = ("bare", *ALGORITHMS)
     cmd = [c.py, "tools/bench_vs_usb.py", "--only", *contenders, *c.sizes["throughput"],
            f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={c.tool_precision}", *extra]  # fmt: skip
-    result, measured = run_for_json(cmd, log, limit, env)
+    result, measured = run_for_json(cmd, log, limit, c.env)
     if measured:
         med = measured["median_s_per_step"]
         for name in med:
@@ -381,9 +381,7 @@ def throughput(c: Check) -> dict:
     """The bare step, FixMatch and RSMatch in one interleaved run (with --variant, FixMatch and
     RSMatch with that override too, in the same rounds)."""
     limit = min(c.variant_share * c.limits["throughput"], c.clock.left() - c.keep_for_train)
-    result = bench(
-        c, ("bare", *ALGORITHMS), c.out / "throughput.log", limit, c.variant_flags, c.env
-    )
+    result = bench(c, c.out / "throughput.log", limit, c.variant_flags)
     if all("s_per_step" in result[a] for a in ALGORITHMS):
         ratio = result["rsmatch"]["s_per_step"] / result["fixmatch"]["s_per_step"]
         result["rsmatch_over_fixmatch"] = round(ratio, 3)
@@ -419,7 +417,7 @@ def compiled(c: Check, modes: list[str]) -> dict:
     for mode in modes:
         limit = min(c.variant_share * c.limits["compile"], c.clock.left() - c.keep_for_train)
         extra = [f"--compile={mode}", *c.variant_flags]
-        results[mode] = bench(c, ("bare", *ALGORITHMS), c.out / "compile.log", limit, extra, c.env)
+        results[mode] = bench(c, c.out / "compile.log", limit, extra)
     results["status"] = overall([results[m] for m in modes])
     return results
 
