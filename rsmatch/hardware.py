@@ -2,8 +2,10 @@
 
 A CPU without native bf16 (AVX2-only x86, most ARM) emulates bf16 autocast in slow scalar loops:
 a demo step took 23-30 s instead of 1.5 s in fp32 on an AVX2 EPYC. So `auto` picks bf16 on a
-CPU only where the instruction set computes it (AVX512-BF16 or AMX-BF16), on CUDA bf16 where
-the GPU supports it and fp16 with a loss scaler elsewhere. channels_last is on wherever
+CPU only where the instruction set computes it (AVX512-BF16 or AMX-BF16) and oneDNN, which runs
+the convolutions, is not held below those instructions by `ONEDNN_MAX_CPU_ISA` (a bf16
+convolution held to AVX2 took 16x its fp32 time); on CUDA bf16 where the GPU supports it and
+fp16 with a loss scaler elsewhere. channels_last is on wherever
 convolutions run: it made the bare WRN step 1.2-1.45x faster on an AVX2 CPU, 1.5x with bf16 on
 an AMX CPU, and is what tensor cores want under mixed precision.
 
@@ -16,7 +18,9 @@ again: 2.2 million faults and about 40% of a WRN-28-2 fp32 step at B = 64, mu = 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +29,13 @@ import torch
 from rsmatch.config import ConfigError
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN's ISA limit (DNNL_ is its older prefix, read when ONEDNN_ is unset) and the values of it
+# that leave out the bf16 instructions; unknown values are taken as no limit.
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_MIC", "AVX512_MIC_4OPS",
+    "AVX512_CORE", "AVX512_CORE_VNNI",
+})  # fmt: skip
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -51,9 +62,39 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def native_cpu_bf16(flags: set[str] | None = None) -> bool:
+def onednn_isa_limit(env: Mapping[str, str] | None = None) -> str | None:
+    """`NAME=VALUE` of the variable that holds oneDNN below its bf16 instructions, else None."""
+    env = os.environ if env is None else env
+    for name in ONEDNN_ISA_VARIABLES:
+        if env.get(name):
+            value = env[name]
+            return f"{name}={value}" if value.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16 else None
+    return None
+
+
+def cpu_bf16_support(
+    flags: set[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """Whether bf16 autocast runs natively on this CPU, and what says so (for run.json)."""
     flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in NATIVE_BF16_FLAGS)
+    if not any(f in flags for f in NATIVE_BF16_FLAGS):
+        return False, "CPU without native bf16"
+    limit = onednn_isa_limit(env)
+    if limit:
+        return False, f"CPU with native bf16, which {limit} keeps from oneDNN"
+    return True, "CPU with native bf16 (AVX512-BF16/AMX)"
+
+
+def _native_bf16(cuda: bool, cuda_bf16: bool | None, cpu_bf16: bool | None) -> tuple[bool, str]:
+    """Whether the device computes bf16 natively (probed where not given), and the hardware
+    named for the log."""
+    if cuda:  # before Ampere a GPU "supports" bf16 by emulation: is_bf16_supported's default
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return cuda_bf16, f"CUDA GPU {'with' if cuda_bf16 else 'without'} native bf16"
+    if cpu_bf16 is None:
+        return cpu_bf16_support()
+    return cpu_bf16, f"CPU {'with' if cpu_bf16 else 'without'} native bf16"
 
 
 def resolve(
@@ -65,16 +106,13 @@ def resolve(
 ) -> Precision:
     """Resolve `auto` (and check explicit values) for CUDA or CPU; probes default to this host."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cuda:
-        bf16_ok = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
-        auto, why = ("bf16", "CUDA GPU with bf16") if bf16_ok else ("fp16", "CUDA GPU without bf16")
+    bf16_ok, hardware = _native_bf16(cuda, cuda_bf16, cpu_bf16)
+    if bf16_ok:
+        auto, why = "bf16", hardware
+    elif cuda:
+        auto, why = "fp16", hardware
     else:
-        bf16_ok = native_cpu_bf16() if cpu_bf16 is None else cpu_bf16
-        auto, why = (
-            ("bf16", "CPU with native bf16 (AVX512-BF16/AMX)")
-            if bf16_ok
-            else ("no", "CPU without native bf16: fp32 (bf16 would be emulated, ~15x slower)")
-        )
+        auto, why = "no", f"{hardware}: fp32 (bf16 would be emulated, ~15x slower)"
     warning = None
     if mixed_precision == "auto":
         chosen, reason = auto, f"auto: {why}"
@@ -86,8 +124,8 @@ def resolve(
             )
         if chosen == "bf16" and not bf16_ok:
             warning = (
-                f"train.mixed_precision=bf16 on a {'GPU' if cuda else 'CPU'} without native bf16 "
-                "is emulated and slow; train.mixed_precision=auto picks "
+                f"train.mixed_precision=bf16 on a {hardware}: "
+                "emulated and slow; train.mixed_precision=auto picks "
                 f"{'fp16' if cuda else 'fp32'} here"
             )
     layout = True if channels_last == "auto" else bool(channels_last)

@@ -3,11 +3,14 @@
 import platform
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from rsmatch import hardware
 from rsmatch.config import ConfigError
-from rsmatch.hardware import cpu_flags, keep_host_memory, native_cpu_bf16, resolve
+from rsmatch.hardware import cpu_bf16_support, cpu_flags, keep_host_memory, resolve
 
 
 @pytest.mark.parametrize(
@@ -47,11 +50,65 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     zen4.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
     spr = tmp_path / "spr"
     spr.write_text("flags\t\t: avx2 avx512f amx_tile amx_bf16\n")
-    assert not native_cpu_bf16(cpu_flags(zen3))
-    assert native_cpu_bf16(cpu_flags(zen4)) and native_cpu_bf16(cpu_flags(spr))
+    assert cpu_bf16_support(cpu_flags(zen3), env={}) == (False, "CPU without native bf16")
+    assert cpu_bf16_support(cpu_flags(zen4), env={})[0] and cpu_bf16_support(cpu_flags(spr), {})[0]
     assert cpu_flags(tmp_path / "missing") == set()
     skylake = {"avx512f", "avx512bw"}  # AVX512 without BF16: oneDNN would emulate
-    assert not native_cpu_bf16(skylake)
+    assert not cpu_bf16_support(skylake, env={})[0]
+
+
+@pytest.mark.parametrize(
+    "env, native",
+    [
+        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # a bf16 convolution measured 16x its fp32 time
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False),  # AVX512 without its BF16 part
+        ({"DNNL_MAX_CPU_ISA": "AVX2_VNNI"}, False),  # the older name
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNNL_MAX_CPU_ISA": "AVX2"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+        ({"ONEDNN_MAX_CPU_ISA": ""}, True),
+        ({}, True),
+    ],
+)
+def test_a_onednn_isa_limit_below_bf16_means_fp32(env, native):
+    flags = {"avx2", "avx512f", "avx512_bf16"}
+    ok, hardware = cpu_bf16_support(flags, env)
+    assert ok is native
+    if not native:
+        name, value = next(iter(env.items()))
+        assert hardware == f"CPU with native bf16, which {name}={value} keeps from oneDNN"
+
+
+def test_auto_names_the_isa_limit_in_its_reason_and_warning(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    p = resolve("auto", "auto", cuda=False)
+    assert p.mixed_precision == "no"
+    assert p.reason == (
+        "auto: CPU with native bf16, which ONEDNN_MAX_CPU_ISA=AVX2 keeps from oneDNN: "
+        "fp32 (bf16 would be emulated, ~15x slower)"
+    )
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in resolve("bf16", "auto", cuda=False).warning
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert resolve("auto", "auto", cuda=False).mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("major, expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_a_gpu_that_emulates_bf16_gets_fp16(monkeypatch, major, expected):
+    """A T4 or V100 (compute capability 7) runs bf16 tensors, so torch.cuda.is_bf16_supported()
+    says True by default; auto must still pick fp16, which it computes natively."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda _device: SimpleNamespace(major=major)
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda _device: True)
+    p = resolve("auto", "auto")
+    assert p.mixed_precision == expected
+    assert p.reason == f"auto: CUDA GPU with{'out' * (major < 8)} native bf16"
+    assert (resolve("bf16", "auto").warning is None) is (major >= 8)
 
 
 # Allocates and frees a 256 MB tensor 5 times and counts the page faults, then again after

@@ -310,10 +310,10 @@ def _machine() -> str:
                   if line.startswith("model name")), platform.processor())  # fmt: skip
     import torch
 
-    from rsmatch.hardware import native_cpu_bf16
+    from rsmatch.hardware import cpu_bf16_support
 
     gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{model}, {os.cpu_count()} CPUs, native bf16: {native_cpu_bf16()}{gpu}"
+    return f"{model}, {os.cpu_count()} CPUs, native bf16: {cpu_bf16_support()[0]}{gpu}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,7 +118,7 @@ print(json.dumps({
     "python": platform.python_version(), "torch_cuda": torch.version.cuda,
     "gpu": torch.cuda.get_device_name() if cuda else None,
     "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-    "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+    "bf16_native": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
     "cpu_threads": torch.get_num_threads(), "packages": {n: version(n) for n in names},
 }))
 """
