@@ -48,6 +48,7 @@ def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
     run = json.loads((out / "run.json").read_text())
     assert run["seed"] == 0 and "torch" in run["versions"] and "commit" in run["git"]
     assert run["precision"]["mixed_precision"] == "no" and run["host_memory"].startswith("on")
+    assert run["threads"] == torch.get_num_threads()  # a launcher may have set it to 1
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
     exported = load_file(str(out / "model" / "model.safetensors"))
     assert exported and all(k.split(".")[0] in ("encoder", "head") for k in exported)
