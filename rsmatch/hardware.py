@@ -103,12 +103,20 @@ def resolve(
     cuda: bool | None = None,
     cuda_bf16: bool | None = None,
     cpu_bf16: bool | None = None,
+    deepspeed: bool = False,
 ) -> Precision:
-    """Resolve `auto` (and check explicit values) for CUDA or CPU; probes default to this host."""
+    """Resolve `auto` (and check explicit values) for CUDA or CPU; probes default to this host.
+
+    Under DeepSpeed the trainer autocasts itself and DeepSpeed's engine stays fp32: DeepSpeed's
+    own bf16/fp16 casts the whole model, BatchNorm included. So fp16, which needs a loss scaler
+    that DeepSpeed keeps for its own fp16 only, is not available there.
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     bf16_ok, hardware = _native_bf16(cuda, cuda_bf16, cpu_bf16)
     if bf16_ok:
         auto, why = "bf16", hardware
+    elif cuda and deepspeed:
+        auto, why = "no", f"{hardware}: fp32 (fp16 autocast has no loss scaler under DeepSpeed)"
     elif cuda:
         auto, why = "fp16", hardware
     else:
@@ -118,9 +126,14 @@ def resolve(
         chosen, reason = auto, f"auto: {why}"
     else:
         chosen, reason = mixed_precision, "explicit train.mixed_precision"
-        if not cuda and chosen == "fp16":
+        if chosen == "fp16" and (deepspeed or not cuda):
+            needs = (
+                "a loss scaler (DeepSpeed has one for its own fp16 only)"
+                if deepspeed
+                else "a CUDA GPU"
+            )
             raise ConfigError(
-                "train.mixed_precision='fp16': fp16 autocast needs a CUDA GPU; use auto, bf16 or no"
+                f"train.mixed_precision='fp16': fp16 autocast needs {needs}; use auto, bf16 or no"
             )
         if chosen == "bf16" and not bf16_ok:
             warning = (
@@ -129,7 +142,24 @@ def resolve(
                 f"{'fp16' if cuda else 'fp32'} here"
             )
     layout = True if channels_last == "auto" else bool(channels_last)
+    if deepspeed:
+        reason += "; DeepSpeed: autocast by rsmatch, its engine in fp32"
+        if layout:  # DeepSpeed broadcasts parameters as byte views, which need contiguous rows
+            reason += ", weights contiguous (activations channels_last)"
     return Precision(chosen, layout, reason, warning)
+
+
+def check_deepspeed_precision(ds_config: dict) -> None:
+    """Refuse a DeepSpeed config that casts the whole model to bf16 or fp16 (BatchNorm and its
+    statistics included, and the fp32 images then meet bf16 weights): under DeepSpeed the
+    trainer autocasts as everywhere else, with `train.mixed_precision`."""
+    for dtype in ("bf16", "fp16"):
+        if (ds_config.get(dtype) or {}).get("enabled") is True:
+            raise ConfigError(
+                f'the DeepSpeed config enables "{dtype}", which casts the whole model, BatchNorm '
+                f'included; set "{dtype}": {{"enabled": false}} there: train.mixed_precision '
+                "chooses the autocast precision under DeepSpeed too"
+            )
 
 
 def _glibc() -> ctypes.CDLL | None:

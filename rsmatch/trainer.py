@@ -81,10 +81,16 @@ class Trainer:
         self, cfg: Config, accelerator: Accelerator | None = None, data: TrainData | None = None
     ) -> None:
         datasets.disable_progress_bars()
-        self.precision = hardware.resolve(cfg.train.mixed_precision, cfg.train.channels_last)
-        self.accelerator = acc = accelerator or make_accelerator(
-            cfg, self.precision.mixed_precision
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"  # as Accelerate decides
+        self.precision = hardware.resolve(
+            cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=deepspeed
         )
+        # Under DeepSpeed its engine stays fp32 and the trainer autocasts (`_autocast`)
+        self.accelerator = acc = accelerator or make_accelerator(
+            cfg, "no" if deepspeed else self.precision.mixed_precision
+        )
+        if deepspeed:
+            hardware.check_deepspeed_precision(acc.state.deepspeed_plugin.deepspeed_config)
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
@@ -107,8 +113,9 @@ class Trainer:
         if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            for m in model.modules():
+            if not deepspeed:  # DeepSpeed views parameters as bytes: their rows must be contiguous
+                model = model.to(memory_format=torch.channels_last)
+            for m in model.modules():  # the inputs, so every convolution runs channels_last
                 if isinstance(m, Normalize):
                     m.channels_last = True
         optimizer = torch.optim.SGD(  # USB: no weight decay on BatchNorm and biases (1-d)
@@ -278,7 +285,7 @@ class Trainer:
             step=step, generator=step_generator(t.seed, ALGORITHM, step), gather=acc.gather,
             all_reduce_mean=lambda x: acc.reduce(x, "mean"), rank=self.rank, world=self.world,
         )  # fmt: skip
-        with acc.autocast():
+        with self._autocast():
             out = self.algorithm.step(self.model, batch, ctx)
             loss = sum(out.losses.values())
         acc.backward(loss)
@@ -298,6 +305,14 @@ class Trainer:
                 self.algorithm.probe_metrics(out.probes, batch.idx_ulb, self._probe_provenance)
             )
         return logged
+
+    def _autocast(self):
+        """Accelerate's autocast; under DeepSpeed, whose engine runs fp32 here and which
+        Accelerate does not autocast, torch's own in the resolved precision (bf16 or none)."""
+        if not self.deepspeed:
+            return self.accelerator.autocast()
+        bf16 = self.precision.mixed_precision == "bf16"
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _collect(
         self, window: dict[str, list[torch.Tensor]], logged: dict[str, torch.Tensor]
@@ -326,7 +341,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def _predict(self, fn, images: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
-        with acc.autocast():
+        with self._autocast():
             return evaluate.predict(fn, images, self.cfg.train.eval_batch_size // self.world,
                                     acc.device, self.rank, self.world, acc.gather)  # fmt: skip
 

@@ -33,13 +33,18 @@ def _train(args, deepspeed_json=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["supervised", "rsmatch"])
-def test_zero2_matches_plain_training(sources, tmp_path, algorithm):
+@pytest.mark.parametrize(
+    "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
+)
+def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
+    """bf16 with channels_last, as `auto` picks them on a GPU: DeepSpeed used to crash on
+    channels_last weights and to train fp32 whatever train.mixed_precision said."""
     ds = tmp_path / "ds.json"
     ds.write_text(
         '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, "gradient_clipping": 0.0}'
     )
-    extra = {"algorithm": algorithm, "train.steps": 2, "train.ema_decay": 0.0}  # EMA = the weights
+    extra = {"algorithm": algorithm, "train.steps": 2, "train.ema_decay": 0.0,  # EMA = the weights
+             "train.mixed_precision": precision, "train.channels_last": precision == "bf16"}  # fmt: skip
     weights = {}
     for mode in ("deepspeed", "plain"):
         out = tmp_path / mode
@@ -62,4 +67,18 @@ def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
         res.returncode != 0
         and "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0" in res.stderr
     )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path):
+    """DeepSpeed's own bf16 casts the model (BatchNorm too) and then met fp32 images: a crash
+    deep in the first forward. Now refused at start, naming the setting."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, '
+        '"gradient_clipping": 0.0, "bf16": {"enabled": true}}'
+    )
+    res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
+    assert res.returncode != 0 and 'the DeepSpeed config enables "bf16"' in res.stderr
     assert not (tmp_path / "run").exists()

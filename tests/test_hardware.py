@@ -10,7 +10,13 @@ import torch
 
 from rsmatch import hardware
 from rsmatch.config import ConfigError
-from rsmatch.hardware import cpu_bf16_support, cpu_flags, keep_host_memory, resolve
+from rsmatch.hardware import (
+    check_deepspeed_precision,
+    cpu_bf16_support,
+    cpu_flags,
+    keep_host_memory,
+    resolve,
+)
 
 
 @pytest.mark.parametrize(
@@ -109,6 +115,35 @@ def test_a_gpu_that_emulates_bf16_gets_fp16(monkeypatch, major, expected):
     assert p.mixed_precision == expected
     assert p.reason == f"auto: CUDA GPU with{'out' * (major < 8)} native bf16"
     assert (resolve("bf16", "auto").warning is None) is (major >= 8)
+
+
+@pytest.mark.parametrize(
+    "probes, expected",
+    [
+        ({"cuda": True, "cuda_bf16": True}, "bf16"),
+        ({"cuda": True, "cuda_bf16": False}, "no"),  # fp16 autocast would have no loss scaler
+        ({"cuda": False, "cpu_bf16": True}, "bf16"),
+        ({"cuda": False, "cpu_bf16": False}, "no"),
+    ],
+)
+def test_under_deepspeed_auto_never_picks_fp16(probes, expected):
+    p = resolve("auto", "auto", deepspeed=True, **probes)
+    assert p.mixed_precision == expected and p.channels_last is True
+    assert p.reason.endswith(
+        "; DeepSpeed: autocast by rsmatch, its engine in fp32, weights contiguous "
+        "(activations channels_last)"
+    )
+    assert "weights contiguous" not in resolve("auto", False, deepspeed=True, **probes).reason
+    with pytest.raises(ConfigError, match=r"^train.mixed_precision='fp16': .*DeepSpeed"):
+        resolve("fp16", "auto", deepspeed=True, **probes)
+
+
+def test_a_deepspeed_config_that_casts_the_whole_model_is_refused():
+    check_deepspeed_precision({"bf16": {"enabled": False}, "fp16": {"enabled": False}})
+    check_deepspeed_precision({"zero_optimization": {"stage": 2}})
+    for dtype in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match=f'enables "{dtype}".*"enabled": false'):
+            check_deepspeed_precision({dtype: {"enabled": True}})
 
 
 # Allocates and frees a 256 MB tensor 5 times and counts the page faults, then again after
