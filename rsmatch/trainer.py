@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,11 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(t.steps, t.cosine_cycles)
         )
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        with warnings.catch_warnings():
+            # torch renamed DDP's broadcast_buffers (forward_sync_buffers), which Accelerate's
+            # DDP kwargs cannot pass yet; either keeps buffers out of every forward, as wanted.
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed and float(self.model.gradient_clipping() or 0.0) != t.clip_grad_norm:
             # DeepSpeed clips inside its step; an unset value in its JSON may still clip.
