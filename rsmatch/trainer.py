@@ -57,9 +57,14 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # N copies each training alone would be silent
+        how = (
+            "without GPUs Accelerate forms none for DeepSpeed; on CPU use DDP:"
+            if accelerator.distributed_type == DistributedType.DEEPSPEED
+            else "on CPU launch with"
+        )
         raise ConfigError(
             f"WORLD_SIZE={launched}: but Accelerate formed a group of {accelerator.num_processes}; "
-            "on CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+            f"{how} `accelerate launch --multi_gpu --num_processes N` or torchrun"
         )
     return accelerator
 
