@@ -216,7 +216,7 @@ class Trainer:
             if dropped:
                 acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
-                "world_size": self.world, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                "world_size": self.world, "device": str(acc.device), "mixed_precision": self.precision.mixed_precision,
                 "precision": self.precision.record(), "host_memory": self.host_memory, "prefetch": self.prefetch, "threads": torch.get_num_threads(), "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             }, resumed_from=str(found) if found else None)  # fmt: skip

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 on CPU (one process): the one-engine model trains like plain PyTorch."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
         assert res.returncode == 0, res.stderr[-3000:]
         weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
+    run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
+    assert run["mixed_precision"] == precision and "DeepSpeed" in run["precision"]["reason"]
     for k, v in weights["plain"].items():
         torch.testing.assert_close(weights["deepspeed"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "backbone": cfg.model.backbone,
         "batch_size": b,
         "uratio": mu,
-        "mixed_precision": trainer.accelerator.mixed_precision,
+        "mixed_precision": trainer.precision.mixed_precision,  # the autocast, under DeepSpeed too
         "channels_last": trainer.precision.channels_last,
         "processes": trainer.world,
         "device": torch.cuda.get_device_name()
