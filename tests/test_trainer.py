@@ -85,6 +85,13 @@ def test_resume_continues_the_exact_trajectory(sources, tmp_path, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_resume_is_exact_in_bf16_and_channels_last(sources, tmp_path, algorithm):
+    """What `auto` picks on a GPU or a CPU with native bf16 (elsewhere emulated: slow, exact)."""
+    overrides = {"train.mixed_precision": "bf16", "train.channels_last": True}
+    assert_resume_is_exact(sources, tmp_path, algorithm=algorithm, **overrides)
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
 def test_provenance_never_reaches_training(sources, tmp_path, algorithm):
     """Permuting the provenance columns of the pool (is_synthetic, generator and source_id
     together, rows and images left in place) leaves training bit-identical. The pool order is
