@@ -157,7 +157,8 @@ class TrainConfig:
     compile: bool = option(
         False,
         "torch.compile the trained model (not the EMA copy): fewer, fused kernels per step after "
-        "a one-off compile of a few minutes; see docs/speed.md for where it pays.",
+        "a one-off compile of a few minutes; see docs/speed.md for where it pays. Not under "
+        "DeepSpeed (refused at start).",
     )
     compile_mode: str = option(
         "default",

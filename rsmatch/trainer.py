@@ -97,6 +97,11 @@ class Trainer:
         )
         if deepspeed:
             hardware.check_deepspeed_precision(acc.state.deepspeed_plugin.deepspeed_config)
+            if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
+                raise ConfigError(
+                    "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no "
+                    "gradient from the compiled model in our trial); set train.compile=false"
+                )
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size

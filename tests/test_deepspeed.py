@@ -85,3 +85,17 @@ def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path):
     res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
     assert res.returncode != 0 and 'the DeepSpeed config enables "bf16"' in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path):
+    """The model.compile(mode=) call was a TypeError on DeepSpeed's engine, and its own
+    compile() then failed in ZeRO-2's gradient hooks: refused before anything is written."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, '
+        '"gradient_clipping": 0.0}'
+    )
+    res = _train([*tiny_overrides(sources, tmp_path / "run"), "train.compile=true"], ds)
+    assert res.returncode != 0 and "train.compile=true: not under DeepSpeed" in res.stderr
+    assert not (tmp_path / "run").exists()
