@@ -33,6 +33,15 @@ def _train(args, deepspeed_json=None):
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600)
 
 
+def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
+    """A ZeRO-2 JSON for the tiny runs (micro batch 6), with `extra` keys on top."""
+    path = tmp_path / "ds.json"
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6,
+              "gradient_clipping": clipping, **extra}  # fmt: skip
+    path.write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
@@ -40,10 +49,7 @@ def _train(args, deepspeed_json=None):
 def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
     """bf16 with channels_last, as `auto` picks them on a GPU: DeepSpeed used to crash on
     channels_last weights and to train fp32 whatever train.mixed_precision said."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(
-        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, "gradient_clipping": 0.0}'
-    )
+    ds = _ds_config(tmp_path)
     extra = {"algorithm": algorithm, "train.steps": 2, "train.ema_decay": 0.0,  # EMA = the weights
              "train.mixed_precision": precision, "train.channels_last": precision == "bf16"}  # fmt: skip
     weights = {}
@@ -61,11 +67,7 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
 
 @pytest.mark.slow
 def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(
-        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, "gradient_clipping": 1.0}'
-    )
-    res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
+    res = _train(tiny_overrides(sources, tmp_path / "run"), _ds_config(tmp_path, clipping=1.0))
     assert (
         res.returncode != 0
         and "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0" in res.stderr
@@ -77,11 +79,7 @@ def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
 def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path):
     """DeepSpeed's own bf16 casts the model (BatchNorm too) and then met fp32 images: a crash
     deep in the first forward. Now refused at start, naming the setting."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(
-        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, '
-        '"gradient_clipping": 0.0, "bf16": {"enabled": true}}'
-    )
+    ds = _ds_config(tmp_path, bf16={"enabled": True})
     res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
     assert res.returncode != 0 and 'the DeepSpeed config enables "bf16"' in res.stderr
     assert not (tmp_path / "run").exists()
@@ -91,11 +89,7 @@ def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path):
 def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path):
     """The model.compile(mode=) call was a TypeError on DeepSpeed's engine, and its own
     compile() then failed in ZeRO-2's gradient hooks: refused before anything is written."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(
-        '{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, '
-        '"gradient_clipping": 0.0}'
-    )
-    res = _train([*tiny_overrides(sources, tmp_path / "run"), "train.compile=true"], ds)
+    overrides = [*tiny_overrides(sources, tmp_path / "run"), "train.compile=true"]
+    res = _train(overrides, _ds_config(tmp_path))
     assert res.returncode != 0 and "train.compile=true: not under DeepSpeed" in res.stderr
     assert not (tmp_path / "run").exists()
