@@ -69,6 +69,17 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     return accelerator
 
 
+def refuse_under_deepspeed(cfg: Config, accelerator: Accelerator) -> None:
+    """What does not run under DeepSpeed, refused before anything is written: its own bf16/fp16
+    (a cast of the whole model) and `train.compile`."""
+    hardware.check_deepspeed_precision(accelerator.state.deepspeed_plugin.deepspeed_config)
+    if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
+        raise ConfigError(
+            "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no gradient "
+            "from the compiled model in our trial); set train.compile=false"
+        )
+
+
 def cosine_schedule(steps: int, cycles: float):
     return lambda k: math.cos(math.pi * cycles * k / steps)
 
@@ -96,12 +107,7 @@ class Trainer:
             cfg, "no" if deepspeed else self.precision.mixed_precision
         )
         if deepspeed:
-            hardware.check_deepspeed_precision(acc.state.deepspeed_plugin.deepspeed_config)
-            if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
-                raise ConfigError(
-                    "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no "
-                    "gradient from the compiled model in our trial); set train.compile=false"
-                )
+            refuse_under_deepspeed(cfg, acc)
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
