@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 on CPU (one process): the one-engine model trains like plain PyTorch."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,24 @@ def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path):
     res = _train(overrides, _ds_config(tmp_path))
     assert res.returncode != 0 and "train.compile=true: not under DeepSpeed" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_under_deepspeed_is_exact(sources, tmp_path):
+    """4 straight steps == 2 steps + resume + 2 steps, through DeepSpeed's own checkpoint
+    (bf16 autocast and channels_last activations, as `auto` runs on a GPU)."""
+    ds = _ds_config(tmp_path)
+    extra = {"algorithm": "rsmatch", "train.steps": 4, "train.save_every": 2,
+             "train.eval_every": 2, "train.keep_checkpoints": 5, "train.ema_decay": 0.0,
+             "train.mixed_precision": "bf16", "train.channels_last": True}  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_overrides(sources, straight, **extra), ds).returncode == 0
+    step2 = "step_00000002"
+    shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
+    (resumed / "checkpoints" / "latest").write_text(step2 + "\n")
+    res = _train([*tiny_overrides(sources, resumed, **extra), "--resume"], ds)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("ema.safetensors", "algorithm.safetensors"):  # EMA = the weights (decay 0)
+        a = load_file(str(straight / "checkpoints" / "step_00000004" / name))
+        b = load_file(str(resumed / "checkpoints" / "step_00000004" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
