@@ -45,6 +45,10 @@ mode=pythonpath
                 --upgrade --target "$site" .whl/*.whl || install_status=failed
             export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
         fi
+        if [[ -d .whl/deepspeed ]]; then  # optional: without it the DeepSpeed GPU test skips
+            "$python" -m pip install -q --no-index --find-links .whl/deepspeed --no-cache-dir \
+                deepspeed || echo "deepspeed: not installed; its GPU test will skip"
+        fi
         if "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
             mode=editable
         else

@@ -7,6 +7,7 @@
 # pandas, xxhash and huggingface_hub but not `datasets` nor two of its needs (dill,
 # multiprocess). fsspec travels too because datasets caps its version. Each is pinned to the
 # version installed here, where the test suite passes, and fetched without its dependencies.
+# DeepSpeed and its needs go to .whl/deepspeed/ (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-3.12}
@@ -23,5 +24,20 @@ done
 rm -rf .whl.tmp
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
     --implementation cp "${platforms[@]}" -d .whl.tmp "${pins[@]}"
+# DeepSpeed (PyPI has its source only: built here into a pure wheel, no ops) and what it needs
+# beyond torch, numpy, packaging, psutil and tqdm, in their own folder: gpu_check.sh installs
+# it with pip's resolver over what the image has, and the DeepSpeed GPU test skips without it.
+ds_names=(einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types
+          typing-inspection typing-extensions)
+ds_pins=()
+for name in "${ds_names[@]}"; do
+    version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")
+    ds_pins+=("$name==$version")
+done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+    --implementation cp "${platforms[@]}" -d .whl.tmp/deepspeed "${ds_pins[@]}"
+ds_version=$(python3 -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation \
+    -w .whl.tmp/deepspeed "deepspeed==$ds_version"
 rm -rf .whl && mv .whl.tmp .whl
-echo "wrote .whl/ ($(du -sh .whl | cut -f1)): ${pins[*]}"
+echo "wrote .whl/ ($(du -sh .whl | cut -f1)): ${pins[*]}; deepspeed/: deepspeed==$ds_version ${ds_pins[*]}"
