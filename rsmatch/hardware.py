@@ -4,10 +4,11 @@ A CPU without native bf16 (AVX2-only x86, most ARM) emulates bf16 autocast in sl
 a demo step took 23-30 s instead of 1.5 s in fp32 on an AVX2 EPYC. So `auto` picks bf16 on a
 CPU only where the instruction set computes it (AVX512-BF16 or AMX-BF16) and oneDNN, which runs
 the convolutions, is not held below those instructions by `ONEDNN_MAX_CPU_ISA` (a bf16
-convolution held to AVX2 took 8x its fp32 time, 16x its native bf16 time); on CUDA bf16 where the GPU supports it and
-fp16 with a loss scaler elsewhere. channels_last is on wherever
-convolutions run: it made the bare WRN step 1.2-1.45x faster on an AVX2 CPU, 1.5x with bf16 on
-an AMX CPU, and is what tensor cores want under mixed precision.
+convolution held to AVX2 took 8x its fp32 time, 16x its native bf16 time). On CUDA it picks
+bf16 where the GPU computes it (Ampere on; older GPUs emulate it) and fp16 with a loss scaler
+elsewhere. channels_last is on wherever convolutions run: it made the bare WRN step 1.2-1.45x
+faster on an AVX2 CPU, 1.5x with bf16 on an AMX CPU, and is what tensor cores want under mixed
+precision.
 
 Host memory: glibc serves every allocation above 32 MB (most CPU activations) from its own mmap
 and unmaps it on free, so each CPU step page-faulted, and the kernel zeroed, every activation
