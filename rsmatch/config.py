@@ -125,8 +125,8 @@ class TrainConfig:
     eval_batch_size: int = option(256, "Global evaluation batch size.")
     mixed_precision: str = option(
         "auto",
-        "`auto` (bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs, fp32 on "
-        "other CPUs; run.json records the choice and why), `no`, `fp16` (GPU only, not under "
+        "`auto` (bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs (fp32 "
+        "under DeepSpeed), fp32 on other CPUs; run.json records the choice and why), `no`, `fp16` (GPU only, not under "
         "DeepSpeed) or `bf16`. Autocast, under DeepSpeed too (its engine stays fp32).",
     )
     channels_last: bool | str = option(

@@ -42,7 +42,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 @dataclass(frozen=True)
 class Precision:
-    mixed_precision: str  # what Accelerate gets: no, fp16, bf16
+    mixed_precision: (
+        str  # the autocast: no, fp16, bf16 (Accelerate's, or the trainer's under DeepSpeed)
+    )
     channels_last: bool
     reason: str  # why, for run.json and the log
     warning: str | None = None  # an explicit choice the hardware is bad at
@@ -121,7 +123,7 @@ def resolve(
     elif cuda:
         auto, why = "fp16", hardware
     else:
-        auto, why = "no", f"{hardware}: fp32 (bf16 would be emulated, ~15x slower)"
+        auto, why = "no", f"{hardware}: fp32 (bf16 would be emulated, several times slower)"
     warning = None
     if mixed_precision == "auto":
         chosen, reason = auto, f"auto: {why}"
@@ -140,7 +142,7 @@ def resolve(
             warning = (
                 f"train.mixed_precision=bf16 on a {hardware}: "
                 "emulated and slow; train.mixed_precision=auto picks "
-                f"{'fp16' if cuda else 'fp32'} here"
+                f"{'fp32' if auto == 'no' else auto} here"
             )
     layout = True if channels_last == "auto" else bool(channels_last)
     if deepspeed:
@@ -155,7 +157,7 @@ def check_deepspeed_precision(ds_config: dict) -> None:
     statistics included, and the fp32 images then meet bf16 weights): under DeepSpeed the
     trainer autocasts as everywhere else, with `train.mixed_precision`."""
     for dtype in ("bf16", "fp16"):
-        if (ds_config.get(dtype) or {}).get("enabled") is True:
+        if str((ds_config.get(dtype) or {}).get("enabled")).lower() == "true":  # as Accelerate
             raise ConfigError(
                 f'the DeepSpeed config enables "{dtype}", which casts the whole model, BatchNorm '
                 f'included; set "{dtype}": {{"enabled": false}} there: train.mixed_precision '

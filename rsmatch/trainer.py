@@ -39,11 +39,16 @@ from rsmatch.models import Normalize
 from rsmatch.runinfo import trim_evals, write_run_record
 
 
+def deepspeed_launch() -> bool:
+    """Whether Accelerate will run DeepSpeed, read as Accelerate reads it."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     accelerator = Accelerator(
         # Without a GPU, cpu=True is what turns several launched processes into gloo DDP;
         # it would also switch DeepSpeed off, so a DeepSpeed launch keeps its own path.
-        cpu=not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true",
+        cpu=not torch.cuda.is_available() and not deepspeed_launch(),
         mixed_precision=mixed_precision,
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
@@ -60,6 +65,7 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
         how = (
             "without GPUs Accelerate forms none for DeepSpeed; on CPU use DDP:"
             if accelerator.distributed_type == DistributedType.DEEPSPEED
+            and not torch.cuda.is_available()
             else "on CPU launch with"
         )
         raise ConfigError(
@@ -98,7 +104,7 @@ class Trainer:
         self, cfg: Config, accelerator: Accelerator | None = None, data: TrainData | None = None
     ) -> None:
         datasets.disable_progress_bars()
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"  # as Accelerate decides
+        deepspeed = deepspeed_launch()
         self.precision = hardware.resolve(
             cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=deepspeed
         )

@@ -39,7 +39,7 @@ KILL_GRACE_S = 15  # SIGTERM first: the trainer saves a checkpoint and its evalu
 # so that a slow step cannot leave the trainings no time.
 GPU = {
     "limits": {
-        "pytest": 150,
+        "pytest": 210,  # 150 s before the DeepSpeed GPU test (two launches)
         "throughput": 120,
         "profile": 60,
         "compile": 150,
@@ -107,7 +107,8 @@ TINY_TRAIN_STEPS = 2
 ENV_SCRIPT = """
 import importlib.metadata as md, json, platform, torch
 names = ["rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "dill",
-         "multiprocess", "fsspec", "pyarrow", "pandas", "huggingface_hub", "safetensors", "numpy"]
+         "multiprocess", "fsspec", "pyarrow", "pandas", "huggingface_hub", "safetensors", "numpy",
+         "deepspeed"]
 def version(n):
     try:
         return md.version(n)
