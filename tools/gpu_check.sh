@@ -46,8 +46,19 @@ mode=pythonpath
             export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
         fi
         if [[ -d .whl/deepspeed ]]; then  # optional: without it the DeepSpeed GPU test skips
-            "$python" -m pip install -q --no-index --find-links .whl/deepspeed --no-cache-dir \
-                deepspeed || echo "deepspeed: not installed; its GPU test will skip"
+            # Only the wheels of what the image lacks, without pip's resolver: it also weighs the
+            # requirements of the image's own torch, which a custom image need not meet.
+            ds_missing=$("$python" -c 'import importlib.metadata as m, re, sys
+for wheel in sys.argv[1:]:
+    try:
+        m.version(re.split(r"-\d", wheel.rsplit("/", 1)[-1])[0])
+    except m.PackageNotFoundError:
+        print(wheel)' .whl/deepspeed/*.whl)
+            if [[ -n $ds_missing ]]; then
+                # shellcheck disable=SC2086  # one wheel path per word
+                "$python" -m pip install -q --no-index --no-deps --no-cache-dir $ds_missing ||
+                    echo "deepspeed: not installed; its GPU test will skip"
+            fi
         fi
         if "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
             mode=editable

@@ -28,7 +28,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" 
 
 # DeepSpeed (PyPI has its source only: built here into a pure wheel, no ops) and what it needs
 # beyond torch, numpy, packaging, psutil and tqdm (pydantic's own needs included), in their own
-# folder: gpu_check.sh installs it with pip's resolver over what the image has. Optional: when
+# folder: gpu_check.sh installs the wheels of what the image lacks. Optional: when
 # this fails the other wheels are still written, and the DeepSpeed GPU test skips.
 deepspeed_wheels() {
     local ds_pins=() name
