@@ -126,8 +126,9 @@ class TrainConfig:
     mixed_precision: str = option(
         "auto",
         "`auto` (bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs (fp32 "
-        "under DeepSpeed), fp32 on other CPUs; run.json records the choice and why), `no`, `fp16` (GPU only, not under "
-        "DeepSpeed) or `bf16`. Autocast, under DeepSpeed too (its engine stays fp32).",
+        "under DeepSpeed), fp32 on other CPUs; run.json records the choice and why), `no`, "
+        "`fp16` (GPU only, not under DeepSpeed) or `bf16`. Autocast, under DeepSpeed too (its "
+        "engine stays fp32).",
     )
     channels_last: bool | str = option(
         "auto", "channels_last memory format for convolutions: `auto` (on), true or false."

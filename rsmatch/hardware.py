@@ -69,8 +69,7 @@ def onednn_isa_limit(env: Mapping[str, str] | None = None) -> str | None:
     """`NAME=VALUE` of the variable that holds oneDNN below its bf16 instructions, else None."""
     env = os.environ if env is None else env
     for name in ONEDNN_ISA_VARIABLES:
-        if env.get(name):
-            value = env[name]
+        if value := env.get(name):
             return f"{name}={value}" if value.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16 else None
     return None
 

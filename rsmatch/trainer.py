@@ -104,15 +104,15 @@ class Trainer:
         self, cfg: Config, accelerator: Accelerator | None = None, data: TrainData | None = None
     ) -> None:
         datasets.disable_progress_bars()
-        deepspeed = deepspeed_launch()
+        self.deepspeed = deepspeed_launch()  # known before the Accelerator: precision depends on it
         self.precision = hardware.resolve(
-            cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=deepspeed
+            cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=self.deepspeed
         )
         # Under DeepSpeed its engine stays fp32 and the trainer autocasts (`_autocast`)
         self.accelerator = acc = accelerator or make_accelerator(
-            cfg, "no" if deepspeed else self.precision.mixed_precision
+            cfg, "no" if self.deepspeed else self.precision.mixed_precision
         )
-        if deepspeed:
+        if self.deepspeed:
             refuse_under_deepspeed(cfg, acc)
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
@@ -136,7 +136,7 @@ class Trainer:
         if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.precision.channels_last:
-            if not deepspeed:  # DeepSpeed views parameters as bytes: their rows must be contiguous
+            if not self.deepspeed:  # DeepSpeed views parameters as bytes: their rows must be contiguous
                 model = model.to(memory_format=torch.channels_last)
             for m in model.modules():  # the inputs, so every convolution runs channels_last
                 if isinstance(m, Normalize):
@@ -153,7 +153,6 @@ class Trainer:
             # DDP kwargs cannot pass yet; either keeps buffers out of every forward, as wanted.
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed and float(self.model.gradient_clipping() or 0.0) != t.clip_grad_norm:
             # DeepSpeed clips inside its step; an unset value in its JSON may still clip.
             raise ConfigError(

@@ -43,6 +43,21 @@ def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
     return path
 
 
+def train_deepspeed_and_plain(sources, tmp_path: Path, **extra: object) -> tuple[dict, dict, dict]:
+    """2 steps with ZeRO-2 and 2 without (EMA decay 0, so the saved EMA is the weights): the
+    weights of each, and the DeepSpeed run's run.json."""
+    extra = {"train.steps": 2, "train.ema_decay": 0.0, **extra}
+    weights = {}
+    for mode in ("deepspeed", "plain"):
+        out = tmp_path / mode
+        ds = _ds_config(tmp_path) if mode == "deepspeed" else None
+        res = _train(tiny_overrides(sources, out, **extra), ds)
+        assert res.returncode == 0, res.stderr[-3000:]
+        weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
+    return weights["deepspeed"], weights["plain"], run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
@@ -50,20 +65,13 @@ def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
 def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
     """bf16 with channels_last, as `auto` picks them on a GPU: DeepSpeed used to crash on
     channels_last weights and to train fp32 whatever train.mixed_precision said."""
-    ds = _ds_config(tmp_path)
-    extra = {"algorithm": algorithm, "train.steps": 2, "train.ema_decay": 0.0,  # EMA = the weights
-             "train.mixed_precision": precision, "train.channels_last": precision == "bf16"}  # fmt: skip
-    weights = {}
-    for mode in ("deepspeed", "plain"):
-        out = tmp_path / mode
-        res = _train(tiny_overrides(sources, out, **extra), ds if mode == "deepspeed" else None)
-        assert res.returncode == 0, res.stderr[-3000:]
-        weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
+    overrides = {"algorithm": algorithm, "train.mixed_precision": precision,
+                 "train.channels_last": precision == "bf16"}  # fmt: skip
+    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, **overrides)
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
-    run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
     assert run["mixed_precision"] == precision and "DeepSpeed" in run["precision"]["reason"]
-    for k, v in weights["plain"].items():
-        torch.testing.assert_close(weights["deepspeed"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for k, v in plain.items():
+        torch.testing.assert_close(deepspeed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -19,13 +18,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 import rsmatch  # noqa: E402
 from rsmatch.trainer import Trainer  # noqa: E402
 
-from .conftest import tiny_config, tiny_overrides  # noqa: E402
-from .test_deepspeed import _ds_config, _train  # noqa: E402
+from .conftest import tiny_config  # noqa: E402
+from .test_deepspeed import train_deepspeed_and_plain  # noqa: E402
 from .test_speed import assert_trains_like_eager  # noqa: E402
 from .test_trainer import assert_resume_is_exact  # noqa: E402
 
@@ -188,16 +186,9 @@ def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path):
     """ZeRO-2 on the GPU with what `auto` picks there (bf16 autocast by the trainer, channels_last
     activations, contiguous weights): it runs, records bf16, and ends where plain training ends,
     up to the GPU's nondeterministic kernels (tests/test_deepspeed.py pins 1e-5 on the CPU)."""
-    extra = {"algorithm": "rsmatch", "train.steps": 2, "train.ema_decay": 0.0,  # EMA = weights
-             "train.mixed_precision": "bf16", "train.channels_last": True}  # fmt: skip
-    weights = {}
-    for mode in ("deepspeed", "plain"):
-        out = tmp_path / mode
-        ds = _ds_config(tmp_path) if mode == "deepspeed" else None
-        res = _train(tiny_overrides(sources, out, **extra), ds)
-        assert res.returncode == 0, res.stderr[-3000:]
-        weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
-    run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
+    overrides = {"algorithm": "rsmatch", "train.mixed_precision": "bf16",
+                 "train.channels_last": True}  # fmt: skip
+    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, **overrides)
     assert run["device"].startswith("cuda") and run["mixed_precision"] == "bf16"
-    for k, v in weights["plain"].items():
-        torch.testing.assert_close(weights["deepspeed"][k], v, rtol=1e-2, atol=2e-3, msg=k)
+    for k, v in plain.items():
+        torch.testing.assert_close(deepspeed[k], v, rtol=1e-2, atol=2e-3, msg=k)
