@@ -136,7 +136,8 @@ class Trainer:
         if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.precision.channels_last:
-            if not self.deepspeed:  # DeepSpeed views parameters as bytes: their rows must be contiguous
+            # DeepSpeed views parameters as bytes: their rows must stay contiguous
+            if not self.deepspeed:
                 model = model.to(memory_format=torch.channels_last)
             for m in model.modules():  # the inputs, so every convolution runs channels_last
                 if isinstance(m, Normalize):
