@@ -127,8 +127,8 @@ class TrainConfig:
         "auto",
         "`auto` (bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs (fp32 "
         "under DeepSpeed), fp32 on other CPUs; run.json records the choice and why), `no`, "
-        "`fp16` (GPU only, not under DeepSpeed) or `bf16`. Autocast, under DeepSpeed too (its "
-        "engine stays fp32).",
+        "`fp16` (GPU only, not under DeepSpeed) or `bf16`. Autocast, under DeepSpeed too (fp32 "
+        "weights; rsmatch sets the engine's `torch_autocast`).",
     )
     channels_last: bool | str = option(
         "auto", "channels_last memory format for convolutions: `auto` (on), true or false."

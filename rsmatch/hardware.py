@@ -109,9 +109,10 @@ def resolve(
 ) -> Precision:
     """Resolve `auto` (and check explicit values) for CUDA or CPU; probes default to this host.
 
-    Under DeepSpeed the trainer autocasts itself and DeepSpeed's engine stays fp32: DeepSpeed's
-    own bf16/fp16 casts the whole model, BatchNorm included. So fp16, which needs a loss scaler
-    that DeepSpeed keeps for its own fp16 only, is not available there.
+    Under DeepSpeed the weights stay fp32 and the autocast is torch's, in the trainer and, set
+    by it, in the engine (`complete_deepspeed_config`): DeepSpeed's own bf16/fp16 casts the
+    whole model, BatchNorm included. So fp16, which needs a loss scaler that DeepSpeed keeps
+    for its own fp16 only, is not available there.
     """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     bf16_ok, hardware = _native_bf16(cuda, cuda_bf16, cpu_bf16)
@@ -145,16 +146,27 @@ def resolve(
             )
     layout = True if channels_last == "auto" else bool(channels_last)
     if deepspeed:
-        reason += "; DeepSpeed: autocast by rsmatch, its engine in fp32"
+        reason += "; DeepSpeed: torch autocast (the engine's torch_autocast too), fp32 weights"
         if layout:  # DeepSpeed broadcasts parameters as byte views, which need contiguous rows
-            reason += ", weights contiguous (activations channels_last)"
+            reason += " kept contiguous (activations channels_last)"
     return Precision(chosen, layout, reason, warning)
 
 
-def check_deepspeed_precision(ds_config: dict) -> None:
-    """Refuse a DeepSpeed config that casts the whole model to bf16 or fp16 (BatchNorm and its
-    statistics included, and the fp32 images then meet bf16 weights): under DeepSpeed the
-    trainer autocasts as everywhere else, with `train.mixed_precision`."""
+def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
+    """Check a DeepSpeed config and add, in place, the two settings the trainer relies on.
+
+    - Refused: DeepSpeed's own bf16/fp16, a cast of the whole model (BatchNorm and its
+      statistics included; the fp32 images then meet bf16 weights). The trainer autocasts
+      there as everywhere else, with `train.mixed_precision`.
+    - `torch_autocast`, set from `train.mixed_precision` (refused when the JSON sets it): on a
+      GPU the engine's forward otherwise switches the trainer's autocast off, so the model
+      ran fp32 while run.json said bf16. No module communicates in bf16: gradients are reduced
+      in fp32, as under DDP.
+    - `zero_optimization.parameter_alignment` on for ZeRO-1/2 (refused when the JSON sets it
+      false): ZeRO packs the parameters into one flat buffer, and the 10-way heads leave every
+      parameter after them off 16-byte boundaries, where CUDA kernels faulted ("misaligned
+      address", H100, deepspeed 0.19.8).
+    """
     for dtype in ("bf16", "fp16"):
         if str((ds_config.get(dtype) or {}).get("enabled")).lower() == "true":  # as Accelerate
             raise ConfigError(
@@ -162,6 +174,26 @@ def check_deepspeed_precision(ds_config: dict) -> None:
                 f'included; set "{dtype}": {{"enabled": false}} there: train.mixed_precision '
                 "chooses the autocast precision under DeepSpeed too"
             )
+    if "torch_autocast" in ds_config:
+        raise ConfigError(
+            'the DeepSpeed config sets "torch_autocast": remove it; rsmatch sets it from '
+            "train.mixed_precision"
+        )
+    bf16 = mixed_precision == "bf16"
+    ds_config["torch_autocast"] = {
+        "enabled": bf16,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
+    zero = ds_config.get("zero_optimization") or {}
+    if str(zero.get("stage")) in ("1", "2"):
+        if str(zero.get("parameter_alignment", True)).lower() != "true":
+            raise ConfigError(
+                'the DeepSpeed config sets "zero_optimization": {"parameter_alignment": false}: '
+                "set it true; without it CUDA kernels met parameters off 16-byte boundaries "
+                '("misaligned address")'
+            )
+        zero["parameter_alignment"] = True
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -75,10 +75,12 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     return accelerator
 
 
-def refuse_under_deepspeed(cfg: Config, accelerator: Accelerator) -> None:
-    """What does not run under DeepSpeed, refused before anything is written: its own bf16/fp16
-    (a cast of the whole model) and `train.compile`."""
-    hardware.check_deepspeed_precision(accelerator.state.deepspeed_plugin.deepspeed_config)
+def configure_deepspeed(cfg: Config, accelerator: Accelerator, mixed_precision: str) -> None:
+    """Complete the DeepSpeed config (`hardware.complete_deepspeed_config`) and refuse what does
+    not run under DeepSpeed, before anything is written."""
+    hardware.complete_deepspeed_config(
+        accelerator.state.deepspeed_plugin.deepspeed_config, mixed_precision
+    )
     if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
         raise ConfigError(
             "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no gradient "
@@ -113,7 +115,7 @@ class Trainer:
             cfg, "no" if self.deepspeed else self.precision.mixed_precision
         )
         if self.deepspeed:
-            refuse_under_deepspeed(cfg, acc)
+            configure_deepspeed(cfg, acc, self.precision.mixed_precision)
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
@@ -334,8 +336,9 @@ class Trainer:
         return logged
 
     def _autocast(self):
-        """Accelerate's autocast; under DeepSpeed, whose engine runs fp32 here and which
-        Accelerate does not autocast, torch's own in the resolved precision (bf16 or none)."""
+        """Accelerate's autocast; under DeepSpeed, which Accelerate does not autocast, torch's own
+        in the resolved precision (bf16 or none; inside the engine's forward its torch_autocast
+        section, set to the same by `configure_deepspeed`)."""
         if not self.deepspeed:
             return self.accelerator.autocast()
         bf16 = self.precision.mixed_precision == "bf16"

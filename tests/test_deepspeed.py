@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 on CPU (one process): the one-engine model trains like plain PyTorch."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,13 +26,23 @@ def test_deepspeed_imports():
     )
 
 
-def _train(args, deepspeed_json=None):
-    launch = [sys.executable, str(ROOT / "launch" / "train.py")]
+def _train(args, deepspeed_json=None, probe: Path | None = None):
+    """launch/train.py, under DeepSpeed with a JSON; with `probe`, through tests/deepspeed_probe.py
+    (the GPU's autocast path, and the parameters' alignment written to `probe`)."""
+    script = ROOT / ("tests/deepspeed_probe.py" if probe else "launch/train.py")
+    launch = [sys.executable, str(script)]
     if deepspeed_json:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
                   str(deepspeed_json), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
-                  str(ROOT / "launch" / "train.py")]  # fmt: skip
-    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600)
+                  str(script)]  # fmt: skip
+    env = {**os.environ, "RSMATCH_PROBE_OUT": str(probe)} if probe else None
+    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def failure(res: subprocess.CompletedProcess) -> str:
+    """The lines naming an error first (a crash's cause is far above its C++ stack), then the tail."""
+    errors = [line for line in res.stderr.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join([*errors[:12], "...", res.stderr[-1500:]])
 
 
 def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
@@ -43,16 +54,18 @@ def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
     return path
 
 
-def train_deepspeed_and_plain(sources, tmp_path: Path, **extra: object) -> tuple[dict, dict, dict]:
-    """2 steps with ZeRO-2 and 2 without (EMA decay 0, so the saved EMA is the weights): the
-    weights of each, and the DeepSpeed run's run.json."""
+def train_deepspeed_and_plain(
+    sources, tmp_path: Path, probe: Path | None = None, **extra: object
+) -> tuple[dict, dict, dict]:
+    """2 steps with ZeRO-2 (through the probe when given) and 2 without (EMA decay 0, so the
+    saved EMA is the weights): the weights of each, and the DeepSpeed run's run.json."""
     extra = {"train.steps": 2, "train.ema_decay": 0.0, **extra}
     weights = {}
     for mode in ("deepspeed", "plain"):
         out = tmp_path / mode
         ds = _ds_config(tmp_path) if mode == "deepspeed" else None
-        res = _train(tiny_overrides(sources, out, **extra), ds)
-        assert res.returncode == 0, res.stderr[-3000:]
+        res = _train(tiny_overrides(sources, out, **extra), ds, probe if ds else None)
+        assert res.returncode == 0, failure(res)
         weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
     run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
     return weights["deepspeed"], weights["plain"], run
@@ -63,11 +76,15 @@ def train_deepspeed_and_plain(sources, tmp_path: Path, **extra: object) -> tuple
     "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
 )
 def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
-    """bf16 with channels_last, as `auto` picks them on a GPU: DeepSpeed used to crash on
-    channels_last weights and to train fp32 whatever train.mixed_precision said."""
+    """bf16 with channels_last, as `auto` picks them on a GPU, on the engine's GPU path (the
+    probe): DeepSpeed used to crash on channels_last weights, to train fp32 whatever
+    train.mixed_precision said, and to leave parameters off 16-byte boundaries (a CUDA fault)."""
     overrides = {"algorithm": algorithm, "train.mixed_precision": precision,
                  "train.channels_last": precision == "bf16"}  # fmt: skip
-    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, **overrides)
+    probe = tmp_path / "offsets.json"
+    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, probe, **overrides)
+    misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
+    assert not misaligned, misaligned
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
     assert run["mixed_precision"] == precision and "DeepSpeed" in run["precision"]["reason"]
     for k, v in plain.items():
@@ -118,7 +135,7 @@ def test_resume_under_deepspeed_is_exact(sources, tmp_path):
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
     (resumed / "checkpoints" / "latest").write_text(step2 + "\n")
     res = _train([*tiny_overrides(sources, resumed, **extra), "--resume"], ds)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure(res)
     for name in ("ema.safetensors", "algorithm.safetensors"):  # EMA = the weights (decay 0)
         a = load_file(str(straight / "checkpoints" / "step_00000004" / name))
         b = load_file(str(resumed / "checkpoints" / "step_00000004" / name))

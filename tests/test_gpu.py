@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -188,7 +189,10 @@ def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path):
     up to the GPU's nondeterministic kernels (tests/test_deepspeed.py pins 1e-5 on the CPU)."""
     overrides = {"algorithm": "rsmatch", "train.mixed_precision": "bf16",
                  "train.channels_last": True}  # fmt: skip
-    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, **overrides)
+    probe = tmp_path / "offsets.json"
+    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, probe, **overrides)
     assert run["device"].startswith("cuda") and run["mixed_precision"] == "bf16"
+    misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
+    assert not misaligned, misaligned
     for k, v in plain.items():
         torch.testing.assert_close(deepspeed[k], v, rtol=1e-2, atol=2e-3, msg=k)

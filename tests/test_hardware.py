@@ -10,7 +10,7 @@ import torch
 from rsmatch import hardware
 from rsmatch.config import ConfigError
 from rsmatch.hardware import (
-    check_deepspeed_precision,
+    complete_deepspeed_config,
     cpu_bf16_support,
     cpu_flags,
     keep_host_memory,
@@ -131,10 +131,10 @@ def test_under_deepspeed_auto_never_picks_fp16(probes, expected):
     p = resolve("auto", "auto", deepspeed=True, **probes)
     assert p.mixed_precision == expected and p.channels_last is True
     assert p.reason.endswith(
-        "; DeepSpeed: autocast by rsmatch, its engine in fp32, weights contiguous "
-        "(activations channels_last)"
+        "; DeepSpeed: torch autocast (the engine's torch_autocast too), fp32 weights kept "
+        "contiguous (activations channels_last)"
     )
-    assert "weights contiguous" not in resolve("auto", False, deepspeed=True, **probes).reason
+    assert "contiguous" not in resolve("auto", False, deepspeed=True, **probes).reason
     explicit = resolve("bf16", "auto", deepspeed=True, **probes)  # warns where emulated
     assert (explicit.warning is None) is (expected == "bf16")
     if explicit.warning:
@@ -144,13 +144,36 @@ def test_under_deepspeed_auto_never_picks_fp16(probes, expected):
 
 
 def test_a_deepspeed_config_that_casts_the_whole_model_is_refused():
-    check_deepspeed_precision({"bf16": {"enabled": False}, "fp16": {"enabled": False}})
-    check_deepspeed_precision({"zero_optimization": {"stage": 2}})
+    complete_deepspeed_config({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, "bf16")
     for dtype in ("bf16", "fp16"):
         for enabled in (True, "true"):  # DeepSpeed (and Accelerate) take the string too
             with pytest.raises(ConfigError, match=f'enables "{dtype}".*"enabled": false'):
-                check_deepspeed_precision({dtype: {"enabled": enabled}})
-    check_deepspeed_precision({"bf16": {"enabled": "auto"}})
+                complete_deepspeed_config({dtype: {"enabled": enabled}}, "bf16")
+    complete_deepspeed_config({"bf16": {"enabled": "auto"}}, "bf16")
+
+
+def test_the_deepspeed_config_gets_the_autocast_and_the_alignment():
+    """Written out: the engine autocasts as train.mixed_precision says, reduces every gradient
+    in fp32 (no lower-precision modules), and ZeRO-1/2 align each parameter."""
+    config = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
+    complete_deepspeed_config(config, "bf16")
+    assert config == {
+        "zero_optimization": {"stage": 2, "parameter_alignment": True},
+        "gradient_clipping": 0.0,
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+    }  # fmt: skip
+    for stage, aligned in ((0, None), (1, True), ("2", True), (3, None)):
+        config = {"zero_optimization": {"stage": stage}}
+        complete_deepspeed_config(config, "no")
+        assert config["zero_optimization"].get("parameter_alignment") is aligned, stage
+        assert config["torch_autocast"]["enabled"] is False
+    complete_deepspeed_config(config := {}, "no")
+    assert config == {"torch_autocast": {"enabled": False, "dtype": "bfloat16", "lower_precision_safe_modules": []}}  # fmt: skip
+    with pytest.raises(ConfigError, match='sets "torch_autocast": remove it'):
+        complete_deepspeed_config({"torch_autocast": {"enabled": True}}, "bf16")
+    for off in (False, "false"):
+        with pytest.raises(ConfigError, match='"parameter_alignment": false.*misaligned'):
+            complete_deepspeed_config({"zero_optimization": {"stage": 2, "parameter_alignment": off}}, "no")  # fmt: skip
 
 
 # Allocates and frees a 256 MB tensor 5 times and counts the page faults, then again after
