@@ -322,9 +322,10 @@ class _Plan:
     def runs(self, slot: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(op, rows, magnitudes) of each pixel op drawn in the slot, identity left out."""
         s = self.starts[slot]
-        return [(name, self.rows[slot, s[k] : s[k + 1]], self.mags[slot, s[k] : s[k + 1]])
-                for k, name in enumerate(OPS)
-                if name != "identity" and name not in GEOMETRIC and s[k + 1] > s[k]]  # fmt: skip
+        sizes = [end - start for start, end in itertools.pairwise(s)]
+        rows, mags = self.rows[slot].split(sizes), self.mags[slot].split(sizes)  # one op each
+        return [(name, rows[k], mags[k]) for k, name in enumerate(OPS)
+                if name != "identity" and name not in GEOMETRIC and sizes[k]]  # fmt: skip
 
     def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's rows that drew a geometric op, and where their pixels come from."""
