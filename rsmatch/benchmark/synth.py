@@ -108,7 +108,7 @@ def t5_prompts(
 def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str):
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
-    pipe = DiffusionPipeline.from_pretrained(spec.model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(spec.model, dtype=dtype)
     if spec.kind == "sdxl_lightning":  # the 4-step UNet and the trailing Euler scheduler
         from safetensors.torch import load_file
 
