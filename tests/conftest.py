@@ -8,6 +8,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import io  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -101,3 +102,9 @@ def tiny_overrides(sources: dict[str, Path], out: Path, **extra: object) -> list
 
 def tiny_config(sources: dict[str, Path], out: Path, **extra: object) -> Config:
     return load_config(None, tiny_overrides(sources, out, **extra))
+
+
+def failure(res: subprocess.CompletedProcess) -> str:
+    """The lines naming an error first (a crash's cause is far above its C++ stack), then the tail."""
+    errors = [line for line in res.stderr.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join([*errors[:12], "...", res.stderr[-1500:]])

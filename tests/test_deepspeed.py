@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import tiny_overrides
+from .conftest import failure, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +37,6 @@ def _train(args, deepspeed_json=None, probe: Path | None = None):
                   str(script)]  # fmt: skip
     env = {**os.environ, "RSMATCH_PROBE_OUT": str(probe)} if probe else None
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
-
-
-def failure(res: subprocess.CompletedProcess) -> str:
-    """The lines naming an error first (a crash's cause is far above its C++ stack), then the tail."""
-    errors = [line for line in res.stderr.splitlines() if "Error" in line or "error:" in line]
-    return "\n".join([*errors[:12], "...", res.stderr[-1500:]])
 
 
 def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:

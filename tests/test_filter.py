@@ -28,7 +28,7 @@ from rsmatch.export import load_detector
 from rsmatch.filter_report import provenance_metrics
 from rsmatch.trainer import Trainer
 
-from .conftest import tiny_config, tiny_overrides
+from .conftest import failure, tiny_config, tiny_overrides
 from .torchrun import torchrun
 
 
@@ -361,7 +361,7 @@ def test_two_processes_score_like_one(run, sources, tmp_path):
     args = ["--detector", str(out), "--images", str(sources["real"]), "--precision", "no"]
     res = torchrun("launch/filter.py", [*args, "--out", str(tmp_path / "p2")],
                    restore=tmp_path / "p2", cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure(res)
     assert cli.main([*args, "--out", str(tmp_path / "p1")]) == 0
     one, two = scores_of(tmp_path / "p1")[1], scores_of(tmp_path / "p2")[1]
     assert one["id"] == two["id"] and len(one["id"]) == 120  # real/train + real/test

@@ -11,7 +11,7 @@ from timm.optim import param_groups_weight_decay
 
 from rsmatch.models import Classifier, create_encoder
 
-from .conftest import tiny_overrides
+from .conftest import failure, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5] * 3, [0.25] * 3
@@ -83,5 +83,5 @@ def test_bf16_channels_last_run(sources, tmp_path, algorithm):
         text=True,
         timeout=600,
     )
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, failure(res)
     assert '"step": 4' in res.stdout

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from rsmatch.data import augment
 from rsmatch.trainer import Trainer
 
-from .conftest import needs_cuda, tiny_config
+from .conftest import failure, needs_cuda, tiny_config
 
 # Calls that read a device value on the host, or whose output size depends on the data.
 SYNCING = {
@@ -306,7 +306,7 @@ def test_bench_vs_usb_dry_run_without_usb():
            "--uratio", "1", "--threads", "1", "--steps", "1", "--rounds", "1", "--warmup", "1",
            "--pool", "64"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure(res)
     summary = json.loads(res.stdout[res.stdout.index("{\n") :])
     assert summary["median_s_per_step"].keys() == {"bare", "fixmatch"}
     assert summary["ratios"]["bare / rsmatch fixmatch (>= 0.9 wanted)"] > 0
@@ -358,7 +358,7 @@ def test_profile_step_splits_a_step_and_counts_its_operators():
     cmd = [sys.executable, str(tool), "--batch-size", "2", "--uratio", "1", "--pool", "64",
            "--warmup", "1", "--rounds", "1"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure(res)
     summary = json.loads(res.stdout[res.stdout.index("{\n") :])  # after DeepSpeed's stdout line
     assert summary["median_s"].keys() == {"batch_making", "step_on_a_made_batch", "bare"}
     assert all(t > 0 for t in summary["median_s"].values())
