@@ -122,9 +122,10 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         for entry in manifest["runs"]:
             path = (manifest_file.parent / entry["name"]).resolve()
             expected[path] = (flatten(entry["config"]), _extras(entry["axes"], covered))
-    folders = {  # a run's config.yaml; checkpoints keep a copy of it, which is no run
-        p.parent.resolve() for p in runs_dir.rglob("config.yaml") if "checkpoints" not in p.parts
-    }
+    with_config = {p.parent.resolve() for p in runs_dir.rglob("config.yaml")}
+    # A run's checkpoints and the folders rsmatch-push stages (hub/, hub-detector/) keep a copy
+    # of its config.yaml: a folder inside a run is no run.
+    folders = {p for p in with_config if not with_config.intersection(p.parents)}
     runs = []
     for path in sorted(folders | set(expected)):
         cfg_file = path / "config.yaml"

@@ -78,6 +78,11 @@ def runs(tmp_path: Path) -> Path:
                  detector={"detector_acc": det, "detector_precision": 0.5, "detector_recall": 0.4,
                            "detector_acc/gen_a": gen_a})  # fmt: skip
     fake_run(root, "rs-r0.5-s2", "rsmatch", 0.5, 2, None)
+    # rsmatch-push stages a copy of a run's files inside it (no run of their own)
+    for staged in (root / "fm-r0.5-s0" / "hub", root / "rs-r0.5-s0" / "hub-detector"):
+        staged.mkdir()
+        for name in ("config.yaml", "run.json", "metrics.json", "evals.jsonl"):
+            (staged / name).write_bytes((staged.parent / name).read_bytes())
     # rsmatch, r = 0.3: one seed
     fake_run(root, "rs-r0.3-s0", "rsmatch", 0.3, 0, 0.91, 0.90,
              detector={"detector_acc": 0.75, "detector_precision": 0.7, "detector_recall": 0.6})  # fmt: skip
