@@ -391,12 +391,13 @@ class Trainer:
             self.algorithm.evaluate(EvalContext(ema, live, self._predict, self.data, warn))
         )
         live.train()
-        if test_acc > self.state.best_acc:
+        improved = test_acc > self.state.best_acc
+        if improved:
             self.state.best_acc, self.state.best_step = test_acc, step
-            if acc.is_main_process:
-                self._export_best()
         results.update(best_acc=self.state.best_acc, best_step=self.state.best_step)
-        self.state.last_eval = results
+        self.state.last_eval = results  # before the export: the model cards read it
+        if improved and acc.is_main_process:
+            self._export_best()
         acc.log({f"eval/{k}": v for k, v in results.items() if k != "step"}, step=step)
         if acc.is_main_process:
             with open(self.out / "evals.jsonl", "a") as f:
@@ -414,8 +415,18 @@ class Trainer:
         """The algorithm's inference models (the EMA classifier at least) for `rsmatch-push`."""
         folder = folder or self.out
         live = self.accelerator.unwrap_model(self.model)
-        self.algorithm.export(self.ema.module, live, folder, self.data.class_names)
+        self.algorithm.export(self.ema.module, live, folder, self.data.class_names,
+                              self._algorithm_metrics())  # fmt: skip
         return folder
+
+    def _algorithm_metrics(self) -> dict[str, float]:
+        """The algorithm's part of the last evaluation (RSMatch: the detector's metrics). From
+        the trainer's state, which a checkpoint keeps: a resume that exports before evaluating
+        again (a finished run, or one stopped at its last step) still has them."""
+        ev = self.state.last_eval
+        return {
+            k: v for k, v in ev.items() if k not in ("step", "test_acc", "best_acc", "best_step")
+        }
 
     def _export_best(self) -> None:
         """Keep the models behind `best_acc` in `best/`, replaced whole (never half-written)."""
@@ -436,11 +447,7 @@ class Trainer:
             "best_step": self.state.best_step,
             "step": self.state.step,
             "seconds": round(self.state.seconds, 2),
-            **{
-                k: v
-                for k, v in ev.items()
-                if k not in ("step", "test_acc", "best_acc", "best_step")
-            },
+            **self._algorithm_metrics(),
         }
         if self.accelerator.is_main_process:
             self.export()

@@ -77,6 +77,20 @@ def test_detector_exports_and_reloads_bit_identically(run):
     assert "| steps (train.steps) | 4 |" in card
 
 
+@pytest.mark.slow
+def test_resuming_a_finished_run_keeps_the_detector_card_metrics(sources, tmp_path):
+    """A resume that exports before evaluating again (here: the run had finished) wrote a card
+    without metrics; they now come from the last evaluation, which the checkpoint keeps."""
+    out = tmp_path / "r"
+    Trainer(tiny_config(sources, out, algorithm="rsmatch")).fit()
+    last = json.loads((out / "evals.jsonl").read_text().splitlines()[-1])
+    Trainer(tiny_config(sources, out, algorithm="rsmatch")).fit(resume=True)
+    card = (out / "detector" / "README.md").read_text()
+    assert f"| detector_acc | {last['detector_acc']:.4f} |" in card
+    assert f"| queue_purity | {last['queue_purity']:.4f} |" in card
+    assert json.loads((out / "metrics.json").read_text())["detector_acc"] == last["detector_acc"]
+
+
 def test_shared_encoder_run_exports_no_detector(sources, tmp_path):
     cfg = tiny_config(sources, tmp_path / "r", algorithm="rsmatch", **{"rsmatch.shared_encoder": True,
                       "train.steps": 1, "train.eval_every": 1})  # fmt: skip

@@ -144,8 +144,12 @@ class Algorithm(nn.Module):
         """Per-step metrics of `StepOutput.probes` against provenance (evaluation only)."""
         return {}
 
-    def export(self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str]) -> None:
-        """Write the inference model(s) into `out` (the classifier goes to `out/model`)."""
+    def export(
+        self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str],
+        metrics: dict[str, float],
+    ) -> None:  # fmt: skip
+        """Write the inference model(s) into `out` (the classifier goes to `out/model`);
+        `metrics`: this algorithm's part of the last evaluation, for model cards."""
         d = self.cfg.data
         export_classifier(self.classifier(ema), out / "model", class_names, d.mean, d.std,
                           self.cfg.model.small_stem)  # fmt: skip

@@ -221,13 +221,16 @@ class RSMatch(Algorithm):
         )
         if warning:
             ev.warn(warning)
-        self.detector_metrics = results  # for the detector's model card at export
         return results
 
-    def export(self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str]) -> None:
+    def export(
+        self, ema: nn.Module, live: nn.Module, out: Path, class_names: list[str],
+        metrics: dict[str, float],
+    ) -> None:  # fmt: skip
         """The EMA classifier (`out/model`) and the live detector (`out/detector`), the one
-        the metrics measure. The shared-encoder ablation has no detector of its own: nothing."""
-        super().export(ema, live, out, class_names)
+        `metrics` (from `evaluate`) measure. The shared-encoder ablation has no detector of its
+        own: nothing."""
+        super().export(ema, live, out, class_names, metrics)
         if live.detector is None:
             return
         d, r, t = self.cfg.data, self.cfg.rsmatch, self.cfg.train
@@ -248,7 +251,7 @@ class RSMatch(Algorithm):
         }
         export_detector(live.detector, out / "detector", d.mean, d.std,
                         list(self.info.image_shape[1:]), class_names, real_set, training,
-                        getattr(self, "detector_metrics", None))  # fmt: skip
+                        metrics)  # fmt: skip
 
     def probe_metrics(
         self, probes: dict[str, torch.Tensor], idx_ulb: torch.Tensor, provenance: Provenance
