@@ -132,7 +132,21 @@ def test_cifake_naming():
             "12 images of class 'cat', the ratio needs 13",
         ),
         (["--replace-ratio", "0.5"], "needs --synthetic or --generate"),
-        (["--replace-ratio", "1.5", "--synthetic", "a=GEN_A"], "--replace-ratio=1.5"),
+        (
+            ["--replace-ratio", "1.5", "--synthetic", "a=GEN_A"],
+            "--replace-ratio=1.5: must be in [0, 1]",
+        ),
+        # numbers out of range used to build broken benchmarks (a negative count slices from the end)
+        (["--labels-per-class", "-3"], "--labels-per-class=-3: must be >= 1"),
+        (["--labels-per-class", "0"], "--labels-per-class=0: must be >= 1"),
+        (["--unlabeled-per-class", "0"], "--unlabeled-per-class=0: must be >= 1"),
+        (["--seed", "-1"], "--seed=-1: must be in [0, 4294967295]"),
+        (["--jpeg-quality", "200"], "--jpeg-quality=200: must be in [-1, 100]"),
+        # the split's checks name the flags, not the trainer's config keys
+        (
+            ["--labels-per-class", "30", "--replace-ratio", "0"],
+            "--labels-per-class=30: class 'cat' has only 30 images",
+        ),
         (
             ["--generate", "sd14", "--images-per-class", "2", "--synthetic", "a=GEN_A"],
             "--images-per-class=2: the ratio needs 3",

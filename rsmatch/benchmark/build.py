@@ -32,6 +32,7 @@ from rsmatch.benchmark.sources import (
     read_class_folder,
 )
 from rsmatch.benchmark.split import (
+    CONFIG_KEYS,
     REAL,
     SplitSpec,
     build_split,
@@ -101,13 +102,30 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+# The split's settings as this tool's flags, for `check_counts`' errors
+FLAGS = {name: "--" + name.replace("_", "-") for name in CONFIG_KEYS}
+
+
+def _check_ranges(opts: BuildOptions) -> None:
+    """Each number's range, named by its flag (argparse checks only that it is a number)."""
+    ranges = {"labels_per_class": (1, None), "unlabeled_per_class": (1, None),
+              "images_per_class": (0, None), "prompts_per_class": (1, None),
+              "batch_size": (1, None), "resolution": (0, None), "jpeg_quality": (-1, 100),
+              "seed": (0, 2**32 - 1), "replace_ratio": (0, 1)}  # fmt: skip
+    for name, (low, high) in ranges.items():
+        value = getattr(opts, name)
+        if value is None or (value >= low and (high is None or value <= high)):
+            continue
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise BuildError(f"--{name.replace('_', '-')}={value}: must be {bound}")
+
+
 def plan(opts: BuildOptions) -> Plan:
     """Check the options alone (nothing is read yet)."""
     for flag in ("real", "out"):
         if getattr(opts, flag) is None:
             raise BuildError(f"--{flag} is required")
-    if not 0 <= opts.replace_ratio <= 1:
-        raise BuildError(f"--replace-ratio={opts.replace_ratio}: not in [0, 1]")
+    _check_ranges(opts)
     if opts.out.exists():
         raise BuildError(f"--out {opts.out}: exists already (choose a new folder)")
     imports = _pairs(opts.synthetic, "--synthetic")
@@ -176,7 +194,7 @@ def images_to_generate(
             f"--images-per-class={per_class}: the ratio needs {max(need[g] for g in short)} per class"
         )
     planned = dict.fromkeys(p.generators, np.full(len(real.class_names), per_class))
-    check_counts(counts, real.class_names, {**synthetic, **planned}, p.split)
+    check_counts(counts, real.class_names, {**synthetic, **planned}, p.split, FLAGS)
     return per_class
 
 

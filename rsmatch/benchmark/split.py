@@ -74,36 +74,47 @@ def required_per_generator(
     return need
 
 
+# How errors name the split's settings: the trainer's config keys, or the builder's flags
+CONFIG_KEYS = {"labels_per_class": "data.labels_per_class",
+               "unlabeled_per_class": "data.unlabeled_per_class",
+               "replace_ratio": "data.replace_ratio", "synthetic": "data.synthetic"}  # fmt: skip
+
+
 def check_counts(
-    counts: np.ndarray, class_names: list[str], synthetic: dict[str, np.ndarray], spec: SplitSpec
-) -> None:
+    counts: np.ndarray, class_names: list[str], synthetic: dict[str, np.ndarray], spec: SplitSpec,
+    keys: dict[str, str] = CONFIG_KEYS,
+) -> None:  # fmt: skip
     """Every error `build_split` can raise, from images per class alone (nothing decoded):
-    `counts` are the real train images per class, `synthetic` each generator's."""
+    `counts` are the real train images per class, `synthetic` each generator's; errors name
+    the settings as `keys` does."""
+    k = keys
     if spec.replace_ratio > 0 and not synthetic:
-        raise SourceError(f"data.replace_ratio={spec.replace_ratio} needs data.synthetic sources")
+        raise SourceError(
+            f"{k['replace_ratio']}={spec.replace_ratio} needs {k['synthetic']} sources"
+        )
     if REAL in synthetic:
         raise SourceError(
-            f"data.synthetic: the generator name {REAL!r} is reserved for real images"
+            f"{k['synthetic']}: the generator name {REAL!r} is reserved for real images"
         )
     for c, name in enumerate(class_names):
         n = int(counts[c])
         if spec.labels_per_class >= n:
             raise SourceError(
-                f"data.labels_per_class={spec.labels_per_class}: class {name!r} has only "
+                f"{k['labels_per_class']}={spec.labels_per_class}: class {name!r} has only "
                 f"{n} images (some must stay unlabeled)"
             )
         pool = n - spec.labels_per_class
         if spec.unlabeled_per_class is not None:
             if spec.unlabeled_per_class > pool:
                 raise SourceError(
-                    f"data.unlabeled_per_class={spec.unlabeled_per_class}: class {name!r} has "
+                    f"{k['unlabeled_per_class']}={spec.unlabeled_per_class}: class {name!r} has "
                     f"only {pool} unlabeled images"
                 )
             pool = spec.unlabeled_per_class
         for g, share in generator_shares(round(spec.replace_ratio * pool), list(synthetic)).items():
             if share > synthetic[g][c]:
                 raise SourceError(
-                    f"data.replace_ratio={spec.replace_ratio}: generator {g!r} has "
+                    f"{k['replace_ratio']}={spec.replace_ratio}: generator {g!r} has "
                     f"{synthetic[g][c]} images of class {name!r}, {share} needed"
                 )
 
