@@ -106,8 +106,10 @@ def resolve(
     cuda_bf16: bool | None = None,
     cpu_bf16: bool | None = None,
     deepspeed: bool = False,
+    key: str = "train.mixed_precision",
 ) -> Precision:
     """Resolve `auto` (and check explicit values) for CUDA or CPU; probes default to this host.
+    Errors and warnings name the setting as `key` (a config key, or a tool's flag).
 
     Under DeepSpeed the weights stay fp32 and the autocast is torch's, in the trainer and, set
     by it, in the engine (`complete_deepspeed_config`): DeepSpeed's own bf16/fp16 casts the
@@ -128,20 +130,18 @@ def resolve(
     if mixed_precision == "auto":
         chosen, reason = auto, f"auto: {why}"
     else:
-        chosen, reason = mixed_precision, "explicit train.mixed_precision"
+        chosen, reason = mixed_precision, f"explicit {key}"
         if chosen == "fp16" and (deepspeed or not cuda):
             needs = (
                 "a loss scaler (DeepSpeed has one for its own fp16 only)"
                 if deepspeed
                 else "a CUDA GPU"
             )
-            raise ConfigError(
-                f"train.mixed_precision='fp16': fp16 autocast needs {needs}; use auto, bf16 or no"
-            )
+            raise ConfigError(f"{key}='fp16': fp16 autocast needs {needs}; use auto, bf16 or no")
         if chosen == "bf16" and not bf16_ok:
             warning = (
-                f"train.mixed_precision=bf16 on a {hardware}: "
-                "emulated and slow; train.mixed_precision=auto picks "
+                f"{key}=bf16 on a {hardware}: "
+                f"emulated and slow; {key}=auto picks "
                 f"{'fp32' if auto == 'no' else auto} here"
             )
     layout = True if channels_last == "auto" else bool(channels_last)

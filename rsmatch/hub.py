@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
 
 
@@ -99,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rsmatch-push", description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished run directory (train.output_dir)")
     ap.add_argument("repo", help="Hub model repo, e.g. you/rsmatch-cifar10")
-    ap.add_argument("--private", action="store_true")
+    ap.add_argument("--private", action="store_true", help="create the Hub repo private")
     ap.add_argument("--stage-only", action="store_true", help="write RUN/hub/ and stop")
     ap.add_argument("--detector", action="store_true",
                     help="push RSMatch's detector (RUN/detector, staged in RUN/hub-detector) as its own model")  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        validate_repo_id(args.repo)  # before staging: a bad id would only fail at the upload
+    except HFValidationError as e:
+        print(f"rsmatch-push: error: repo {args.repo!r}: {e}", file=sys.stderr)
+        return 2
     try:
         if args.detector:
             folder = stage_detector(args.run, args.run / "hub-detector")

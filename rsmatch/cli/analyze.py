@@ -11,20 +11,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from rsmatch.cli import at_least
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rsmatch-analyze", description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a finished run folder (with model/)")
     ap.add_argument("--out", type=Path, help="output folder (default RUN/analysis)")
-    ap.add_argument("--samples", type=int, default=1000, help="unlabeled images in the t-SNE")
+    ap.add_argument(
+        "--samples", type=at_least(2), default=1000, help="unlabeled images in the t-SNE"
+    )
     ap.add_argument(
         "--per-class",
-        type=int,
+        type=at_least(1),
         default=2,
         help="real and synthetic images per class in the GradCAM++ grid",
     )
-    ap.add_argument("--classes", type=int, default=10, help="classes (rows) in the GradCAM++ grid")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of t-SNE")
+    ap.add_argument(
+        "--classes", type=at_least(1), default=10, help="classes (rows) in the GradCAM++ grid"
+    )
+    ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the samples and of t-SNE")
     args = ap.parse_args(argv)
     from rsmatch.analysis import analyze  # torch, sklearn and grad-cam after parsing
     from rsmatch.benchmark.sources import SourceError

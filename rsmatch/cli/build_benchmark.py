@@ -72,8 +72,10 @@ def parser() -> argparse.ArgumentParser:
         help="store synthetic images as JPEG of this quality; 0 = PNG; default: 75 if the real set is JPEG")  # fmt: skip
     add("--export-synthetic", type=Path, default=d.export_synthetic,
         help="where generated class folders go (default OUT.synthetic); reruns resume here")  # fmt: skip
-    add("--labels-per-class", type=int, default=d.labels_per_class)
-    add("--unlabeled-per-class", type=int, default=d.unlabeled_per_class)
+    add("--labels-per-class", type=int, default=d.labels_per_class,
+        help="labeled real images per class (the rest of each class is the unlabeled pool)")  # fmt: skip
+    add("--unlabeled-per-class", type=int, default=d.unlabeled_per_class,
+        help="cap the unlabeled pool per class (default: every remaining real image)")  # fmt: skip
     add("--replace-ratio", type=float, default=d.replace_ratio,
         help="share r of each class's unlabeled pool replaced by synthetic images (0: real only)")  # fmt: skip
     add("--seed", type=int, default=d.seed, help="split, prompt and generation seed")

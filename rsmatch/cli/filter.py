@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from rsmatch.benchmark.sources import SourceError
+from rsmatch.cli import at_least
 from rsmatch.config import ConfigError
 from rsmatch.filter import FilterError
 
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="rsmatch-filter", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
-    ap.add_argument("--detector", required=True, metavar="RUN_DIR|EXPORT_DIR|HUB_ID")
+    ap.add_argument("--detector", required=True, metavar="RUN_DIR|EXPORT_DIR|HUB_ID",
+                    help="an RSMatch run folder, its exported detector/ folder, or a Hub model id")  # fmt: skip
     ap.add_argument("--images", metavar="FOLDER|SAVED_DATASET|HUB_ID",
                     help="images to score (folders nested or flat, any image size)")  # fmt: skip
     ap.add_argument("--labels", nargs="+", metavar="NAME=SOURCE",
@@ -38,10 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="rows of the saved dataset: all scored images, or those called real")  # fmt: skip
     ap.add_argument("--skip-corrupt", action="store_true", help="list and skip files that do not decode")  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=256, help="images per batch and process")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader decoding workers")
-    ap.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    ap.add_argument("--workers", type=at_least(0), default=0, help="DataLoader decoding workers")
+    ap.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                    help="autocast of the scoring: auto (as the trainer picks it), no, fp16 (GPU), bf16")  # fmt: skip
     ap.add_argument("--push-to-hub", metavar="REPO", help="push the saved dataset and report")
-    ap.add_argument("--private", action="store_true")
+    ap.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create the repo private"
+    )
     return ap.parse_args(argv)
 
 
@@ -119,7 +124,7 @@ def make_accelerator(precision: str):
 
     from rsmatch.hardware import resolve
 
-    chosen = resolve(precision, False).mixed_precision
+    chosen = resolve(precision, False, key="--precision").mixed_precision
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=chosen)
 
 

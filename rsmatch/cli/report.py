@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from rsmatch.report import write_report  # matplotlib and tensorboard after the checks
 
     out = args.out or args.runs_dir / "report"
+    if out.exists() and not out.is_dir():
+        print(f"rsmatch-report: error: --out {out}: a file, not a folder", file=sys.stderr)
+        return 2
     command = shlex.join(["rsmatch-report", *(sys.argv[1:] if argv is None else argv)])
     try:
         readme = write_report(args.runs_dir, out, args.repo_url, command)

@@ -18,15 +18,17 @@ import time
 import torch
 
 from rsmatch.benchmark.sources import SourceError
+from rsmatch.cli import at_least
 from rsmatch.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rsmatch-throughput", description=__doc__.splitlines()[0])
-    ap.add_argument("--config")
-    ap.add_argument("--steps", type=int, default=20, help="measured steps")
-    ap.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    ap.add_argument("--config", help="a training YAML (configs/*.yaml), as rsmatch-train takes it")
+    ap.add_argument("--steps", type=at_least(1), default=20, help="measured steps")
+    ap.add_argument("--warmup", type=at_least(0), default=5, help="unmeasured steps first")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides, as rsmatch-train takes them (docs/config.md)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, "train.progress=false"])

@@ -1,0 +1,50 @@
+"""Bad numbers and names on the command line: one line naming the flag, exit 2, nothing written
+(each of these was a traceback, a crash after partial output, or nonsense with exit 0)."""
+
+import pytest
+
+from rsmatch import hub
+from rsmatch.cli import analyze, report, throughput
+from rsmatch.cli import filter as filter_cli
+from rsmatch.config import ConfigError
+from rsmatch.hardware import resolve
+
+
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        (throughput, ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (throughput, ["--steps", "-2"], "argument --steps: must be >= 1, got -2"),
+        (throughput, ["--warmup", "x"], "argument --warmup: expected an integer, got 'x'"),
+        (filter_cli, ["--detector", "d", "--out", "OUT", "--workers", "-1"], "argument --workers: must be >= 0"),
+        (analyze, ["RUN", "--out", "OUT", "--per-class", "0"], "argument --per-class: must be >= 1"),
+        (analyze, ["RUN", "--out", "OUT", "--samples", "0"], "argument --samples: must be >= 2"),
+    ],
+)  # fmt: skip
+def test_counted_options_are_checked_by_argparse(tmp_path, capsys, tool, argv, message):
+    argv = [
+        str(tmp_path / "out") if a == "OUT" else str(tmp_path) if a == "RUN" else a for a in argv
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_push_checks_the_repo_id_before_staging(tmp_path, capsys):
+    assert hub.main([str(tmp_path), "bad repo name!!"]) == 2
+    assert "repo 'bad repo name!!'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_precision_errors_name_the_tools_flag():
+    with pytest.raises(ConfigError, match=r"^--precision='fp16': fp16 autocast needs a CUDA GPU"):
+        resolve("fp16", False, cuda=False, key="--precision")
+    warning = resolve("bf16", False, cuda=False, cpu_bf16=False, key="--precision").warning
+    assert warning.startswith("--precision=bf16 on a ") and "--precision=auto picks" in warning
