@@ -106,6 +106,20 @@ def test_builder_real_only(sources, tmp_path, capsys):
     assert "No synthetic sources." in (out / "README.md").read_text()
 
 
+def test_a_benchmark_with_an_empty_split_is_refused_by_name(sources, tmp_path, capsys):
+    """Saved elsewhere (the builder refuses to make one): training indexed into the empty
+    labeled split and crashed with an IndexError."""
+    assert bb.main(_build_args(sources, tmp_path / "b", "--replace-ratio", "0")) == 0
+    dd, _ = load_benchmark(tmp_path / "b")
+    dd["labeled"] = dd["labeled"].select([])
+    dd.save_to_disk(str(tmp_path / "empty"))
+    shutil.copy(tmp_path / "b" / "rsmatch_benchmark.json", tmp_path / "empty")
+    overrides = [f"data.benchmark={tmp_path / 'empty'}", f"train.output_dir={tmp_path / 'run'}"]
+    assert train.main(["--config", "configs/demo.yaml", *overrides]) == 2
+    assert "empty splits ['labeled']" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
