@@ -63,7 +63,7 @@ def detector_card(det: Detector, training: dict, metrics: dict[str, float] | Non
             f"| metric | value |\n|---|---|\n{scores}"
         )
     else:
-        measured = "No detector metrics at export (no evaluation since the run started or resumed)."
+        measured = "No detector metrics at export (the run exported before its first evaluation)."
     return ModelCard(
         "\n".join([
             "---", "library_name: rsmatch", "tags:", "- rsmatch", "- synthetic-image-detection",

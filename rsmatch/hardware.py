@@ -146,7 +146,8 @@ def resolve(
             )
     layout = True if channels_last == "auto" else bool(channels_last)
     if deepspeed:
-        reason += "; DeepSpeed: torch autocast (the engine's torch_autocast too), fp32 weights"
+        autocast = "torch autocast (the engine's torch_autocast too), " if chosen == "bf16" else ""
+        reason += f"; DeepSpeed: {autocast}fp32 weights"
         if layout:  # DeepSpeed broadcasts parameters as byte views, which need contiguous rows
             reason += " kept contiguous (activations channels_last)"
     return Precision(chosen, layout, reason, warning)
@@ -158,14 +159,19 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
     - Refused: DeepSpeed's own bf16/fp16, a cast of the whole model (BatchNorm and its
       statistics included; the fp32 images then meet bf16 weights). The trainer autocasts
       there as everywhere else, with `train.mixed_precision`.
-    - `torch_autocast`, set from `train.mixed_precision` (refused when the JSON sets it): on a
-      GPU the engine's forward otherwise switches the trainer's autocast off, so the model
-      ran fp32 while run.json said bf16. No module communicates in bf16: gradients are reduced
-      in fp32, as under DDP.
+    - `torch_autocast`, set from `train.mixed_precision` (refused when the JSON sets it
+      otherwise): on a GPU the engine's forward otherwise switches the trainer's autocast off,
+      so the model ran fp32 while run.json said bf16. No module communicates in bf16:
+      gradients are reduced in fp32, as under DDP (with bf16 on, DeepSpeed then ignores a
+      JSON's `communication_data_type`).
     - `zero_optimization.parameter_alignment` on for ZeRO-1/2 (refused when the JSON sets it
       false): ZeRO packs the parameters into one flat buffer, and the 10-way heads leave every
-      parameter after them off 16-byte boundaries, where CUDA kernels faulted ("misaligned
-      address", H100, deepspeed 0.19.8).
+      parameter after them off 16-byte boundaries. The probable cause of a CUDA fault in the
+      first forward ("misaligned address", H100, deepspeed 0.19.8; not yet re-run on a GPU).
+      ZeRO-2's gradient buckets still hold unaligned views, which only DeepSpeed's own copies
+      touch.
+    - Refused: ZeRO-3, which partitions the parameters themselves (the EMA, the exports and the
+      queue's model calls read whole parameters; never run).
     """
     for dtype in ("bf16", "fp16"):
         if str((ds_config.get(dtype) or {}).get("enabled")).lower() == "true":  # as Accelerate
@@ -174,18 +180,21 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
                 f'included; set "{dtype}": {{"enabled": false}} there: train.mixed_precision '
                 "chooses the autocast precision under DeepSpeed too"
             )
-    if "torch_autocast" in ds_config:
+    autocast = {"enabled": mixed_precision == "bf16", "dtype": "bfloat16",
+                "lower_precision_safe_modules": []}  # fmt: skip
+    # Accelerate keeps one config per process: a second Trainer meets what the first wrote
+    if ds_config.get("torch_autocast", autocast) != autocast:
         raise ConfigError(
             'the DeepSpeed config sets "torch_autocast": remove it; rsmatch sets it from '
             "train.mixed_precision"
         )
-    bf16 = mixed_precision == "bf16"
-    ds_config["torch_autocast"] = {
-        "enabled": bf16,
-        "dtype": "bfloat16",
-        "lower_precision_safe_modules": [],
-    }
+    ds_config["torch_autocast"] = autocast
     zero = ds_config.get("zero_optimization") or {}
+    if str(zero.get("stage")) == "3":
+        raise ConfigError(
+            '"zero_optimization": {"stage": 3}: not supported (it partitions the parameters, '
+            "which the EMA and the exports read whole); use stage 1 or 2"
+        )
     if str(zero.get("stage")) in ("1", "2"):
         if str(zero.get("parameter_alignment", True)).lower() != "true":
             raise ConfigError(

@@ -22,6 +22,15 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
 
 
+def repo_id_problem(repo: str) -> str | None:
+    """Why `repo` is no valid Hub repo id (checked before any work that ends in a push), or None."""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        return str(e)
+    return None
+
+
 def model_card(run: Path, repo: str) -> str:
     metrics = json.loads((run / "metrics.json").read_text())
     record = json.loads((run / "run.json").read_text())
@@ -106,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", action="store_true",
                     help="push RSMatch's detector (RUN/detector, staged in RUN/hub-detector) as its own model")  # fmt: skip
     args = ap.parse_args(argv)
-    try:
-        validate_repo_id(args.repo)  # before staging: a bad id would only fail at the upload
-    except HFValidationError as e:
-        print(f"rsmatch-push: error: repo {args.repo!r}: {e}", file=sys.stderr)
+    problem = repo_id_problem(args.repo)  # before staging: it would fail only at the upload
+    if problem:
+        print(f"rsmatch-push: error: repo {args.repo!r}: {problem}", file=sys.stderr)
         return 2
     try:
         if args.detector:

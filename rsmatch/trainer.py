@@ -110,7 +110,8 @@ class Trainer:
         self.precision = hardware.resolve(
             cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=self.deepspeed
         )
-        # Under DeepSpeed its engine stays fp32 and the trainer autocasts (`_autocast`)
+        # Under DeepSpeed Accelerate does not autocast: the trainer does (`_autocast`), and the
+        # engine's forward through its torch_autocast (`configure_deepspeed`)
         self.accelerator = acc = accelerator or make_accelerator(
             cfg, "no" if self.deepspeed else self.precision.mixed_precision
         )

@@ -4,7 +4,7 @@
 import pytest
 
 from rsmatch import hub
-from rsmatch.cli import analyze, report, throughput
+from rsmatch.cli import analyze, build_benchmark, report, throughput
 from rsmatch.cli import filter as filter_cli
 from rsmatch.config import ConfigError
 from rsmatch.hardware import resolve
@@ -41,6 +41,19 @@ def test_push_checks_the_repo_id_before_staging(tmp_path, capsys):
     assert hub.main([str(tmp_path), "bad repo name!!"]) == 2
     assert "repo 'bad repo name!!'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_push_targets_are_checked_before_any_work(sources, tmp_path, capsys):
+    """A bad --push-to-hub id used to fail only after the whole build or scoring."""
+    out = tmp_path / "out"
+    argv = ["--real", str(sources["real"]), "--replace-ratio", "0", "--labels-per-class", "4",
+            "--out", str(out), "--push-to-hub", "bad id!"]  # fmt: skip
+    assert build_benchmark.main(argv) == 2
+    assert filter_cli.main(["--detector", "d", "--images", "i", "--out", str(out),
+                            "--push-to-hub", "bad id!"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("--push-to-hub 'bad id!': " in line for line in err)
+    assert not out.exists()
 
 
 def test_precision_errors_name_the_tools_flag():

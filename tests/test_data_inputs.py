@@ -274,6 +274,22 @@ def test_builder_config_errors_are_one_line(tmp_path, capsys, text, message):
     assert f"--config {path}" in line and line.endswith(message)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [  # --config values that are not strings skip argparse's types: they crashed in the split
+        ("labels_per_class: null\n", "--labels-per-class=None: must be an integer"),
+        ("seed: 1.5\n", "--seed=1.5: must be an integer"),
+        ("replace_ratio: [0.5]\n", "--replace-ratio=[0.5]: must be a number"),
+    ],
+)
+def test_builder_config_values_are_type_checked(sources, tmp_path, capsys, text, message):
+    path = tmp_path / "options.yaml"
+    path.write_text(text)
+    out = tmp_path / "b"
+    assert bb.main(["--config", str(path), "--real", str(sources["real"]), "--out", str(out)]) == 2
+    assert _one_error_line(capsys).endswith(message) and not out.exists()
+
+
 def test_builder_config_error_through_the_entry_point(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("real: [\n")

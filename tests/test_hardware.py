@@ -130,9 +130,9 @@ def test_a_gpu_that_emulates_bf16_gets_fp16(monkeypatch, major, expected):
 def test_under_deepspeed_auto_never_picks_fp16(probes, expected):
     p = resolve("auto", "auto", deepspeed=True, **probes)
     assert p.mixed_precision == expected and p.channels_last is True
+    autocast = "torch autocast (the engine's torch_autocast too), " if expected == "bf16" else ""
     assert p.reason.endswith(
-        "; DeepSpeed: torch autocast (the engine's torch_autocast too), fp32 weights kept "
-        "contiguous (activations channels_last)"
+        f"; DeepSpeed: {autocast}fp32 weights kept contiguous (activations channels_last)"
     )
     assert "contiguous" not in resolve("auto", False, deepspeed=True, **probes).reason
     explicit = resolve("bf16", "auto", deepspeed=True, **probes)  # warns where emulated
@@ -162,15 +162,20 @@ def test_the_deepspeed_config_gets_the_autocast_and_the_alignment():
         "gradient_clipping": 0.0,
         "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
     }  # fmt: skip
-    for stage, aligned in ((0, None), (1, True), ("2", True), (3, None)):
+    for stage, aligned in ((0, None), (1, True), ("2", True)):
         config = {"zero_optimization": {"stage": stage}}
         complete_deepspeed_config(config, "no")
         assert config["zero_optimization"].get("parameter_alignment") is aligned, stage
         assert config["torch_autocast"]["enabled"] is False
+        complete_deepspeed_config(config, "no")  # a second Trainer in the process meets this dict
+    with pytest.raises(ConfigError, match=r'"stage": 3}: not supported'):
+        complete_deepspeed_config({"zero_optimization": {"stage": 3}}, "no")
     complete_deepspeed_config(config := {}, "no")
     assert config == {"torch_autocast": {"enabled": False, "dtype": "bfloat16", "lower_precision_safe_modules": []}}  # fmt: skip
     with pytest.raises(ConfigError, match='sets "torch_autocast": remove it'):
         complete_deepspeed_config({"torch_autocast": {"enabled": True}}, "bf16")
+    with pytest.raises(ConfigError, match='sets "torch_autocast": remove it'):  # written for bf16
+        complete_deepspeed_config(config, "bf16")
     for off in (False, "false"):
         with pytest.raises(ConfigError, match='"parameter_alignment": false.*misaligned'):
             complete_deepspeed_config({"zero_optimization": {"stage": 2, "parameter_alignment": off}}, "no")  # fmt: skip

@@ -40,6 +40,7 @@ from rsmatch.benchmark.split import (
     required_per_generator,
 )
 from rsmatch.benchmark.store import save_benchmark
+from rsmatch.hub import repo_id_problem
 
 
 class BuildError(ValueError):
@@ -114,7 +115,13 @@ def _check_ranges(opts: BuildOptions) -> None:
               "seed": (0, 2**32 - 1), "replace_ratio": (0, 1)}  # fmt: skip
     for name, (low, high) in ranges.items():
         value = getattr(opts, name)
-        if value is None or (value >= low and (high is None or value <= high)):
+        if value is None and name == "unlabeled_per_class":  # None: every remaining image
+            continue
+        number = (int, float) if name == "replace_ratio" else int  # --config skips argparse's types
+        if not isinstance(value, number) or isinstance(value, bool):
+            kind = "a number" if name == "replace_ratio" else "an integer"
+            raise BuildError(f"--{name.replace('_', '-')}={value!r}: must be {kind}")
+        if value >= low and (high is None or value <= high):
             continue
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise BuildError(f"--{name.replace('_', '-')}={value}: must be {bound}")
@@ -126,6 +133,8 @@ def plan(opts: BuildOptions) -> Plan:
         if getattr(opts, flag) is None:
             raise BuildError(f"--{flag} is required")
     _check_ranges(opts)
+    if opts.push_to_hub and (problem := repo_id_problem(opts.push_to_hub)):
+        raise BuildError(f"--push-to-hub {opts.push_to_hub!r}: {problem}")
     if opts.out.exists():
         raise BuildError(f"--out {opts.out}: exists already (choose a new folder)")
     imports = _pairs(opts.synthetic, "--synthetic")

@@ -18,6 +18,7 @@ from rsmatch.benchmark.sources import SourceError
 from rsmatch.cli import at_least
 from rsmatch.config import ConfigError
 from rsmatch.filter import FilterError
+from rsmatch.hub import repo_id_problem
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", choices=["all", "real"], default="all",
                     help="rows of the saved dataset: all scored images, or those called real")  # fmt: skip
     ap.add_argument("--skip-corrupt", action="store_true", help="list and skip files that do not decode")  # fmt: skip
-    ap.add_argument("--batch-size", type=int, default=256, help="images per batch and process")
+    ap.add_argument(
+        "--batch-size", type=at_least(1), default=256, help="images per batch and process"
+    )
     ap.add_argument("--workers", type=at_least(0), default=0, help="DataLoader decoding workers")
     ap.add_argument("--precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                     help="autocast of the scoring: auto (as the trainer picks it), no, fp16 (GPU), bf16")  # fmt: skip
@@ -60,8 +63,8 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--threshold {args.threshold}: not in [0, 1]")
     if args.keep_fraction is not None and not 0 < args.keep_fraction <= 1:
         raise ConfigError(f"--keep-fraction {args.keep_fraction}: not in (0, 1]")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.push_to_hub and (problem := repo_id_problem(args.push_to_hub)):
+        raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: {problem}")
     for item in args.labels or []:
         if "=" not in item:
             raise ConfigError(f"--labels {item}: expected NAME=SOURCE")
