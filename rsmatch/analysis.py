@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rsmatch.config import load_config  # noqa: E402
+from rsmatch.config import ConfigError, load_config  # noqa: E402
 from rsmatch.data.decode import decode  # noqa: E402
 from rsmatch.data.loaders import load_benchmark_from_config  # noqa: E402
 from rsmatch.export import load_classifier, load_detector  # noqa: E402
@@ -174,13 +174,18 @@ def load_run_detector(run: Path) -> nn.Module | None:
     return load_detector(folder) if folder.is_dir() else None
 
 
-def analyze(run: Path, out: Path, samples: int = 1000, per_class: int = 2, classes: int = 10,
-            seed: int = 0) -> list[Path]:  # fmt: skip
-    """Write tsne.png, gradcam_classifier.png and (with a detector) gradcam_detector.png."""
+def analyze(run: Path, out: Path, samples: int = 1000, per_class: int = 2,
+            classes: int | None = None, seed: int = 0) -> list[Path]:  # fmt: skip
+    """Write tsne.png, gradcam_classifier.png and (with a detector) gradcam_detector.png; the
+    GradCAM++ grids show `classes` classes (default: the run's first 10)."""
     if not (run / "model").is_dir():
         raise FileNotFoundError(f"{run / 'model'}: no exported classifier (has the run finished?)")
     classifier = load_classifier(run / "model")
     pool = Pool(run, samples, seed)
+    if classes is None:
+        classes = min(10, len(pool.class_names))
+    elif classes > len(pool.class_names):  # the grid would show fewer rows than asked for
+        raise ConfigError(f"--classes {classes}: the run has {len(pool.class_names)} classes")
     out.mkdir(parents=True, exist_ok=True)
     made = [out / "tsne.png"]
     tsne_figure(pool, features(classifier, pool.images), seed, made[0])

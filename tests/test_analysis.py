@@ -12,7 +12,7 @@ from torch import nn
 from rsmatch import analysis
 from rsmatch.cli.analyze import main
 from rsmatch.experiment import train_in_process
-from tests.conftest import tiny_overrides
+from tests.conftest import CLASSES, tiny_overrides
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("sklearn")
@@ -65,6 +65,14 @@ def test_cam_target_falls_back_to_the_last_convolution():
                         nn.Flatten(), nn.Linear(5, 2))  # fmt: skip
     model, layer = analysis.cam_target(net)
     assert model is net and layer is net[2]
+
+
+def test_more_classes_than_the_run_has_are_refused(run, tmp_path, capsys):
+    """The grid silently showed the run's classes only."""
+    n = len(CLASSES)
+    assert main([str(run), "--classes", str(n + 1), "--out", str(tmp_path / "out")]) == 2
+    assert f"--classes {n + 1}: the run has {n} classes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys):

@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         help="real and synthetic images per class in the GradCAM++ grid",
     )
     ap.add_argument(
-        "--classes", type=at_least(1), default=10, help="classes (rows) in the GradCAM++ grid"
+        "--classes",
+        type=at_least(1),
+        default=None,
+        help="classes (rows) in the GradCAM++ grid (default: up to 10)",
     )
     ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the samples and of t-SNE")
     args = ap.parse_args(argv)
