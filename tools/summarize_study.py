@@ -8,6 +8,7 @@ and OUT/curves.png (test accuracy, detector accuracy and queue purity over steps
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -120,4 +121,11 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, nargs="?", default=Path("runs/study"),
+                    help="the study folder (default runs/study); OUT is this folder")  # fmt: skip
+    root = ap.parse_args().root
+    if not root.is_dir():
+        print(f"summarize_study: error: {root}: no such folder", file=sys.stderr)
+        sys.exit(2)
+    main(root)
