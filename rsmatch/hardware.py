@@ -153,6 +153,12 @@ def resolve(
     return Precision(chosen, layout, reason, warning)
 
 
+def is_true(value: object) -> bool:
+    """A boolean as Accelerate and DeepSpeed read one from the environment or a JSON: True, or
+    the string "true" in any case."""
+    return str(value).lower() == "true"
+
+
 def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
     """Check a DeepSpeed config and add, in place, the two settings the trainer relies on.
 
@@ -174,7 +180,7 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
       queue's model calls read whole parameters; never run).
     """
     for dtype in ("bf16", "fp16"):
-        if str((ds_config.get(dtype) or {}).get("enabled")).lower() == "true":  # as Accelerate
+        if is_true((ds_config.get(dtype) or {}).get("enabled")):
             raise ConfigError(
                 f'the DeepSpeed config enables "{dtype}", which casts the whole model, BatchNorm '
                 f'included; set "{dtype}": {{"enabled": false}} there: train.mixed_precision '
@@ -190,13 +196,14 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
         )
     ds_config["torch_autocast"] = autocast
     zero = ds_config.get("zero_optimization") or {}
-    if str(zero.get("stage")) == "3":
+    stage = str(zero.get("stage"))
+    if stage == "3":
         raise ConfigError(
             '"zero_optimization": {"stage": 3}: not supported (it partitions the parameters, '
             "which the EMA and the exports read whole); use stage 1 or 2"
         )
-    if str(zero.get("stage")) in ("1", "2"):
-        if str(zero.get("parameter_alignment", True)).lower() != "true":
+    if stage in ("1", "2"):
+        if not is_true(zero.get("parameter_alignment", True)):
             raise ConfigError(
                 'the DeepSpeed config sets "zero_optimization": {"parameter_alignment": false}: '
                 "set it true; without it CUDA kernels met parameters off 16-byte boundaries "

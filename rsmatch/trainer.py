@@ -41,7 +41,7 @@ from rsmatch.runinfo import trim_evals, write_run_record
 
 def deepspeed_launch() -> bool:
     """Whether Accelerate will run DeepSpeed, read as Accelerate reads it."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return hardware.is_true(os.environ.get("ACCELERATE_USE_DEEPSPEED"))
 
 
 def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:

@@ -114,17 +114,16 @@ def _check_ranges(opts: BuildOptions) -> None:
               "batch_size": (1, None), "resolution": (0, None), "jpeg_quality": (-1, 100),
               "seed": (0, 2**32 - 1), "replace_ratio": (0, 1)}  # fmt: skip
     for name, (low, high) in ranges.items():
-        value = getattr(opts, name)
+        value, flag = getattr(opts, name), "--" + name.replace("_", "-")
         if value is None and name == "unlabeled_per_class":  # None: every remaining image
             continue
         number = (int, float) if name == "replace_ratio" else int  # --config skips argparse's types
         if not isinstance(value, number) or isinstance(value, bool):
             kind = "a number" if name == "replace_ratio" else "an integer"
-            raise BuildError(f"--{name.replace('_', '-')}={value!r}: must be {kind}")
-        if value >= low and (high is None or value <= high):
-            continue
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise BuildError(f"--{name.replace('_', '-')}={value}: must be {bound}")
+            raise BuildError(f"{flag}={value!r}: must be {kind}")
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise BuildError(f"{flag}={value}: must be {bound}")
 
 
 def plan(opts: BuildOptions) -> Plan:
