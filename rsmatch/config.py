@@ -147,6 +147,13 @@ class TrainConfig:
         "issuing kernels; off on CPUs, where the step keeps every core busy and batch making "
         "is a few percent of it.",
     )
+    graph_batches: bool = option(
+        False,
+        "CUDA only: make each batch by replaying one CUDA graph of the augmentation instead of "
+        "launching its ~600 kernels (same pixels; every RandAugment op runs on every image, "
+        "which costs the GPU little and the host one launch). Off until measured on a GPU: "
+        "docs/speed.md.",
+    )
     sync_bn: bool | str = option(
         "auto",
         "SyncBatchNorm across processes, as USB converts BatchNorm before DDP. `auto`: on with "

@@ -174,6 +174,7 @@ class Trainer:
         make = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
             unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
+            graphed=self._resolve_graph_batches(t.graph_batches, acc.device.type),
         )  # fmt: skip
         self.prefetch = t.prefetch is True or (t.prefetch == "auto" and acc.device.type == "cuda")
         self.batches = Prefetcher(make, acc.device, ahead=self.prefetch)
@@ -182,6 +183,12 @@ class Trainer:
         self.state = TrainerState()
         self.ckpt_root = self.out / "checkpoints"
         self._stop = False
+
+    @staticmethod
+    def _resolve_graph_batches(graph_batches: bool, device: str) -> bool:
+        if graph_batches and device != "cuda":
+            raise ConfigError(f"train.graph_batches=true: CUDA graphs need CUDA (device {device})")
+        return graph_batches
 
     def _resolve_sync_bn(self, sync_bn: bool | str, device: str) -> bool:
         if self.world == 1 or sync_bn is False:

@@ -35,6 +35,27 @@ def test_a_batch_of_one_op_is_that_op_on_the_whole_batch(name):
     assert torch.equal(augment.apply_strong(x, p), want.to(torch.uint8))
 
 
+@pytest.mark.parametrize("layout", ["grouped", "fixed"])
+def test_source_maps_of_large_images_keep_their_indices(layout):
+    """192 x 192 has more pixels than int16 counts: the maps must not wrap around."""
+    x = torch.randint(0, 256, (4, 3, 192, 192), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(6))  # fmt: skip
+    p = augment.sample_strong(4, torch.Generator().manual_seed(7))
+    p.ops.copy_(torch.tensor([[9, 10, 11], [12, 13, 9], [11, 12, 13], [10, 9, 12]]))  # geometric
+    p.cutout[:, 2] = 0.0
+    want = augment.apply_weak(x, p.weak).float()
+    for i, row in enumerate(p.ops.tolist()):
+        for slot, k in enumerate(row):
+            want[i : i + 1] = augment.apply_op(
+                want[i : i + 1], augment.OPS[k], p.mags[i : i + 1, slot]
+            )
+    if layout == "grouped":
+        got = augment.apply_strong(x, p)
+    else:
+        got = augment.apply_strong_fixed(x, augment.fixed(p, 192, 192))
+    assert torch.equal(got, want.to(torch.uint8))
+
+
 def test_geometric_ops_come_last_so_sorting_by_op_puts_them_together():
     assert augment.OPS[-len(augment.GEOMETRIC) :] == augment.GEOMETRIC
     assert set(augment.GEOMETRIC) == {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}

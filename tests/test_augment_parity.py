@@ -181,20 +181,28 @@ def usb_strong(images: list[Image.Image], p: augment.StrongParams) -> torch.Tens
     return to_tensor(out)
 
 
-def test_strong_view_matches_usb_pipeline(images: list[Image.Image]):
+def strong_view(x: torch.Tensor, p: augment.StrongParams, layout: str) -> torch.Tensor:
+    """rsmatch's strong view of x on x's device, grouped by op or with fixed shapes (graphs)."""
+    if layout == "grouped":
+        return augment.apply_strong(x, p.to(x.device))
+    return augment.apply_strong_fixed(x, augment.fixed(p, *x.shape[2:]).to(x.device))
+
+
+@pytest.mark.parametrize("layout", ["grouped", "fixed"])
+def test_strong_view_matches_usb_pipeline(images: list[Image.Image], layout: str):
     many = images * 16  # 16 independent draws per image
     p = augment.sample_strong(len(many), torch.Generator().manual_seed(3))
-    assert torch.equal(augment.apply_strong(to_tensor(many), p), usb_strong(many, p))
+    assert torch.equal(strong_view(to_tensor(many), p, layout), usb_strong(many, p))
 
 
 @needs_cuda
-def test_strong_view_on_cuda_matches_usb_pipeline(images: list[Image.Image]):
+@pytest.mark.parametrize("layout", ["grouped", "fixed"])
+def test_strong_view_on_cuda_matches_usb_pipeline(images: list[Image.Image], layout: str):
     """The trainer augments on the training device: TF32, fused kernels and CUDA's libm must
     not change a pixel."""
     many = images * 16
     p = augment.sample_strong(len(many), torch.Generator().manual_seed(8))
-    got = augment.apply_strong(to_tensor(many).cuda(), p.to("cuda")).cpu()
-    assert torch.equal(got, usb_strong(many, p))
+    assert torch.equal(strong_view(to_tensor(many).cuda(), p, layout).cpu(), usb_strong(many, p))
 
 
 def test_numpy_uniform_with_one_argument():

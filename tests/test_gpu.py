@@ -164,6 +164,28 @@ def test_resume_is_exact_on_gpu(sources, tmp_path, deterministic, algorithm, pre
 
 
 @pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
+def test_graphed_batches_train_as_eager_ones(sources, tmp_path, deterministic, algorithm):
+    """`train.graph_batches` (augmentation replayed from one CUDA graph, made ahead in the
+    prefetching thread): the same pixels, so the same weights, bit for bit."""
+    runs = {}
+    for graphed in (False, True):
+        trainer = _trainer(sources, tmp_path / str(graphed), algorithm,
+                           **{"train.graph_batches": graphed})  # fmt: skip
+        assert trainer.prefetch and (trainer.batches.make.graph is not None) == graphed
+        for step in range(4):
+            trainer.train_step(step)
+        trainer.batches.close()
+        runs[graphed] = _params(trainer)
+    different = [name for name, w in runs[False].items() if not torch.equal(runs[True][name], w)]
+    assert not different, different
+
+
+def test_resume_with_graphed_batches_is_exact_on_gpu(sources, tmp_path, deterministic):
+    """The resumed run captures its own graph, at the step it resumes from."""
+    assert_resume_is_exact(sources, tmp_path, algorithm="rsmatch", **{"train.graph_batches": True})
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
 def test_cuda_graph_compiled_steps_train_like_eager(sources, tmp_path, algorithm):
     """`train.compile_mode=reduce-overhead` (the network replayed as CUDA graphs, the next batch
     prefetched meanwhile): the same weights as eager after a few steps, up to rounding."""

@@ -49,9 +49,16 @@ class Params:
         return type(self)(**{f.name: getattr(self, f.name)[sel] for f in fields(self)})
 
     def to(self, device: torch.device | str) -> Params:
-        return type(self)(
-            **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)}
-        )
+        return type(self)(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to(value: Params | torch.Tensor | None, device: torch.device | str):
+    """A field of a `Params` on `device`: nested draws field by field; a missing view stays None."""
+    if value is None:
+        return None
+    if isinstance(value, Params):
+        return value.to(device)
+    return to_device(value, device)
 
 
 @dataclass
@@ -252,6 +259,12 @@ _SOURCES = {
 }
 GEOMETRIC = tuple(_SOURCES)
 _FIRST_GEOMETRIC = OPS.index(GEOMETRIC[0])  # where the geometric runs start in a sorted slot
+_PIXEL_OPS = [(k, name) for k, name in enumerate(OPS[:_FIRST_GEOMETRIC]) if name != "identity"]
+
+
+def _index_dtype(h: int, w: int) -> torch.dtype:
+    """The smallest integer type that holds a flat pixel index (a source map's copy is halved)."""
+    return torch.int16 if h * w <= torch.iinfo(torch.int16).max else torch.int32
 
 
 _LOW = torch.tensor([RANGES[name][0] for name in OPS], dtype=torch.float64)
@@ -310,32 +323,38 @@ def _cutout(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Plan:
-    """What `apply_strong` does in each slot, worked out on the host and sent in one copy each:
-    per op, the rows that drew it (a run of `rows`) with their magnitudes in the op's range; for
-    the geometric rows, all together at the end of each slot's run, where their pixels come from."""
+    """What `apply_strong` does in each slot, worked out on the host: per op, the rows that drew
+    it (a run of `rows`) with their magnitudes in the op's range; for the geometric rows, all
+    together at the end of each slot's run, where their pixels come from."""
 
     rows: torch.Tensor  # [N_OPS, N] per slot, the rows sorted by op (stable: by row within an op)
     mags: torch.Tensor  # [N_OPS, N] their magnitudes, mapped onto their ops' ranges (float64)
     starts: list[list[int]]  # per slot, where each op's run starts in `rows`, then N
     sources: list[torch.Tensor]  # per slot, [rows of geometric ops, H*W] source indices
 
+    def to(self, device: torch.device) -> _Plan:
+        """On `device` in one copy per tensor (the run boundaries stay Python ints)."""
+        sizes = [len(s) for s in self.sources]
+        sources = to_device(torch.cat(self.sources), device).split(sizes)
+        return _Plan(to_device(self.rows, device), to_device(self.mags, device), self.starts,
+                     list(sources))  # fmt: skip
+
     def runs(self, slot: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(op, rows, magnitudes) of each pixel op drawn in the slot, identity left out."""
         s = self.starts[slot]
         sizes = [end - start for start, end in itertools.pairwise(s)]
         rows, mags = self.rows[slot].split(sizes), self.mags[slot].split(sizes)  # one op each
-        return [(name, rows[k], mags[k]) for k, name in enumerate(OPS)
-                if name != "identity" and name not in GEOMETRIC and sizes[k]]  # fmt: skip
+        return [(name, rows[k], mags[k]) for k, name in _PIXEL_OPS if sizes[k]]
 
     def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's rows that drew a geometric op, and where their pixels come from."""
         return self.rows[slot, self.starts[slot][_FIRST_GEOMETRIC] :], self.sources[slot]
 
 
-def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.device) -> _Plan:
-    """From the host draws ops, mags [N, N_OPS]. Each geometric op's source maps are computed
-    once for all the slots, then laid out slot by slot, in the order of `rows`."""
-    order = ops.argsort(dim=0, stable=True).T  # [N_OPS, N]
+def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int) -> _Plan:
+    """From the host draws ops, mags [N, N_OPS], on the host. Each geometric op's source maps
+    are computed once for all the slots, then laid out slot by slot, in the order of `rows`."""
+    order = ops.argsort(dim=0, stable=True).T.contiguous()  # [N_OPS, N]
     sorted_ops = ops.T.gather(1, order)
     sorted_mags = _magnitudes(sorted_ops, mags.T.gather(1, order))
     starts = [[0, *itertools.accumulate(torch.bincount(o, minlength=len(OPS)).tolist())]
@@ -344,13 +363,10 @@ def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int, device: torch.d
     for name in GEOMETRIC:
         k = OPS.index(name)
         runs = [sorted_mags[slot, s[k] : s[k + 1]] for slot, s in enumerate(starts)]
-        sources = _SOURCES[name](torch.cat(runs), h, w).to(torch.int16)
+        sources = _SOURCES[name](torch.cat(runs), h, w).to(_index_dtype(h, w))
         for slot, part in enumerate(sources.split([len(r) for r in runs])):
             pieces[slot].append(part)
-    sources = to_device(torch.cat([p for slot in pieces for p in slot]), device)
-    sizes = [len(order[0]) - s[_FIRST_GEOMETRIC] for s in starts]
-    return _Plan(to_device(order.contiguous(), device), to_device(sorted_mags, device), starts,
-                 list(sources.split(sizes)))  # fmt: skip
+    return _Plan(order, sorted_mags, starts, [torch.cat(p) for p in pieces])
 
 
 def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
@@ -359,10 +375,52 @@ def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
     `p.ops` and `p.mags` on the host (where `StrongParams.to` leaves them), the rest on x's device.
     """
     out = apply_weak(x, p.weak).float()
-    plan = _plan(p.ops, p.mags, *x.shape[2:], x.device)
+    plan = _plan(p.ops, p.mags, *x.shape[2:]).to(x.device)
     for slot in range(N_OPS):
         for name, rows, mags in plan.runs(slot):
             out.index_copy_(0, rows, _OP_FNS[name](out.index_select(0, rows), mags))
         rows, sources = plan.geometric(slot)
         out.index_copy_(0, rows, _warp(out.index_select(0, rows), sources))
+    return _cutout(out, p.cutout).to(torch.uint8)
+
+
+# --- The same view with fixed shapes, for CUDA graphs ------------------------------------------
+# `apply_strong` launches a different sequence of kernels for each draw (one group per op drawn,
+# of the size drawn), so it cannot be captured once and replayed. `apply_strong_fixed` makes the
+# same pixels with a sequence that depends on N, H and W alone: every pixel op runs on every
+# image and each image keeps its own op's result; one gather warps every image, those without a
+# geometric op reading their own pixels. About 8x the pixel work: cheap on a GPU, not on a CPU.
+
+
+@dataclass
+class FixedStrongParams(Params):
+    """`StrongParams` laid out for `apply_strong_fixed`: everything may live on the device."""
+
+    weak: WeakParams
+    ops: torch.Tensor  # [N, N_OPS] op indices
+    mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1]
+    sources: torch.Tensor  # [N, N_OPS, H*W] per slot; a non-geometric row reads itself
+    cutout: torch.Tensor
+
+
+def fixed(p: StrongParams, h: int, w: int) -> FixedStrongParams:
+    """The host draws `p` for images of h x w, with the geometric rows' source maps worked out
+    on the host (as `apply_strong` does: their float64 arithmetic stays Pillow's)."""
+    plan = _plan(p.ops, p.mags, h, w)
+    sources = torch.arange(h * w, dtype=_index_dtype(h, w)).repeat(len(p.ops), N_OPS, 1)
+    for slot in range(N_OPS):
+        rows, slot_sources = plan.geometric(slot)
+        sources[rows, slot] = slot_sources
+    return FixedStrongParams(p.weak, p.ops, p.mags, sources, p.cutout)
+
+
+def apply_strong_fixed(x: torch.Tensor, p: FixedStrongParams) -> torch.Tensor:
+    """`apply_strong`'s pixels, with every tensor of x and p on one device and kernels that do
+    not depend on the draws. uint8 [N,C,H,W] in and out."""
+    out = apply_weak(x, p.weak).float()
+    for slot in range(N_OPS):
+        op, m = p.ops[:, slot].view(-1, 1, 1, 1), p.mags[:, slot]
+        for k, name in _PIXEL_OPS:
+            out = torch.where(op == k, _OP_FNS[name](out, _magnitudes(k, m)), out)
+        out = _warp(out, p.sources[:, slot])
     return _cutout(out, p.cutout).to(torch.uint8)

@@ -9,6 +9,8 @@ drawn on the host and reaches the device by copies that never block the host
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import datasets
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from rsmatch.data import augment
 from rsmatch.data.batch import Batch, Provenance, TrainData
 from rsmatch.data.decode import decode
 from rsmatch.data.exclude import kept_rows
-from rsmatch.data.transfer import to_device
+from rsmatch.data.graphed import Capture, Graphed, capture_cuda_graph
 
 # Stream ids keep the random draws of different consumers independent.
 LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)
@@ -100,8 +102,43 @@ class IndexStream:
         return out
 
 
+@dataclass
+class Draws(augment.Params):
+    """Everything a rank's batch is made from, drawn on the host: the images and labels its
+    indices select, and the augmentation draws of each view (None where no view is made)."""
+
+    x_lb: torch.Tensor
+    y_lb: torch.Tensor
+    idx_lb: torch.Tensor
+    weak_lb: augment.WeakParams
+    strong_lb: augment.StrongParams | augment.FixedStrongParams | None = None
+    u: torch.Tensor | None = None
+    weak_u: augment.WeakParams | None = None
+    strong_u: augment.StrongParams | augment.FixedStrongParams | None = None
+    idx_ulb: torch.Tensor | None = None
+
+
+def _strong(x: torch.Tensor, p: augment.StrongParams | augment.FixedStrongParams) -> torch.Tensor:
+    if isinstance(p, augment.FixedStrongParams):
+        return augment.apply_strong_fixed(x, p)
+    return augment.apply_strong(x, p)
+
+
+def views(d: Draws) -> Batch:
+    """The batch's augmented views, made where `d`'s tensors live."""
+    batch = Batch(augment.apply_weak(d.x_lb, d.weak_lb), d.y_lb, d.idx_lb)
+    if d.strong_lb is not None:
+        batch.x_lb_s = _strong(d.x_lb, d.strong_lb)
+    if d.u is not None:
+        batch.u_w = augment.apply_weak(d.u, d.weak_u)  # own crop and flip, as in USB
+        batch.u_s = _strong(d.u, d.strong_u)
+        batch.idx_ulb = d.idx_ulb
+    return batch
+
+
 class BatchMaker:
-    """Builds the batch of step k for one rank of `world` processes."""
+    """Builds the batch of step k for one rank of `world` processes: draws on the host, views on
+    `device`; with `graphed`, the views come from one CUDA graph replayed for every step."""
 
     def __init__(
         self,
@@ -114,6 +151,8 @@ class BatchMaker:
         device: torch.device,
         unlabeled: bool = True,
         strong_labeled: bool = False,
+        graphed: bool = False,
+        capture: Capture = capture_cuda_graph,
     ) -> None:
         self.data, self.seed, self.device = data, seed, device
         self.b, self.ub = batch_size, batch_size * uratio
@@ -122,25 +161,33 @@ class BatchMaker:
         self.use_unlabeled, self.strong_labeled = unlabeled, strong_labeled
         self.lb_stream = IndexStream(len(data.labeled), batch_size, seed, LABELED)
         self.ulb_stream = IndexStream(len(data.unlabeled), self.ub, seed, UNLABELED)
+        self.graph = Graphed(views, device, capture) if graphed else None
 
-    def __call__(self, step: int) -> Batch:
-        d, dev = self.data, self.device
+    def draws(self, step: int) -> Draws:
+        """The host side of step k's batch."""
+        d = self.data
         gen = step_generator(self.seed, AUG_LABELED, step)
         idx = self.lb_stream.indices(step)[self.lo : self.hi]
-        weak = augment.sample_weak(self.b, gen)[self.lo : self.hi].to(dev)
-        x = to_device(d.labeled[idx], dev)
-        batch = Batch(augment.apply_weak(x, weak), to_device(d.labeled_y[idx], dev),
-                      to_device(idx, dev))  # fmt: skip
+        x = d.labeled[idx]
+        out = Draws(x, d.labeled_y[idx], idx, augment.sample_weak(self.b, gen)[self.lo : self.hi])
         if self.strong_labeled:  # drawn after the weak params, so those never depend on it
-            strong = augment.sample_strong(self.b, gen)[self.lo : self.hi].to(dev)
-            batch.x_lb_s = augment.apply_strong(x, strong)
+            out.strong_lb = self._strong(x, self.b, gen, self.lo, self.hi)
         if self.use_unlabeled:
             gen = step_generator(self.seed, AUG_UNLABELED, step)
-            uidx = self.ulb_stream.indices(step)[self.ulo : self.uhi]
-            weak = augment.sample_weak(self.ub, gen)[self.ulo : self.uhi].to(dev)
-            strong = augment.sample_strong(self.ub, gen)[self.ulo : self.uhi].to(dev)
-            u = to_device(d.unlabeled[uidx], dev)
-            batch.u_w = augment.apply_weak(u, weak)  # own crop and flip, as in USB
-            batch.u_s = augment.apply_strong(u, strong)
-            batch.idx_ulb = to_device(uidx, dev)
-        return batch
+            out.idx_ulb = self.ulb_stream.indices(step)[self.ulo : self.uhi]
+            out.u = d.unlabeled[out.idx_ulb]
+            out.weak_u = augment.sample_weak(self.ub, gen)[self.ulo : self.uhi]
+            out.strong_u = self._strong(out.u, self.ub, gen, self.ulo, self.uhi)
+        return out
+
+    def _strong(self, x: torch.Tensor, n: int, gen: torch.Generator, lo: int, hi: int):
+        """Strong draws for the global batch of n, this rank's rows lo:hi of them; laid out
+        with fixed shapes for a graph, which replays one sequence of kernels."""
+        p = augment.sample_strong(n, gen)[lo:hi]
+        return augment.fixed(p, *x.shape[2:]) if self.graph else p
+
+    def __call__(self, step: int) -> Batch:
+        draws = self.draws(step)
+        if self.graph is not None:
+            return self.graph(draws)
+        return views(draws.to(self.device))

@@ -19,3 +19,10 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a host `src`, without blocking the host (pinned when `dst` is CUDA)."""
+    if dst.device.type == "cuda" and src.device.type == "cpu":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
