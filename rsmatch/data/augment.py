@@ -213,50 +213,63 @@ def _translate(dx: torch.Tensor, dy: torch.Tensor, h: int, w: int) -> torch.Tens
     return _source_index(row, col, h, w)
 
 
-def _affine(h: int, w: int, *coeffs: torch.Tensor | float) -> torch.Tensor:
-    """Image.transform(AFFINE, coeffs) as Pillow runs it when the map shears or rotates:
-    nearest neighbour in 16.16 fixed point, black outside.
+def _fix(t: torch.Tensor | float) -> torch.Tensor | int:
+    """A coefficient in Pillow's 16.16 fixed point (a Python float stays a Python int)."""
+    if isinstance(t, torch.Tensor):
+        return (t * 65536.0 + 0.5).floor().long()
+    return math.floor(t * 65536.0 + 0.5)
 
-    coeffs (a, b, c, d, e, f), Python floats or float64 tensors of one per image: the output
-    pixel centred at (X, Y) reads the input pixel at (aX + bY + c, dX + eY + f), each coefficient
-    rounded to 1/65536. Floats stay Python floats (float64 too): no copy to the device.
-    """
+
+def _affine_fixed(*coeffs: torch.Tensor | float) -> list[torch.Tensor | int]:
+    """Image.transform(AFFINE, coeffs) when the map shears or rotates, as Pillow runs it: coeffs
+    (a, b, c, d, e, f), Python floats or float64 tensors of one per image, make the output pixel
+    centred at (X, Y) read the input pixel at (aX + bY + c, dX + eY + f), each coefficient in
+    16.16 fixed point. Returns (A, B, C, D, E, F) in fixed point, the centre's half pixel in C
+    and F. Floats stay Python numbers (float64 too): no copy to the device."""
     a, b, c, d, e, f = coeffs
-    device = next(t.device for t in coeffs if isinstance(t, torch.Tensor))
+    return [_fix(a), _fix(b), _fix(c + a * 0.5 + b * 0.5),
+            _fix(d), _fix(e), _fix(f + d * 0.5 + e * 0.5)]  # fmt: skip
 
-    def fix(t: torch.Tensor | float) -> torch.Tensor | int:
-        if isinstance(t, torch.Tensor):
-            return (t * 65536.0 + 0.5).floor().long().view(-1, 1, 1)
-        return math.floor(t * 65536.0 + 0.5)
 
+def _affine_source(
+    fixed: list[torch.Tensor | int], h: int, w: int, device: torch.device
+) -> torch.Tensor:
+    """Source indices of `_affine_fixed`'s map: nearest neighbour, integer arithmetic only
+    (exact on any device), black outside. Tensors hold one coefficient per image."""
+    A, B, C, D, E, F = (t.view(-1, 1, 1) if isinstance(t, torch.Tensor) else t for t in fixed)
     ys, xs = _grid(h, w, device)
     ys, xs = ys.long(), xs.long()
-    col = (fix(c + a * 0.5 + b * 0.5) + xs * fix(a) + ys * fix(b)) >> 16
-    row = (fix(f + d * 0.5 + e * 0.5) + xs * fix(d) + ys * fix(e)) >> 16
-    return _source_index(row, col, h, w)
+    return _source_index((F + xs * D + ys * E) >> 16, (C + xs * A + ys * B) >> 16, h, w)
 
 
-def _rotate(v: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Image.rotate(v): counter-clockwise by v degrees about the image centre."""
+def _rotation(v: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Image.rotate(v)'s affine coefficients: counter-clockwise by v degrees about the centre."""
     cx, cy = w / 2, h / 2
     a = torch.deg2rad(-v)
     cos, sin = torch.cos(a), torch.sin(a)
-    return _affine(
-        h, w, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy
-    )
+    return cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy
 
 
-# Where each output pixel of a geometric op comes from, given the magnitudes v [n] and the
-# size: [n, h*w] source indices. These ops are the last five of OPS, so sorting a slot by op
-# puts them together.
-_SOURCES = {
-    "rotate": _rotate,
+# The geometric ops, given the magnitudes v [n] and the size: the affine coefficients of the
+# rotation and shears, the (dx, dy) of the translations.
+_AFFINE = {
+    "rotate": _rotation,
     # USB's shears act about the top-left corner (Pillow's origin), not the centre
-    "shear_x": lambda v, h, w: _affine(h, w, 1.0, v, 0.0, 0.0, 1.0, 0.0),
-    "shear_y": lambda v, h, w: _affine(h, w, 1.0, 0.0, 0.0, v, 1.0, 0.0),
-    "translate_x": lambda v, h, w: _translate(v * w, torch.zeros_like(v), h, w),
-    "translate_y": lambda v, h, w: _translate(torch.zeros_like(v), v * h, h, w),
+    "shear_x": lambda v, h, w: (1.0, v, 0.0, 0.0, 1.0, 0.0),
+    "shear_y": lambda v, h, w: (1.0, 0.0, 0.0, v, 1.0, 0.0),
 }
+_SHIFTS = {
+    "translate_x": lambda v, h, w: (v * w, torch.zeros_like(v)),
+    "translate_y": lambda v, h, w: (torch.zeros_like(v), v * h),
+}
+# Where each output pixel of a geometric op comes from: [n, h*w] source indices. These ops are
+# the last five of OPS, so sorting a slot by op puts them together.
+_SOURCES = {
+    **{name: lambda v, h, w, coeffs=coeffs: _affine_source(
+        _affine_fixed(*coeffs(v, h, w)), h, w, v.device) for name, coeffs in _AFFINE.items()},
+    **{name: lambda v, h, w, shift=shift: _translate(*shift(v, h, w), h, w)
+       for name, shift in _SHIFTS.items()},
+}  # fmt: skip
 GEOMETRIC = tuple(_SOURCES)
 _FIRST_GEOMETRIC = OPS.index(GEOMETRIC[0])  # where the geometric runs start in a sorted slot
 _PIXEL_OPS = [(k, name) for k, name in enumerate(OPS[:_FIRST_GEOMETRIC]) if name != "identity"]
@@ -399,28 +412,44 @@ class FixedStrongParams(Params):
     weak: WeakParams
     ops: torch.Tensor  # [N, N_OPS] op indices
     mags: torch.Tensor  # [N, N_OPS] magnitudes in [0, 1]
-    sources: torch.Tensor  # [N, N_OPS, H*W] per slot; a non-geometric row reads itself
+    affine: torch.Tensor  # [N, N_OPS, 6] int64 `_affine_fixed` per slot; the identity if none
+    shift: torch.Tensor  # [N, N_OPS, 2] float64 (dx, dy) of a translation per slot, else 0
     cutout: torch.Tensor
 
 
+_IDENTITY = _affine_fixed(1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # reads its own pixel
+_TRANSLATIONS = [OPS.index(name) for name in _SHIFTS]
+
+
 def fixed(p: StrongParams, h: int, w: int) -> FixedStrongParams:
-    """The host draws `p` for images of h x w, with the geometric rows' source maps worked out
-    on the host (as `apply_strong` does: their float64 arithmetic stays Pillow's)."""
-    plan = _plan(p.ops, p.mags, h, w)
-    sources = torch.arange(h * w, dtype=_index_dtype(h, w)).repeat(len(p.ops), N_OPS, 1)
-    for slot in range(N_OPS):
-        rows, slot_sources = plan.geometric(slot)
-        sources[rows, slot] = slot_sources
-    return FixedStrongParams(p.weak, p.ops, p.mags, sources, p.cutout)
+    """The host draws `p` for images of h x w, with each geometric op's coefficients worked out
+    on the host (the float64 arithmetic Pillow does per image); the device maps them to pixels
+    in integer arithmetic, or float64 additions (translations), exact on any device."""
+    affine = torch.tensor(_IDENTITY).repeat(*p.ops.shape, 1)
+    shift = torch.zeros(*p.ops.shape, 2, dtype=torch.float64)
+    for name in GEOMETRIC:
+        k = OPS.index(name)
+        drew = p.ops == k
+        v = _magnitudes(k, p.mags[drew])
+        if name in _AFFINE:
+            coeffs = _affine_fixed(*_AFFINE[name](v, h, w))
+            affine[drew] = torch.stack([torch.as_tensor(c).expand(len(v)) for c in coeffs], -1)
+        else:
+            shift[drew] = torch.stack(_SHIFTS[name](v, h, w), -1)
+    return FixedStrongParams(p.weak, p.ops, p.mags, affine, shift, p.cutout)
 
 
 def apply_strong_fixed(x: torch.Tensor, p: FixedStrongParams) -> torch.Tensor:
     """`apply_strong`'s pixels, with every tensor of x and p on one device and kernels that do
     not depend on the draws. uint8 [N,C,H,W] in and out."""
+    h, w = x.shape[2:]
     out = apply_weak(x, p.weak).float()
     for slot in range(N_OPS):
-        op, m = p.ops[:, slot].view(-1, 1, 1, 1), p.mags[:, slot]
+        op, m = p.ops[:, slot, None], p.mags[:, slot]
         for k, name in _PIXEL_OPS:
-            out = torch.where(op == k, _OP_FNS[name](out, _magnitudes(k, m)), out)
-        out = _warp(out, p.sources[:, slot])
+            out = torch.where(op.view(-1, 1, 1, 1) == k, _OP_FNS[name](out, _magnitudes(k, m)), out)
+        dx, dy = p.shift[:, slot].unbind(-1)
+        affine = _affine_source(p.affine[:, slot].unbind(-1), h, w, x.device)
+        translated = (op == _TRANSLATIONS[0]) | (op == _TRANSLATIONS[1])
+        out = _warp(out, torch.where(translated, _translate(dx, dy, h, w), affine))
     return _cutout(out, p.cutout).to(torch.uint8)
