@@ -104,6 +104,7 @@ def test_dry_run_records_every_step(tmp_path):
     assert all(prof[a]["median_s"]["bare"] > 0 for a in ("fixmatch", "rsmatch"))
     made = {a: prof[a]["aten_ops"]["step_on_a_made_batch"] for a in ("fixmatch", "rsmatch")}
     assert made["rsmatch"] > made["fixmatch"] > prof["fixmatch"]["aten_ops"]["bare"]
+    assert prof[f"fixmatch {pf}"]["median_s"]["batch_making"] > 0  # the variant's batch making
     assert steps["data"]["from"].endswith("gpudata.tar.gz")
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # the device tool's limits

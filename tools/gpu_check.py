@@ -247,10 +247,9 @@ def digest(summary: dict) -> list[str]:
                 "detector_acc",
             )
             lines.append(f"  {group} {algo}: { {k: part[k] for k in keep if k in part} }")
-    for algo in ALGORITHMS:
-        part = steps.get("profile", {}).get(algo, {})
-        if "median_s" in part:
-            lines.append(f"  profile {algo}: s {part['median_s']} aten ops {part['aten_ops']}")
+    for name, part in steps.get("profile", {}).items():
+        if isinstance(part, dict) and "median_s" in part:
+            lines.append(f"  profile {name}: s {part['median_s']} aten ops {part['aten_ops']}")
     for mode, part in steps.get("compile", {}).items():
         if isinstance(part, dict):
             timed = {k: part[k].get("s_per_step") for k in ("bare", *ALGORITHMS) if k in part}
@@ -394,14 +393,18 @@ def profile(c: Check) -> dict:
     made batch and the bare step, timed alternately, and the operators each dispatches (on a GPU
     bound by issuing kernels, the count is what a step costs)."""
     results: dict = {}
-    for algo in ALGORITHMS:
+    # with --variant, FixMatch once more with it (batch making is where the variants act)
+    runs = [(a, a, []) for a in ALGORITHMS]
+    if c.variant:
+        runs.append((f"fixmatch {c.variant}", "fixmatch", [f"--override={c.variant}"]))
+    for name, algo, extra in runs:
         limit = min(c.limits["profile"], c.clock.left() - c.keep_for_train)
         cmd = [c.py, "tools/profile_step.py", "--algorithm", algo, *c.sizes["profile"],
-               f"--precision={c.tool_precision}"]  # fmt: skip
-        results[algo], measured = run_for_json(cmd, c.out / "profile.log", limit, c.env)
+               f"--precision={c.tool_precision}", *extra]  # fmt: skip
+        results[name], measured = run_for_json(cmd, c.out / "profile.log", limit, c.env)
         if measured:
-            results[algo] |= {k: measured[k] for k in ("median_s", "aten_ops")}
-    results["status"] = overall([results[a] for a in ALGORITHMS])
+            results[name] |= {k: measured[k] for k in ("median_s", "aten_ops")}
+    results["status"] = overall([results[name] for name, _, _ in runs])
     return results
 
 

@@ -1,6 +1,7 @@
 """Where a training step's time goes: batch making, the algorithm step, and the bare step.
 
     python tools/profile_step.py --algorithm fixmatch [--batch-size 64 --uratio 7] [--trace]
+        [--override train.graph_batches=true]
 
 Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
@@ -82,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                     help="train.compile in this train.compile_mode, and the bare model too")  # fmt: skip
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the trainer (repeatable), e.g. train.graph_batches=true")  # fmt: skip
     args = ap.parse_args(argv)
-    args.override = ["train.prefetch=false"]  # parts timed apart, on the main thread
+    args.override = [
+        "train.prefetch=false",
+        *args.override,
+    ]  # parts timed apart, on the main thread
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     step = bench._rsmatch_step(args, args.algorithm)
     trainer = step.__self__
