@@ -7,11 +7,13 @@ comes out as it does alone.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from rsmatch.data import augment
-from rsmatch.data.transfer import to_device
+from rsmatch.data.transfer import copy_to, to_device
 
 from .conftest import needs_cuda
 
@@ -83,13 +85,18 @@ def test_to_device_copies_only_across_devices():
 
 
 @needs_cuda
-def test_to_device_copies_asynchronously_to_cuda():
-    t = torch.arange(1000)
-    to_device(t, "cuda")  # the first pinned allocation
+@pytest.mark.parametrize("copy", ["to_device", "copy_to"])
+def test_copies_to_cuda_never_hold_the_host(copy):
+    """With ~50 ms of GPU work queued, a copy from pageable memory would hold the host until the
+    stream gets to it (sync debug mode does not flag a non_blocking one); a pinned one returns."""
+    t = torch.arange(100_000)
+    dst = torch.empty_like(t, device="cuda")
+    to_device(t, "cuda")  # the first pinned allocation and the CUDA context
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = to_device(t, "cuda")
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda._sleep(100_000_000)  # GPU cycles: ~50 ms at 2 GHz
+    start = time.perf_counter()
+    got = to_device(t, "cuda") if copy == "to_device" else (copy_to(dst, t), dst)[1]
+    held = time.perf_counter() - start
+    torch.cuda.synchronize()
     assert torch.equal(got.cpu(), t)
+    assert held < 0.02, f"the host waited {held:.3f} s for the copy"

@@ -123,6 +123,7 @@ def test_a_graph_refuses_inputs_of_other_shapes():
         graph(BatchMaker(_data(), 4, 2, 3, 0, 1, torch.device("cpu")).draws(0))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer picks CUDA where there is one")
 def test_graph_batches_needs_cuda(sources, tmp_path):
     cfg = tiny_config(sources, tmp_path / "run", **{"train.graph_batches": True})
     with pytest.raises(ConfigError, match="train.graph_batches"):
@@ -133,7 +134,8 @@ def test_graph_batches_needs_cuda(sources, tmp_path):
 @needs_cuda
 def test_cuda_graphed_batches_are_the_eager_ones_and_never_wait():
     """Captured for real, in the prefetching thread on its own stream; steady-state steps
-    replay without a host sync."""
+    replay without a host sync; a new worker thread (after `close`, as evaluation does) replays
+    the same graph; with no prefetching, capture and replay run on the main thread."""
     cuda = torch.device("cuda")
     eager = BatchMaker(_data(), 6, 2, 3, 0, 1, cuda, strong_labeled=True)
     graphed = BatchMaker(_data(), 6, 2, 3, 0, 1, cuda, strong_labeled=True, graphed=True)
@@ -143,10 +145,14 @@ def test_cuda_graphed_batches_are_the_eager_ones_and_never_wait():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            batches = [prefetcher(step) for step in range(1, 5)]
+            batches = {step: prefetcher(step) for step in range(1, 5)}
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        for step, batch in enumerate(batches, start=1):
-            _assert_same_batches(batch, eager(step), step)
+        prefetcher.close()
+        batches[9] = prefetcher(9)  # another worker thread, the same graph
     finally:
         prefetcher.close()
+    on_main = BatchMaker(_data(), 6, 2, 3, 0, 1, cuda, strong_labeled=True, graphed=True)
+    batches |= {100 + step: on_main(step) for step in range(3)}
+    for step, batch in batches.items():
+        _assert_same_batches(batch, eager(step % 100), step)

@@ -38,7 +38,12 @@ def tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def capture_cuda_graph(fn: Callable[[Any], Any], inputs: Any) -> tuple[Replay, Any]:
-    """fn(inputs) recorded as a CUDA graph on the current device."""
+    """fn(inputs) recorded as a CUDA graph on the current device.
+
+    Entering the capture synchronizes the device and empties the allocator's caches, so no other
+    thread may be issuing work meanwhile: the capture runs at a trainer's first batch, which the
+    main thread waits for (`Prefetcher`), or on the main thread when nothing is prefetched.
+    Replays then run on the calling thread's current stream, from any thread."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up first, as torch asks: lazy inits, cuDNN's choices

@@ -1,8 +1,9 @@
 """Host-to-device copies that never make the host wait.
 
-A copy from pageable host memory is synchronous on CUDA (torch waits for it, and
-`torch.cuda.set_sync_debug_mode` flags it), so the host could not queue the next kernels while
-it runs. Pinned memory lets the copy run asynchronously on the current stream; torch's pinned
+A copy from pageable host memory is synchronous on CUDA: the host waits for the stream's queued
+work and the copy, so it could not queue the next kernels meanwhile (`torch.cuda.set_sync_debug_mode`
+flags a blocking copy, not a `non_blocking` one from pageable memory, which stalls all the same;
+tests/test_augment_batching.py times it instead). Pinned memory lets the copy run asynchronously on the current stream; torch's pinned
 allocator keeps the staging buffer alive until the copy is done, so the tensor handed in may be
 dropped or reused at once. Pinning needs CUDA, hence only for CUDA targets; elsewhere (CPU, meta)
 `non_blocking` costs nothing.
