@@ -402,7 +402,8 @@ def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
 # of the size drawn), so it cannot be captured once and replayed. `apply_strong_fixed` makes the
 # same pixels with a sequence that depends on N, H and W alone: every pixel op runs on every
 # image and each image keeps its own op's result; one gather warps every image, those without a
-# geometric op reading their own pixels. About 8x the pixel work: cheap on a GPU, not on a CPU.
+# geometric op reading their own pixels. About 8x the pixel work (5.5x the time on a 2-core CPU,
+# docs/speed.md): cheap on a GPU, not on a CPU.
 
 
 @dataclass
