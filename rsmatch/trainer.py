@@ -163,8 +163,11 @@ class Trainer:
                 f"train.clip_grad_norm={t.clip_grad_norm}: the DeepSpeed config clips at "
                 f'{self.model.gradient_clipping()}; set "gradient_clipping": {t.clip_grad_norm} there'
             )
+        # the trained module inside Accelerate's wrappers (DDP, DeepSpeed), found once: each
+        # unwrap_model call reads package metadata (~0.6 ms of host time per step)
+        self.live_model = acc.unwrap_model(self.model)
         self.ema = ModelEma(
-            acc.unwrap_model(self.model), decay=t.ema_decay, use_warmup=t.ema_warmup,
+            self.live_model, decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
         if t.compile:  # in place, after the EMA copy: names, unwrapping and checkpoints unchanged
@@ -331,7 +334,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(acc.unwrap_model(self.model), step=step + 1)
+        self.ema.update(self.live_model, step=step + 1)
         logged = {
             "loss": loss.detach(),
             **{k: v.detach() for k, v in out.losses.items()},
@@ -386,7 +389,7 @@ class Trainer:
     def _evaluate(self, step: int) -> None:
         acc = self.accelerator
         self._sync_bn_statistics()
-        ema, live = self.ema.module, acc.unwrap_model(self.model)
+        ema, live = self.ema.module, self.live_model
         ema.eval()
         classifier = self.algorithm.classifier(ema)
         test_acc = evaluate.accuracy(
@@ -422,8 +425,7 @@ class Trainer:
     def export(self, folder: Path | None = None) -> Path:
         """The algorithm's inference models (the EMA classifier at least) for `rsmatch-push`."""
         folder = folder or self.out
-        live = self.accelerator.unwrap_model(self.model)
-        self.algorithm.export(self.ema.module, live, folder, self.data.class_names,
+        self.algorithm.export(self.ema.module, self.live_model, folder, self.data.class_names,
                               self._algorithm_metrics())  # fmt: skip
         return folder
 

@@ -65,3 +65,39 @@ def test_buffers_are_copied_in_one_list_per_dtype(monkeypatch) -> None:
         ["torch.float32"] * 6,  # running mean and variance of 3 BatchNorms
         ["torch.int64"] * 3,  # their counters
     ]
+
+
+def test_tensors_replaced_by_a_later_to_are_the_ones_updated() -> None:
+    """The update finds each tensor through its module once; `.to(dtype)` then swaps buffers
+    for new tensors, which must be the ones copied into and from."""
+    model = _net(2)
+    ema = ModelEma(model, decay=0.5, exclude_buffers=True)
+    ema.update(model)
+    model.double(), ema.module.double()
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(3.0)
+        for b in model.buffers():
+            b.fill_(5)
+    ema.update(model)
+    for p in ema.module.parameters():  # 1 + 0.5 * (3 - 1)
+        assert p.dtype == torch.float64 and torch.equal(p, torch.full_like(p, 2.0))
+    for b in ema.module.buffers():
+        assert torch.equal(b, torch.full_like(b, 5))
+
+
+def test_update_walks_the_module_trees_at_the_first_update_only(monkeypatch) -> None:
+    """Walking the trees for their tensors at every step cost ~0.5 ms of host time per step."""
+    model = _net(3)
+    ema = ModelEma(model, decay=0.9, exclude_buffers=True)
+    walks = []
+    walk = nn.Module.named_modules
+    monkeypatch.setattr(nn.Module, "named_modules",
+                        lambda self, *a, **k: walks.append(self) or walk(self, *a, **k))  # fmt: skip
+    ema.update(model)
+    first = len(walks)
+    for _ in range(3):
+        ema.update(model)
+    assert first > 0 and len(walks) == first

@@ -40,6 +40,7 @@ def _run(cfg, resume=False, data=None) -> Trainer:
 def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
     out = tmp_path / "run"
     trainer = _run(tiny_config(sources, out, algorithm=algorithm))
+    assert trainer.live_model is trainer.accelerator.unwrap_model(trainer.model)  # found once
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test_acc", "best_acc", "step", "seconds"):
         assert key in metrics
