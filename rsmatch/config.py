@@ -149,10 +149,10 @@ class TrainConfig:
     )
     graph_batches: bool = option(
         False,
-        "CUDA only: make each batch by replaying one CUDA graph of the augmentation instead of "
-        "launching its ~600 kernels (same pixels; every RandAugment op runs on every image, "
-        "which costs the GPU little and the host one launch). Off until measured on a GPU: "
-        "docs/speed.md.",
+        "CUDA only: make each batch by replaying one CUDA graph of the augmentation: one graph "
+        "launch, a copy per input tensor and a clone per view instead of ~600 kernel launches (same pixels; every "
+        "RandAugment op runs on every image, expected to cost the GPU little). Off until "
+        "measured on a GPU: docs/speed.md.",
     )
     sync_bn: bool | str = option(
         "auto",

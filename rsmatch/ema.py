@@ -8,9 +8,11 @@ kernels (docs/speed.md), so here the buffers are copied with one `_foreach_copy_
 statistics in one, the int64 counters in another). Same values.
 
 Walking two module trees for their parameters and buffers at every step cost ~0.5 ms of host
-time per step (docs/speed.md): where each tensor lives (its module's dict and its name) is
-found once per model, and each step reads the tensors from there, so a tensor that a later
-`.to()` replaces is still the one averaged or copied.
+time per step (one core of a 2-core EPYC; docs/speed.md): where each tensor lives (its module's
+dict and its name) is found once per model, and each step reads the tensors from there, so a
+tensor that a later `.to()` replaces is still the one averaged or copied. A submodule swapped
+for another after the first update would not be seen: the trainer converts (SyncBatchNorm,
+channels_last, Accelerate's and DeepSpeed's wrapping) before it builds the EMA.
 """
 
 from __future__ import annotations
@@ -41,15 +43,15 @@ class ModelEma(ModelEmaV3):
 
     def __init__(self, model: nn.Module, **kwargs: object) -> None:
         super().__init__(model, **kwargs)
-        # per model object (a weak reference tells a reused id apart): parameters, buffers
-        self._slots: dict[int, tuple[weakref.ref, Slots, Slots]] = {}
+        # where each model's parameters and buffers live; a dropped model's entry goes with it
+        self._where: weakref.WeakKeyDictionary[nn.Module, tuple[Slots, Slots]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        known = self._slots.get(id(model))
-        if known is None or known[0]() is not model:
-            known = (weakref.ref(model), _slots(model, "parameters"), _slots(model, "buffers"))
-            self._slots[id(model)] = known
-        _, params, buffers = known
+        if model not in self._where:
+            self._where[model] = _slots(model, "parameters"), _slots(model, "buffers")
+        params, buffers = self._where[model]
         return [d[n] for d, n in params], [d[n] for d, n in buffers]
 
     @torch.no_grad()

@@ -93,7 +93,9 @@ def test_dry_run_records_every_step(tmp_path):
     for algo in ("fixmatch", "rsmatch"):
         tp = steps["throughput"][algo]
         assert tp["status"] == "ok" and tp["s_per_step"] > 0
-        assert tp["it_per_s"] == pytest.approx(1 / tp["s_per_step"], rel=0.02)
+        assert tp["it_per_s"] == pytest.approx(
+            1 / tp["s_per_step"], rel=0.02, abs=0.006
+        )  # 2 decimals
         run = steps["train"][algo]
         assert run["status"] == "ok" and run["metrics"]["step"] == run["steps_planned"] == 2
         assert 0 <= run["test_acc"] <= 1 and len(run["evals"]) == 2

@@ -106,6 +106,20 @@ def test_graphed_batches_are_the_eager_ones(rank, world):
     for step in (0, 1, 2, 9):  # step 9 wraps the unlabeled epoch
         _assert_same_batches(graphed(step), eager(step), step)
     assert graphed.graph.replay is not None
+    draws = graphed.draws(3)  # a graph needs the strong views' fixed-shape layout
+    assert isinstance(draws.strong_lb, augment.FixedStrongParams)
+    assert isinstance(draws.strong_u, augment.FixedStrongParams)
+
+
+def test_a_graph_reads_and_writes_only_the_device():
+    """On `meta` as the device, every captured input and output lives there: nothing the
+    capture reads stays on the host, where a graph would bake it in."""
+    meta = torch.device("meta")
+    graphed = BatchMaker(_data(), 6, 2, 3, 0, 1, meta, strong_labeled=True, graphed=True,
+                         capture=_rerun)  # fmt: skip
+    batch = graphed(0)
+    placed = tensors(graphed.graph.inputs) + tensors(graphed.graph.outputs) + tensors(batch)
+    assert {t.device.type for t in placed} == {"meta"}
 
 
 def test_graphed_batches_are_copies_the_next_replay_leaves_alone():

@@ -52,7 +52,9 @@ class Params:
         return type(self)(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
 
-def _to(value: Params | torch.Tensor | None, device: torch.device | str):
+def _to(
+    value: Params | torch.Tensor | None, device: torch.device | str
+) -> Params | torch.Tensor | None:
     """A field of a `Params` on `device`: nested draws field by field; a missing view stays None."""
     if value is None:
         return None
@@ -343,14 +345,13 @@ class _Plan:
     rows: torch.Tensor  # [N_OPS, N] per slot, the rows sorted by op (stable: by row within an op)
     mags: torch.Tensor  # [N_OPS, N] their magnitudes, mapped onto their ops' ranges (float64)
     starts: list[list[int]]  # per slot, where each op's run starts in `rows`, then N
-    sources: list[torch.Tensor]  # per slot, [rows of geometric ops, H*W] source indices
+    sources: torch.Tensor  # [geometric rows of all slots, H*W] source indices, slot by slot
+    sizes: list[int]  # per slot, how many of those rows
 
     def to(self, device: torch.device) -> _Plan:
         """On `device` in one copy per tensor (the run boundaries stay Python ints)."""
-        sizes = [len(s) for s in self.sources]
-        sources = to_device(torch.cat(self.sources), device).split(sizes)
         return _Plan(to_device(self.rows, device), to_device(self.mags, device), self.starts,
-                     list(sources))  # fmt: skip
+                     to_device(self.sources, device), self.sizes)  # fmt: skip
 
     def runs(self, slot: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(op, rows, magnitudes) of each pixel op drawn in the slot, identity left out."""
@@ -361,7 +362,9 @@ class _Plan:
 
     def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's rows that drew a geometric op, and where their pixels come from."""
-        return self.rows[slot, self.starts[slot][_FIRST_GEOMETRIC] :], self.sources[slot]
+        first = sum(self.sizes[:slot])
+        rows = self.rows[slot, self.starts[slot][_FIRST_GEOMETRIC] :]
+        return rows, self.sources[first : first + self.sizes[slot]]
 
 
 def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int) -> _Plan:
@@ -379,7 +382,8 @@ def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int) -> _Plan:
         sources = _SOURCES[name](torch.cat(runs), h, w).to(_index_dtype(h, w))
         for slot, part in enumerate(sources.split([len(r) for r in runs])):
             pieces[slot].append(part)
-    return _Plan(order, sorted_mags, starts, [torch.cat(p) for p in pieces])
+    sources = torch.cat([part for slot in pieces for part in slot])
+    return _Plan(order, sorted_mags, starts, sources, [sum(map(len, slot)) for slot in pieces])
 
 
 def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
@@ -403,7 +407,7 @@ def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
 # same pixels with a sequence that depends on N, H and W alone: every pixel op runs on every
 # image and each image keeps its own op's result; one gather warps every image, those without a
 # geometric op reading their own pixels. About 8x the pixel work (5.5x the time on a 2-core CPU,
-# docs/speed.md): cheap on a GPU, not on a CPU.
+# docs/speed.md): expected to be cheap on a GPU (not measured), not on a CPU.
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Batch making as one CUDA graph (`train.graph_batches`).
 
 On a GPU the step is bound by the host issuing kernels (docs/speed.md): eager batch making
-issues about 600 small kernels per step, as many host operators as the whole network's step.
-Captured once and replayed, they cost the host one launch. A graph replays the kernels it
+issues about 600 small kernels per step, more host operators than the whole network's step.
+Captured once, they are replayed by one graph launch (plus a pinned copy per input tensor and a
+clone per view; not yet measured on a GPU). A graph replays the kernels it
 recorded on the memory it recorded, so the draws of each step are copied into the tensors the
 capture read (`inputs`), and the views it wrote (`outputs`) are cloned before the next replay
 overwrites them. The strong views must then launch the same kernels whatever the draws:
@@ -51,7 +52,8 @@ def capture_cuda_graph(fn: Callable[[Any], Any], inputs: Any) -> tuple[Replay, A
             fn(inputs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # thread_local: the training step may run in another thread (train.prefetch) meanwhile
+    # thread_local: only this thread's calls are restricted while capturing, so another
+    # thread's (a tracker's, the garbage collector's) cannot invalidate the capture
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         outputs = fn(inputs)
     return graph.replay, outputs

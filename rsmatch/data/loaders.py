@@ -118,7 +118,9 @@ class Draws(augment.Params):
     idx_ulb: torch.Tensor | None = None
 
 
-def _strong(x: torch.Tensor, p: augment.StrongParams | augment.FixedStrongParams) -> torch.Tensor:
+def _strong_view(
+    x: torch.Tensor, p: augment.StrongParams | augment.FixedStrongParams
+) -> torch.Tensor:
     if isinstance(p, augment.FixedStrongParams):
         return augment.apply_strong_fixed(x, p)
     return augment.apply_strong(x, p)
@@ -128,10 +130,10 @@ def views(d: Draws) -> Batch:
     """The batch's augmented views, made where `d`'s tensors live."""
     batch = Batch(augment.apply_weak(d.x_lb, d.weak_lb), d.y_lb, d.idx_lb)
     if d.strong_lb is not None:
-        batch.x_lb_s = _strong(d.x_lb, d.strong_lb)
+        batch.x_lb_s = _strong_view(d.x_lb, d.strong_lb)
     if d.u is not None:
         batch.u_w = augment.apply_weak(d.u, d.weak_u)  # own crop and flip, as in USB
-        batch.u_s = _strong(d.u, d.strong_u)
+        batch.u_s = _strong_view(d.u, d.strong_u)
         batch.idx_ulb = d.idx_ulb
     return batch
 
@@ -171,20 +173,22 @@ class BatchMaker:
         x = d.labeled[idx]
         out = Draws(x, d.labeled_y[idx], idx, augment.sample_weak(self.b, gen)[self.lo : self.hi])
         if self.strong_labeled:  # drawn after the weak params, so those never depend on it
-            out.strong_lb = self._strong(x, self.b, gen, self.lo, self.hi)
+            out.strong_lb = self._strong_draws(x, self.b, gen, self.lo, self.hi)
         if self.use_unlabeled:
             gen = step_generator(self.seed, AUG_UNLABELED, step)
             out.idx_ulb = self.ulb_stream.indices(step)[self.ulo : self.uhi]
             out.u = d.unlabeled[out.idx_ulb]
             out.weak_u = augment.sample_weak(self.ub, gen)[self.ulo : self.uhi]
-            out.strong_u = self._strong(out.u, self.ub, gen, self.ulo, self.uhi)
+            out.strong_u = self._strong_draws(out.u, self.ub, gen, self.ulo, self.uhi)
         return out
 
-    def _strong(self, x: torch.Tensor, n: int, gen: torch.Generator, lo: int, hi: int):
+    def _strong_draws(
+        self, x: torch.Tensor, n: int, gen: torch.Generator, lo: int, hi: int
+    ) -> augment.StrongParams | augment.FixedStrongParams:
         """Strong draws for the global batch of n, this rank's rows lo:hi of them; laid out
         with fixed shapes for a graph, which replays one sequence of kernels."""
         p = augment.sample_strong(n, gen)[lo:hi]
-        return augment.fixed(p, *x.shape[2:]) if self.graph else p
+        return augment.fixed(p, *x.shape[2:]) if self.graph is not None else p
 
     def __call__(self, step: int) -> Batch:
         draws = self.draws(step)
