@@ -150,9 +150,9 @@ class TrainConfig:
     graph_batches: bool = option(
         False,
         "CUDA only: make each batch by replaying one CUDA graph of the augmentation: one graph "
-        "launch, a copy per input tensor and a clone per view instead of ~600 kernel launches (same pixels; every "
-        "RandAugment op runs on every image, expected to cost the GPU little). Off until "
-        "measured on a GPU: docs/speed.md.",
+        "launch, a copy per input tensor and a clone per view instead of ~600 kernel launches "
+        "(same pixels; every RandAugment op runs on every image, expected to cost the GPU "
+        "little). Off until measured on a GPU: docs/speed.md.",
     )
     sync_bn: bool | str = option(
         "auto",

@@ -103,8 +103,13 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _flag(name: str) -> str:
+    """An option's command-line flag: labels_per_class -> --labels-per-class."""
+    return "--" + name.replace("_", "-")
+
+
 # The split's settings as this tool's flags, for `check_counts`' errors
-FLAGS = {name: "--" + name.replace("_", "-") for name in CONFIG_KEYS}
+FLAGS = {name: _flag(name) for name in CONFIG_KEYS}
 
 
 def _check_ranges(opts: BuildOptions) -> None:
@@ -114,7 +119,7 @@ def _check_ranges(opts: BuildOptions) -> None:
               "batch_size": (1, None), "resolution": (0, None), "jpeg_quality": (-1, 100),
               "seed": (0, 2**32 - 1), "replace_ratio": (0, 1)}  # fmt: skip
     for name, (low, high) in ranges.items():
-        value, flag = getattr(opts, name), "--" + name.replace("_", "-")
+        value, flag = getattr(opts, name), _flag(name)
         if value is None and name == "unlabeled_per_class":  # None: every remaining image
             continue
         number = (int, float) if name == "replace_ratio" else int  # --config skips argparse's types

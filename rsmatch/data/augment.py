@@ -346,12 +346,11 @@ class _Plan:
     mags: torch.Tensor  # [N_OPS, N] their magnitudes, mapped onto their ops' ranges (float64)
     starts: list[list[int]]  # per slot, where each op's run starts in `rows`, then N
     sources: torch.Tensor  # [geometric rows of all slots, H*W] source indices, slot by slot
-    sizes: list[int]  # per slot, how many of those rows
 
     def to(self, device: torch.device) -> _Plan:
         """On `device` in one copy per tensor (the run boundaries stay Python ints)."""
         return _Plan(to_device(self.rows, device), to_device(self.mags, device), self.starts,
-                     to_device(self.sources, device), self.sizes)  # fmt: skip
+                     to_device(self.sources, device))  # fmt: skip
 
     def runs(self, slot: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(op, rows, magnitudes) of each pixel op drawn in the slot, identity left out."""
@@ -362,9 +361,10 @@ class _Plan:
 
     def geometric(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's rows that drew a geometric op, and where their pixels come from."""
-        first = sum(self.sizes[:slot])
+        n = self.rows.shape[1]
+        first = sum(n - s[_FIRST_GEOMETRIC] for s in self.starts[:slot])  # earlier slots' rows
         rows = self.rows[slot, self.starts[slot][_FIRST_GEOMETRIC] :]
-        return rows, self.sources[first : first + self.sizes[slot]]
+        return rows, self.sources[first : first + len(rows)]
 
 
 def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int) -> _Plan:
@@ -382,8 +382,7 @@ def _plan(ops: torch.Tensor, mags: torch.Tensor, h: int, w: int) -> _Plan:
         sources = _SOURCES[name](torch.cat(runs), h, w).to(_index_dtype(h, w))
         for slot, part in enumerate(sources.split([len(r) for r in runs])):
             pieces[slot].append(part)
-    sources = torch.cat([part for slot in pieces for part in slot])
-    return _Plan(order, sorted_mags, starts, sources, [sum(map(len, slot)) for slot in pieces])
+    return _Plan(order, sorted_mags, starts, torch.cat([part for slot in pieces for part in slot]))
 
 
 def apply_strong(x: torch.Tensor, p: StrongParams) -> torch.Tensor:
