@@ -120,6 +120,10 @@ class Trainer:
         if self.precision.warning:
             acc.print(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
+        self.rank, self.world = acc.process_index, acc.num_processes
+        # settings the device refuses, refused before any data is read
+        self.sync_bn = self._resolve_sync_bn(cfg.train.sync_bn, acc.device.type)
+        graphed = self._resolve_graph_batches(cfg.train.graph_batches, acc.device.type)
         self.host_memory = hardware.keep_host_memory(cfg.train.keep_host_memory, acc.device.type)
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
@@ -128,14 +132,12 @@ class Trainer:
             check_sources(cfg.data)  # counts by listing, then every undecodable image listed
             data = load_train_data(cfg.data)
         self.data = data
-        self.rank, self.world = acc.process_index, acc.num_processes
         set_seed(t.seed)  # identical initial weights on every rank
         self.algorithm = make_algorithm(
             cfg, self.data.num_classes, len(self.data.labeled), len(self.data.unlabeled),
             tuple(self.data.unlabeled.shape[1:]),
         )  # fmt: skip
         model = self.algorithm.build_model()
-        self.sync_bn = self._resolve_sync_bn(t.sync_bn, acc.device.type)
         if self.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.precision.channels_last:
@@ -177,7 +179,7 @@ class Trainer:
         make = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
             unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
-            graphed=self._resolve_graph_batches(t.graph_batches, acc.device.type),
+            graphed=graphed,
         )  # fmt: skip
         self.prefetch = t.prefetch is True or (t.prefetch == "auto" and acc.device.type == "cuda")
         self.batches = Prefetcher(make, acc.device, ahead=self.prefetch)

@@ -16,14 +16,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from rsmatch.config import ConfigError
 from rsmatch.data import augment
 from rsmatch.data.graphed import Graphed, tensors
 from rsmatch.data.loaders import BatchMaker, views
 from rsmatch.data.prefetch import Prefetcher
-from rsmatch.trainer import Trainer
 
-from .conftest import needs_cuda, tiny_config
+from .conftest import needs_cuda
 from .test_data import _data
 
 FIELDS = ("x_lb", "y_lb", "idx_lb", "x_lb_s", "u_w", "u_s", "idx_ulb")
@@ -135,14 +133,6 @@ def test_a_graph_refuses_inputs_of_other_shapes():
     graph(BatchMaker(_data(), 6, 2, 3, 0, 1, torch.device("cpu")).draws(0))
     with pytest.raises(ValueError, match="captured shapes"):
         graph(BatchMaker(_data(), 4, 2, 3, 0, 1, torch.device("cpu")).draws(0))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer picks CUDA where there is one")
-def test_graph_batches_needs_cuda(sources, tmp_path):
-    cfg = tiny_config(sources, tmp_path / "run", **{"train.graph_batches": True})
-    with pytest.raises(ConfigError, match="train.graph_batches"):
-        Trainer(cfg)
-    assert not (tmp_path / "run").exists()
 
 
 @needs_cuda

@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,6 +108,21 @@ def test_config_errors_are_one_line_and_write_nothing(sources, tmp_path, extra, 
     line = error_line(cli(tiny_overrides(sources, out, **extra), tmp_path))
     assert message in line, line
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer picks CUDA where there is one")
+@pytest.mark.parametrize(
+    "key, world", [("train.graph_batches", 1), ("train.sync_bn", 2)]
+)  # fmt: skip
+def test_settings_the_device_refuses_are_refused_before_the_data_is_read(
+    sources, tmp_path, key, world
+):
+    """CUDA-only settings on a CPU: the error names the setting, not the (missing) data."""
+    cfg = tiny_config(sources, tmp_path / "run", **{key: True, "data.real": tmp_path / "absent"})
+    ranks = SimpleNamespace(process_index=0, num_processes=world, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=f"{key}=true: .* needs? CUDA"):
+        Trainer(cfg, accelerator=ranks)
+    assert not (tmp_path / "run").exists()
 
 
 def test_yaml_error_names_file_line_and_column(tmp_path):
