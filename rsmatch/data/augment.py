@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from rsmatch.data.transfer import to_device
+from rsmatch.data.transfer import Movable, to_device
 
 OPS = (
     "identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
@@ -42,25 +42,11 @@ CUTOUT_FILL = (125.0, 123.0, 114.0)
 
 
 @dataclass
-class Params:
+class Params(Movable):
     """Per-image random draws; slicing selects a rank's share."""
 
     def __getitem__(self, sel: slice | torch.Tensor) -> Params:
         return type(self)(**{f.name: getattr(self, f.name)[sel] for f in fields(self)})
-
-    def to(self, device: torch.device | str) -> Params:
-        return type(self)(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
-
-def _to(
-    value: Params | torch.Tensor | None, device: torch.device | str
-) -> Params | torch.Tensor | None:
-    """A field of a `Params` on `device`: nested draws field by field; a missing view stays None."""
-    if value is None:
-        return None
-    if isinstance(value, Params):
-        return value.to(device)
-    return to_device(value, device)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from rsmatch.data.batch import Batch, Provenance, TrainData
 from rsmatch.data.decode import decode
 from rsmatch.data.exclude import kept_rows
 from rsmatch.data.graphed import Capture, Graphed, capture_cuda_graph
+from rsmatch.data.transfer import Movable
 
 # Stream ids keep the random draws of different consumers independent.
 LABELED, UNLABELED, AUG_LABELED, AUG_UNLABELED, ALGORITHM = range(5)
@@ -103,7 +104,7 @@ class IndexStream:
 
 
 @dataclass
-class Draws(augment.Params):
+class Draws(Movable):
     """Everything a rank's batch is made from, drawn on the host: the images and labels its
     indices select, and the augmentation draws of each view (None where no view is made)."""
 

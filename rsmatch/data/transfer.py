@@ -11,6 +11,8 @@ dropped or reused at once. Pinning needs CUDA, hence only for CUDA targets; else
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 
@@ -28,3 +30,21 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 def copy_to(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) for a host `src`, without blocking the host (pinned when `dst` is CUDA)."""
     dst.copy_(_staged(src, dst.device), non_blocking=True)
+
+
+class Movable:
+    """A dataclass of host tensors (or nested `Movable`s, or None for a view not made) that
+    moves to a device field by field, each copy as `to_device` makes it."""
+
+    def to(self, device: torch.device | str) -> Movable:
+        return type(self)(**{f.name: _moved(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _moved(
+    value: Movable | torch.Tensor | None, device: torch.device | str
+) -> Movable | torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, Movable):
+        return value.to(device)
+    return to_device(value, device)
