@@ -342,7 +342,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"--config: no such file {str(path)!r}")
+            what = "a folder, not a YAML file" if path.is_dir() else "no such file"
+            raise ConfigError(f"--config: {what} {str(path)!r}")
         try:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as e:

@@ -44,8 +44,8 @@ def model_card(run: Path, repo: str) -> str:
         "---", "library_name: rsmatch", "tags:", "- image-classification", "- semi-supervised-learning",
         f"- {metrics['algorithm']}", "---", "",
         f"# {repo.split('/')[-1]}", "",
-        f"A `{config['backbone']}` classifier trained with **{metrics['algorithm']}** by "
-        "rsmatch on an RS-SSL benchmark (unlabeled data contaminated with "
+        f"A `{config['backbone']}` classifier trained with the **{metrics['algorithm']}** "
+        "algorithm of the rsmatch trainer on an RS-SSL benchmark (unlabeled data contaminated with "
         "synthetic images). Only the encoder and the real head are included.", "",
         f"Data: real `{split.get('real', '?')}`, synthetic {split.get('synthetic', {})}, "
         f"{split.get('labels_per_class', '?')} labels per class, replace ratio "

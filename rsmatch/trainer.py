@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class Trainer:
         if self.deepspeed:
             configure_deepspeed(cfg, acc, self.precision.mixed_precision)
         if self.precision.warning:
-            acc.print(f"warning: {self.precision.warning}")
+            self._note(f"warning: {self.precision.warning}")
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.rank, self.world = acc.process_index, acc.num_processes
         # settings the device refuses, refused before any data is read
@@ -189,6 +190,10 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self._stop = False
 
+    def _note(self, message: str) -> None:
+        """A note to the user, from one process, on stderr: stdout keeps the metrics' JSON line."""
+        self.accelerator.print(message, file=sys.stderr)
+
     @staticmethod
     def _resolve_graph_batches(graph_batches: bool, device: str) -> bool:
         if graph_batches and device != "cuda":
@@ -238,15 +243,15 @@ class Trainer:
             raise
         if acc.is_main_process:
             for note in skipped:
-                acc.print(f"skipping a broken checkpoint: {note}")
+                self._note(f"skipping a broken checkpoint: {note}")
             if found is not None:
                 for path in checkpoint.set_aside(self.ckpt_root, found):
-                    acc.print(f"set aside {path.name}: newer than the checkpoint resumed from")
+                    self._note(f"set aside {path.name}: newer than the checkpoint resumed from")
             # evaluations after the step we start from (all, for a run that died before its
             # first checkpoint) will be repeated: each step appears once
             dropped = trim_evals(self.out, self.state.step)
             if dropped:
-                acc.print(f"dropped {dropped} evaluations after step {self.state.step}")
+                self._note(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "mixed_precision": self.precision.mixed_precision,
                 "precision": self.precision.record(), "host_memory": self.host_memory, "prefetch": self.prefetch, "threads": torch.get_num_threads(), "split": self.data.split_meta,
@@ -255,7 +260,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
         if found is not None:
-            acc.print(f"resumed from {found} at step {self.state.step}")
+            self._note(f"resumed from {found} at step {self.state.step}")
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True
@@ -299,7 +304,7 @@ class Trainer:
                 if self._stopping():
                     interrupted = True
                     self._save(step)
-                    acc.print(
+                    self._note(
                         f"\nstopped by signal at step {step}; checkpoint saved. Continue with --resume"
                     )
                     break
@@ -399,7 +404,7 @@ class Trainer:
         )
         results = {"step": step, "test_acc": test_acc}
         live.eval()
-        warn = lambda message: acc.print(f"\nWARNING step {step}: {message}")  # noqa: E731
+        warn = lambda message: self._note(f"\nWARNING step {step}: {message}")  # noqa: E731
         results.update(
             self.algorithm.evaluate(EvalContext(ema, live, self._predict, self.data, warn))
         )

@@ -78,3 +78,5 @@ def test_more_classes_than_the_run_has_are_refused(run, tmp_path, capsys):
 def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no exported classifier" in capsys.readouterr().err
+    assert main([str(tmp_path / "absent")]) == 2
+    assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err

@@ -4,7 +4,7 @@
 import pytest
 
 from rsmatch import hub
-from rsmatch.cli import analyze, build_benchmark, report, throughput
+from rsmatch.cli import analyze, build_benchmark, report, throughput, train
 from rsmatch.cli import filter as filter_cli
 from rsmatch.config import ConfigError
 from rsmatch.hardware import resolve
@@ -61,3 +61,11 @@ def test_precision_errors_name_the_tools_flag():
         resolve("fp16", False, cuda=False, key="--precision")
     warning = resolve("bf16", False, cuda=False, cpu_bf16=False, key="--precision").warning
     assert warning.startswith("--precision=bf16 on a ") and "--precision=auto picks" in warning
+
+
+def test_overrides_may_come_before_and_after_the_options():
+    """`rsmatch-train ... --resume train.steps=N`, as one appends to an earlier command line."""
+    args = train.parse_args(["train.steps=3", "--config", "c.yaml", "train.seed=1", "--resume",
+                             "train.lr=0.1"])  # fmt: skip
+    assert args.config == "c.yaml" and args.resume == "latest"
+    assert args.overrides == ["train.steps=3", "train.seed=1", "train.lr=0.1"]

@@ -88,6 +88,11 @@ def test_missing_config_file(tmp_path):
     assert res.returncode == 2 and "nope.yaml" in res.stderr
 
 
+def test_a_config_folder_is_named_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match=f"--config: a folder, not a YAML file '{tmp_path}'"):
+        load_config(tmp_path)
+
+
 def test_config_docs_are_generated_and_current():
     docs = config_docs()
     assert "`rsmatch.queue_length`" in docs and "`train.mixed_precision`" in docs

@@ -226,6 +226,19 @@ def test_too_few_synthetic_images_fail_by_counting(sources, tmp_path, capsys, no
         check_sources(cfg.data)
 
 
+def test_local_synthetic_folders_are_checked_before_the_real_set_is_fetched(
+    sources, tmp_path, monkeypatch
+):
+    """configs/rsmatch.yaml before its synthetic folders are generated: named at once, not
+    after downloading CIFAR-10 (or, offline, after the Hub's retries)."""
+    fetch = lambda *a, **k: pytest.fail("the real set was fetched first")  # noqa: E731
+    monkeypatch.setattr(datasets, "load_dataset", fetch)
+    cfg = tiny_config(sources, tmp_path / "run", **{"data.real": "uoft-cs/cifar10",
+                      "data.synthetic": f"{{a: {sources['gen_a']}, b: /nonexistent/b}}"})  # fmt: skip
+    with pytest.raises(SourceError, match=r"^data.synthetic.b: /nonexistent/b: not a folder$"):
+        check_sources(cfg.data)
+
+
 def test_missing_paths_are_named_by_their_key(sources, tmp_path, capsys):
     for spec in ("/nonexistent/real", "../nonexistent"):
         cfg = tiny_config(sources, tmp_path / "run", **{"data.real": spec})

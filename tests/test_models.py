@@ -70,6 +70,13 @@ def test_classifier_outputs_and_inference_weights():
     assert not any(k.startswith(("fake_head", "proj")) for k in model.inference_state_dict())
 
 
+def test_float_images_are_refused_not_misread():
+    """A float tensor in [0, 1] (torchvision's ToTensor) would be normalised as if 0-255."""
+    model = Classifier("wrn10_1", 3, MEAN, STD).eval()
+    with pytest.raises(TypeError, match="uint8 images .*got torch.float32"):
+        model(torch.rand(2, 3, 32, 32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]

@@ -329,6 +329,17 @@ def test_resume_may_change_steps_and_intervals(straight, sources, tmp_path):
     assert found.name == STEP4
 
 
+def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
+    """`rsmatch-train ... | jq`: notes (here "resumed from"), warnings and libraries' prints
+    (DeepSpeed logs to stdout) go to stderr."""
+    out = copy_run(straight, tmp_path)
+    res = cli(["--resume", *tiny_overrides(sources, out, **{"train.steps": 5})], tmp_path)
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stdout.splitlines()
+    assert json.loads(line)["step"] == 5
+    assert f"resumed from {out}/checkpoints/{STEP4} at step 4" in res.stderr
+
+
 def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):
     out = copy_run(straight, tmp_path)
     before = tree(out)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=at_least(0), default=5, help="unmeasured steps first")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, as rsmatch-train takes them (docs/config.md)")  # fmt: skip
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, [*args.overrides, "train.progress=false"])
         from rsmatch.trainer import Trainer

@@ -9,6 +9,7 @@ printed once under torchrun (see `_report`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     argv = sys.argv[1:] if argv is None else argv
     # A bare `--resume` must not swallow the key=value after it as its optional value.
-    args = ap.parse_args(["--resume=latest" if a == "--resume" else a for a in argv])
+    args = ap.parse_intermixed_args(["--resume=latest" if a == "--resume" else a for a in argv])
     if args.resume and args.resume_from is not None:
         ap.error("--resume and --resume-from exclude each other")
     return args
@@ -75,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         runfolder.check_run_folder(cfg, resume)  # read-only; repeated under the run lock
         from rsmatch.trainer import Trainer
 
-        trainer = Trainer(cfg)
-        metrics = trainer.fit(resume=resume)
+        # stdout is for the final metrics' JSON line; notes, warnings and what libraries print
+        # (DeepSpeed logs to stdout) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer = Trainer(cfg)
+            metrics = trainer.fit(resume=resume)
     except ERRORS as e:
         _report(e)
         return 2

@@ -7,6 +7,8 @@ training could not decode, real and synthetic alike, with its full path.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rsmatch.benchmark.integrity import check_readable
 from rsmatch.benchmark.sources import (
     SourceError,
@@ -25,6 +27,9 @@ def data_indexes(cfg: DataConfig) -> dict[str, SourceIndex]:
     if cfg.benchmark:
         dd, _ = load_benchmark(cfg.benchmark)
         return {f"benchmark/{s}": index_dataset(dd[s], f"{cfg.benchmark} ({s})") for s in SPLITS}
+    for g, path in sorted(cfg.synthetic.items()):  # local, so before the real set's download
+        if not Path(path).is_dir():
+            raise SourceError(f"data.synthetic.{g}: {path}: not a folder")
     real = index_real(cfg.real, key="data.real")
     indexes = {"real/train": real.train, "real/test": real.test}
     for g, path in sorted(cfg.synthetic.items()):

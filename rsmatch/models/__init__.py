@@ -20,6 +20,8 @@ class Normalize(nn.Module):
         self.channels_last = False  # set by the trainer with train.channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:  # floats in [0, 1] would be normalised as 0-255: wrong, silently
+            raise TypeError(f"the model takes uint8 images (0-255), got {x.dtype}")
         x = (x.float() - self.mean) / self.std
         # Both ways explicitly: the augmented batches come out channels_last-strided, and
         # without this the convolutions ran channels_last with NCHW weights even when off.
