@@ -295,6 +295,19 @@ def train_with_accelerate(argv: list[str], launcher_args: Sequence[str]) -> int:
 Trainer = Callable[[list[str]], int]
 
 
+def check_data_paths(runs: Sequence[Run]) -> None:
+    """Every run's data folders exist (or are Hub ids), before any run starts: a typo in one
+    axis value would otherwise surface when its run's turn comes, hours into the grid."""
+    from rsmatch.benchmark.sources import SourceError  # heavy imports, for real runs only
+    from rsmatch.data.check import check_local_paths
+
+    for run in runs:
+        try:
+            check_local_paths(run.config.data)
+        except SourceError as e:
+            raise GridError(f"run {run.name}: {e}") from None
+
+
 def run_grid(grid: Grid, runs: Sequence[Run], train: Trainer) -> int:
     """Run ``runs`` one after another; 0 if all finished, 1 if some failed, 130 if stopped."""
     write_manifest(grid)

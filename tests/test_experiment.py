@@ -61,6 +61,22 @@ def test_bad_grid_exits_2_naming_the_culprit_and_writes_nothing(
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even the output folder
 
 
+def test_a_missing_data_folder_exits_2_before_any_run(tmp_path, capsys):
+    """A typo in one axis value of a long grid is found before the first run, not at its
+    turn; a dry run still lists the grid (its folders may be generated later)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    grid = write_grid(tmp_path, {"data.synthetic": [{"g": str(real)}, {"g": str(tmp_path / "typo")}]},
+                      overrides=[f"data.real={real}"])  # fmt: skip
+    assert main([str(grid), "--dry-run"]) == 0
+    before = sorted(tmp_path.rglob("*"))
+    assert main([str(grid)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"data.synthetic.g: {tmp_path / 'typo'}: not a folder"), err
+    assert "error: run data.synthetic=" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_two_axes_setting_one_key_are_refused(tmp_path, capsys):
     grid = write_grid(
         tmp_path, {"algorithm": ["fixmatch"], "method": {"oracle": {"algorithm": "fixmatch"}}}

@@ -220,6 +220,12 @@ def _is_hub_id(spec: str) -> bool:
     return True
 
 
+def check_real_path(spec: str, key: str = "data.real") -> None:
+    """A real set is a local folder or a Hub dataset id."""
+    if not Path(spec).exists() and not _is_hub_id(spec):
+        raise SourceError(f"{key}={spec}: no such folder")
+
+
 def index_real(spec: str, key: str = "data.real") -> RealIndex:
     """Real images with a train and a test split (see the module doc for `spec`); `key` names
     the setting in messages (`data.real`, `--real`)."""
@@ -229,9 +235,8 @@ def index_real(spec: str, key: str = "data.real") -> RealIndex:
     elif (path / "train").is_dir() and (path / "test").is_dir():
         train = index_class_folder(path / "train")
         return RealIndex(train, index_class_folder(path / "test", train.class_names))
-    elif not path.exists() and not _is_hub_id(spec):
-        raise SourceError(f"{key}={spec}: no such folder")
     else:
+        check_real_path(spec, key)
         kind = "folder" if path.exists() else "Hub dataset id (no local folder of that name)"
         try:  # a Hub id, or a local folder laid out like a Hub dataset repository
             dd = datasets.load_dataset(spec, keep_in_memory=True)

@@ -15,6 +15,7 @@ from functools import partial
 
 from rsmatch.experiment import (
     GridError,
+    check_data_paths,
     config_drift,
     describe,
     load_grid,
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"run {run.path}: its config.yaml differs from the grid ({drift}); "
                     "move the run away or change `output`"
                 )
+        if not args.dry_run:  # a dry run lists the grid, generated folders or not
+            check_data_paths(runs)
     except GridError as e:
         print(f"rsmatch-experiment: error: {e}", file=sys.stderr)
         return 2

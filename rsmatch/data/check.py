@@ -13,6 +13,7 @@ from rsmatch.benchmark.integrity import check_readable
 from rsmatch.benchmark.sources import (
     SourceError,
     SourceIndex,
+    check_real_path,
     index_dataset,
     index_real,
     index_synthetic,
@@ -22,14 +23,23 @@ from rsmatch.benchmark.store import SPLITS, load_benchmark
 from rsmatch.config import DataConfig
 
 
+def check_local_paths(cfg: DataConfig) -> None:
+    """The paths a config names, by their existence alone (microseconds, no download): what a
+    grid checks for every run before any starts."""
+    if cfg.benchmark:
+        return  # a saved benchmark's folder or Hub id: load_benchmark names it
+    check_real_path(cfg.real, key="data.real")
+    for g, path in sorted(cfg.synthetic.items()):  # always local
+        if not Path(path).is_dir():
+            raise SourceError(f"data.synthetic.{g}: {path}: not a folder")
+
+
 def data_indexes(cfg: DataConfig) -> dict[str, SourceIndex]:
     """Every image source of the config, indexed (named `real/train`, `synthetic/NAME`, ...)."""
     if cfg.benchmark:
         dd, _ = load_benchmark(cfg.benchmark)
         return {f"benchmark/{s}": index_dataset(dd[s], f"{cfg.benchmark} ({s})") for s in SPLITS}
-    for g, path in sorted(cfg.synthetic.items()):  # local, so before the real set's download
-        if not Path(path).is_dir():
-            raise SourceError(f"data.synthetic.{g}: {path}: not a folder")
+    check_local_paths(cfg)  # before the real set's download
     real = index_real(cfg.real, key="data.real")
     indexes = {"real/train": real.train, "real/test": real.test}
     for g, path in sorted(cfg.synthetic.items()):
