@@ -1,8 +1,6 @@
 """Entry point for `accelerate launch launch/train.py --config ... key=value ...`."""
 
-import sys
-
-from rsmatch.cli.train import main
+from rsmatch.cli.train import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

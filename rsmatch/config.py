@@ -12,6 +12,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,20 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"{key!r}: not a config key (dotted names, e.g. train.lr=0.01)")
     where = f"{key.strip()}: cannot parse {raw!r}"
     return key.strip(), parse_yaml(raw, where, marks=False) if raw != "" else ""
+
+
+def ignored_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
+    """The overrides (of a loaded `cfg`) that set a section of an algorithm this run does not
+    use: `rsmatch.*` when training FixMatch, `flexmatch.*` under RSMatch on FixMatch."""
+    used, name = set(), cfg.algorithm
+    while name not in used:  # the algorithm, and the base algorithm it wraps, if any
+        used.add(name)
+        name = getattr(getattr(cfg, name, None), "base", name)
+    sections = {f.name for f in dataclasses.fields(cfg)} - {
+        f.name for f in dataclasses.fields(Config)
+    }
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    return [k for k in keys if k.split(".")[0] in sections - used]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
+from rsmatch.cli.train import exit_process
 from rsmatch.config import load_config
 from rsmatch.trainer import Trainer
 
@@ -33,3 +34,4 @@ if __name__ == "__main__":
     if trainer.accelerator.is_main_process:
         Path(trainer.cfg.train.output_dir, "ranks.json").write_text(json.dumps(ranks))
     trainer.accelerator.end_training()
+    exit_process(0)  # see there: a gloo worker may abort a finalising Python

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from rsmatch.cli.train import exit_process
 from rsmatch.config import load_config
 from rsmatch.trainer import Trainer
 
@@ -26,3 +27,4 @@ if __name__ == "__main__":
     if trainer.accelerator.is_main_process:
         Path(trainer.cfg.train.output_dir, "logged.json").write_text(json.dumps(ranks))
     trainer.accelerator.end_training()
+    exit_process(0)  # see there: a gloo worker may abort a finalising Python

@@ -7,7 +7,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rsmatch.config import ConfigError, config_docs, load_config, validate
+from rsmatch.config import ConfigError, config_docs, ignored_overrides, load_config, validate
 
 from .conftest import tiny_overrides
 
@@ -209,3 +209,18 @@ def test_random_yaml_documents_load_or_fail_as_one_line(tmp_path, text):
     f = tmp_path / "c.yaml"
     f.write_text(text, encoding="utf-8", errors="surrogatepass")
     _loads_or_one_line(f, [])
+
+
+@pytest.mark.parametrize(
+    "overrides, ignored",
+    [
+        (["algorithm=fixmatch", "rsmatch.queue_length=4", "ssl.threshold=0.9"], ["rsmatch.queue_length"]),
+        (["algorithm=rsmatch", "rsmatch.base=flexmatch", "flexmatch.thresh_warmup=false",
+          "freematch.ema_p=0.9"], ["freematch.ema_p"]),
+        (["algorithm=rsmatch", "flexmatch.thresh_warmup=false"], ["flexmatch.thresh_warmup"]),
+        (["algorithm=flexmatch", "flexmatch.thresh_warmup=false", "train.lr=0.1"], []),
+    ],
+)  # fmt: skip
+def test_overrides_of_sections_the_algorithm_does_not_read(overrides, ignored):
+    """rsmatch-train warns about these (they used to be ignored silently)."""
+    assert ignored_overrides(load_config(None, overrides), overrides) == ignored

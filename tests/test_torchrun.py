@@ -1,5 +1,9 @@
 """The multi-process tests' launcher retries a native gloo abort from the same starting files."""
 
+import os
+import subprocess
+import sys
+
 from .torchrun import NATIVE_ABORT, torchrun
 
 # Rank 0 of the first launch consumes the prepared file and aborts as gloo does; a retry
@@ -38,3 +42,21 @@ def test_any_other_failure_is_not_retried(tmp_path):
     count = tmp_path / "count"
     res = torchrun(script, [str(count)], processes=1, timeout=120)
     assert res.returncode != 0 and count.read_text() == "x"
+
+
+def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
+    """`exit_process` (rsmatch-train's end): output flushed, the exit code kept, and under a
+    launcher (WORLD_SIZE > 1) Python not finalised (atexit work skipped), where a gloo worker
+    thread would abort it; a single process ends normally."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import atexit, pathlib, sys\nfrom rsmatch.cli.train import exit_process\n"
+        "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
+        "print('metrics', end='')\nexit_process(3)\n"
+    )
+    for world, finalised in (("2", False), ("1", True)):
+        marker = tmp_path / f"finalised-{world}"
+        res = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True,
+                             text=True, env={**os.environ, "WORLD_SIZE": world})  # fmt: skip
+        assert res.returncode == 3 and res.stdout == "metrics", res.stderr
+        assert marker.exists() == finalised

@@ -9,10 +9,11 @@ import warnings
 from pathlib import Path
 
 # Seen about once in 15 launches here: a gloo worker aborting natively ("terminate called
-# without an active exception", SIGABRT). That message is C++ destroying a running std::thread,
-# which gloo's worker threads do when a process is torn down with a live process group; the
-# workers end with `end_training()` (which destroys it), so the moment of the abort is not
-# understood. Such a launch is retried once, from the same starting files; any other failure is not.
+# without an active exception", SIGABRT) while Python finalised (a core dump: a gloo thread
+# releasing the last collective's tensors, which a DDP model's process group keeps alive after
+# `end_training()`). rsmatch-train and the test workers now end through
+# `rsmatch.cli.train.exit_process`, which does not finalise; the retry stays as a guard (once,
+# from the same starting files; any other failure is not retried).
 NATIVE_ABORT = "terminate called without an active exception"
 
 
