@@ -9,6 +9,8 @@ of its own: a synthetic-image detector trained without a synthetic label (see do
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -30,7 +32,8 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
 
 def load_classifier(source: str | Path) -> Classifier:
     """Rebuild an exported classifier from a folder or a Hub id; nothing else is downloaded."""
-    return Classifier.from_pretrained(str(source), strict=True).eval()
+    with contextlib.redirect_stdout(sys.stderr):  # huggingface_hub prints its progress there
+        return Classifier.from_pretrained(str(source), strict=True).eval()
 
 
 def export_detector(detector: Detector, out: Path, mean: list[float], std: list[float],
@@ -48,7 +51,8 @@ def export_detector(detector: Detector, out: Path, mean: list[float], std: list[
 
 def load_detector(source: str | Path) -> Detector:
     """Rebuild an exported detector from a folder or a Hub id."""
-    return Detector.from_pretrained(str(source), strict=True).eval()
+    with contextlib.redirect_stdout(sys.stderr):
+        return Detector.from_pretrained(str(source), strict=True).eval()
 
 
 def detector_card(det: Detector, training: dict, metrics: dict[str, float] | None) -> ModelCard:

@@ -20,9 +20,10 @@ def finished_run(sources, tmp_path_factory):
     return out, trainer
 
 
-def test_exported_classifier_reproduces_the_ema_predictions(finished_run):
+def test_exported_classifier_reproduces_the_ema_predictions(finished_run, capsys):
     out, trainer = finished_run
     model = load_classifier(out / "model")
+    assert capsys.readouterr().out == ""  # huggingface_hub's "Loading weights..." goes to stderr
     assert model.fake_head is None and model.class_names == trainer.data.class_names
     x = trainer.data.test[:8]
     ema = trainer.ema.module.classifier.eval()
