@@ -251,6 +251,11 @@ def test_missing_paths_are_named_by_their_key(sources, tmp_path, capsys):
     assert bb.main(["--real", "/nonexistent/real", "--replace-ratio", "0", "--out", str(out)]) == 2
     assert _one_error_line(capsys).endswith("--real=/nonexistent/real: no such folder")
     _nothing_written(out)
+    split = tmp_path / "split"  # one split saved alone
+    datasets.Dataset.from_dict({"label": [0]}).save_to_disk(str(split))
+    cfg = tiny_config(sources, tmp_path / "run", **{"data.real": split})
+    with pytest.raises(SourceError, match=rf"^data.real={split}: a saved single split; a real set"):
+        check_sources(cfg.data)
 
 
 def test_generator_name_real_is_reserved(sources, tmp_path, capsys):
