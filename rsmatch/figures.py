@@ -108,7 +108,8 @@ def accuracy_figure(cells: list[Cell], path: Path) -> bool:
                 drawn |= _plot(ax, c.done, eval_series("test_acc"), c.method, colors[c.method])
         ax.set(title=column_title(col), xlabel="step", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.has_data():  # a column with no finished run yet has nothing to label
+            ax.legend(fontsize=8)
     _save(fig, path)
     return drawn
 

@@ -381,7 +381,8 @@ def write_report(runs_dir: Path, out: Path, repo_url: str | None = None,
     missing = [r for r in runs if r.metrics is None]
     if missing:
         lines += ["## Missing runs", "", *(f"- `{r.name}`: {r.state}" for r in missing), ""]
-    lines += ["## Figures", ""]
+    if made:
+        lines += ["## Figures", ""]
     for file, caption in made:
         lines += [f"**{caption}**", "", f"![{caption}]({file})", ""]
     readme = out / "README.md"

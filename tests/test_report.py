@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,18 @@ def test_report_figures_are_valid_non_blank_pngs(runs, tmp_path):
         # drawn curves are coloured; frames and text are grey
         chroma = pixels.max(-1) - pixels.min(-1)
         assert (chroma > 60).sum() > 200, name
+
+
+def test_a_report_of_unfinished_runs_has_no_empty_figures(tmp_path):
+    """Early in a grid: no finished run, so no curve to label (matplotlib warned) and no
+    figure to show (the report had an empty Figures section)."""
+    fake_run(tmp_path / "runs", "fm-r0.5-s0", "fixmatch", 0.5, 0, None)
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "README.md").read_text()
+    assert "## Missing runs" in md and "## Figures" not in md
 
 
 def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
