@@ -137,7 +137,7 @@ def gradcam_figure(model: nn.Module, pool: Pool, grid: list[int], rows: int, per
 
     net, layer = cam_target(model)
     used = [i for i in grid if i >= 0]
-    images = pool.images[used].float()
+    images = pool.images[used]  # uint8, as the models take them
     labels = pool.labels[used] if target == "class" else np.ones(len(used), dtype=int)
     with GradCAMPlusPlus(net, target_layers=[layer]) as cam:
         maps = cam(images, targets=[ClassifierOutputTarget(int(y)) for y in labels])
