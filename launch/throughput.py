@@ -1,8 +1,6 @@
 """Entry point: `python launch/throughput.py --config configs/fixmatch.yaml ...`."""
 
-import sys
-
-from rsmatch.cli.throughput import main
+from rsmatch.cli.throughput import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -83,10 +83,10 @@ def tsne_figure(pool: Pool, feats: np.ndarray, seed: int, path: Path) -> None:
 
 
 class _CamModel(nn.Module):
-    """normalize -> timm forward_features -> (hook point) -> pooled -> head, on float input.
+    """normalize -> timm forward_features -> (hook point) -> pooled -> head, on uint8 images.
 
     GradCAM++ needs the last spatial feature map of any timm backbone; `fmap` is an identity
-    that exposes it, and float input lets grad-cam require gradients on the images.
+    that exposes it (no gradient on the images is needed).
     """
 
     def __init__(self, normalize: nn.Module, encoder: nn.Module, head: nn.Module) -> None:
@@ -100,7 +100,7 @@ class _CamModel(nn.Module):
 
 
 def cam_target(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(model on float images -> logits, layer to explain) for a classifier or a detector."""
+    """(model on uint8 images -> logits, layer to explain) for a classifier or a detector."""
     if all(hasattr(model, a) for a in ("normalize", "encoder", "head")) and hasattr(
         model.encoder, "forward_features"
     ):

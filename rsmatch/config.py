@@ -340,13 +340,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 def ignored_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
     """The overrides (of a loaded `cfg`) that set a section of an algorithm this run does not
     use: `rsmatch.*` when training FixMatch, `flexmatch.*` under RSMatch on FixMatch."""
+    shared = {f.name for f in dataclasses.fields(Config)}
+    sections = {f.name for f in dataclasses.fields(cfg)} - shared
     used, name = set(), cfg.algorithm
-    while name not in used:  # the algorithm, and the base algorithm it wraps, if any
+    while isinstance(name, str) and name not in used:  # the algorithm, the base it wraps, ...
         used.add(name)
-        name = getattr(getattr(cfg, name, None), "base", name)
-    sections = {f.name for f in dataclasses.fields(cfg)} - {
-        f.name for f in dataclasses.fields(Config)
-    }
+        name = getattr(getattr(cfg, name), "base", None) if name in sections else None
     keys = [o.partition("=")[0].strip() for o in overrides]
     return [k for k in keys if k.split(".")[0] in sections - used]
 

@@ -296,8 +296,8 @@ Trainer = Callable[[list[str]], int]
 
 
 def check_data_paths(runs: Sequence[Run]) -> None:
-    """Every run's data folders exist (or are Hub ids), before any run starts: a typo in one
-    axis value would otherwise surface when its run's turn comes, hours into the grid."""
+    """The data folders of the runs still to train exist (or are Hub ids), before any run
+    starts: a typo in one axis value would otherwise surface at its run's turn, hours in."""
     from rsmatch.benchmark.sources import SourceError  # heavy imports, for real runs only
     from rsmatch.data.check import check_local_paths
 

@@ -75,6 +75,11 @@ def test_a_missing_data_folder_exits_2_before_any_run(tmp_path, capsys):
     assert err.endswith(f"data.synthetic.g: {tmp_path / 'typo'}: not a folder"), err
     assert "error: run data.synthetic=" in err and len(err.splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before
+    # a finished run is not trained again: its folder may have gone since
+    done = tmp_path / "out" / load_grid(grid).runs[1].name
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    assert main([str(grid), "--only", "typo"]) == 0
 
 
 def test_two_axes_setting_one_key_are_refused(tmp_path, capsys):

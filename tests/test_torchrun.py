@@ -60,3 +60,17 @@ def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
                              text=True, env={**os.environ, "WORLD_SIZE": world})  # fmt: skip
         assert res.returncode == 3 and res.stdout == "metrics", res.stderr
         assert marker.exists() == finalised
+
+
+def test_a_crash_under_a_launcher_is_reported_and_exits_1_without_finalising(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import atexit, pathlib, sys\nfrom rsmatch.cli.train import run_process\n"
+        "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
+        "def crash():\n    raise RuntimeError('out of memory')\nrun_process(crash)\n"
+    )
+    marker = tmp_path / "finalised"
+    res = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True,
+                         text=True, env={**os.environ, "WORLD_SIZE": "2"})  # fmt: skip
+    assert res.returncode == 1 and "RuntimeError: out of memory" in res.stderr
+    assert not marker.exists()

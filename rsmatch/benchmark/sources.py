@@ -232,14 +232,14 @@ def index_real(spec: str, key: str = "data.real") -> RealIndex:
     path = Path(spec)
     if (path / "dataset_dict.json").is_file():
         dd = datasets.load_from_disk(str(path), keep_in_memory=True)
+    elif (path / "train").is_dir() and (path / "test").is_dir():
+        train = index_class_folder(path / "train")
+        return RealIndex(train, index_class_folder(path / "test", train.class_names))
     elif (path / "dataset_info.json").is_file():  # `Dataset.save_to_disk`: one split
         raise SourceError(
             f"{key}={spec}: a saved single split; a real set needs a train and a test split (a "
             "saved DatasetDict, train/ and test/ class folders, or a Hub dataset id)"
         )
-    elif (path / "train").is_dir() and (path / "test").is_dir():
-        train = index_class_folder(path / "train")
-        return RealIndex(train, index_class_folder(path / "test", train.class_names))
     else:
         check_real_path(spec, key)
         kind = "folder" if path.exists() else "Hub dataset id (no local folder of that name)"

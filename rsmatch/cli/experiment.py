@@ -20,6 +20,7 @@ from rsmatch.experiment import (
     describe,
     load_grid,
     run_grid,
+    run_state,
     select,
     train_in_process,
     train_with_accelerate,
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     "move the run away or change `output`"
                 )
         if not args.dry_run:  # a dry run lists the grid, generated folders or not
-            check_data_paths(runs)
+            check_data_paths([r for r in runs if run_state(r.path) != "done"])
     except GridError as e:
         print(f"rsmatch-experiment: error: {e}", file=sys.stderr)
         return 2

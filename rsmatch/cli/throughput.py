@@ -14,11 +14,13 @@ import json
 import platform
 import sys
 import time
+from typing import NoReturn
 
 import torch
 
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.cli import at_least
+from rsmatch.cli.train import run_process
 from rsmatch.config import ConfigError, load_config
 
 
@@ -69,8 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))
+    trainer.accelerator.end_training()
     return 0
 
 
+def run() -> NoReturn:
+    """The `rsmatch-throughput` command (ends as rsmatch-train does: `run_process`)."""
+    run_process(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -117,9 +119,22 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def run_process(entry: Callable[[], int]) -> NoReturn:
+    """A command's `entry`, then `exit_process`, after a crash too (its process group may
+    still be up, and the abort would hide the exit code)."""
+    try:
+        code = entry()
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 -- reported here, the process ends below
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 def run() -> NoReturn:
-    """The `rsmatch-train` command: `main`, then `exit_process`."""
-    exit_process(main())
+    """The `rsmatch-train` command."""
+    run_process(main)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from rsmatch.config import DataConfig
 def check_local_paths(cfg: DataConfig) -> None:
     """The paths a config names, by their existence alone (microseconds, no download): what a
     grid checks for every run before any starts."""
-    if cfg.benchmark:
-        return  # a saved benchmark's folder or Hub id: load_benchmark names it
+    if cfg.benchmark:  # a saved benchmark: a folder or a Hub id
+        check_real_path(cfg.benchmark, key="data.benchmark")
+        return
     check_real_path(cfg.real, key="data.real")
     for g, path in sorted(cfg.synthetic.items()):  # always local
         if not Path(path).is_dir():
