@@ -10,7 +10,7 @@ of its own: a synthetic-image detector trained without a synthetic label (see do
 from __future__ import annotations
 
 import contextlib
-import sys
+import io
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -30,9 +30,15 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
     return out
 
 
+def _quiet_hub() -> contextlib.AbstractContextManager:
+    """huggingface_hub's mixin prints "Loading weights from local directory" on stdout, which
+    is the tools' output (and broke their one-line errors on stderr): dropped."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def load_classifier(source: str | Path) -> Classifier:
     """Rebuild an exported classifier from a folder or a Hub id; nothing else is downloaded."""
-    with contextlib.redirect_stdout(sys.stderr):  # huggingface_hub prints its progress there
+    with _quiet_hub():
         return Classifier.from_pretrained(str(source), strict=True).eval()
 
 
@@ -51,7 +57,7 @@ def export_detector(detector: Detector, out: Path, mean: list[float], std: list[
 
 def load_detector(source: str | Path) -> Detector:
     """Rebuild an exported detector from a folder or a Hub id."""
-    with contextlib.redirect_stdout(sys.stderr):
+    with _quiet_hub():
         return Detector.from_pretrained(str(source), strict=True).eval()
 
 

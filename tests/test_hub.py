@@ -23,7 +23,7 @@ def finished_run(sources, tmp_path_factory):
 def test_exported_classifier_reproduces_the_ema_predictions(finished_run, capsys):
     out, trainer = finished_run
     model = load_classifier(out / "model")
-    assert capsys.readouterr().out == ""  # huggingface_hub's "Loading weights..." goes to stderr
+    assert capsys.readouterr().out == ""  # not huggingface_hub's "Loading weights..."
     assert model.fake_head is None and model.class_names == trainer.data.class_names
     x = trainer.data.test[:8]
     ema = trainer.ema.module.classifier.eval()
