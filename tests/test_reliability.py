@@ -17,6 +17,7 @@ import torch
 
 from rsmatch import runfolder
 from rsmatch.checkpoint import CheckpointError
+from rsmatch.cli import train as train_cli
 from rsmatch.cli.train import OTHER_RANKS_WAIT_S
 from rsmatch.config import ConfigError
 from rsmatch.trainer import Trainer
@@ -110,7 +111,6 @@ def test_config_errors_are_one_line_and_write_nothing(sources, tmp_path, extra, 
     assert not out.exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer picks CUDA where there is one")
 @pytest.mark.parametrize(
     "key, world", [("train.graph_batches", 1), ("train.sync_bn", 2)]
 )  # fmt: skip
@@ -338,6 +338,19 @@ def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
     (line,) = res.stdout.splitlines()
     assert json.loads(line)["step"] == 5
     assert f"resumed from {out}/checkpoints/{STEP4} at step 4" in res.stderr
+
+
+def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, capsys, monkeypatch):
+    """DeepSpeed's logger, for one, writes to stdout: the run's stdout stays its metrics line."""
+
+    def fit(self, resume=False):
+        print("a library's note")
+        return {"step": 0}
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    assert train_cli.main(tiny_overrides(sources, tmp_path / "run")) == 0
+    out, err = capsys.readouterr()
+    assert out == '{"step": 0}\n' and "a library's note" in err
 
 
 def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):
