@@ -107,7 +107,7 @@ def exit_process(code: int) -> NoReturn:
     still releasing the tensors of the last collective needs the GIL, and once Python is
     finalising it is made to exit inside that C++ destructor, which is noexcept:
     std::terminate, "terminate called without an active exception", SIGABRT (a core dump
-    showed it; 5-9 in 40 launches of a bare DDP script, 0 in 30 with this). `os._exit` ends
+    showed it; 9 in 40 launches of a bare DDP script, 0 in 30 with this). `os._exit` ends
     the process without finalising: the trackers are closed and the run lock released before
     it, and nothing in rsmatch registers atexit work.
     """
