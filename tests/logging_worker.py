@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from rsmatch.cli.train import exit_process
+from rsmatch.cli import exit_process
 from rsmatch.config import load_config
 from rsmatch.trainer import Trainer
 

@@ -50,7 +50,7 @@ def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
     thread would abort it; a single process ends normally."""
     script = tmp_path / "worker.py"
     script.write_text(
-        "import atexit, pathlib, sys\nfrom rsmatch.cli.train import exit_process\n"
+        "import atexit, pathlib, sys\nfrom rsmatch.cli import exit_process\n"
         "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
         "print('metrics', end='')\nexit_process(3)\n"
     )
@@ -65,7 +65,7 @@ def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
 def test_a_crash_under_a_launcher_is_reported_and_exits_1_without_finalising(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(
-        "import atexit, pathlib, sys\nfrom rsmatch.cli.train import run_process\n"
+        "import atexit, pathlib, sys\nfrom rsmatch.cli import run_process\n"
         "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
         "def crash():\n    raise RuntimeError('out of memory')\nrun_process(crash)\n"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 # without an active exception", SIGABRT) while Python finalised (a core dump: a gloo thread
 # releasing the last collective's tensors, which a DDP model's process group keeps alive after
 # `end_training()`). rsmatch-train and the test workers now end through
-# `rsmatch.cli.train.exit_process`, which does not finalise; the retry stays as a guard (once,
+# `rsmatch.cli.exit_process`, which does not finalise; the retry stays as a guard (once,
 # from the same starting files; any other failure is not retried).
 NATIVE_ABORT = "terminate called without an active exception"
 

@@ -19,8 +19,7 @@ from typing import NoReturn
 import torch
 
 from rsmatch.benchmark.sources import SourceError
-from rsmatch.cli import at_least
-from rsmatch.cli.train import run_process
+from rsmatch.cli import at_least, run_process
 from rsmatch.config import ConfigError, load_config
 
 
