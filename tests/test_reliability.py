@@ -340,17 +340,23 @@ def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
     assert f"resumed from {out}/checkpoints/{STEP4} at step 4" in res.stderr
 
 
-def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, capsys, monkeypatch):
-    """DeepSpeed's logger, for one, writes to stdout: the run's stdout stays its metrics line."""
+def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, capfd, monkeypatch):
+    """DeepSpeed's logger writes to stdout, NCCL's debug output and DeepSpeed's op builds to file
+    descriptor 1: the run's stdout stays its metrics line, whichever way a note is written."""
 
     def fit(self, resume=False):
-        print("a library's note")
+        print("a print")
+        sys.__stdout__.write("a stream held since import\n")  # left unflushed on purpose
+        os.write(1, b"a native write\n")
+        subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
         return {"step": 0}
 
     monkeypatch.setattr(Trainer, "fit", fit)
     assert train_cli.main(tiny_overrides(sources, tmp_path / "run")) == 0
-    out, err = capsys.readouterr()
-    assert out == '{"step": 0}\n' and "a library's note" in err
+    out, err = capfd.readouterr()
+    assert out == '{"step": 0}\n'
+    for note in ("a print", "a stream held since import", "a native write", "a child process"):
+        assert note in err
 
 
 def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):

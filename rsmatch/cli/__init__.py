@@ -4,11 +4,12 @@ their counted options, and how a launched command's process ends."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 
@@ -25,6 +26,32 @@ def at_least(low: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile to stderr: Python's prints, streams that kept
+    the original `sys.stdout` (a logger's handler made at import), and file descriptor 1 itself,
+    which C++ code (NCCL's debug output) and child processes (DeepSpeed's op builds) write to."""
+    for stream in (sys.stdout, sys.__stdout__):
+        if stream is not None:
+            stream.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (closed by the caller): nothing below can write there
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for stream in (sys.stdout, sys.__stdout__):  # their buffers belong to the stderr side
+            if stream is not None:
+                stream.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -9,7 +9,6 @@ printed once under torchrun (see `_report`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from typing import NoReturn
 
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.checkpoint import CheckpointError
-from rsmatch.cli import run_process
+from rsmatch.cli import run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
 ERRORS = (ConfigError, SourceError, CheckpointError)
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # stdout is for the final metrics' JSON line; notes, warnings and what libraries print
         # (DeepSpeed logs to stdout) go to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with stdout_to_stderr():
             trainer = Trainer(cfg)
             metrics = trainer.fit(resume=resume)
     except ERRORS as e:
