@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                          "each train.compile_mode (reduce-overhead: replayed as CUDA graphs)")  # fmt: skip
     ap.add_argument("--variant", metavar="KEY=VALUE",
                     help="also time FixMatch and RSMatch with this override, interleaved, in the "
-                         "throughput and compile steps (e.g. train.prefetch=false)")  # fmt: skip
+                         "throughput step (e.g. train.prefetch=false)")  # fmt: skip
     ap.add_argument("--precision", help="train.mixed_precision (default auto; dry run: no)")
     ap.add_argument("--channels-last", help="train.channels_last (default auto; dry run: false)")
     ap.add_argument("--started", type=float, default=time.time())
