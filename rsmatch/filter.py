@@ -28,7 +28,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from rsmatch.benchmark.integrity import decode_bytes
-from rsmatch.benchmark.sources import LABEL_COLUMNS, image_bytes, image_files
+from rsmatch.benchmark.sources import LABEL_COLUMNS, image_bytes, image_files, load_saved
 from rsmatch.export import load_detector
 from rsmatch.models import Detector
 
@@ -111,7 +111,7 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
     """A folder, a saved Dataset/DatasetDict, or a Hub dataset id, as a DatasetDict."""
     path = Path(spec)
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        data = datasets.load_from_disk(str(path))
+        data = load_saved(path, f"{option} {spec}", in_memory=False)
     elif path.is_dir():
         data = read_folder(path)
     elif path.exists() or not HUB_ID.match(spec):

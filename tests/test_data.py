@@ -1,8 +1,12 @@
+import json
+import shutil
+
 import datasets
 import numpy as np
 import pytest
 import torch
 
+from rsmatch.benchmark import sources as src
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
 from rsmatch.benchmark.split import (
     SplitSpec,
@@ -208,3 +212,95 @@ def test_required_per_generator_is_the_largest_share_of_any_class():
     assert required_per_generator(counts, SplitSpec(4, 0.0, None, 0), ["a"]) == {"a": 0}
     # no class has an unlabeled image (4 labeled of 4, or of 3): nothing to generate
     assert required_per_generator(np.array([4, 3]), SplitSpec(4, 0.7, None, 0), ["a"]) == {"a": 0}
+
+
+# -- source indexes, before any image is read --------------------------------------------------
+
+
+def test_class_folders_skip_hidden_entries_and_read_any_suffix_case(tmp_path):
+    for rel in ("cat/0.jpg", "cat/1.JPG", "cat/._2.jpg", "dog/3.png", ".ipynb_checkpoints/4.jpg"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    for index in (src.index_class_folder(tmp_path), src.index_class_folder(tmp_path, CLASSES)):
+        assert index.keys == ["cat/0.jpg", "cat/1.JPG", "dog/3.png"]
+    assert src.index_class_folder(tmp_path).class_names == ["cat", "dog"]
+
+
+def test_a_folder_with_some_classes_is_labelled_by_the_real_class_names(tmp_path):
+    for name in ("dog", "ship"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.png").write_bytes(b"")
+    index = src.index_class_folder(tmp_path, CLASSES)
+    assert index.labels.tolist() == [1, 2] and index.counts().tolist() == [0, 1, 1]
+
+
+def test_counts_and_load_leave_out_the_skipped_positions(sources):
+    folder = src.index_class_folder(sources["gen_a"], CLASSES)  # 12 images per class
+    assert folder.counts(frozenset({0, 1, 30})).tolist() == [10, 12, 11]
+    assert src.class_counts(np.array([0, 0, 1]), 3).tolist() == [2, 1, 0]
+    saved = src.index_dataset(folder.load(), "x")
+    kept = saved.load(frozenset({0, 35}))
+    assert len(kept) == 34 and kept["label"] == folder.load()["label"][1:35]
+    assert saved.load() is saved.dataset
+
+
+def test_cifake_classes_beyond_the_real_set_are_refused(tmp_path):
+    (tmp_path / "0001 (3).jpg").write_bytes(b"")
+    (tmp_path / "0002.jpg").write_bytes(b"")
+    assert src.index_cifake_folder(tmp_path, CLASSES).labels.tolist() == [2, 0]
+    (tmp_path / "0003 (4).jpg").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"0003 \(4\).jpg: class 4 but the real set has 3"):
+        src.index_cifake_folder(tmp_path, CLASSES)
+
+
+def test_saved_datasets_are_mapped_to_the_real_class_names(sources, tmp_path):
+    images = load_real(str(sources["real"])).test.select(range(3))
+    plain = images.cast_column("label", datasets.Value("int64"))  # integer labels, no names
+    index = src.index_dataset(plain.map(lambda _: {"label": 2}), "plain")
+    assert index.class_names == ["0", "1", "2"] and index.labels.tolist() == [2, 2, 2]
+    names = datasets.ClassLabel(names=["ship", "cat"])  # another order, a subset
+    other = images.cast_column("label", names).map(lambda _, i: {"label": i % 2}, with_indices=True)
+    other.save_to_disk(str(tmp_path / "other"))
+    index = src.index_synthetic(str(tmp_path / "other"), CLASSES)
+    assert index.labels.tolist() == [2, 0, 2]
+    assert index.load()["label"] == [2, 0, 2] and index.load().features["label"].names == CLASSES
+    with pytest.raises(SourceError, match=r"classes \['cat'\] are not among \['dog', 'ship'\]"):
+        src.index_synthetic(str(tmp_path / "other"), ["dog", "ship"])
+
+
+def test_a_saved_real_set_needs_train_and_test_splits(sources, tmp_path):
+    real = load_real(str(sources["real"]))
+    datasets.DatasetDict(train=real.train).save_to_disk(str(tmp_path / "r"))
+    with pytest.raises(SourceError, match=r"r: missing split\(s\) \['test'\]$"):
+        src.index_real(str(tmp_path / "r"))
+
+
+def test_prompts_are_kept_per_file_and_empty_where_none_was_written(sources, tmp_path):
+    root = tmp_path / "gen"
+    for name in ("cat", "dog"):
+        shutil.copytree(sources["gen_a"] / name, root / name)
+    (root / "prompts.jsonl").write_text(
+        json.dumps({"file": "dog/0001.jpg", "prompt": "a dog"}) + "\n"
+    )
+    ds = src.read_class_folder(root, CLASSES)
+    assert ds["prompt"][12 + 1] == "a dog" and ds["prompt"].count("") == 23
+
+
+def test_num_classes_counts_the_class_names():
+    assert _data().num_classes == len(CLASSES) == 3
+
+
+def test_saved_sources_that_datasets_cannot_load_are_named(sources, tmp_path):
+    """datasets fails on a saved split with no rows (IndexError) and on a truncated arrow file;
+    either is a one-line SourceError naming the setting."""
+    real = load_real(str(sources["real"]))
+    datasets.DatasetDict(train=real.train, test=real.test.select([])).save_to_disk(
+        str(tmp_path / "r")
+    )
+    with pytest.raises(SourceError, match=r"^data.real=.*/r: empty splits \['test'\]$"):
+        src.index_real(str(tmp_path / "r"))
+    real.train.save_to_disk(str(tmp_path / "s"))
+    (arrow,) = (tmp_path / "s").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(SourceError, match=r"^.*/s: cannot load this saved dataset \("):
+        src.index_synthetic(str(tmp_path / "s"), CLASSES)

@@ -2,8 +2,10 @@
 corrupt and odd-sized images, Hub push (offline, at the API boundary), bad input, and the
 filter-first baseline (`data.exclude_scores`) that never reads provenance."""
 
+import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from rsmatch import filter as flt
 from rsmatch import hub
+from rsmatch.benchmark.integrity import decode_bytes
 from rsmatch.benchmark.sources import load_real, load_synthetic, read_class_folder
 from rsmatch.benchmark.split import SplitSpec, build_split
 from rsmatch.benchmark.store import save_benchmark
@@ -210,7 +214,9 @@ def test_corrupt_error_names_the_files(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing", "empty", "no-detector", "classifier", "out-exists", "split"]
+    "case",
+    ["missing", "empty", "no-detector", "classifier", "out-exists", "split"]
+    + ["saved-empty", "saved-empty-split", "saved-truncated"],
 )
 def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, case):
     out, _ = run
@@ -220,6 +226,21 @@ def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, 
     elif case == "empty":
         (tmp_path / "empty").mkdir()
         images = named = str(tmp_path / "empty")
+    elif case.startswith("saved"):  # datasets itself fails to load an empty split (IndexError)
+        ds = flt.read_folder(sources["gen_a"])
+        saved = {
+            "saved-empty": ds.select([]),
+            "saved-empty-split": datasets.DatasetDict(a=ds, b=ds.select([])),
+            "saved-truncated": ds,
+        }[case]
+        saved.save_to_disk(str(tmp_path / "saved"))
+        if case == "saved-truncated":
+            (arrow,) = (tmp_path / "saved").glob("*.arrow")
+            arrow.write_bytes(arrow.read_bytes()[:100])
+        images = str(tmp_path / "saved")
+        named = {"saved-empty": "no rows", "saved-empty-split": "empty splits ['b']"}.get(
+            case, "cannot load"
+        )
     elif case == "no-detector":  # a run folder without detector/ (e.g. FixMatch)
         shutil.copytree(out / "model", tmp_path / "fm" / "model")
         detector = named = str(tmp_path / "fm")
@@ -289,6 +310,149 @@ def test_rsmatch_push_detector_at_the_api_boundary(run, tmp_path, monkeypatch, c
         shutil.copy2(out / name, tmp_path / "fm" / name)
     assert hub.main([str(tmp_path / "fm"), "me/detector", "--detector"]) == 2
     assert "no detector/ export" in capsys.readouterr().err
+
+
+def test_keep_fraction_threshold_by_hand():
+    scores = np.array([0.9, 0.1, 0.5, 0.3, 0.7])  # sorted: 0.1 0.3 0.5 0.7 0.9
+    assert flt.threshold_for_fraction(scores, 0.4) == 0.3  # the 2 lowest called real
+    assert flt.threshold_for_fraction(scores, 1.0) == 0.9
+    assert flt.threshold_for_fraction(scores, 0.01) == 0.1  # at least one image is kept
+    assert flt.threshold_for_fraction(np.array([0.6, 0.2, 0.2]), 1 / 3) == 0.2  # ties kept
+
+
+def test_keep_fraction_calls_that_fraction_real(run, sources, tmp_path):
+    out, _ = run
+    rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(sources["gen_a"]),
+                      "--keep-fraction", "0.25", "--keep", "real")  # fmt: skip
+    assert rc == 0
+    got, table = scores_of(res)
+    threshold = sorted(table["synthetic_score"])[9 - 1]  # round(0.25 * 36) = 9 lowest
+    assert json.loads((res / "report.json").read_text())["threshold"] == threshold
+    assert table["call"].count("real") == sum(s <= threshold for s in got.values()) >= 9
+    saved = datasets.load_from_disk(str(res / "dataset"))["train"]
+    assert sorted(saved["path"]) == sorted(i for i, s in got.items() if s <= threshold)
+
+
+def test_non_square_detector_input_is_height_by_width():
+    """`size` is (H, W); PIL sizes are (W, H): a wide image and a tall one of the transposed
+    size are both resized to H x W, and one already H x W is decoded as training decodes it."""
+    size = (24, 16)
+    for h, w in ((20, 30), (16, 24)):
+        data = _png((h, w))
+        x = flt.to_tensor(data, size)
+        want = Image.open(io.BytesIO(data)).resize((16, 24), Image.Resampling.LANCZOS)
+        assert x.shape == (3, 24, 16) and x.dtype == torch.uint8
+        assert torch.equal(x, torch.from_numpy(np.array(want)).permute(2, 0, 1))
+    exact = _png((24, 16))
+    assert torch.equal(flt.to_tensor(exact, size), decode_bytes(exact))
+    assert flt.to_tensor(b"not an image", size) is None
+
+
+def test_a_folder_is_labelled_only_when_every_image_is_in_a_subfolder(tmp_path):
+    for rel in ("cat/a.png", "cat/deep/b.png", "dog/c.png"):
+        (tmp_path / "nested" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "nested" / rel).write_bytes(_png((8, 8)))
+    ds = flt.read_folder(tmp_path / "nested")
+    assert ds["path"] == ["cat/a.png", "cat/deep/b.png", "dog/c.png"]
+    assert ds.features["label"].names == ["cat", "dog"] and ds["label"] == [0, 0, 1]
+    shutil.copytree(tmp_path / "nested", tmp_path / "mixed")
+    (tmp_path / "mixed" / "top.png").write_bytes(_png((8, 8)))
+    mixed = flt.read_folder(tmp_path / "mixed")
+    assert len(mixed) == 4 and "label" not in mixed.column_names
+
+
+def test_labels_give_provenance_by_source(sources, tmp_path):
+    real, gen = sources["real"] / "train", sources["gen_a"]
+    dd = flt.load_labelled({"real": str(real), "a": str(gen)})
+    ds = dd["train"]
+    assert list(dd) == ["train"] and len(ds) == 90 + 36
+    assert ds["is_synthetic"] == [False] * 90 + [True] * 36
+    assert ds["generator"] == ["real"] * 90 + ["a"] * 36
+    assert ds["path"][0] == "real/cat/0000.jpg" and ds["path"][90] == "a/cat/0000.jpg"
+    assert ds.features["label"].names == ["cat", "dog", "ship"]  # one class set: labels kept
+    assert ds["label"][:90] == flt.read_folder(real)["label"]
+    # a source with other classes: provenance stays, class labels go
+    shutil.copytree(gen / "cat", tmp_path / "other" / "cat")
+    shutil.copytree(gen / "dog", tmp_path / "other" / "dog")
+    mixed = flt.load_labelled({"real": str(real), "b": str(tmp_path / "other")})["train"]
+    assert "label" not in mixed.column_names and sum(mixed["is_synthetic"]) == 24
+    for bad in ({"real": str(real)}, {"a": str(gen), "b": str(gen)}):
+        with pytest.raises(flt.FilterError, match="needs real=SOURCE and at least one"):
+            flt.load_labelled(bad)
+
+
+class _Rank:
+    """The Accelerator that score_dataset reads, for one rank of `world`; `gather` hands back
+    the shards of the ranks before this one (recorded in `shards`) and this rank's."""
+
+    def __init__(self, rank: int, world: int, shards: list) -> None:
+        self.process_index, self.num_processes, self.shards = rank, world, shards
+        self.device, self.is_local_main_process = torch.device("cpu"), rank == 0
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def gather(self, local):
+        self.shards.append(local.clone())
+        return torch.cat([*self.shards, *[local] * (self.num_processes - len(self.shards))])
+
+
+def test_ranks_score_contiguous_shards_padded_to_equal_length(run, sources):
+    """5 rows on 2 ranks: rank 0 scores rows 0-2, rank 1 rows 3-4 and pads its shard with NaN;
+    the gathered scores are every row's, in order."""
+    det = load_detector(run[0] / "detector")
+    ds = read_class_folder(sources["gen_a"]).select([0, 13, 14, 26, 35])
+    with torch.no_grad():
+        want = det.score(decode(ds)).double()
+    shards: list = []
+    for rank in (0, 1):
+        got = flt.score_dataset(det, ds, 2, _Rank(rank, 2, shards))
+    assert [len(s) for s in shards] == [3, 3] and torch.isnan(shards[1][2])
+    torch.testing.assert_close(torch.cat([shards[0], shards[1][:2]]).double(), want)
+    torch.testing.assert_close(torch.from_numpy(got), want)
+
+
+def test_run_filter_on_splits_with_and_without_source_ids(run, sources, tmp_path):
+    """A split without source_id (or provenance) leaves the column out for all; a row that does
+    not decode is skipped and takes no part in the keep-fraction threshold."""
+    det = load_detector(run[0] / "detector")
+    images = read_class_folder(sources["gen_b"]).select(range(5)).remove_columns("label")
+    a = images.select(range(3)).add_column("source_id", ["s0", "s1", "s2"])
+    a = a.add_column("is_synthetic", [True] * 3).add_column("generator", ["b"] * 3)
+    b = images.select([3, 4]).cast_column("image", datasets.Image(decode=False))
+    b = b.map(lambda x, i: {"image": {"bytes": b"broken" if i == 1 else x["bytes"], "path": None}},
+              input_columns="image", with_indices=True)  # fmt: skip
+    dd = datasets.DatasetDict(a=a, b=b.cast_column("image", datasets.Image()))
+    res = flt.run_filter(det, dd, _Rank(0, 1, []), batch_size=2, keep_fraction=1.0,
+                         keep_real=True, skip_corrupt=True)  # fmt: skip
+    assert res.corrupt == ["b/1"] and res.table["id"] == ["a/0", "a/1", "a/2", "b/0"]
+    assert "source_id" not in res.table
+    assert res.threshold == max(res.table["synthetic_score"])  # the decoded rows' maximum
+    assert [len(res.dataset[s]) for s in ("a", "b")] == [3, 1]
+    assert not flt.provenance(res.scored) and flt.provenance(datasets.DatasetDict(a=a))
+
+
+def test_outputs_appear_whole_or_not_at_all(tmp_path):
+    table = {"split": ["train"], "row": [0], "id": ["x.png"], "synthetic_score": [0.2],
+             "call": ["real"]}  # fmt: skip
+    ds = datasets.Dataset.from_dict({"path": ["x.png"], "synthetic_score": [0.2]})
+    result = flt.FilterResult(0.5, table, datasets.DatasetDict(train=ds),
+                              datasets.DatasetDict(train=ds))  # fmt: skip
+    out, tmp = tmp_path / "out", tmp_path / ".out.tmp"
+    tmp.mkdir()
+    (tmp / "stale").write_text("left by a killed run")
+
+    def failing(folder):
+        raise RuntimeError("the report failed")
+
+    with pytest.raises(RuntimeError, match="the report failed"):
+        flt.write_outputs(result, out, failing)
+    assert not out.exists() and not tmp.exists()
+    tmp.mkdir()
+    (tmp / "stale").write_text("left by a killed run")
+    flt.write_outputs(result, out, lambda folder: (folder / "report.json").write_text("{}"))
+    assert sorted(p.name for p in out.iterdir()) == ["dataset", "report.json", "scores.parquet"]
+    assert pq.read_table(out / "scores.parquet").to_pydict() == table and not tmp.exists()
 
 
 # -- the filter-first baseline ---------------------------------------------------------------
@@ -380,3 +544,26 @@ def test_two_processes_score_like_one(run, sources, tmp_path):
     one, two = scores_of(tmp_path / "p1")[1], scores_of(tmp_path / "p2")[1]
     assert one["id"] == two["id"] and len(one["id"]) == 120  # real/train + real/test
     assert one["synthetic_score"] == two["synthetic_score"]
+
+
+def test_exclude_scores_file_errors_name_the_setting(tmp_path):
+    key = f"data.exclude_scores={str(tmp_path / 'x.parquet')!r}"
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: not a readable parquet file"):
+        kept_rows(["a"], str(tmp_path / "x.parquet"), 0.5)
+    pq.write_table(pa.table({"source_id": ["a"], "score": [0.1]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: no \['synthetic_score'\] column"):
+        kept_rows(["a"], str(tmp_path / "x.parquet"), 0.5)
+    write_scores(tmp_path / "x.parquet", ["a", "b", "a"], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: source_id values repeat"):
+        kept_rows(["a", "b"], str(tmp_path / "x.parquet"), 0.5)
+
+
+def test_exclude_scores_of_one_split_other_than_the_pool_are_all_read(tmp_path):
+    """A scores file with no `unlabeled` rows (a saved Dataset scored alone is split `train`),
+    or with no `split` column at all, is read whole."""
+    ids, scores = ["a", "b", "c"], [0.7, 0.2, 0.5]
+    path = write_scores(tmp_path / "train.parquet", ids, scores, split="train")
+    assert kept_rows(["c", "a", "b"], str(path), 0.5) == [0, 2]
+    pq.write_table(pa.table({"source_id": ids, "synthetic_score": scores}), tmp_path / "n.parquet")
+    assert kept_rows(["c", "a", "b"], str(tmp_path / "n.parquet"), 0.5) == [0, 2]

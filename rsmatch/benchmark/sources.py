@@ -226,12 +226,37 @@ def check_real_path(spec: str, key: str = "data.real") -> None:
         raise SourceError(f"{key}={spec}: no such folder")
 
 
+def load_saved(
+    path: Path, name: str, in_memory: bool = True
+) -> datasets.Dataset | datasets.DatasetDict:
+    """What `save_to_disk` wrote in `path`, a Dataset or a DatasetDict; `name` starts its
+    one-line errors. datasets saves a split with no rows without data files and then fails to
+    load it (IndexError), so such splits are named before loading."""
+    if _saved_without_rows(path):
+        raise SourceError(f"{name}: a saved dataset with no rows")
+    empty = sorted(split.name for split in path.iterdir() if _saved_without_rows(split))
+    if empty:
+        raise SourceError(f"{name}: empty splits {empty}")
+    try:
+        return datasets.load_from_disk(str(path), keep_in_memory=in_memory)
+    except Exception as e:  # datasets raises many types (a truncated arrow file, a bad json)
+        raise SourceError(
+            f"{name}: cannot load this saved dataset ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _saved_without_rows(split: Path) -> bool:
+    """A folder that `Dataset.save_to_disk` wrote with no rows: no data files listed."""
+    state = split / "state.json"
+    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+
+
 def index_real(spec: str, key: str = "data.real") -> RealIndex:
     """Real images with a train and a test split (see the module doc for `spec`); `key` names
     the setting in messages (`data.real`, `--real`)."""
     path = Path(spec)
     if (path / "dataset_dict.json").is_file():
-        dd = datasets.load_from_disk(str(path), keep_in_memory=True)
+        dd = load_saved(path, f"{key}={spec}")
     elif (path / "train").is_dir() and (path / "test").is_dir():
         train = index_class_folder(path / "train")
         return RealIndex(train, index_class_folder(path / "test", train.class_names))
@@ -267,7 +292,7 @@ def index_synthetic(spec: str, class_names: list[str]) -> SourceIndex:
     path = Path(spec)
     if not (path / "dataset_info.json").is_file():
         return index_class_folder(path, class_names)
-    ds = _standardise(datasets.load_from_disk(str(path), keep_in_memory=True), spec)
+    ds = _standardise(load_saved(path, spec), spec)
     names = ds.features["label"].names
     unknown = sorted(set(names) - set(class_names))
     if unknown:

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from rsmatch.benchmark.sources import SourceError
+from rsmatch.benchmark.sources import SourceError, load_saved
 
 SPLITS = ("labeled", "unlabeled", "test")
 META_FILE = "rsmatch_benchmark.json"
@@ -26,21 +26,11 @@ def load_benchmark(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
         raise SourceError(
             f"data.benchmark={str(path)!r}: not a saved RS-SSL benchmark ({META_FILE} missing)"
         )
-    # datasets saves an empty split without data files and then fails to load it (IndexError)
-    empty = [s for s in SPLITS if _saved_without_rows(path / s)]
-    if empty:
-        raise SourceError(f"data.benchmark={str(path)!r}: empty splits {empty}")
-    dd = datasets.load_from_disk(str(path), keep_in_memory=True)
+    dd = load_saved(path, f"data.benchmark={str(path)!r}")
     missing = set(SPLITS) - set(dd)
     if missing:
         raise SourceError(f"data.benchmark={str(path)!r}: missing splits {sorted(missing)}")
     return dd, json.loads((path / META_FILE).read_text())
-
-
-def _saved_without_rows(split: Path) -> bool:
-    """A split folder that `Dataset.save_to_disk` wrote with no rows: no data files listed."""
-    state = split / "state.json"
-    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
 
 
 def summary(dd: datasets.DatasetDict) -> dict:
