@@ -214,3 +214,103 @@ def test_kept_host_memory_is_not_page_faulted_again():
 def test_host_memory_is_left_alone_off_the_cpu_or_when_asked():
     assert keep_host_memory("auto", "cuda") == "off (cuda)"
     assert keep_host_memory(False, "cpu") == "off (train.keep_host_memory=false)"
+
+
+def test_arm_cpu_flags_are_read_from_the_features_line(tmp_path):
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    assert cpu_bf16_support(cpu_flags(arm), env={}) == (False, "CPU without native bf16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_reason_names_the_hardware_as_probed(native):
+    with_ = "with" if native else "without"
+    cpu = resolve("auto", "auto", cuda=False, cpu_bf16=native)
+    gpu = resolve("auto", "auto", cuda=True, cuda_bf16=native)
+    if native:
+        assert cpu.reason == "auto: CPU with native bf16"
+        assert cpu_bf16_support({"amx_bf16"}, env={}) == (
+            True,
+            "CPU with native bf16 (AVX512-BF16/AMX)",
+        )
+    else:
+        assert cpu.reason == (
+            "auto: CPU without native bf16: fp32 (bf16 would be emulated, several times slower)"
+        )
+    assert gpu.reason == f"auto: CUDA GPU {with_} native bf16"
+
+
+def test_the_emulated_bf16_warning_names_what_auto_picks_instead():
+    # a GPU before Ampere: auto picks fp16 (with a loss scaler), a CPU without bf16 picks fp32
+    gpu = resolve("bf16", "auto", cuda=True, cuda_bf16=False)
+    assert gpu.mixed_precision == "bf16" and gpu.reason == "explicit train.mixed_precision"
+    assert gpu.warning == (
+        "train.mixed_precision=bf16 on a CUDA GPU without native bf16: emulated and slow; "
+        "train.mixed_precision=auto picks fp16 here"
+    )
+    cpu = resolve("bf16", "auto", cuda=False, cpu_bf16=False, key="--precision")
+    assert cpu.warning.endswith("--precision=auto picks fp32 here")
+
+
+@pytest.mark.parametrize("setting, expected", [(True, True), (False, False), ("auto", True)])
+def test_an_explicit_memory_format_is_obeyed(setting, expected):
+    for probes in ({"cuda": False, "cpu_bf16": False}, {"cuda": True, "cuda_bf16": True}):
+        assert resolve("no", setting, **probes).channels_last is expected
+        assert resolve("auto", setting, **probes).channels_last is expected
+
+
+def test_under_deepspeed_the_reason_keeps_the_precision_choice():
+    p = resolve("auto", True, cuda=True, cuda_bf16=True, deepspeed=True)
+    assert p.reason == (
+        "auto: CUDA GPU with native bf16; DeepSpeed: torch autocast (the engine's "
+        "torch_autocast too), fp32 weights kept contiguous (activations channels_last)"
+    )
+    p = resolve("no", False, cuda=True, cuda_bf16=True, deepspeed=True)
+    assert p.reason == "explicit train.mixed_precision; DeepSpeed: fp32 weights"
+
+
+class _FakeLibc:
+    """glibc's mallopt and malloc_trim, recorded instead of applied to the test process."""
+
+    def __init__(self, accepts: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self.accepts = accepts
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1 if self.accepts else 0
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.mark.parametrize("setting, device", [("auto", "cpu"), (True, "cpu"), (True, "cuda")])
+def test_keep_host_memory_disables_mmap_and_trimming(monkeypatch, setting, device):
+    """Explicit true applies on a GPU too; only `auto` leaves a GPU run's allocator alone."""
+    libc = _FakeLibc()
+    monkeypatch.setattr(hardware, "_glibc", lambda: libc)
+    done = keep_host_memory(setting, device)
+    assert done == "on: large tensors from the heap, freed memory kept (no page faults per step)"
+    # M_MMAP_MAX = -4 set to 0 (no mmap'd chunks), M_TRIM_THRESHOLD = -1 set to -1 (never trim)
+    assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, -1)]
+
+
+def test_keep_host_memory_reports_what_it_could_not_do(monkeypatch):
+    refusing = _FakeLibc(accepts=False)
+    monkeypatch.setattr(hardware, "_glibc", lambda: refusing)
+    assert keep_host_memory("auto", "cpu") == "off (glibc refused mallopt)"
+    monkeypatch.setattr(hardware, "_glibc", lambda: None)
+    assert keep_host_memory(True, "cpu") == (
+        "off (not glibc: the system allocator is left as it is)"
+    )
+
+
+def test_hand_back_host_memory_trims_the_whole_heap(monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(hardware, "_glibc", lambda: libc)
+    hardware.hand_back_host_memory()
+    assert libc.calls == [("malloc_trim", 0)]
+    monkeypatch.setattr(hardware, "_glibc", lambda: None)
+    hardware.hand_back_host_memory()  # not glibc: nothing to call

@@ -464,3 +464,101 @@ def test_resume_ignores_sections_of_algorithms_registered_on_one_side_only():
     del saved["freematch"]
     with pytest.raises(ConfigError, match=r"freematch.ema_p \('<absent>' -> 0.999\)"):
         check_resume_config(saved, cfg, Path("ckpt"))
+
+
+# -- the checkpoint folder's own rules, on hand-made folders ------------------------------------
+
+
+def _sealed(root: Path, step: int) -> Path:
+    """A checkpoint folder with the required files and a manifest, as `save` leaves it."""
+    from rsmatch.checkpoint import REQUIRED, write_manifest
+
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    for name in REQUIRED:
+        (folder / name).write_text(f"{name} of step {step}\n")
+    write_manifest(folder)
+    return folder
+
+
+def test_verify_names_what_the_manifest_does_not_vouch_for(tmp_path):
+    from rsmatch.checkpoint import verify, write_manifest
+
+    folder = _sealed(tmp_path, 1)
+    verify(folder)
+    (folder / "trainer.json").write_text("{}")  # was "trainer.json of step 1\n": 23 bytes
+    with pytest.raises(CheckpointError, match=r"trainer.json: 2 bytes, the manifest says 23$"):
+        verify(folder)
+    (folder / "ema.safetensors").unlink()  # a manifest sealed without a required file
+    write_manifest(folder)
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: not in the manifest"):
+        verify(folder)
+    for manifest, problem in (({"files": {"config.yaml": 3}}, "malformed"),
+                              ({"files": ["config.yaml"]}, "malformed"),
+                              ({"entries": {}}, r"unreadable \(KeyError\)")):  # fmt: skip
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=rf"manifest.json: {problem}$"):
+            verify(folder)
+
+
+def test_resume_from_a_broken_explicit_step_is_refused(tmp_path):
+    from rsmatch.checkpoint import select
+
+    _sealed(tmp_path, 2)
+    (_sealed(tmp_path, 4) / "config.yaml").write_text("changed\n")
+    assert select(tmp_path, 2) == (tmp_path / "step_00000002", [])
+    with pytest.raises(CheckpointError, match=r"step_00000004/config.yaml: .*manifest"):
+        select(tmp_path, 4)
+
+
+def test_auto_fallback_takes_the_newest_intact_checkpoint(tmp_path):
+    from rsmatch.checkpoint import select
+
+    for step in (2, 4, 6, 10):
+        _sealed(tmp_path, step)
+    (tmp_path / "step_00000010" / "trainer.json").unlink()
+    found, skipped = select(tmp_path, "auto-fallback")
+    assert found == tmp_path / "step_00000006"
+    assert len(skipped) == 1 and "step_00000010/trainer.json: missing" in skipped[0]
+
+
+def test_set_aside_moves_the_newer_checkpoints_and_points_latest_back(tmp_path):
+    from rsmatch.checkpoint import latest, set_aside, steps
+
+    for step in (2, 4, 6):
+        _sealed(tmp_path, step)
+    (tmp_path / "latest").write_text("step_00000006\n")
+    (tmp_path / "set_aside_step_00000006").mkdir()  # left by an earlier fallback: replaced
+    (tmp_path / "set_aside_step_00000006" / "old").write_text("x")
+    moved = set_aside(tmp_path, tmp_path / "step_00000002")
+    assert moved == [tmp_path / "set_aside_step_00000006", tmp_path / "set_aside_step_00000004"]
+    assert steps(tmp_path) == [tmp_path / "step_00000002"]
+    assert latest(tmp_path) == tmp_path / "step_00000002"
+    assert not (tmp_path / "set_aside_step_00000006" / "old").exists()
+    assert (tmp_path / "set_aside_step_00000006" / "trainer.json").is_file()
+
+
+def test_save_keeps_the_newest_checkpoints(tmp_path):
+    from accelerate import Accelerator
+
+    from rsmatch import checkpoint
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2, 3, 10):
+        checkpoint.save(acc, tmp_path, step, model, {"n": torch.tensor([step])}, {"step": step},
+                        {"algorithm": "x"}, keep=2)  # fmt: skip
+    assert [p.name for p in checkpoint.steps(tmp_path)] == ["step_00000010", "step_00000003"]
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_00000010"
+    checkpoint.verify(tmp_path / "step_00000010")
+    algo, trainer = checkpoint.load(acc, tmp_path / "step_00000010", model)
+    assert algo["n"].tolist() == [10] and trainer == {"step": 10}
+
+
+def test_a_load_error_is_named_by_its_first_line():
+    from rsmatch.checkpoint import _first_line
+
+    assert _first_line(RuntimeError("Error(s) in loading:\n\tMissing key(s)")) == (
+        "RuntimeError: Error(s) in loading:"
+    )
+    assert _first_line(KeyError()) == "KeyError: "
