@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +27,16 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
 from rsmatch.benchmark.integrity import decode_bytes
-from rsmatch.benchmark.sources import LABEL_COLUMNS, image_bytes, image_files, load_saved
+from rsmatch.benchmark.sources import (
+    LABEL_COLUMNS,
+    image_bytes,
+    image_files,
+    is_hub_id,
+    load_saved,
+)
 from rsmatch.export import load_detector
 from rsmatch.models import Detector
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PROVENANCE = ("is_synthetic", "generator")
 
 
@@ -62,8 +66,10 @@ def resolve_detector(spec: str) -> Detector:
             f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "
             "other algorithms and rsmatch.shared_encoder=true runs have none)"
         )
-    if path.exists() or not HUB_ID.match(spec):
-        raise FilterError(f"--detector {spec}: no such folder")
+    if "/" not in spec or not is_hub_id(spec):  # an org/name id, not a mistyped path
+        raise FilterError(
+            f"--detector {spec}: {'not a folder' if path.exists() else 'no such folder'}"
+        )
     try:
         return load_detector(spec)
     except Exception as e:  # hub errors come in many types; name the id in one line
@@ -114,8 +120,10 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
         data = load_saved(path, f"{option} {spec}", in_memory=False)
     elif path.is_dir():
         data = read_folder(path)
-    elif path.exists() or not HUB_ID.match(spec):
-        raise FilterError(f"{option} {spec}: no such folder")
+    elif "/" not in spec or not is_hub_id(spec):  # an org/name id, not a mistyped path
+        raise FilterError(
+            f"{option} {spec}: {'not a folder' if path.exists() else 'no such folder'}"
+        )
     else:
         try:
             data = datasets.load_dataset(spec)

@@ -16,8 +16,10 @@ from rsmatch.benchmark.split import (
     required_per_generator,
 )
 from rsmatch.benchmark.store import summary
+from rsmatch.config import DataConfig
 from rsmatch.data import augment
 from rsmatch.data.batch import Provenance, TrainData
+from rsmatch.data.check import check_local_paths
 from rsmatch.data.decode import decode
 from rsmatch.data.loaders import BatchMaker, IndexStream
 
@@ -304,3 +306,16 @@ def test_saved_sources_that_datasets_cannot_load_are_named(sources, tmp_path):
     arrow.write_bytes(arrow.read_bytes()[:100])
     with pytest.raises(SourceError, match=r"^.*/s: cannot load this saved dataset \("):
         src.index_synthetic(str(tmp_path / "s"), CLASSES)
+
+
+def test_a_path_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`benchmarks/nope` is shaped like a Hub id; with `benchmarks/` here it is a mistyped path,
+    refused at once instead of after the Hub's retries (and, in a grid, after earlier runs)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks").mkdir()
+    assert not src.is_hub_id("benchmarks/nope") and not src.is_hub_id("benchmarks")
+    assert src.is_hub_id("uoft-cs/cifar10") and src.is_hub_id("cifar10")
+    assert not src.is_hub_id("/data/cifar10") and not src.is_hub_id("a/b/c")
+    with pytest.raises(SourceError, match=r"^data.benchmark=benchmarks/nope: no such folder$"):
+        check_local_paths(DataConfig(benchmark="benchmarks/nope"))
+    check_local_paths(DataConfig(benchmark="uoft-cs/cifar10", synthetic={}))  # left to the Hub

@@ -216,13 +216,26 @@ def test_corrupt_error_names_the_files(run, tmp_path, capsys):
 @pytest.mark.parametrize(
     "case",
     ["missing", "empty", "no-detector", "classifier", "out-exists", "split"]
-    + ["saved-empty", "saved-empty-split", "saved-truncated"],
+    + ["saved-empty", "saved-empty-split", "saved-truncated", "typo-images", "typo-detector"],
 )
-def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, case):
+def test_bad_input_exits_2_with_one_line(run, sources, bench, tmp_path, capsys, monkeypatch, case):
     out, _ = run
     detector, images, named, extra = str(out), str(sources["gen_a"]), None, []
     if case == "missing":
         images = named = str(tmp_path / "nope")
+    elif case.startswith("typo"):  # org/name-shaped, but inside a folder here: not the Hub
+
+        def ask_the_hub(*args, **kwargs):
+            raise AssertionError("asked the Hub")
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "runs").mkdir()
+        if case == "typo-images":
+            monkeypatch.setattr(datasets, "load_dataset", ask_the_hub)
+            images, named = "runs/imgz", "--images runs/imgz: no such folder"
+        else:
+            monkeypatch.setattr(flt, "load_detector", ask_the_hub)
+            detector, named = "runs/dmeo", "--detector runs/dmeo: no such folder"
     elif case == "empty":
         (tmp_path / "empty").mkdir()
         images = named = str(tmp_path / "empty")

@@ -212,17 +212,23 @@ def index_dataset(ds: datasets.Dataset, where: str) -> SourceIndex:
     return SourceIndex(where, ds.features["label"].names, np.asarray(ds["label"]), dataset=ds)
 
 
-def _is_hub_id(spec: str) -> bool:
+def is_hub_id(spec: str) -> bool:
+    """`spec` can only mean a Hub repository: nothing of that name here, a valid repo id, and not
+    inside a local folder (`benchmarks/cifar10-r07` with `benchmarks/` here is a mistyped path,
+    which the Hub would answer only after its retries)."""
+    if Path(spec).exists():
+        return False
     try:
         validate_repo_id(spec)
     except HFValidationError:
         return False
-    return True
+    owner, _, _ = spec.rpartition("/")
+    return not (owner and Path(owner).is_dir())
 
 
 def check_real_path(spec: str, key: str = "data.real") -> None:
     """A real set is a local folder or a Hub dataset id."""
-    if not Path(spec).exists() and not _is_hub_id(spec):
+    if not Path(spec).exists() and not is_hub_id(spec):
         raise SourceError(f"{key}={spec}: no such folder")
 
 
