@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ from rsmatch.benchmark.sources import cifake_class
 from rsmatch.benchmark.store import load_benchmark
 from rsmatch.cli import build_benchmark as bb
 
-from .conftest import CLASSES, SHARED, write_class_folder
+from .conftest import CLASSES, SHARED, failure, write_class_folder
 from .tiny_models import save_tiny_sd, save_tiny_sdxl, save_tiny_t5
+from .torchrun import torchrun
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,15 @@ def test_cifake_naming():
             ["--generate", "sd14", "--images-per-class", "2", "--synthetic", "a=GEN_A"],
             "--images-per-class=2: the ratio needs 3",
         ),
+        # model paths that exist nowhere: at once, not after the real set is read
+        (
+            ["--generate", "sd14", "--generator-model", "sd14=/nonexistent"],
+            "--generator-model sd14 /nonexistent: no such folder",
+        ),
+        (
+            ["--generate", "sd14", "--generator-model", "sd14=GEN_A", "--prompt-model", "/t5"],
+            "--prompt-model /t5: no such folder",
+        ),
     ],
 )
 def test_bad_input_fails_before_work(sources, tmp_path, capsys, extra, message):
@@ -276,3 +289,57 @@ def test_benchmark_from_shared_data_trains_unchanged(tmp_path):
     assert (
         metrics["step"] == 2 and "detector_acc/ddpm" in metrics and "detector_acc/cgan" in metrics
     )
+
+
+@pytest.mark.parametrize("broken", ["generator", "prompt"])
+def test_a_model_that_cannot_load_is_one_line_naming_it(sources, tiny, tmp_path, capsys, broken):
+    """A folder that holds no model (or, online, a wrong id): one line naming it, exit 2."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    sd, t5 = (empty, tiny["t5"]) if broken == "generator" else (tiny["sd"], empty)
+    argv = _args(sources, tmp_path / "out", "--generate", "sd14", "--generator-model",
+                 f"sd14={sd}", "--prompt-model", str(t5))  # fmt: skip
+    assert bb.main(argv) == 2
+    err = capsys.readouterr().err
+    what = f"generator model {empty}" if broken == "generator" else f"--prompt-model {empty}"
+    ours = [line for line in err.splitlines() if line.startswith("rsmatch-build-benchmark")]
+    assert "Traceback" not in err and len(ours) == 1  # besides, T5's "Loading weights" bar
+    assert ours[0].startswith(f"rsmatch-build-benchmark: error: {what}: cannot load (")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_write_leaves_no_temporary_folder(sources, tmp_path, monkeypatch):
+    from rsmatch.benchmark import build
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "preview", interrupted)  # the last file written
+    with pytest.raises(KeyboardInterrupt):
+        bb.main(_args(sources, tmp_path / "out", "--synthetic", f"a={sources['gen_a']}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_other_ranks_of_an_import_write_nothing(sources, tmp_path, monkeypatch, capsys):
+    from rsmatch.benchmark import build
+
+    monkeypatch.setattr(build, "process_state", lambda: SimpleNamespace(is_main_process=False))
+    assert bb.main(_args(sources, tmp_path / "out", "--synthetic", f"a={sources['gen_a']}")) == 0
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generate", [False, True])
+def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
+    """Launched as two CPU processes: one writes (the other deleted its temporary folder under
+    it), and both take part in generation (each thought it was alone, without `cpu=True`)."""
+    out = tmp_path / "b"
+    extra = ["--generate", "sd14", "--generator-model", f"sd14={tiny['sd']}", "--prompts",
+             "template", "--resolution", "32"] if generate else []  # fmt: skip
+    res = torchrun(REPO / "launch" / "build_benchmark.py",
+                   _args(sources, out, "--synthetic", f"a={sources['gen_a']}", *extra))  # fmt: skip
+    assert res.returncode == 0, failure(res)
+    assert [json.loads(line)["out"] for line in res.stdout.splitlines()] == [str(out)]
+    dd, meta = load_benchmark(out)
+    assert dd["unlabeled"].num_rows == 36
+    assert sorted(meta["synthetic"]) == (["a", "sd14"] if generate else ["a"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -29,6 +30,7 @@ from rsmatch.benchmark.sources import (
     index_class_folder,
     index_real,
     index_synthetic,
+    is_hub_id,
     read_class_folder,
 )
 from rsmatch.benchmark.split import (
@@ -41,6 +43,9 @@ from rsmatch.benchmark.split import (
 )
 from rsmatch.benchmark.store import save_benchmark
 from rsmatch.hub import repo_id_problem
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 class BuildError(ValueError):
@@ -157,6 +162,12 @@ def plan(opts: BuildOptions) -> Plan:
         generators["sdxl_lightning"] = replace(
             generators["sdxl_lightning"], unet=opts.lightning_unet
         )
+    models = {f"--generator-model {g}": s.model for g, s in generators.items()}
+    if generators and opts.prompts == "t5":
+        models["--prompt-model"] = opts.prompt_model
+    for flag, model in models.items():  # a local folder or a Hub id, before hours of work
+        if not Path(model).exists() and not is_hub_id(model):
+            raise BuildError(f"{flag} {model}: no such folder")
     if opts.replace_ratio > 0 and not (imports or generators):
         raise BuildError(f"--replace-ratio={opts.replace_ratio} needs --synthetic or --generate")
     split = SplitSpec(
@@ -216,14 +227,21 @@ def _is_jpeg(real: RealSource) -> bool:
     return image_bytes(first)[:2] == b"\xff\xd8"
 
 
-def generate_missing(
-    opts: BuildOptions, p: Plan, real: RealSource, per_class: int
-) -> dict[str, datasets.Dataset] | None:
-    """Generate into resumable class folders, split across processes; None on non-main ranks."""
+def process_state() -> PartialState:
+    """Accelerate's view of the launched processes. On CPUs it needs `cpu=True`, without which
+    each launched process thinks it is alone, and every one would generate and write it all."""
     import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def generate_missing(
+    opts: BuildOptions, p: Plan, real: RealSource, per_class: int, state: PartialState
+) -> dict[str, datasets.Dataset] | None:
+    """Generate into resumable class folders, split across processes; None on non-main ranks."""
+    import torch
+
     size = int(real.train[0]["image"].size[0])
     quality = opts.jpeg_quality if opts.jpeg_quality >= 0 else (75 if _is_jpeg(real) else 0)
     root = opts.export_synthetic or p.out.with_name(p.out.name + ".synthetic")
@@ -252,13 +270,18 @@ def generate_missing(
 
 
 def write(out: Path, dd: datasets.DatasetDict, meta: dict) -> None:
-    """Data, metadata, card and preview into a temporary folder, renamed to `out` when done."""
+    """Data, metadata, card and preview into a temporary folder, renamed to `out` when done;
+    removed if anything, Ctrl-C included, stops it before."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_benchmark(dd, tmp, meta)
-    dataset_card(dd, meta).save(tmp / "README.md")
-    preview(dd, tmp / "preview.png")
-    tmp.rename(out)
+    try:
+        save_benchmark(dd, tmp, meta)
+        dataset_card(dd, meta).save(tmp / "README.md")
+        preview(dd, tmp / "preview.png")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_sources(
@@ -288,9 +311,12 @@ def metadata(opts: BuildOptions, p: Plan, skipped: dict[str, list[str]]) -> dict
 
 
 def build(opts: BuildOptions) -> dict[str, int] | None:
-    """Build the benchmark; returns its split sizes (None on non-main generation ranks)."""
+    """Build the benchmark; returns its split sizes (None on the other ranks of a launch)."""
     datasets.disable_progress_bars()
     p = plan(opts)
+    state = process_state()
+    if not p.generators and not state.is_main_process:
+        return None  # generation is split across processes; importing and writing are not
     real = index_real(opts.real, key="--real")
     imports = index_imports(p.imports, real.class_names)
     per_class = images_to_generate(opts, p, real, imports, {})  # before any image is read
@@ -304,7 +330,7 @@ def build(opts: BuildOptions) -> dict[str, int] | None:
         per_class = images_to_generate(opts, p, real, imports, drop)
     loaded, synthetic = load_sources(real, imports, drop)
     if p.generators:
-        generated = generate_missing(opts, p, loaded, per_class)
+        generated = generate_missing(opts, p, loaded, per_class, state)
         if generated is None:
             return None
         synthetic |= generated

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 DEFAULT_PROMPT_MODEL = "mrm8488/t5-base-finetuned-common_gen"  # He et al. 2022
 TEMPLATE = "a photo of a {}"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,20 @@ GENERATORS = {
     ),  # fmt: skip
     "glide": GeneratorSpec("CompVis/ldm-text2im-large-256", 50, 6.0, 256),
 }
+
+
+class ModelLoadError(ValueError):
+    """A prompt or generator model that cannot be loaded (offline, a wrong id, a broken folder)."""
+
+
+def _loaded(what: str, loader: Callable[[], T]) -> T:
+    """`loader()`, its failure as one ModelLoadError naming `what` (the Hub's and diffusers'
+    errors come in many types, with the id far down a long traceback)."""
+    try:
+        return loader()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"{what}: cannot load ({type(e).__name__}: {first})") from None
 
 
 def resolve_generators(names: list[str], models: dict[str, str]) -> dict[str, GeneratorSpec]:
@@ -81,8 +97,10 @@ def t5_prompts(
     """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_id)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_id).to(device).eval()
+    what = f"--prompt-model {model_id}"
+    tok = _loaded(what, lambda: AutoTokenizer.from_pretrained(model_id))
+    model = _loaded(what, lambda: AutoModelForSeq2SeqLM.from_pretrained(model_id))
+    model = model.to(device).eval()
     samples = samples or max(per_class, round(1.25 * per_class))
     out = {}
     for c, name in enumerate(class_names):
@@ -108,7 +126,10 @@ def t5_prompts(
 def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str):
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
-    pipe = DiffusionPipeline.from_pretrained(spec.model, dtype=dtype)
+    pipe = _loaded(
+        f"generator model {spec.model}",
+        lambda: DiffusionPipeline.from_pretrained(spec.model, dtype=dtype),
+    )
     if spec.kind == "sdxl_lightning":  # the 4-step UNet and the trailing Euler scheduler
         from safetensors.torch import load_file
 
@@ -118,7 +139,10 @@ def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str):
             from huggingface_hub import hf_hub_download
 
             owner, repo, filename = spec.unet.split("/", 2)
-            weights = hf_hub_download(f"{owner}/{repo}", filename)
+            weights = _loaded(
+                f"--lightning-unet {spec.unet}",
+                lambda: hf_hub_download(f"{owner}/{repo}", filename),
+            )
         pipe.unet.load_state_dict(load_file(weights))
         pipe.scheduler = EulerDiscreteScheduler.from_config(
             pipe.scheduler.config, timestep_spacing="trailing"

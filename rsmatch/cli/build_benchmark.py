@@ -26,7 +26,7 @@ import yaml
 from rsmatch.benchmark.build import BuildError, BuildOptions, build
 from rsmatch.benchmark.push import PushError
 from rsmatch.benchmark.sources import SourceError
-from rsmatch.benchmark.synth import GENERATORS
+from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
 
 PROG = "rsmatch-build-benchmark"
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_args(argv)
         sizes = build(options)
-    except (BuildError, SourceError) as e:
+    except (BuildError, SourceError, ModelLoadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except PushError as e:
