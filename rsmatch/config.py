@@ -337,17 +337,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parse_yaml(raw, where, marks=False) if raw != "" else ""
 
 
-def ignored_overrides(cfg: Config, overrides: Sequence[str]) -> list[str]:
-    """The overrides (of a loaded `cfg`) that set a section of an algorithm this run does not
-    use: `rsmatch.*` when training FixMatch, `flexmatch.*` under RSMatch on FixMatch."""
+# Keys a saved benchmark (data.benchmark) fixes: set beside it, they are not read.
+BENCHMARK_FIXED = ("data.real", "data.synthetic", "data.labels_per_class", "data.replace_ratio",
+                   "data.unlabeled_per_class", "data.split_seed")  # fmt: skip
+
+
+def fixed_by_benchmark(key: str) -> bool:
+    """`key` (e.g. `data.synthetic.ddpm`) is one that `data.benchmark` fixes."""
+    return ".".join(key.split(".")[:2]) in BENCHMARK_FIXED
+
+
+def ignored_overrides(cfg: Config, overrides: Sequence[str]) -> dict[str, str]:
+    """The overrides (of a loaded `cfg`) that this run does not read, each with the reason: a
+    section of an algorithm it does not use (`rsmatch.*` when training FixMatch, `flexmatch.*`
+    under RSMatch on FixMatch), or a split key that `data.benchmark` fixes."""
     shared = {f.name for f in dataclasses.fields(Config)}
     sections = {f.name for f in dataclasses.fields(cfg)} - shared
     used, name = set(), cfg.algorithm
     while isinstance(name, str) and name not in used:  # the algorithm, the base it wraps, ...
         used.add(name)
         name = getattr(getattr(cfg, name), "base", None) if name in sections else None
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    return [k for k in keys if k.split(".")[0] in sections - used]
+    ignored = {}
+    for key in (o.partition("=")[0].strip() for o in overrides):
+        if key.split(".")[0] in sections - used:
+            ignored[key] = f"algorithm={cfg.algorithm} does not read that section"
+        elif cfg.data.benchmark and fixed_by_benchmark(key):
+            ignored[key] = "data.benchmark fixes the split (its rsmatch_benchmark.json says how)"
+    return ignored
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

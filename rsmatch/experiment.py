@@ -37,13 +37,17 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from rsmatch.config import Config, ConfigError, load_config, parse_yaml, to_dict
+from rsmatch.config import (
+    Config,
+    ConfigError,
+    fixed_by_benchmark,
+    load_config,
+    parse_yaml,
+    to_dict,
+)
 
 GRID_KEYS = ("base", "output", "axes", "overrides")
 MANIFEST = "experiment.json"  # what the report reads to know the runs a grid expects
-# Keys a saved benchmark fixes: an axis over them would be silently ignored (config.py).
-BENCHMARK_FIXED = ("data.real", "data.synthetic", "data.labels_per_class", "data.replace_ratio",
-                   "data.unlabeled_per_class", "data.split_seed")  # fmt: skip
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]+")
 
 
@@ -179,7 +183,7 @@ def load_grid(path: str | Path) -> Grid:
         varied = [o for _, group in combo for o in group]
         ovr = (*common, *varied, _override("train.output_dir", str(run_dir)))
         cfg = _check(base, ovr, f"run {name}")
-        fixed = [k for k in (o.partition("=")[0] for o in varied) if k in BENCHMARK_FIXED]
+        fixed = [k for k in (o.partition("=")[0] for o in varied) if fixed_by_benchmark(k)]
         if cfg.data.benchmark and fixed:
             raise GridError(
                 f"axes: {fixed[0]} is ignored when data.benchmark is set (the saved benchmark "

@@ -219,8 +219,16 @@ def test_random_yaml_documents_load_or_fail_as_one_line(tmp_path, text):
           "freematch.ema_p=0.9"], ["freematch.ema_p"]),
         (["algorithm=rsmatch", "flexmatch.thresh_warmup=false"], ["flexmatch.thresh_warmup"]),
         (["algorithm=flexmatch", "flexmatch.thresh_warmup=false", "train.lr=0.1"], []),
+        # a saved benchmark fixes the split; data.real_only is still read
+        (["data.benchmark=b", "data.replace_ratio=0.3", "data.synthetic.x=y", "data.real_only=true",
+          "data.labels_per_class=4"], ["data.replace_ratio", "data.synthetic.x", "data.labels_per_class"]),
+        (["data.replace_ratio=0.3"], []),
     ],
 )  # fmt: skip
-def test_overrides_of_sections_the_algorithm_does_not_read(overrides, ignored):
+def test_overrides_the_run_does_not_read(overrides, ignored):
     """rsmatch-train warns about these (they used to be ignored silently)."""
-    assert ignored_overrides(load_config(None, overrides), overrides) == ignored
+    found = ignored_overrides(load_config(None, overrides), overrides)
+    assert list(found) == ignored
+    for key in ignored:
+        section = key.startswith(("rsmatch.", "flexmatch.", "freematch."))
+        assert ("does not read that section" in found[key]) is section

@@ -359,6 +359,30 @@ def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, c
         assert note in err
 
 
+def test_overrides_the_run_does_not_read_are_one_warning_each(
+    sources, tmp_path, capsys, monkeypatch
+):
+    class Stub:  # the CLI up to training, with nothing read
+        def __init__(self, cfg):
+            self.accelerator = SimpleNamespace(is_main_process=True, end_training=lambda: None)
+
+        def fit(self, resume=False):
+            return {"step": 0}
+
+    monkeypatch.setattr("rsmatch.trainer.Trainer", Stub)
+    extra = ["algorithm=fixmatch", "rsmatch.queue_length=8", f"data.benchmark={tmp_path}",
+             "data.replace_ratio=0.3", "data.real_only=true"]  # fmt: skip
+    base = ["--config", "configs/demo.yaml", f"train.output_dir={tmp_path / 'run'}"]
+    assert train_cli.main([*base, *extra]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "rsmatch-train: warning: rsmatch.queue_length: ignored, algorithm=fixmatch does not "
+        "read that section",
+        "rsmatch-train: warning: data.replace_ratio: ignored, data.benchmark fixes the split "
+        "(its rsmatch_benchmark.json says how)",
+    ]
+
+
 def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):
     out = copy_run(straight, tmp_path)
     before = tree(out)

@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from rsmatch.trainer import Trainer
 
         ignored = ignored_overrides(cfg, args.overrides)  # after the one-line config errors
-        if ignored and not int(os.environ.get("RANK", "0")):
-            print(f"rsmatch-train: warning: {', '.join(ignored)}: ignored, algorithm="
-                  f"{cfg.algorithm} does not read that section", file=sys.stderr)  # fmt: skip
+        for key, reason in ignored.items() if not int(os.environ.get("RANK", "0")) else ():
+            print(f"rsmatch-train: warning: {key}: ignored, {reason}", file=sys.stderr)
 
         # stdout is for the final metrics' JSON line; notes, warnings and what libraries print
         # (DeepSpeed logs to stdout) go to stderr
