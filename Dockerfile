@@ -24,6 +24,10 @@ COPY --chown=rsmatch:rsmatch launch ./launch
 COPY --chown=rsmatch:rsmatch configs ./configs
 COPY --chown=rsmatch:rsmatch data ./data
 
+# The commit run.json records (the image has no git checkout):
+#   docker build --build-arg RSMATCH_GIT_COMMIT=$(git rev-parse HEAD) -t rsmatch .
+ARG RSMATCH_GIT_COMMIT=unknown
+ENV RSMATCH_GIT_COMMIT=$RSMATCH_GIT_COMMIT
 USER 1000:1000
 VOLUME ["/home/rsmatch/.cache/huggingface", "/work/runs", "/work/synthetic", "/work/benchmarks"]
 CMD ["python", "launch/train.py", "--config", "configs/demo.yaml"]

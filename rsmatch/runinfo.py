@@ -30,6 +30,9 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> dict[str, str | bool]:
+    """The source's commit and whether it had uncommitted changes; where there is no git
+    checkout (an installed wheel, the Docker image), the commit the build recorded in
+    RSMATCH_GIT_COMMIT (`docker build --build-arg RSMATCH_GIT_COMMIT=$(git rev-parse HEAD)`)."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -42,7 +45,7 @@ def git_commit() -> dict[str, str | bool]:
         )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": False}
+        return {"commit": os.environ.get("RSMATCH_GIT_COMMIT") or "unknown", "dirty": False}
 
 
 # Keys that may change when a run is resumed: they do not alter the trajectory.

@@ -586,3 +586,17 @@ def test_a_load_error_is_named_by_its_first_line():
         "RuntimeError: Error(s) in loading:"
     )
     assert _first_line(KeyError()) == "KeyError: "
+
+
+def test_without_a_git_checkout_the_commit_comes_from_the_build(monkeypatch):
+    """The Docker image has no git: run.json records the commit its build was given."""
+    from rsmatch import runinfo
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(runinfo.subprocess, "run", no_git)
+    monkeypatch.setenv("RSMATCH_GIT_COMMIT", "0123abc")
+    assert runinfo.git_commit() == {"commit": "0123abc", "dirty": False}
+    monkeypatch.delenv("RSMATCH_GIT_COMMIT")
+    assert runinfo.git_commit() == {"commit": "unknown", "dirty": False}
