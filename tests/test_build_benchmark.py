@@ -1,6 +1,7 @@
 """The benchmark builder, offline: tiny random diffusers pipelines and a tiny T5 from configs."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -343,3 +344,28 @@ def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
     dd, meta = load_benchmark(out)
     assert dd["unlabeled"].num_rows == 36
     assert sorted(meta["synthetic"]) == (["a", "sd14"] if generate else ["a"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("synthetic: {ddpm: a/b, cgan: c}", {"synthetic": ["ddpm=a/b", "cgan=c"]}),
+        ("synthetic: ddpm=a", {"synthetic": ["ddpm=a"]}),  # one value, not its characters
+        ("generate: sd14", {"generate": ["sd14"]}),
+        ("replace_ratio: 1", {"replace_ratio": 1}),
+        ("unlabeled_per_class: null", {"unlabeled_per_class": None}),
+        ("skip_corrupt: 'no'", "skip_corrupt: expected bool, got 'no'"),  # was true: a string
+        ("labels_per_class: true", "labels_per_class: expected int, got True"),
+        ("seed: 1.5", "seed: expected int, got 1.5"),
+        ("synthetic: [1, 2]", "synthetic: expected a list of text, got [1, 2]"),
+    ],
+)
+def test_config_file_values_take_their_flags_types(tmp_path, text, expected):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(text)
+    known = set(bb.BuildOptions.__dataclass_fields__) - {"command"}
+    if isinstance(expected, dict):
+        assert bb._config_values(str(cfg), known) == expected
+    else:
+        with pytest.raises(bb.BuildError, match=f"^--config {cfg}: {re.escape(expected)}$"):
+            bb._config_values(str(cfg), known)

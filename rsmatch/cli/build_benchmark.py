@@ -107,7 +107,27 @@ def _config_values(path: str, known: set[str]) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise BuildError(f"--config {path}: unknown keys {unknown}")
-    return values
+    return {k: _config_value(path, k, v) for k, v in values.items()}
+
+
+def _config_value(path: str, key: str, value: object) -> object:
+    """One option from the --config file in the type its flag gives: lists (`synthetic` and
+    `generator_model` also as a NAME: VALUE mapping), booleans, numbers, text."""
+    kind = str(BuildOptions.__dataclass_fields__[key].type)  # e.g. "list[str]", "int | None"
+    if key in ("synthetic", "generator_model") and isinstance(value, dict):
+        value = [f"{name}={v}" for name, v in value.items()]
+    elif kind.startswith("list") and isinstance(value, str):
+        value = [value]
+    expected = {"list": list, "bool": bool, "int": int, "float": (int, float)}.get(
+        kind.split("[")[0].split(" ")[0], str
+    )
+    if value is None and "None" in kind:
+        return value
+    if not isinstance(value, expected) or isinstance(value, bool) is not (expected is bool):
+        raise BuildError(f"--config {path}: {key}: expected {kind}, got {value!r}")
+    if expected is list and not all(isinstance(item, str) for item in value):
+        raise BuildError(f"--config {path}: {key}: expected a list of text, got {value!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> BuildOptions:
