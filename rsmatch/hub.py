@@ -2,6 +2,11 @@
 
     rsmatch-push runs/demo you/rsmatch-cifar10 [--private]
     rsmatch-push runs/demo you/rsmatch-cifar10-detector --detector   # RSMatch's detector
+    rsmatch-push benchmarks/local you/cifar10-rsssl    # a built benchmark, as a dataset repo
+    rsmatch-push filtered/pool you/pool-scored         # rsmatch-filter's output, likewise
+
+A benchmark or a filter output is pushed as `rsmatch-build-benchmark --push-to-hub` and
+`rsmatch-filter --push-to-hub` would have, so a push that failed there can be retried here.
 
 The folder is staged locally first (model.safetensors, config.json, README.md, config.yaml,
 run.json, metrics.json, evals.jsonl), so it can be inspected with `--stage-only`; the upload is
@@ -106,10 +111,38 @@ def push(folder: Path, repo: str, private: bool) -> str:
     return str(getattr(info, "commit_url", info))
 
 
+def data_folder_kind(folder: Path) -> str | None:
+    """ "benchmark" (rsmatch-build-benchmark's --out), "filter" (rsmatch-filter's --out) or None."""
+    from rsmatch.benchmark.store import META_FILE
+
+    if (folder / META_FILE).is_file():
+        return "benchmark"
+    if (folder / "scores.parquet").is_file() and (folder / "dataset").is_dir():
+        return "filter"
+    return None
+
+
+def push_data_folder(folder: Path, kind: str, repo: str, private: bool) -> None:
+    """A benchmark or a filter output to a Hub dataset repo, as their commands push them."""
+    from rsmatch.benchmark.sources import load_saved
+
+    if kind == "benchmark":
+        from rsmatch.benchmark.push import push_benchmark
+        from rsmatch.benchmark.store import load_benchmark
+
+        dd, _ = load_benchmark(folder)  # a SourceError names what is wrong with it
+        push_benchmark(folder, dd, repo, private)
+    else:
+        from rsmatch import filter as flt
+
+        flt.push(folder, load_saved(folder / "dataset", f"{folder}/dataset", False), repo, private)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rsmatch-push", description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a finished run directory (train.output_dir)")
-    ap.add_argument("repo", help="Hub model repo, e.g. you/rsmatch-cifar10")
+    ap.add_argument("run", type=Path, metavar="FOLDER",
+                    help="a finished run (train.output_dir), a built benchmark or a filter output")  # fmt: skip
+    ap.add_argument("repo", help="Hub repo, e.g. you/rsmatch-cifar10 (a dataset repo for data)")
     ap.add_argument("--private", action="store_true", help="create the Hub repo private")
     ap.add_argument("--stage-only", action="store_true", help="write RUN/hub/ and stop")
     ap.add_argument("--detector", action="store_true",
@@ -119,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"rsmatch-push: error: repo {args.repo!r}: {problem}", file=sys.stderr)
         return 2
+    kind = data_folder_kind(args.run)
+    if kind:
+        return _push_data(args, kind)
     try:
         if args.detector:
             folder = stage_detector(args.run, args.run / "hub-detector")
@@ -138,6 +174,26 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _push_data(args: argparse.Namespace, kind: str) -> int:
+    if args.detector or args.stage_only:
+        flag = "--detector" if args.detector else "--stage-only"
+        print(f"rsmatch-push: error: {flag}: for run folders; {args.run} is a {kind} output",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from rsmatch.benchmark.sources import SourceError
+
+    try:
+        push_data_folder(args.run, kind, args.repo, args.private)
+    except SourceError as e:  # the folder's data cannot be read
+        print(f"rsmatch-push: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # network, auth, offline mode
+        print(f"rsmatch-push: push failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    print(f"pushed {args.repo}")
     return 0
 
 

@@ -244,12 +244,28 @@ def test_push_to_hub_at_the_api_boundary(sources, tmp_path, monkeypatch):
     assert all(c[3] == "dataset" for c in calls[1:])
 
 
-def test_push_offline_fails_cleanly_and_keeps_the_build(sources, tmp_path, capsys):
+def test_push_offline_fails_cleanly_and_keeps_the_build(sources, tmp_path, capsys, monkeypatch):
     out = tmp_path / "b"
     argv = _args(sources, out, "--synthetic", f"a={sources['gen_a']}", "--push-to-hub", "me/rsssl")
     assert bb.main(argv) == 1  # HF_HUB_OFFLINE=1 in the tests
     assert "push failed" in capsys.readouterr().err
     assert load_benchmark(out)[0]["unlabeled"].num_rows == 36
+    # retried without a rebuild: rsmatch-push sends what --push-to-hub would have
+    import datasets
+    import huggingface_hub
+
+    from rsmatch import hub
+
+    calls = []
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo, private=False: calls.append(("data", repo, private, sorted(self))))  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file",
+                        lambda self, **kw: calls.append(("file", kw["path_in_repo"], kw["repo_type"])))  # fmt: skip
+    assert hub.main([str(out), "me/rsssl"]) == 0
+    assert calls[0] == ("data", "me/rsssl", False, ["labeled", "test", "unlabeled"])
+    assert calls[1:] == [
+        ("file", name, "dataset") for name in ("README.md", "preview.png", "rsmatch_benchmark.json")
+    ]
 
 
 def test_config_file_sets_options(sources, tmp_path):

@@ -294,13 +294,28 @@ def test_push_at_the_api_boundary(run, sources, tmp_path, monkeypatch, capsys):
     assert "threshold **0.5**" in card and "| scored | 36 |" in card and str(out) in card
 
 
-def test_push_offline_fails_cleanly(run, sources, tmp_path, capsys):
+def test_push_offline_fails_cleanly_and_rsmatch_push_retries(
+    run, sources, tmp_path, capsys, monkeypatch
+):
+    import huggingface_hub
+
     out, _ = run
     rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(sources["gen_a"]),
                       "--push-to-hub", "me/filtered")  # fmt: skip
     assert (
         rc == 1 and "push failed" in capsys.readouterr().err and (res / "scores.parquet").is_file()
     )
+    assert hub.main([str(res), "me/filtered"]) == 1  # still offline: the same one line
+    assert capsys.readouterr().err.startswith("rsmatch-push: push failed (")
+    assert hub.main([str(res), "me/filtered", "--detector"]) == 2
+    assert "--detector: for run folders; " in capsys.readouterr().err
+    calls = []  # online again: what rsmatch-filter --push-to-hub sends
+    monkeypatch.setattr(datasets.DatasetDict, "push_to_hub",
+                        lambda self, repo, **kw: calls.append(("data", repo, kw, len(self["train"]))))  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("card", kw["folder_path"], kw["repo_type"])))  # fmt: skip
+    assert hub.main([str(res), "me/filtered", "--private"]) == 0
+    assert calls == [("data", "me/filtered", {"private": True}, 36), ("card", str(res), "dataset")]
 
 
 def test_rsmatch_push_detector_at_the_api_boundary(run, tmp_path, monkeypatch, capsys):
