@@ -595,3 +595,16 @@ def test_exclude_scores_of_one_split_other_than_the_pool_are_all_read(tmp_path):
     assert kept_rows(["c", "a", "b"], str(path), 0.5) == [0, 2]
     pq.write_table(pa.table({"source_id": ids, "synthetic_score": scores}), tmp_path / "n.parquet")
     assert kept_rows(["c", "a", "b"], str(tmp_path / "n.parquet"), 0.5) == [0, 2]
+
+
+def test_ctrl_c_while_scoring_is_one_line_and_writes_nothing(
+    run, sources, tmp_path, capsys, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flt, "run_filter", interrupted)
+    rc, res = filter_(tmp_path, "--detector", str(run[0]), "--images", str(sources["gen_a"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err == [f"rsmatch-filter: interrupted; nothing written to {res}"]
+    assert not res.exists()

@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, SourceError, ModelLoadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the benchmark was not written (generated images are kept "
+              "in their class folders and reused by a rerun)", file=sys.stderr)  # fmt: skip
+        return 130
     except PushError as e:
         print(f"{PROG}: built {options.out}, but the push failed: {e}", file=sys.stderr)
         return 1

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SourceError, FilterError) as e:
         print(f"rsmatch-filter: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rsmatch-filter: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
     if not accelerator.is_main_process:
         return 0
     from rsmatch.filter_report import provenance_metrics, write_report
