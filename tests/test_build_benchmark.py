@@ -387,3 +387,19 @@ def test_config_file_values_take_their_flags_types(tmp_path, text, expected):
     else:
         with pytest.raises(bb.BuildError, match=f"^--config {cfg}: {re.escape(expected)}$"):
             bb._config_values(str(cfg), known)
+
+
+def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path, capsys):
+    export = tmp_path / "synthetic"
+    gen = ["--generate", "sd14", "--generator-model", f"sd14={tiny['sd']}", "--prompts",
+           "template", "--resolution", "32", "--export-synthetic", str(export)]  # fmt: skip
+    assert bb.main(_args(sources, tmp_path / "a", *gen)) == 0
+    recipe = json.loads((export / "sd14" / "generator.json").read_text())
+    assert (recipe["model"], recipe["resolution"], recipe["seed"]) == (str(tiny["sd"]), 32, 0)
+    made = {f: f.stat().st_mtime_ns for f in export.rglob("*.jpg")}
+    capsys.readouterr()
+    assert bb.main(_args(sources, tmp_path / "b", *gen, "--seed", "1")) == 2  # another recipe
+    err = capsys.readouterr().err
+    assert f"{export / 'sd14'}: its images were made with seed=0, this build asks seed=1" in err
+    assert bb.main(_args(sources, tmp_path / "c", *gen)) == 0  # the same: resumed, none remade
+    assert {f: f.stat().st_mtime_ns for f in export.rglob("*.jpg")} == made

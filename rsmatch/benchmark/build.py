@@ -8,6 +8,7 @@ output folder appears only once complete.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -236,6 +237,25 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+RECIPE_FILE = "generator.json"  # how a generated folder's images were made
+
+
+def check_recipe(folder: Path, recipe: dict) -> None:
+    """A generated folder resumes only with the recipe that began it: any other model, size,
+    format, seed or prompts would leave a mix of images that no record describes."""
+    made = folder / RECIPE_FILE
+    if not made.is_file():
+        return
+    before = json.loads(made.read_text())
+    changed = [k for k in sorted(before.keys() | recipe.keys()) if before.get(k) != recipe.get(k)]
+    if changed:
+        k = changed[0]
+        raise BuildError(
+            f"{folder}: its images were made with {k}={before.get(k)!r}, this build asks "
+            f"{k}={recipe.get(k)!r}; choose another --export-synthetic, or remove the folder"
+        )
+
+
 def generate_missing(
     opts: BuildOptions, p: Plan, real: RealSource, per_class: int, state: PartialState
 ) -> dict[str, datasets.Dataset] | None:
@@ -255,6 +275,16 @@ def generate_missing(
     for i, (g, spec) in enumerate(sorted(p.generators.items())):
         if opts.resolution:
             spec = replace(spec, resolution=opts.resolution)
+        t5 = opts.prompts == "t5"
+        recipe = {**spec.__dict__, "size": size, "jpeg_quality": quality, "seed": opts.seed,
+                  "generator_index": i, "prompts": opts.prompts,
+                  "prompt_model": opts.prompt_model if t5 else None,
+                  "prompts_per_class": opts.prompts_per_class if t5 else None}  # fmt: skip
+        check_recipe(root / g, recipe)  # every rank, before any writes
+        state.wait_for_everyone()
+        if state.is_main_process:
+            (root / g).mkdir(parents=True, exist_ok=True)
+            (root / g / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
         jobs = synth.plan_jobs(
             root / g, i, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
         )
