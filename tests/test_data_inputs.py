@@ -319,3 +319,13 @@ def test_builder_config_error_through_the_entry_point(tmp_path):
         .splitlines()[-1]
         .startswith(f"rsmatch-build-benchmark: error: --config {bad}: invalid YAML at line 2")
     )
+
+
+@pytest.mark.parametrize("made, message", [(False, "no such folder"), (True, "not a saved RS-SSL")])
+def test_a_benchmark_path_that_is_not_one_is_named(tmp_path, capsys, made, message):
+    if made:
+        (tmp_path / "bench").mkdir()
+    overrides = [f"data.benchmark={tmp_path / 'bench'}", f"train.output_dir={tmp_path / 'run'}"]
+    assert train.main(["--config", "configs/demo.yaml", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"data.benchmark='{tmp_path / 'bench'}': {message}" in err[0]

@@ -22,6 +22,8 @@ def save_benchmark(dd: datasets.DatasetDict, out: Path, meta: dict) -> None:
 def load_benchmark(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
     """The splits, held in memory so that nothing is ever written into `path`, and the meta."""
     path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"data.benchmark={str(path)!r}: no such folder")
     if not (path / META_FILE).is_file():
         raise SourceError(
             f"data.benchmark={str(path)!r}: not a saved RS-SSL benchmark ({META_FILE} missing)"
