@@ -403,3 +403,17 @@ def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path
     assert f"{export / 'sd14'}: its images were made with seed=0, this build asks seed=1" in err
     assert bb.main(_args(sources, tmp_path / "c", *gen)) == 0  # the same: resumed, none remade
     assert {f: f.stat().st_mtime_ns for f in export.rglob("*.jpg")} == made
+
+
+def test_a_recipe_that_made_no_image_binds_nothing(sources, tiny, tmp_path, capsys):
+    """A model that failed to load leaves its recipe; the corrected command must still run."""
+    export, empty = tmp_path / "synthetic", tmp_path / "empty"
+    empty.mkdir()
+    gen = ["--generate", "sd14", "--prompts", "template", "--resolution", "32",
+           "--export-synthetic", str(export)]  # fmt: skip
+    assert bb.main(_args(sources, tmp_path / "a", *gen, "--generator-model", f"sd14={empty}")) == 2
+    assert "cannot load" in capsys.readouterr().err
+    assert (
+        bb.main(_args(sources, tmp_path / "b", *gen, "--generator-model", f"sd14={tiny['sd']}"))
+        == 0
+    )

@@ -27,6 +27,7 @@ from rsmatch.benchmark.sources import (
     RealSource,
     SourceIndex,
     image_bytes,
+    image_files,
     index_cifake_folder,
     index_class_folder,
     index_real,
@@ -242,9 +243,10 @@ RECIPE_FILE = "generator.json"  # how a generated folder's images were made
 
 def check_recipe(folder: Path, recipe: dict) -> None:
     """A generated folder resumes only with the recipe that began it: any other model, size,
-    format, seed or prompts would leave a mix of images that no record describes."""
+    format, seed or prompts would leave a mix of images that no record describes. A recipe
+    whose run made no image (its model failed to load) binds nothing."""
     made = folder / RECIPE_FILE
-    if not made.is_file():
+    if not made.is_file() or not image_files(folder):
         return
     before = json.loads(made.read_text())
     changed = [k for k in sorted(before.keys() | recipe.keys()) if before.get(k) != recipe.get(k)]
