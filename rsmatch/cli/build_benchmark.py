@@ -111,22 +111,21 @@ def _config_values(path: str, known: set[str]) -> dict:
 
 
 def _config_value(path: str, key: str, value: object) -> object:
-    """One option from the --config file in the type its flag gives: lists (`synthetic` and
-    `generator_model` also as a NAME: VALUE mapping), booleans, numbers, text."""
-    kind = str(BuildOptions.__dataclass_fields__[key].type)  # e.g. "list[str]", "int | None"
-    if key in ("synthetic", "generator_model") and isinstance(value, dict):
-        value = [f"{name}={v}" for name, v in value.items()]
-    elif kind.startswith("list") and isinstance(value, str):
-        value = [value]
-    expected = {"list": list, "bool": bool, "int": int, "float": (int, float)}.get(
-        kind.split("[")[0].split(" ")[0], str
-    )
-    if value is None and "None" in kind:
-        return value
-    if not isinstance(value, expected) or isinstance(value, bool) is not (expected is bool):
-        raise BuildError(f"--config {path}: {key}: expected {kind}, got {value!r}")
-    if expected is list and not all(isinstance(item, str) for item in value):
-        raise BuildError(f"--config {path}: {key}: expected a list of text, got {value!r}")
+    """One --config value in its flag's form: a repeated option takes a list or one value
+    (`synthetic` and `generator_model` also a NAME: VALUE mapping), a switch true or false, any
+    other option text. Numbers are checked with the flags' values (`_check_ranges`)."""
+    kind = str(BuildOptions.__dataclass_fields__[key].type)  # e.g. "list[str]", "Path | None"
+    if kind.startswith("list"):
+        if key in ("synthetic", "generator_model") and isinstance(value, dict):
+            value = [f"{name}={v}" for name, v in value.items()]
+        elif isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise BuildError(f"--config {path}: {key}: expected a list of text, got {value!r}")
+    elif kind == "bool" and not isinstance(value, bool):
+        raise BuildError(f"--config {path}: {key}: expected true or false, got {value!r}")
+    elif not kind.startswith(("int", "float", "bool")) and not isinstance(value, str | None):
+        raise BuildError(f"--config {path}: {key}: expected text, got {value!r}")
     return value
 
 
