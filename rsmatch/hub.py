@@ -24,6 +24,8 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from rsmatch.cli import HelpWithDefaults
+
 RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
 
 
@@ -139,7 +141,9 @@ def push_data_folder(folder: Path, kind: str, repo: str, private: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rsmatch-push", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="rsmatch-push", description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults
+    )
     ap.add_argument("run", type=Path, metavar="FOLDER",
                     help="a finished run (train.output_dir), a built benchmark or a filter output")  # fmt: skip
     ap.add_argument("repo", help="Hub repo, e.g. you/rsmatch-cifar10 (a dataset repo for data)")

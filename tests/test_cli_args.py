@@ -69,3 +69,22 @@ def test_overrides_may_come_before_and_after_the_options():
                              "train.lr=0.1"])  # fmt: skip
     assert args.config == "c.yaml" and args.resume == "latest"
     assert args.overrides == ["train.steps=3", "train.seed=1", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize(
+    "parse, shown, hidden",
+    [
+        (lambda a: filter_cli.parse_args(a), "images per batch and process (default: 256)",
+         "--out OUT             output folder (must not exist) (default"),
+        (lambda a: build_benchmark.parse_args(a), "generation seed (default: 0)",  # 0 is a default
+         "(default: False)"),
+        (lambda a: throughput.main(a), "measured steps (default: 20)", "(default: None)"),
+    ],
+)  # fmt: skip
+def test_help_shows_each_default_once(parse, shown, hidden, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(shown.split()) in text and " ".join(hidden.split()) not in text
+    assert "(default: the detector's, 0.5) (default" not in text  # said in the help already

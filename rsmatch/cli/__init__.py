@@ -13,6 +13,21 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default, unless its text already says it or there is none
+    (descriptions and epilogs keep their line breaks)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text:
+            return text
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            return text  # (`is`: a default of 0 is shown, 0 == False)
+        if action.default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `low`, else argparse's one-line error and exit 2."""
 

@@ -11,11 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from rsmatch.cli import at_least
+from rsmatch.cli import HelpWithDefaults, at_least
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rsmatch-analyze", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="rsmatch-analyze",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpWithDefaults,
+    )
     ap.add_argument("run", type=Path, help="a finished run folder (with model/)")
     ap.add_argument("--out", type=Path, help="output folder (default RUN/analysis)")
     ap.add_argument(

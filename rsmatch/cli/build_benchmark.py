@@ -27,6 +27,7 @@ from rsmatch.benchmark.build import BuildError, BuildOptions, build
 from rsmatch.benchmark.push import PushError
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
+from rsmatch.cli import HelpWithDefaults
 
 PROG = "rsmatch-build-benchmark"
 
@@ -34,7 +35,7 @@ PROG = "rsmatch-build-benchmark"
 def parser() -> argparse.ArgumentParser:
     d = BuildOptions()
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
+                                 formatter_class=HelpWithDefaults, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     add = ap.add_argument
     add("--config", help="YAML file whose keys are these options' names (flags win)")
     add("--real", help="Hub id, folder with train/ and test/ class folders, or saved DatasetDict")

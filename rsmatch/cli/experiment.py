@@ -13,6 +13,7 @@ import os
 import sys
 from functools import partial
 
+from rsmatch.cli import HelpWithDefaults
 from rsmatch.experiment import (
     GridError,
     check_data_paths,
@@ -31,7 +32,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Arguments after `--` go to `accelerate launch` unchanged."""
     launcher_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="rsmatch-experiment", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="rsmatch-experiment",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpWithDefaults,
+    )
     ap.add_argument("grid", help="grid YAML (see docs/experiments.md)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and their state")
     ap.add_argument(

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from rsmatch.benchmark.sources import SourceError
-from rsmatch.cli import at_least
+from rsmatch.cli import HelpWithDefaults, at_least
 from rsmatch.config import ConfigError
 from rsmatch.filter import FilterError
 from rsmatch.hub import repo_id_problem
@@ -23,7 +23,7 @@ from rsmatch.hub import repo_id_problem
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="rsmatch-filter", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 formatter_class=HelpWithDefaults,
                                  epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     ap.add_argument("--detector", required=True, metavar="RUN_DIR|EXPORT_DIR|HUB_ID",
                     help="an RSMatch run folder, its exported detector/ folder, or a Hub model id")  # fmt: skip

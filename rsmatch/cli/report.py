@@ -10,9 +10,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from rsmatch.cli import HelpWithDefaults
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rsmatch-report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="rsmatch-report", description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults
+    )
     ap.add_argument("runs_dir", type=Path, help="folder holding run folders (searched recursively)")
     ap.add_argument("--out", type=Path, help="report folder (default RUNS_DIR/report)")
     ap.add_argument(

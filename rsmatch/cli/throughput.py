@@ -19,12 +19,16 @@ from typing import NoReturn
 import torch
 
 from rsmatch.benchmark.sources import SourceError
-from rsmatch.cli import at_least, run_process
+from rsmatch.cli import HelpWithDefaults, at_least, run_process
 from rsmatch.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rsmatch-throughput", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="rsmatch-throughput",
+        description=__doc__.splitlines()[0],
+        formatter_class=HelpWithDefaults,
+    )
     ap.add_argument("--config", help="a training YAML (configs/*.yaml), as rsmatch-train takes it")
     ap.add_argument("--steps", type=at_least(1), default=20, help="measured steps")
     ap.add_argument("--warmup", type=at_least(0), default=5, help="unmeasured steps first")

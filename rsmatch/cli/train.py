@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.checkpoint import CheckpointError
-from rsmatch.cli import run_process, stdout_to_stderr
+from rsmatch.cli import HelpWithDefaults, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
 ERRORS = (ConfigError, SourceError, CheckpointError)
@@ -28,6 +28,7 @@ OTHER_RANKS_WAIT_S = 5.0  # see _report
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="rsmatch-train",
+        formatter_class=HelpWithDefaults,
         description="Train RSMatch or a baseline. Keys are documented in docs/config.md.",
     )
     ap.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
