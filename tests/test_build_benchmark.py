@@ -102,7 +102,7 @@ def test_build_end_to_end_with_generators_import_and_cifake(sources, tiny, tmp_p
 def test_generation_resumes_where_it_stopped(tiny, tmp_path):
     prompts = synth.template_prompts(CLASSES, 1)
     spec = synth.replace(synth.GENERATORS["sd14"], model=str(tiny["sd"]), steps=2, resolution=32)
-    jobs = synth.plan_jobs(tmp_path / "sd14", 0, prompts, 2, seed=0, suffix=".png")
+    jobs = synth.plan_jobs(tmp_path / "sd14", "sd14", prompts, 2, seed=0, suffix=".png")
     args = (spec, jobs, 32, 4, 0, torch.float32, "cpu", "sd14", False)
     assert synth.generate(*args) == 6
     first = {j.path: j.path.read_bytes() for j in jobs}
@@ -159,7 +159,7 @@ def test_cifake_naming():
         # model paths that exist nowhere: at once, not after the real set is read
         (
             ["--generate", "sd14", "--generator-model", "sd14=/nonexistent"],
-            "--generator-model sd14 /nonexistent: no such folder",
+            "--generator-model sd14=/nonexistent: no such folder",
         ),
         (
             ["--generate", "sd14", "--generator-model", "sd14=GEN_A", "--prompt-model", "/t5"],
@@ -402,6 +402,12 @@ def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path
     assert f"{export / 'sd14'}: its images were made with seed=0, this build asks seed=1" in err
     assert bb.main(_args(sources, tmp_path / "c", *gen)) == 0  # the same: resumed, none remade
     assert {f: f.stat().st_mtime_ns for f in export.rglob("*.jpg")} == made
+    # another generator beside it: sd14's folder is complete and its recipe unchanged
+    glide = ["--generate", "glide", "sd14", "--generator-model", f"glide={tiny['sd']}"]
+    assert bb.main(_args(sources, tmp_path / "d", *gen, *glide, "--seed", "1")) == 2
+    assert not (export / "glide").exists()  # refused before glide, which sorts first, began
+    assert bb.main(_args(sources, tmp_path / "e", *gen, *glide)) == 0
+    assert {f: f.stat().st_mtime_ns for f in (export / "sd14").rglob("*.jpg")} == made
 
 
 def test_a_recipe_that_made_no_image_binds_nothing(sources, tiny, tmp_path, capsys):

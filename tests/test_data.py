@@ -318,4 +318,6 @@ def test_a_path_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkey
     assert not src.is_hub_id("/data/cifar10") and not src.is_hub_id("a/b/c")
     with pytest.raises(SourceError, match=r"^data.benchmark=benchmarks/nope: no such folder$"):
         check_local_paths(DataConfig(benchmark="benchmarks/nope"))
-    check_local_paths(DataConfig(benchmark="uoft-cs/cifar10", synthetic={}))  # left to the Hub
+    check_local_paths(DataConfig(real="uoft-cs/cifar10", synthetic={}))  # left to the Hub
+    with pytest.raises(SourceError, match="^data.benchmark=you/bench: no such folder$"):
+        check_local_paths(DataConfig(benchmark="you/bench"))  # read from folders only

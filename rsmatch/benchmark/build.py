@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from rsmatch.benchmark.sources import (
     index_class_folder,
     index_real,
     index_synthetic,
-    is_hub_id,
+    is_repo_id,
     read_class_folder,
 )
 from rsmatch.benchmark.split import (
@@ -164,12 +165,13 @@ def plan(opts: BuildOptions) -> Plan:
         generators["sdxl_lightning"] = replace(
             generators["sdxl_lightning"], unet=opts.lightning_unet
         )
-    models = {f"--generator-model {g}": s.model for g, s in generators.items()}
+    given = _pairs(opts.generator_model, "--generator-model")
+    models = {f"--generator-model {g}={m}": m for g, m in given.items()}
     if generators and opts.prompts == "t5":
-        models["--prompt-model"] = opts.prompt_model
+        models[f"--prompt-model {opts.prompt_model}"] = opts.prompt_model
     for flag, model in models.items():  # a local folder or a Hub id, before hours of work
-        if not Path(model).exists() and not is_hub_id(model):
-            raise BuildError(f"{flag} {model}: no such folder")
+        if not Path(model).exists() and not is_repo_id(model):
+            raise BuildError(f"{flag}: no such folder")
     if opts.replace_ratio > 0 and not (imports or generators):
         raise BuildError(f"--replace-ratio={opts.replace_ratio} needs --synthetic or --generate")
     split = SplitSpec(
@@ -235,7 +237,7 @@ def process_state() -> PartialState:
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.accelerator.is_available())  # MPS, XPU: not the CPU
 
 
 RECIPE_FILE = "generator.json"  # how a generated folder's images were made
@@ -246,9 +248,16 @@ def check_recipe(folder: Path, recipe: dict) -> None:
     format, seed or prompts would leave a mix of images that no record describes. A recipe
     whose run made no image (its model failed to load) binds nothing."""
     made = folder / RECIPE_FILE
-    if not made.is_file() or not image_files(folder):
+    if not folder.is_dir() or not image_files(folder):
         return
-    before = json.loads(made.read_text())
+    if not made.is_file():  # made before recipes were recorded
+        print(f"{folder}: no {RECIPE_FILE} (an older build); resuming it as this build's recipe",
+              file=sys.stderr)  # fmt: skip
+        return
+    try:
+        before = json.loads(made.read_text())
+    except ValueError:
+        raise BuildError(f"{made}: unreadable; remove it if the images are this build's") from None
     changed = [k for k in sorted(before.keys() | recipe.keys()) if before.get(k) != recipe.get(k)]
     if changed:
         k = changed[0]
@@ -268,27 +277,28 @@ def generate_missing(
     quality = opts.jpeg_quality if opts.jpeg_quality >= 0 else (75 if _is_jpeg(real) else 0)
     root = opts.export_synthetic or p.out.with_name(p.out.name + ".synthetic")
     names = real.class_names
-    if opts.prompts == "t5":
+    t5 = opts.prompts == "t5"
+    specs = {g: replace(s, resolution=opts.resolution or s.resolution)
+             for g, s in sorted(p.generators.items())}  # fmt: skip
+    recipes = {g: {**s.__dict__, "size": size, "jpeg_quality": quality, "seed": opts.seed,
+                   "prompts": opts.prompts, "prompt_model": opts.prompt_model if t5 else None,
+                   "prompts_per_class": opts.prompts_per_class if t5 else None}
+               for g, s in specs.items()}  # fmt: skip
+    for g, recipe in recipes.items():  # every rank, before prompts or any image
+        check_recipe(root / g, recipe)
+    if t5:
         prompts = synth.t5_prompts(names, opts.prompts_per_class, opts.prompt_model, opts.seed)
     else:
         prompts = synth.template_prompts(names, 1)
     dtype = getattr(torch, opts.dtype) if state.device.type != "cpu" else torch.float32
     out = {}
-    for i, (g, spec) in enumerate(sorted(p.generators.items())):
-        if opts.resolution:
-            spec = replace(spec, resolution=opts.resolution)
-        t5 = opts.prompts == "t5"
-        recipe = {**spec.__dict__, "size": size, "jpeg_quality": quality, "seed": opts.seed,
-                  "generator_index": i, "prompts": opts.prompts,
-                  "prompt_model": opts.prompt_model if t5 else None,
-                  "prompts_per_class": opts.prompts_per_class if t5 else None}  # fmt: skip
-        check_recipe(root / g, recipe)  # every rank, before any writes
+    for g, spec in specs.items():
         state.wait_for_everyone()
         if state.is_main_process:
             (root / g).mkdir(parents=True, exist_ok=True)
-            (root / g / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
+            (root / g / RECIPE_FILE).write_text(json.dumps(recipes[g], indent=1) + "\n")
         jobs = synth.plan_jobs(
-            root / g, i, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
+            root / g, g, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
         )
         with state.split_between_processes(jobs) as mine:
             synth.generate(spec, mine, size, opts.batch_size, quality, dtype, opts.device or str(state.device),

@@ -212,15 +212,20 @@ def index_dataset(ds: datasets.Dataset, where: str) -> SourceIndex:
     return SourceIndex(where, ds.features["label"].names, np.asarray(ds["label"]), dataset=ds)
 
 
-def is_hub_id(spec: str) -> bool:
-    """`spec` can only mean a Hub repository: nothing of that name here, a valid repo id, and not
-    inside a local folder (`benchmarks/cifar10-r07` with `benchmarks/` here is a mistyped path,
-    which the Hub would answer only after its retries)."""
-    if Path(spec).exists():
-        return False
+def is_repo_id(spec: str) -> bool:
+    """`spec` is shaped as a Hub repository id (`name` or `owner/name`)."""
     try:
         validate_repo_id(spec)
     except HFValidationError:
+        return False
+    return True
+
+
+def is_hub_id(spec: str) -> bool:
+    """A data source `spec` can only mean a Hub repository: nothing of that name here, a repo
+    id, and not inside a local folder (`benchmarks/cifar10-r07` with `benchmarks/` here is a
+    mistyped path, which the Hub would answer only after its retries)."""
+    if Path(spec).exists() or not is_repo_id(spec):
         return False
     owner, _, _ = spec.rpartition("/")
     return not (owner and Path(owner).is_dir())
@@ -254,7 +259,10 @@ def load_saved(
 def _saved_without_rows(split: Path) -> bool:
     """A folder that `Dataset.save_to_disk` wrote with no rows: no data files listed."""
     state = split / "state.json"
-    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+    try:
+        return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):  # unreadable: load_from_disk names it below
+        return False
 
 
 def index_real(spec: str, key: str = "data.real") -> RealIndex:

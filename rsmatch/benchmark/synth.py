@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -172,12 +173,15 @@ class Job:
 
 
 def plan_jobs(
-    out: Path, gen_index: int, prompts: dict[str, list[str]], per_class: int, seed: int, suffix: str
+    out: Path, generator: str, prompts: dict[str, list[str]], per_class: int, seed: int, suffix: str
 ) -> list[Job]:
+    """Each image's file, prompt and seed; the seed is a function of (seed, generator name,
+    class, index), so a generator's images do not depend on which others a build names."""
+    key = zlib.crc32(generator.encode())
     jobs = []
     for c, (name, class_prompts) in enumerate(prompts.items()):
         for i in range(per_class):
-            s = int(np.random.SeedSequence([seed, gen_index, c, i]).generate_state(1)[0])
+            s = int(np.random.SeedSequence([seed, key, c, i]).generate_state(1)[0])
             jobs.append(
                 Job(
                     name,

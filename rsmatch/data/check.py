@@ -26,8 +26,9 @@ from rsmatch.config import DataConfig
 def check_local_paths(cfg: DataConfig) -> None:
     """The paths a config names, by their existence alone (microseconds, no download): what a
     grid checks for every run before any starts."""
-    if cfg.benchmark:  # a saved benchmark: a folder or a Hub id
-        check_real_path(cfg.benchmark, key="data.benchmark")
+    if cfg.benchmark:  # a saved benchmark folder (training reads none from the Hub)
+        if not Path(cfg.benchmark).is_dir():
+            raise SourceError(f"data.benchmark={cfg.benchmark}: no such folder")
         return
     check_real_path(cfg.real, key="data.real")
     for g, path in sorted(cfg.synthetic.items()):  # always local
