@@ -335,8 +335,15 @@ def test_an_interrupted_write_leaves_no_temporary_folder(sources, tmp_path, monk
     argv = _args(sources, tmp_path / "out", "--synthetic", f"a={sources['gen_a']}")
     assert bb.main(argv) == 130  # Ctrl-C: one line, as a shell reports SIGINT
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("rsmatch-build-benchmark: interrupted; ")
+    assert err == ["rsmatch-build-benchmark: interrupted; the benchmark was not written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()  # now stopped while pushing: the build is there to push later
+    monkeypatch.setattr(build, "push_benchmark", interrupted)
+    assert bb.main([*argv, "--push-to-hub", "me/rsssl"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    out = tmp_path / "out"
+    assert err == [f"rsmatch-build-benchmark: interrupted; {out} is built; push it with "
+                   f"rsmatch-push {out} REPO"] and load_benchmark(out)  # fmt: skip
 
 
 def test_other_ranks_of_an_import_write_nothing(sources, tmp_path, monkeypatch, capsys):
@@ -371,21 +378,27 @@ def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
         ("synthetic: ddpm=a", {"synthetic": ["ddpm=a"]}),  # one value, not its characters
         ("generate: sd14", {"generate": ["sd14"]}),
         ("replace_ratio: 1", {"replace_ratio": 1}),  # numbers: checked with the flags' values
+        ("replace_ratio: 5e-1", {"replace_ratio": 0.5}),  # YAML reads this one as text
         ("unlabeled_per_class: null", {"unlabeled_per_class": None}),
+        ("out: 5", {"out": Path("5")}),  # a folder named 5 (crashed on 5.exists())
+        ("device: cuda:0", {"device": "cuda:0"}),
         ("skip_corrupt: 'no'", "skip_corrupt: expected true or false, got 'no'"),  # was true
         ("synthetic: [1, 2]", "synthetic: expected a list of text, got [1, 2]"),
-        ("out: 5", "out: expected text, got 5"),  # crashed on 5.exists()
+        ("prompts: foo", "prompts: 'foo' is not one of ['t5', 'template']"),  # fell back silently
+        ("dtype: float64", "dtype: 'float64' is not one of ['float32', 'float16', 'bfloat16']"),
+        ("real: [a]", "real: expected text, got ['a']"),
+        ("seed: abc", "seed: 'abc' is not a valid int"),
     ],
 )
 def test_config_file_values_take_their_flags_types(tmp_path, text, expected):
     cfg = tmp_path / "b.yaml"
     cfg.write_text(text)
-    known = set(bb.BuildOptions.__dataclass_fields__) - {"command"}
     if isinstance(expected, dict):
-        assert bb._config_values(str(cfg), known) == expected
+        options = bb.parse_args(["--config", str(cfg)])
+        assert {k: getattr(options, k) for k in expected} == expected
     else:
         with pytest.raises(bb.BuildError, match=f"^--config {cfg}: {re.escape(expected)}$"):
-            bb._config_values(str(cfg), known)
+            bb.parse_args(["--config", str(cfg)])
 
 
 def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path, capsys):

@@ -16,7 +16,6 @@ in one listing); the output folder appears only once complete. The trainer reads
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -89,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _config_values(path: str, known: set[str]) -> dict:
+def _config_values(path: str, actions: dict[str, argparse.Action]) -> dict:
     """The --config file's options, or one BuildError naming the file (and line for YAML)."""
     try:
         values = yaml.safe_load(Path(path).read_text())
@@ -105,28 +104,47 @@ def _config_values(path: str, known: set[str]) -> dict:
     if not isinstance(values, dict):
         raise BuildError(f"--config {path}: expected a mapping of option names to values")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise BuildError(f"--config {path}: unknown keys {unknown}")
-    return {k: _config_value(path, k, v) for k, v in values.items()}
+    return {k: _config_value(path, actions[k], v) for k, v in values.items()}
 
 
-def _config_value(path: str, key: str, value: object) -> object:
-    """One --config value in its flag's form: a repeated option takes a list or one value
-    (`synthetic` and `generator_model` also a NAME: VALUE mapping), a switch true or false, any
-    other option text. Numbers are checked with the flags' values (`_check_ranges`)."""
-    kind = str(BuildOptions.__dataclass_fields__[key].type)  # e.g. "list[str]", "Path | None"
-    if kind.startswith("list"):
-        if key in ("synthetic", "generator_model") and isinstance(value, dict):
+def _config_value(path: str, action: argparse.Action, value: object) -> object:
+    """One --config value as its flag would take it: a repeated option a list or one value
+    (`synthetic` and `generator_model` also a NAME: VALUE mapping), a switch true or false,
+    other text through the flag's type, each value among the flag's choices. Numbers keep their
+    YAML type for the flags' range checks (`_check_ranges`)."""
+    where = f"--config {path}: {action.dest}"
+    if isinstance(action.default, bool):  # a switch
+        if not isinstance(value, bool):
+            raise BuildError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(action.default, list):  # repeated, or several values
+        if isinstance(value, dict) and action.dest in ("synthetic", "generator_model"):
             value = [f"{name}={v}" for name, v in value.items()]
         elif isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            raise BuildError(f"--config {path}: {key}: expected a list of text, got {value!r}")
-    elif kind == "bool" and not isinstance(value, bool):
-        raise BuildError(f"--config {path}: {key}: expected true or false, got {value!r}")
-    elif not kind.startswith(("int", "float", "bool")) and not isinstance(value, str | None):
-        raise BuildError(f"--config {path}: {key}: expected text, got {value!r}")
+            raise BuildError(f"{where}: expected a list of text, got {value!r}")
+        items = value
+    else:
+        if action.type not in (int, float):  # `out: 5` names the folder 5
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = str(value)
+            if value is not None and not isinstance(value, str):
+                raise BuildError(f"{where}: expected text, got {value!r}")
+        if isinstance(value, str) and action.type is not None:  # `replace_ratio: 5e-1` too
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                kind = getattr(action.type, "__name__", "value")
+                raise BuildError(f"{where}: {value!r} is not a valid {kind}") from None
+        items = [value]
+    if action.choices is not None:
+        for item in items:
+            if item not in action.choices:
+                raise BuildError(f"{where}: {item!r} is not one of {list(action.choices)}")
     return value
 
 
@@ -134,14 +152,15 @@ def parse_args(argv: list[str] | None) -> BuildOptions:
     ap = parser()
     args = ap.parse_args(argv)
     if args.config:
-        known = {f.name for f in dataclasses.fields(BuildOptions)} - {"command"}
-        ap.set_defaults(**_config_values(args.config, known))
+        actions = {a.dest: a for a in ap._actions if a.dest not in ("help", "config")}
+        ap.set_defaults(**_config_values(args.config, actions))
         args = ap.parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "config"}
     return BuildOptions(**options, command=[PROG, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:
+    options = None
     try:
         options = parse_args(argv)
         sizes = build(options)
@@ -149,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the benchmark was not written (generated images are kept "
-              "in their class folders and reused by a rerun)", file=sys.stderr)  # fmt: skip
+        print(f"{PROG}: interrupted; {_what_is_left(options)}", file=sys.stderr)
         return 130
     except PushError as e:
         print(f"{PROG}: built {options.out}, but the push failed: {e}", file=sys.stderr)
@@ -158,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     if sizes is not None:
         print(json.dumps({"out": str(options.out), **sizes}))
     return 0
+
+
+def _what_is_left(options: BuildOptions | None) -> str:
+    if options is not None and options.out.is_dir():  # built, then stopped while pushing
+        return f"{options.out} is built; push it with rsmatch-push {options.out} REPO"
+    kept = (
+        " (generated images are kept and reused by a rerun)" if options and options.generate else ""
+    )
+    return f"the benchmark was not written{kept}"
 
 
 if __name__ == "__main__":
