@@ -55,6 +55,13 @@ def is_detector_export(folder: Path) -> bool:
     return "threshold" in keys and "num_classes" not in keys  # not a classifier export
 
 
+def check_hub_id(spec: str, option: str) -> None:
+    """What is not a local folder must be an `owner/name` Hub id, not a mistyped path."""
+    if "/" not in spec or not is_hub_id(spec):
+        what = "not a folder" if Path(spec).exists() else "no such folder"
+        raise FilterError(f"{option} {spec}: {what}")
+
+
 def resolve_detector(spec: str) -> Detector:
     """A run directory (its `detector/`), an export folder, or a Hub id."""
     path = Path(spec)
@@ -66,10 +73,7 @@ def resolve_detector(spec: str) -> Detector:
             f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "
             "other algorithms and rsmatch.shared_encoder=true runs have none)"
         )
-    if "/" not in spec or not is_hub_id(spec):  # an org/name id, not a mistyped path
-        raise FilterError(
-            f"--detector {spec}: {'not a folder' if path.exists() else 'no such folder'}"
-        )
+    check_hub_id(spec, "--detector")
     try:
         return load_detector(spec)
     except Exception as e:  # hub errors come in many types; name the id in one line
@@ -120,11 +124,8 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
         data = load_saved(path, f"{option} {spec}", in_memory=False)
     elif path.is_dir():
         data = read_folder(path)
-    elif "/" not in spec or not is_hub_id(spec):  # an org/name id, not a mistyped path
-        raise FilterError(
-            f"{option} {spec}: {'not a folder' if path.exists() else 'no such folder'}"
-        )
     else:
+        check_hub_id(spec, option)
         try:
             data = datasets.load_dataset(spec)
         except Exception as e:

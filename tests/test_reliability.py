@@ -346,13 +346,19 @@ def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, c
 
     def fit(self, resume=False):
         print("a print")
-        sys.__stdout__.write("a stream held since import\n")  # left unflushed on purpose
+        # a stream held since import, left unflushed (buffered even under PYTHONUNBUFFERED)
+        sys.__stdout__.reconfigure(write_through=False)
+        sys.__stdout__.write("a stream held since import\n")
         os.write(1, b"a native write\n")
         subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
         return {"step": 0}
 
     monkeypatch.setattr(Trainer, "fit", fit)
-    assert train_cli.main(tiny_overrides(sources, tmp_path / "run")) == 0
+    write_through = sys.__stdout__.write_through
+    try:
+        assert train_cli.main(tiny_overrides(sources, tmp_path / "run")) == 0
+    finally:
+        sys.__stdout__.reconfigure(write_through=write_through)
     out, err = capfd.readouterr()
     assert out == '{"step": 0}\n'
     for note in ("a print", "a stream held since import", "a native write", "a child process"):
