@@ -302,6 +302,8 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator, batch_size:
             table["source_id"] += list(kept["source_id"])
         scored[split] = kept
         saved[split] = kept.select(np.flatnonzero(sc <= threshold)) if keep_real else kept
+    # a split with no row left is not saved: datasets writes it without data, then cannot load it
+    saved = {split: ds for split, ds in saved.items() if len(ds)}
     return FilterResult(
         threshold, table, datasets.DatasetDict(scored), datasets.DatasetDict(saved), corrupt
     )

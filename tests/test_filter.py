@@ -608,3 +608,20 @@ def test_ctrl_c_while_scoring_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 130 and err == [f"rsmatch-filter: interrupted; nothing written to {res}"]
     assert not res.exists()
+
+
+def test_a_split_with_nothing_kept_is_left_out_of_the_saved_dataset(run, bench, tmp_path):
+    """datasets saves a split without rows but cannot load it back (nor could rsmatch-push)."""
+    out, _ = run
+    rc, first = filter_(tmp_path / "all", "--detector", str(out), "--images", str(bench))
+    _, table = scores_of(first)
+    lowest = {}
+    for split, score in zip(table["split"], table["synthetic_score"]):
+        lowest[split] = min(score, lowest.get(split, score))
+    (empty, top), (_, second) = sorted(lowest.items(), key=lambda kv: -kv[1])[:2]
+    assert top > second  # a threshold between them keeps nothing of `empty` only
+    rc, res = filter_(tmp_path / "keep", "--detector", str(out), "--images", str(bench),
+                      "--keep", "real", "--threshold", str((top + second) / 2))  # fmt: skip
+    assert rc == 0
+    dd = datasets.load_from_disk(str(res / "dataset"))
+    assert empty not in dd and len(dd) == 2 and all(len(ds) for ds in dd.values())
