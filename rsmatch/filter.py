@@ -99,9 +99,14 @@ def label_column(ds: datasets.Dataset) -> str | None:
 
 
 def read_folder(root: Path) -> datasets.Dataset:
-    """Every image under root, any depth. When all lie in subfolders, the first subfolder
-    level names the class (a `label` column); a flat or mixed folder has no labels."""
-    files = image_files(root)
+    """Every image under root, any depth, except inside an earlier filter output (`--out`
+    placed in the folder it scored: its report's figures are not the user's images). When all
+    lie in subfolders, the first subfolder level names the class (a `label` column); a flat or
+    mixed folder has no labels."""
+    outputs = [
+        p.parent for p in root.rglob("scores.parquet") if (p.parent / "report.json").is_file()
+    ]
+    files = [f for f in image_files(root) if not any(o in f.parents for o in outputs)]
     if not files:
         raise FilterError(f"--images {root}: no images found")
     rel = [f.relative_to(root) for f in files]

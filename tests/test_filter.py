@@ -625,3 +625,13 @@ def test_a_split_with_nothing_kept_is_left_out_of_the_saved_dataset(run, bench, 
     assert rc == 0
     dd = datasets.load_from_disk(str(res / "dataset"))
     assert empty not in dd and len(dd) == 2 and all(len(ds) for ds in dd.values())
+
+
+def test_an_output_inside_the_scored_folder_is_not_scored_next_time(run, sources, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(sources["gen_a"], images)
+    args = ["--detector", str(run[0]), "--images", str(images), "--precision", "no"]
+    assert cli.main([*args, "--out", str(images / "filtered")]) == 0  # its figures are PNGs
+    assert cli.main([*args, "--out", str(tmp_path / "again")]) == 0
+    first, again = (scores_of(p)[1]["id"] for p in (images / "filtered", tmp_path / "again"))
+    assert again == first and len(first) == 36
