@@ -35,6 +35,7 @@ from rsmatch.benchmark.sources import (
     load_saved,
 )
 from rsmatch.export import load_detector
+from rsmatch.hub import data_folder_kind
 from rsmatch.models import Detector
 
 PROVENANCE = ("is_synthetic", "generator")
@@ -103,10 +104,10 @@ def read_folder(root: Path) -> datasets.Dataset:
     placed in the folder it scored: its report's figures are not the user's images). When all
     lie in subfolders, the first subfolder level names the class (a `label` column); a flat or
     mixed folder has no labels."""
-    outputs = [
-        p.parent for p in root.rglob("scores.parquet") if (p.parent / "report.json").is_file()
-    ]
-    files = [f for f in image_files(root) if not any(o in f.parents for o in outputs)]
+    files = image_files(root)
+    folders = {root / up for f in files for up in f.relative_to(root).parents}
+    outputs = {folder for folder in folders if data_folder_kind(folder) == "filter"}
+    files = [f for f in files if outputs.isdisjoint(f.parents)]
     if not files:
         raise FilterError(f"--images {root}: no images found")
     rel = [f.relative_to(root) for f in files]

@@ -349,7 +349,11 @@ def test_an_interrupted_write_leaves_no_temporary_folder(sources, tmp_path, monk
 def test_other_ranks_of_an_import_write_nothing(sources, tmp_path, monkeypatch, capsys):
     from rsmatch.benchmark import build
 
-    monkeypatch.setattr(build, "process_state", lambda: SimpleNamespace(is_main_process=False))
+    monkeypatch.setattr(
+        build,
+        "process_state",
+        lambda: SimpleNamespace(is_main_process=False, destroy_process_group=lambda: None),
+    )
     assert bb.main(_args(sources, tmp_path / "out", "--synthetic", f"a={sources['gen_a']}")) == 0
     assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
 

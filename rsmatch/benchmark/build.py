@@ -357,6 +357,13 @@ def build(opts: BuildOptions) -> dict[str, int] | None:
     datasets.disable_progress_bars()
     p = plan(opts)
     state = process_state()
+    try:
+        return _build(opts, p, state)
+    finally:  # a launched CPU build's gloo group, whose threads must not outlive Python
+        state.destroy_process_group()
+
+
+def _build(opts: BuildOptions, p: Plan, state: PartialState) -> dict[str, int] | None:
     if not p.generators and not state.is_main_process:
         return None  # generation is split across processes; importing and writing are not
     real = index_real(opts.real, key="--real")

@@ -18,12 +18,10 @@ class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
     (descriptions and epilogs keep their line breaks)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or "default" in text:
-            return text
-        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
-            return text  # (`is`: a default of 0 is shown, 0 == False)
-        if action.default == []:
+        text, default = action.help or "", action.default
+        # `is`, not `in`: a default of 0 is shown (0 == False)
+        nothing = default is None or default is False or default is argparse.SUPPRESS
+        if not action.option_strings or "default" in text or nothing or default == []:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from rsmatch.benchmark.build import BuildError, BuildOptions, build, process_state
+from rsmatch.benchmark.build import BuildError, BuildOptions, build
 from rsmatch.benchmark.push import PushError
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     options = None
     try:
         options = parse_args(argv)
-        try:
-            sizes = build(options)
-        finally:  # a launched CPU build's gloo group, whose threads must not outlive Python
-            process_state().destroy_process_group()
+        sizes = build(options)
     except (BuildError, SourceError, ModelLoadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

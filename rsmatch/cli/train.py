@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         from rsmatch.trainer import Trainer
 
         ignored = ignored_overrides(cfg, args.overrides)  # after the one-line config errors
-        for key, reason in ignored.items() if not int(os.environ.get("RANK", "0")) else ():
-            print(f"rsmatch-train: warning: {key}: ignored, {reason}", file=sys.stderr)
+        if not int(os.environ.get("RANK", "0")):
+            for key, reason in ignored.items():
+                print(f"rsmatch-train: warning: {key}: ignored, {reason}", file=sys.stderr)
 
         # stdout is for the final metrics' JSON line; notes, warnings and what libraries print
         # (DeepSpeed logs to stdout) go to stderr
