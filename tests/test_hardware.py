@@ -230,9 +230,9 @@ def test_the_reason_names_the_hardware_as_probed(native):
     gpu = resolve("auto", "auto", cuda=True, cuda_bf16=native)
     if native:
         assert cpu.reason == "auto: CPU with native bf16"
-        assert cpu_bf16_support({"amx_bf16"}, env={}) == (
-            True,
-            "CPU with native bf16 (AVX512-BF16/AMX)",
+        assert cpu_bf16_support({"amx_bf16"}, env={}) == (True, "CPU with native bf16 (amx_bf16)")
+        assert cpu_bf16_support({"amx_bf16", "avx512_bf16"}, env={})[1] == (
+            "CPU with native bf16 (avx512_bf16, amx_bf16)"
         )
     else:
         assert cpu.reason == (

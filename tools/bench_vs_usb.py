@@ -313,7 +313,7 @@ def _machine() -> str:
     from rsmatch.hardware import cpu_bf16_support
 
     gpu = f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{model}, {os.cpu_count()} CPUs, native bf16: {cpu_bf16_support()[0]}{gpu}"
+    return f"{model}, {os.cpu_count()} CPUs, {cpu_bf16_support()[1]}{gpu}"
 
 
 def main(argv: list[str] | None = None) -> int:
