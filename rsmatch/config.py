@@ -40,8 +40,8 @@ def option(default: Any, help: str, **kw: Any) -> Any:
 class DataConfig:
     benchmark: str | None = option(
         None,
-        "Saved RS-SSL benchmark folder, as `rsmatch-build-benchmark` writes it (training does not "
-        "read a benchmark from the Hub). When set, `real`, "
+        "RS-SSL benchmark: the folder `rsmatch-build-benchmark` writes, or the Hub dataset id it "
+        "was pushed to (or a download of that repo). When set, `real`, "
         "`synthetic`, `labels_per_class`, `replace_ratio`, `unlabeled_per_class` and "
         "`split_seed` are read from it instead of the keys below.",
     )

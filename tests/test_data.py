@@ -319,5 +319,4 @@ def test_a_path_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkey
     with pytest.raises(SourceError, match=r"^data.benchmark=benchmarks/nope: no such folder$"):
         check_local_paths(DataConfig(benchmark="benchmarks/nope"))
     check_local_paths(DataConfig(real="uoft-cs/cifar10", synthetic={}))  # left to the Hub
-    with pytest.raises(SourceError, match="^data.benchmark=you/bench: no such folder$"):
-        check_local_paths(DataConfig(benchmark="you/bench"))  # read from folders only
+    check_local_paths(DataConfig(benchmark="you/bench"))  # likewise

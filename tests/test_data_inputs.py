@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from rsmatch.benchmark import integrity
+from rsmatch.benchmark.push import FILES
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
 from rsmatch.benchmark.split import SplitSpec, build_split
 from rsmatch.benchmark.store import load_benchmark
@@ -78,6 +79,88 @@ def test_saved_datasets_on_read_only_storage_load_without_writing(sources, tmp_p
         assert _tree(data) == before  # root ignores permissions: compare, don't expect errors
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(data)], check=True)
+
+
+# --- a benchmark from the Hub ------------------------------------------------------------------
+
+
+def _as_pushed(bench: Path, repo: Path) -> Path:
+    """`bench` laid out as `rsmatch-push` leaves its Hub dataset repo, and as a download of that
+    repo is: parquet shards named as `DatasetDict.push_to_hub` names them (images embedded: the
+    benchmark holds their bytes), beside the card, preview and rsmatch_benchmark.json."""
+    dd, _ = load_benchmark(bench)
+    for split, ds in dd.items():
+        ds.to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    for name in FILES:
+        shutil.copy(bench / name, repo / name)
+    return repo
+
+
+def _same_benchmark(a: tuple[datasets.DatasetDict, dict], b: tuple[datasets.DatasetDict, dict]):
+    assert a[1] == b[1] and set(a[0]) == set(b[0]) == {"labeled", "unlabeled", "test"}
+    for split in a[0]:
+        x, y = a[0][split], b[0][split]
+        assert x.features["label"].names == y.features["label"].names
+        for column in ("label", "source_id", "is_synthetic", "generator"):
+            assert x[column] == y[column], (split, column)
+        assert x.data.column("image").to_pylist() == y.data.column("image").to_pylist()
+
+
+def test_a_benchmark_pushed_to_the_hub_trains_from_its_id_or_a_download(
+    sources, tmp_path, monkeypatch, capsys
+):
+    """The Hub is simulated at its two calls (the meta file and the dataset), each answered from
+    a folder laid out as the pushed repo; everything after them is the real loading code."""
+    bench = tmp_path / "bench"
+    argv = _build_args(
+        sources, bench, "--synthetic", f"a={sources['gen_a']}", "--replace-ratio", "0.25"
+    )
+    assert bb.main(argv) == 0
+    saved = load_benchmark(bench)
+    repo = _as_pushed(bench, tmp_path / "download")
+    assert not (repo / "dataset_dict.json").exists()
+    _same_benchmark(load_benchmark(repo), saved)  # a download of the repo
+
+    asked = []
+    real_load_dataset = datasets.load_dataset
+
+    def hf_hub_download(repo_id, filename, repo_type=None, **_):
+        asked.append((repo_id, filename, repo_type))
+        return str(repo / filename)
+
+    def load_dataset(spec, **kw):
+        asked.append((spec, "load_dataset"))
+        return real_load_dataset(str(repo) if spec == "you/bench" else spec, **kw)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _same_benchmark(load_benchmark("you/bench"), saved)
+    assert asked == [
+        ("you/bench", "rsmatch_benchmark.json", "dataset"),
+        ("you/bench", "load_dataset"),
+    ]
+
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(sources, run) if not o.startswith("data.")]
+    assert (
+        train.main(["--config", "configs/demo.yaml", *overrides, "data.benchmark=you/bench"]) == 0
+    )
+    assert "benchmark: you/bench" in (run / "config.yaml").read_text()
+    split = json.loads((run / "run.json").read_text())["split"]
+    assert split == {**saved[1], "real_only": False}  # what the pushed benchmark says
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 4
+
+
+def test_a_hub_benchmark_that_cannot_be_read_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"  # HF_HUB_OFFLINE=1 in the tests: nothing cached, nothing to read
+    overrides = ["data.benchmark=nobody/no-bench", f"train.output_dir={run}"]
+    assert train.main(["--config", "configs/demo.yaml", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and (
+        "data.benchmark='nobody/no-bench': cannot read rsmatch_benchmark.json of this Hub "
+        "dataset id (" in err[0]
+    ), err
+    assert not run.exists()
 
 
 # --- real-only data --------------------------------------------------------------------------

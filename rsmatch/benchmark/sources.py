@@ -231,10 +231,20 @@ def is_hub_id(spec: str) -> bool:
     return not (owner and Path(owner).is_dir())
 
 
-def check_real_path(spec: str, key: str = "data.real") -> None:
-    """A real set is a local folder or a Hub dataset id."""
+def check_folder_or_hub_id(spec: str, key: str) -> None:
+    """`spec` names a local folder or a Hub dataset id (a real set, a benchmark)."""
     if not Path(spec).exists() and not is_hub_id(spec):
         raise SourceError(f"{key}={spec}: no such folder")
+
+
+def load_hub_layout(spec: str, name: str) -> datasets.DatasetDict:
+    """A Hub dataset id, or a local folder laid out like a Hub dataset repository (parquet
+    shards under `data/`, e.g. a download of one), in memory; `name` starts the one-line error."""
+    kind = "folder" if Path(spec).exists() else "Hub dataset id (no local folder of that name)"
+    try:
+        return datasets.load_dataset(spec, keep_in_memory=True)
+    except Exception as e:  # datasets raises many types; name the source in one line
+        raise SourceError(f"{name}: cannot load this {kind} ({type(e).__name__}: {e})") from None
 
 
 def load_saved(
@@ -280,14 +290,8 @@ def index_real(spec: str, key: str = "data.real") -> RealIndex:
             "saved DatasetDict, train/ and test/ class folders, or a Hub dataset id)"
         )
     else:
-        check_real_path(spec, key)
-        kind = "folder" if path.exists() else "Hub dataset id (no local folder of that name)"
-        try:  # a Hub id, or a local folder laid out like a Hub dataset repository
-            dd = datasets.load_dataset(spec, keep_in_memory=True)
-        except Exception as e:  # datasets raises many types; name the source in one line
-            raise SourceError(
-                f"{key}={spec}: cannot load this {kind} ({type(e).__name__}: {e})"
-            ) from None
+        check_folder_or_hub_id(spec, key)
+        dd = load_hub_layout(spec, f"{key}={spec}")
     missing = {"train", "test"} - set(dd)
     if missing:
         raise SourceError(f"{key}={spec}: missing split(s) {sorted(missing)}")

@@ -1,4 +1,5 @@
-"""A built benchmark on disk: a saved DatasetDict plus `rsmatch_benchmark.json`, and its counts."""
+"""A built benchmark: a saved DatasetDict plus `rsmatch_benchmark.json` (on disk or on the Hub), and
+its counts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from rsmatch.benchmark.sources import SourceError, load_saved
+from rsmatch.benchmark.sources import SourceError, is_hub_id, load_hub_layout, load_saved
 
 SPLITS = ("labeled", "unlabeled", "test")
 META_FILE = "rsmatch_benchmark.json"
@@ -19,20 +20,42 @@ def save_benchmark(dd: datasets.DatasetDict, out: Path, meta: dict) -> None:
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_benchmark(path: str | Path) -> tuple[datasets.DatasetDict, dict]:
-    """The splits, held in memory so that nothing is ever written into `path`, and the meta."""
-    path = Path(path)
-    if not path.is_dir():
-        raise SourceError(f"data.benchmark={str(path)!r}: no such folder")
-    if not (path / META_FILE).is_file():
-        raise SourceError(
-            f"data.benchmark={str(path)!r}: not a saved RS-SSL benchmark ({META_FILE} missing)"
-        )
-    dd = load_saved(path, f"data.benchmark={str(path)!r}")
+def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
+    """The splits, held in memory so that nothing is ever written where they lie, and the meta.
+
+    `spec`: the folder `rsmatch-build-benchmark` wrote, the same benchmark pushed to the Hub (its
+    dataset repo id), or a download of that repo (parquet shards under `data/`).
+    """
+    spec = str(spec)
+    name = f"data.benchmark={spec!r}"
+    if is_hub_id(spec):
+        meta = _hub_meta(spec, name)
+        dd = load_hub_layout(spec, name)
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise SourceError(f"{name}: no such folder")
+        if not (path / META_FILE).is_file():
+            raise SourceError(f"{name}: not a saved RS-SSL benchmark ({META_FILE} missing)")
+        meta = (path / META_FILE).read_text()
+        saved = (path / "dataset_dict.json").is_file()  # else as pushed: parquet shards
+        dd = load_saved(path, name) if saved else load_hub_layout(spec, name)
     missing = set(SPLITS) - set(dd)
     if missing:
-        raise SourceError(f"data.benchmark={str(path)!r}: missing splits {sorted(missing)}")
-    return dd, json.loads((path / META_FILE).read_text())
+        raise SourceError(f"{name}: missing splits {sorted(missing)}")
+    return dd, json.loads(meta)
+
+
+def _hub_meta(repo: str, name: str) -> str:
+    """The benchmark's `rsmatch_benchmark.json`, from its Hub dataset repo."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, META_FILE, repo_type="dataset")).read_text()
+    except Exception as e:  # not found, offline, no access: one line naming the repo
+        raise SourceError(
+            f"{name}: cannot read {META_FILE} of this Hub dataset id ({type(e).__name__}: {e})"
+        ) from None
 
 
 def summary(dd: datasets.DatasetDict) -> dict:

@@ -13,7 +13,7 @@ from rsmatch.benchmark.integrity import check_readable
 from rsmatch.benchmark.sources import (
     SourceError,
     SourceIndex,
-    check_real_path,
+    check_folder_or_hub_id,
     index_dataset,
     index_real,
     index_synthetic,
@@ -26,11 +26,10 @@ from rsmatch.config import DataConfig
 def check_local_paths(cfg: DataConfig) -> None:
     """The paths a config names, by their existence alone (microseconds, no download): what a
     grid checks for every run before any starts."""
-    if cfg.benchmark:  # a saved benchmark folder (training reads none from the Hub)
-        if not Path(cfg.benchmark).is_dir():
-            raise SourceError(f"data.benchmark={cfg.benchmark}: no such folder")
+    if cfg.benchmark:
+        check_folder_or_hub_id(cfg.benchmark, key="data.benchmark")
         return
-    check_real_path(cfg.real, key="data.real")
+    check_folder_or_hub_id(cfg.real, key="data.real")
     for g, path in sorted(cfg.synthetic.items()):  # always local
         if not Path(path).is_dir():
             raise SourceError(f"data.synthetic.{g}: {path}: not a folder")
