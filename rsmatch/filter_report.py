@@ -123,16 +123,17 @@ def counts(result: FilterResult) -> dict:
         "called_synthetic": int((calls == "synthetic").sum()),
         "saved": sum(len(ds) for ds in result.dataset.values()),
     }
-    per_class: dict[str, list[int]] = {}
+    per_class: dict[str, list[int]] = {}  # in class order, as the labels number them
     for ds in result.scored.values():
         col = label_column(ds)
         if col is None:
             continue
-        names = ds.features[col].names
-        for y, s in zip(ds[col], ds["synthetic_score"]):
-            c = per_class.setdefault(names[y], [0, 0])
-            c[0] += 1
-            c[1] += int(s > result.threshold)
+        labels = np.asarray(ds[col])
+        called = np.asarray(ds["synthetic_score"]) > result.threshold
+        for y, name in enumerate(ds.features[col].names):
+            c = per_class.setdefault(name, [0, 0])
+            c[0] += int((labels == y).sum())
+            c[1] += int(called[labels == y].sum())
     if per_class:
         out["per_class"] = {
             k: {"images": v[0], "called_synthetic": v[1]} for k, v in per_class.items()

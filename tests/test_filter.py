@@ -29,7 +29,8 @@ from rsmatch.data.decode import decode
 from rsmatch.data.exclude import kept_rows
 from rsmatch.data.loaders import load_train_data
 from rsmatch.export import load_detector
-from rsmatch.filter_report import provenance_metrics
+from rsmatch.filter import FilterResult
+from rsmatch.filter_report import counts, provenance_metrics
 from rsmatch.trainer import Trainer
 
 from .conftest import failure, tiny_config, tiny_overrides
@@ -153,6 +154,30 @@ def test_filter_a_saved_benchmark_reports_provenance(run, bench, tmp_path):
                        "--split", "unlabeled")  # fmt: skip
     assert rc == 0 and set(datasets.load_from_disk(str(pool / "dataset"))) == {"unlabeled"}
     assert scores_of(pool)[1]["synthetic_score"] == [table["synthetic_score"][i] for i in unl]
+
+
+def test_per_class_counts_by_hand_in_class_order():
+    """Classes listed as the labels number them (not in the order images come), every class,
+    summed over splits; a score equal to the threshold is called real."""
+    names = datasets.ClassLabel(names=["airplane", "cat", "truck"])
+    features = datasets.Features({"label": names, "synthetic_score": datasets.Value("float32")})
+    scored = datasets.DatasetDict(
+        a=datasets.Dataset.from_dict(
+            {"label": [2, 2, 0, 2], "synthetic_score": [0.9, 0.5, 0.7, 0.2]}, features=features
+        ),
+        b=datasets.Dataset.from_dict({"label": [0], "synthetic_score": [0.1]}, features=features),
+    )
+    calls = ["synthetic", "real", "synthetic", "real", "real"]
+    result = FilterResult(0.5, {"call": calls}, scored, scored)
+    assert counts(result) == {
+        "scored": 5, "corrupt_skipped": 0, "called_real": 3, "called_synthetic": 2, "saved": 5,
+        "per_class": {
+            "airplane": {"images": 2, "called_synthetic": 1},
+            "cat": {"images": 0, "called_synthetic": 0},
+            "truck": {"images": 3, "called_synthetic": 1},
+        },
+    }  # fmt: skip
+    assert list(counts(result)["per_class"]) == ["airplane", "cat", "truck"]
 
 
 def test_provenance_metrics_by_hand():
