@@ -32,6 +32,8 @@ from rsmatch.benchmark.sources import (
     image_bytes,
     image_files,
     is_hub_id,
+    is_hub_layout,
+    load_hub_layout,
     load_saved,
 )
 from rsmatch.export import load_detector
@@ -128,6 +130,8 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
     path = Path(spec)
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         data = load_saved(path, f"{option} {spec}", in_memory=False)
+    elif is_hub_layout(path):  # a downloaded Hub dataset, e.g. a pushed benchmark
+        data = load_hub_layout(spec, f"{option} {spec}", in_memory=False)
     elif path.is_dir():
         data = read_folder(path)
     else:

@@ -88,11 +88,25 @@ def _split(cfg: dict[str, Any], record: dict[str, Any]) -> tuple[float, int]:
     """Ratio and labels the run trained on: its run record, else a saved benchmark, else config."""
     split = record.get("split") or {}
     bench = cfg.get("data.benchmark")
-    if not split and bench and (Path(bench) / "rsmatch_benchmark.json").is_file():
-        split = json.loads((Path(bench) / "rsmatch_benchmark.json").read_text())
+    if not split and bench:
+        split = _benchmark_meta(str(bench))
     ratio = split.get("replace_ratio", cfg.get("data.replace_ratio", float("nan")))
     labels = split.get("labels_per_class", cfg.get("data.labels_per_class", 0))
     return float(ratio), int(labels)
+
+
+def _benchmark_meta(bench: str) -> dict[str, Any]:
+    """A benchmark's rsmatch_benchmark.json: its folder's, or a Hub id's from the local Hub
+    cache (the report never goes to the network); {} when neither is here."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from rsmatch.benchmark.sources import is_hub_id
+
+    file = Path(bench) / "rsmatch_benchmark.json"
+    if not file.is_file() and is_hub_id(bench):
+        cached = try_to_load_from_cache(bench, file.name, repo_type="dataset")
+        file = Path(cached) if isinstance(cached, str) else file  # else None or "not on the Hub"
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def _extras(axes: dict[str, str], covered: set[str]) -> tuple[str, ...]:

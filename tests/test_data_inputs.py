@@ -157,10 +157,45 @@ def test_a_hub_benchmark_that_cannot_be_read_is_one_line_and_writes_nothing(tmp_
     assert train.main(["--config", "configs/demo.yaml", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and (
-        "data.benchmark='nobody/no-bench': cannot read rsmatch_benchmark.json of this Hub "
-        "dataset id (" in err[0]
+        "data.benchmark='nobody/no-bench': no local folder of that name, and as a Hub dataset "
+        "id: cannot read rsmatch_benchmark.json (" in err[0]
     ), err
     assert not run.exists()
+
+
+def test_a_benchmark_download_missing_data_or_a_split_is_one_line(sources, tmp_path):
+    bench = tmp_path / "bench"
+    assert bb.main(_build_args(sources, bench, "--replace-ratio", "0")) == 0
+    repo = _as_pushed(bench, tmp_path / "download")
+    (repo / "data" / "test-00000-of-00001.parquet").unlink()
+    with pytest.raises(SourceError, match=r"missing splits \['test'\]$"):
+        load_benchmark(repo)
+    shutil.rmtree(repo / "data")  # rsmatch_benchmark.json alone: no data at all
+    with pytest.raises(SourceError, match=r"no data \(neither a saved DatasetDict"):
+        load_benchmark(repo)
+
+
+def test_a_hub_benchmark_loads_its_data_at_the_commit_its_meta_came_from(
+    sources, tmp_path, monkeypatch
+):
+    bench = tmp_path / "bench"
+    assert bb.main(_build_args(sources, bench, "--replace-ratio", "0")) == 0
+    repo = _as_pushed(bench, tmp_path / "download")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    shutil.copy(repo / "rsmatch_benchmark.json", snapshot)
+    revisions = []
+    real_load_dataset = datasets.load_dataset
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda r, f, **_: str(snapshot / f))
+
+    def load_dataset(spec, revision=None, **kw):
+        revisions.append(revision)
+        return real_load_dataset(str(repo), **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _, meta = load_benchmark("you/bench")
+    assert revisions == [sha] and meta["hub_revision"] == sha
 
 
 # --- real-only data --------------------------------------------------------------------------

@@ -180,6 +180,29 @@ def test_per_class_counts_by_hand_in_class_order():
     assert list(counts(result)["per_class"]) == ["airplane", "cat", "truck"]
 
 
+def test_filter_a_downloaded_hub_benchmark_scores_its_rows_not_its_preview(run, bench, tmp_path):
+    """A download of a pushed benchmark (parquet shards under data/ beside preview.png) is
+    scored row for row as the saved benchmark is; it was read as a folder of one PNG."""
+    out, _ = run
+    repo = tmp_path / "download"
+    for split, ds in datasets.load_from_disk(str(bench)).items():
+        ds.to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    (repo / "preview.png").write_bytes(_png((32, 64)))
+    rc, res = filter_(tmp_path / "hub", "--detector", str(out / "detector"), "--images", str(repo))
+    assert rc == 0
+    rc, saved = filter_(
+        tmp_path / "saved", "--detector", str(out / "detector"), "--images", str(bench)
+    )
+    assert rc == 0
+
+    def rows(folder):  # the splits may come in another order
+        t = scores_of(folder)[1]
+        return sorted(zip(t["split"], t["source_id"], t["synthetic_score"], t["call"]))
+
+    assert rows(res) == rows(saved)
+    assert len(rows(res)) == sum(len(d) for d in datasets.load_from_disk(str(bench)).values())
+
+
 def test_provenance_metrics_by_hand():
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2])
     truth = np.array([0, 0, 1, 1, 1, 0], dtype=bool)

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from rsmatch.cli.report import main
-from rsmatch.report import read_evals
+from rsmatch.report import collect, read_evals
 
 
 def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, best: float | None,
@@ -184,6 +184,30 @@ def test_a_report_of_unfinished_runs_has_no_empty_figures(tmp_path):
         assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
     md = (out / "README.md").read_text()
     assert "## Missing runs" in md and "## Figures" not in md
+
+
+def test_a_run_on_a_benchmark_reports_the_benchmarks_split_from_its_folder_or_hub_cache(
+    tmp_path, monkeypatch
+):
+    """A run without a split in run.json (not started, or stopped early) on a benchmark: the
+    ratio and labels are the benchmark's, not the config keys it overrides; a Hub id's meta
+    comes from the local Hub cache only."""
+    meta = tmp_path / "bench" / "rsmatch_benchmark.json"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"replace_ratio": 0.25, "labels_per_class": 4}))
+    asked = []
+
+    def try_to_load_from_cache(repo_id, filename, repo_type=None, **_):
+        asked.append((repo_id, filename, repo_type))
+        return str(meta) if repo_id == "you/bench" else None
+
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", try_to_load_from_cache)
+    for name, bench in (("folder", str(meta.parent)), ("hub", "you/bench"), ("uncached", "you/x")):
+        fake_run(tmp_path / "runs", name, "fixmatch", 0.5, 0, 0.8, data__benchmark=bench)
+    got = {r.name: (r.ratio, r.labels) for r in collect(tmp_path / "runs")}
+    assert got == {"folder": (0.25, 4), "hub": (0.25, 4), "uncached": (0.5, 25)}
+    assert asked == [("you/bench", "rsmatch_benchmark.json", "dataset"),
+                     ("you/x", "rsmatch_benchmark.json", "dataset")]  # fmt: skip
 
 
 def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):

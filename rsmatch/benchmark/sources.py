@@ -237,12 +237,20 @@ def check_folder_or_hub_id(spec: str, key: str) -> None:
         raise SourceError(f"{key}={spec}: no such folder")
 
 
-def load_hub_layout(spec: str, name: str) -> datasets.DatasetDict:
-    """A Hub dataset id, or a local folder laid out like a Hub dataset repository (parquet
-    shards under `data/`, e.g. a download of one), in memory; `name` starts the one-line error."""
+def is_hub_layout(path: Path) -> bool:
+    """A local folder laid out as the Hub dataset repo `push_to_hub` writes (a download of one):
+    parquet shards under `data/`."""
+    return any((path / "data").glob("*.parquet"))
+
+
+def load_hub_layout(
+    spec: str, name: str, revision: str | None = None, in_memory: bool = True
+) -> datasets.DatasetDict:
+    """A Hub dataset id (at `revision`, else its latest), or a local folder laid out like a Hub
+    dataset repository (`is_hub_layout`); `name` starts the one-line error."""
     kind = "folder" if Path(spec).exists() else "Hub dataset id (no local folder of that name)"
     try:
-        return datasets.load_dataset(spec, keep_in_memory=True)
+        return datasets.load_dataset(spec, revision=revision, keep_in_memory=in_memory)
     except Exception as e:  # datasets raises many types; name the source in one line
         raise SourceError(f"{name}: cannot load this {kind} ({type(e).__name__}: {e})") from None
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from rsmatch.benchmark.sources import SourceError, is_hub_id, load_hub_layout, load_saved
+from rsmatch.benchmark.sources import (
+    SourceError,
+    is_hub_id,
+    is_hub_layout,
+    load_hub_layout,
+    load_saved,
+)
 
 SPLITS = ("labeled", "unlabeled", "test")
 META_FILE = "rsmatch_benchmark.json"
@@ -29,8 +35,10 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
     spec = str(spec)
     name = f"data.benchmark={spec!r}"
     if is_hub_id(spec):
-        meta = _hub_meta(spec, name)
-        dd = load_hub_layout(spec, name)
+        meta, revision = _hub_meta(spec, name)
+        dd = load_hub_layout(spec, name, revision=revision)  # the commit the meta came from
+        if revision:  # a Hub repo moves on: record which commit this run trained on
+            meta = json.dumps({**json.loads(meta), "hub_revision": revision})
     else:
         path = Path(spec)
         if not path.is_dir():
@@ -39,6 +47,11 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
             raise SourceError(f"{name}: not a saved RS-SSL benchmark ({META_FILE} missing)")
         meta = (path / META_FILE).read_text()
         saved = (path / "dataset_dict.json").is_file()  # else as pushed: parquet shards
+        if not saved and not is_hub_layout(path):
+            raise SourceError(
+                f"{name}: no data (neither a saved DatasetDict, dataset_dict.json, nor the "
+                "parquet shards of a Hub download, data/)"
+            )
         dd = load_saved(path, name) if saved else load_hub_layout(spec, name)
     missing = set(SPLITS) - set(dd)
     if missing:
@@ -46,16 +59,21 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
     return dd, json.loads(meta)
 
 
-def _hub_meta(repo: str, name: str) -> str:
-    """The benchmark's `rsmatch_benchmark.json`, from its Hub dataset repo."""
+def _hub_meta(repo: str, name: str) -> tuple[str, str | None]:
+    """The benchmark's `rsmatch_benchmark.json`, from its Hub dataset repo, and the commit it
+    was read at (the snapshot folder hf_hub_download resolved), if known."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo, META_FILE, repo_type="dataset")).read_text()
+        file = Path(hf_hub_download(repo, META_FILE, repo_type="dataset"))
+        text = file.read_text()
     except Exception as e:  # not found, offline, no access: one line naming the repo
         raise SourceError(
-            f"{name}: cannot read {META_FILE} of this Hub dataset id ({type(e).__name__}: {e})"
+            f"{name}: no local folder of that name, and as a Hub dataset id: cannot read "
+            f"{META_FILE} ({type(e).__name__}: {e})"
         ) from None
+    revision = file.parent.name if file.parent.parent.name == "snapshots" else None
+    return text, revision
 
 
 def summary(dd: datasets.DatasetDict) -> dict:
