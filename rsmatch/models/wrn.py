@@ -150,5 +150,5 @@ def wrn16_1(pretrained: bool = False, **kwargs: object) -> WideResNet:
 
 @register_model
 def wrn10_1(pretrained: bool = False, **kwargs: object) -> WideResNet:
-    """The smallest member, for tests."""
+    """The smallest member: tests, and a detector at about half WRN-16-1's cost (docs/speed.md)."""
     return _create("wrn10_1", 10, 1, pretrained, **kwargs)
