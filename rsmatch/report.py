@@ -101,10 +101,11 @@ def _benchmark_meta(bench: str) -> dict[str, Any]:
     from huggingface_hub import try_to_load_from_cache
 
     from rsmatch.benchmark.sources import is_hub_id
+    from rsmatch.benchmark.store import META_FILE
 
-    file = Path(bench) / "rsmatch_benchmark.json"
+    file = Path(bench) / META_FILE
     if not file.is_file() and is_hub_id(bench):
-        cached = try_to_load_from_cache(bench, file.name, repo_type="dataset")
+        cached = try_to_load_from_cache(bench, META_FILE, repo_type="dataset")
         file = Path(cached) if isinstance(cached, str) else file  # else None or "not on the Hub"
     return json.loads(file.read_text()) if file.is_file() else {}
 

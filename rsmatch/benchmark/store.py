@@ -38,14 +38,14 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
         meta, revision = _hub_meta(spec, name)
         dd = load_hub_layout(spec, name, revision=revision)  # the commit the meta came from
         if revision:  # a Hub repo moves on: record which commit this run trained on
-            meta = json.dumps({**json.loads(meta), "hub_revision": revision})
+            meta["hub_revision"] = revision
     else:
         path = Path(spec)
         if not path.is_dir():
             raise SourceError(f"{name}: no such folder")
         if not (path / META_FILE).is_file():
             raise SourceError(f"{name}: not a saved RS-SSL benchmark ({META_FILE} missing)")
-        meta = (path / META_FILE).read_text()
+        meta = json.loads((path / META_FILE).read_text())
         saved = (path / "dataset_dict.json").is_file()  # else as pushed: parquet shards
         if not saved and not is_hub_layout(path):
             raise SourceError(
@@ -56,10 +56,10 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
     missing = set(SPLITS) - set(dd)
     if missing:
         raise SourceError(f"{name}: missing splits {sorted(missing)}")
-    return dd, json.loads(meta)
+    return dd, meta
 
 
-def _hub_meta(repo: str, name: str) -> tuple[str, str | None]:
+def _hub_meta(repo: str, name: str) -> tuple[dict, str | None]:
     """The benchmark's `rsmatch_benchmark.json`, from its Hub dataset repo, and the commit it
     was read at (the snapshot folder hf_hub_download resolved), if known."""
     from huggingface_hub import hf_hub_download
@@ -73,7 +73,7 @@ def _hub_meta(repo: str, name: str) -> tuple[str, str | None]:
             f"{META_FILE} ({type(e).__name__}: {e})"
         ) from None
     revision = file.parent.name if file.parent.parent.name == "snapshots" else None
-    return text, revision
+    return json.loads(text), revision
 
 
 def summary(dd: datasets.DatasetDict) -> dict:
