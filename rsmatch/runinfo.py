@@ -48,7 +48,8 @@ def git_commit() -> dict[str, str | bool]:
         return {"commit": os.environ.get("RSMATCH_GIT_COMMIT") or "unknown", "dirty": False}
 
 
-# Keys that may change when a run is resumed: they do not alter the trajectory.
+# Keys that may change when a run is resumed. All but train.steps leave the trajectory as it
+# was; a new train.steps stretches the cosine learning rate from the resumed step on.
 RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_every",
              "train.keep_checkpoints", "train.progress", "train.eval_batch_size",
              "train.output_dir")  # fmt: skip

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, mixed_precision: 
         )
 
 
-def cosine_schedule(steps: int, cycles: float):
+def cosine_schedule(steps: int, cycles: float) -> Callable[[int], float]:
+    """USB's learning-rate factor at step k: cos(pi * cycles * k / steps)."""
     return lambda k: math.cos(math.pi * cycles * k / steps)
 
 
@@ -261,6 +263,22 @@ class Trainer:
         acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
         if found is not None:
             self._note(f"resumed from {found} at step {self.state.step}")
+            self._follow_new_schedule_length(checkpoint.saved_config(found)["train"]["steps"])
+
+    def _follow_new_schedule_length(self, saved_steps: int) -> None:
+        """A resume may change train.steps (to extend or shorten a run); the cosine schedule
+        then follows the new length from the resumed step on (the restored optimizer still
+        holds the old schedule's rate for it). Says how far the learning rate moves."""
+        t, k = self.cfg.train, self.state.step
+        if saved_steps == t.steps:
+            return
+        lr = {n: t.lr * cosine_schedule(n, t.cosine_cycles)(k) for n in (saved_steps, t.steps)}
+        for group in self.optimizer.param_groups:  # every group starts at train.lr
+            group["lr"] = lr[t.steps]
+        self._note(
+            f"note: train.steps {saved_steps} -> {t.steps}: the cosine learning rate follows "
+            f"the new length (at step {k}: {lr[saved_steps]:.5g} -> {lr[t.steps]:.5g})"
+        )
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop = True

@@ -329,6 +329,18 @@ def test_resume_may_change_steps_and_intervals(straight, sources, tmp_path):
     assert found.name == STEP4
 
 
+def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):
+    out = copy_run(straight, tmp_path)
+    trainer = Trainer(tiny_config(sources, out, **{"train.steps": 8}))
+    used, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda: (used.append(trainer.optimizer.param_groups[0]["lr"]), step())
+    trainer.fit(resume=True)
+    # by hand, 0.03 * cos(pi * 7/16 * k / steps): 0.0058527 at k = 4 of 4; k = 4..7 of 8 below
+    assert used == pytest.approx([0.0231903, 0.0195952, 0.0154231, 0.0107969], abs=1e-7)
+    note = "note: train.steps 4 -> 8: the cosine learning rate follows the new length"
+    assert f"{note} (at step 4: 0.0058527 -> 0.02319)" in capsys.readouterr().err
+
+
 def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
     """`rsmatch-train ... | jq`: notes (here "resumed from"), warnings and libraries' prints
     (DeepSpeed logs to stdout) go to stderr."""
