@@ -407,7 +407,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(cfg.algorithm in names, "algorithm", cfg.algorithm, f"one of {', '.join(names)}")
     check(0.0 <= d.replace_ratio <= 1.0, "data.replace_ratio", d.replace_ratio, "not in [0, 1]")
     check(d.labels_per_class >= 1, "data.labels_per_class", d.labels_per_class, "must be >= 1")
-    check(len(d.mean) == 3 and len(d.std) == 3, "data.mean", d.mean, "mean/std need 3 values")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        check(len(values) == 3, key, values, "needs 3 values (R, G, B)")
     check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
     check(0 <= d.exclude_above <= 1, "data.exclude_above", d.exclude_above, "not in [0, 1]")
     check(d.exclude_scores is None or Path(d.exclude_scores).is_file(), "data.exclude_scores",
@@ -420,6 +421,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                 "eval_batch_size"):  # fmt: skip
         check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     check(t.lr > 0, "train.lr", t.lr, "must be positive")
+    check(0 <= t.momentum < 1, "train.momentum", t.momentum, "not in [0, 1)")
+    check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    check(t.cosine_cycles >= 0, "train.cosine_cycles", t.cosine_cycles, "must be >= 0")
     check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "not in [0, 1)")
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     precisions = ("auto", "no", "fp16", "bf16")

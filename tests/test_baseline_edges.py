@@ -20,18 +20,29 @@ from rsmatch.data.batch import Batch
      ("simmatch.temperature", 0, "simmatch.temperature=0.0: must be positive"),
      ("simmatch.da_len", 0, "simmatch.da_len=0: must be >= 1"),
      ("simmatch.smoothing_alpha", -0.5, "simmatch.smoothing_alpha=-0.5: not in [0, 1]"),
-     ("simmatch.smoothing_alpha", 1.5, "simmatch.smoothing_alpha=1.5: not in [0, 1]")],
+     ("simmatch.smoothing_alpha", 1.5, "simmatch.smoothing_alpha=1.5: not in [0, 1]"),
+     ("simmatch.proj_size", 0, "simmatch.proj_size=0: must be >= 1"),
+     ("simmatch.lambda_in", -1, "simmatch.lambda_in=-1.0: must be >= 0"),
+     ("simmatch.warmup_steps", -1, "simmatch.warmup_steps=-1: must be >= 0"),
+     ("simmatch.bank_momentum", 1.5, "simmatch.bank_momentum=1.5: not in [0, 1]"),
+     ("freematch.ent_loss_ratio", -0.1, "freematch.ent_loss_ratio=-0.1: must be >= 0"),
+     ("train.momentum", 1, "train.momentum=1.0: not in [0, 1)"),
+     ("train.weight_decay", -1e-4, "train.weight_decay=-0.0001: must be >= 0"),
+     ("train.cosine_cycles", -0.5, "train.cosine_cycles=-0.5: must be >= 0"),
+     ("data.std", "[0.2, 0.2]", "data.std=[0.2, 0.2]: needs 3 values (R, G, B)")],
 )  # fmt: skip
 def test_bad_values_name_the_key(key, value, message):
+    algorithm = key.split(".")[0] if key.split(".")[0] in ("freematch", "simmatch") else "fixmatch"
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f"algorithm={key.split('.')[0]}", f"{key}={value}"])
+        load_config(None, [f"algorithm={algorithm}", f"{key}={value}"])
     assert str(err.value) == message
 
 
 @pytest.mark.parametrize(
     "override",
     ["freematch.ema_p=0", "freematch.ema_p=1", "simmatch.da_len=1",
-     "simmatch.smoothing_alpha=0", "simmatch.smoothing_alpha=1"],
+     "simmatch.smoothing_alpha=0", "simmatch.smoothing_alpha=1", "simmatch.warmup_steps=0",
+     "simmatch.bank_momentum=0", "simmatch.bank_momentum=1", "freematch.ent_loss_ratio=0"],
 )  # fmt: skip
 def test_bounds_are_allowed(override):
     load_config(None, [f"algorithm={override.split('.')[0]}", override])

@@ -34,6 +34,8 @@ class FreeMatchConfig:
 
     def validate(self) -> None:
         check(0 <= self.ema_p <= 1, "freematch.ema_p", self.ema_p, "not in [0, 1]")
+        ratio = self.ent_loss_ratio
+        check(ratio >= 0, "freematch.ent_loss_ratio", ratio, "must be >= 0")
 
 
 def _sum_norm(x: torch.Tensor) -> torch.Tensor:

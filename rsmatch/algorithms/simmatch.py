@@ -46,6 +46,11 @@ class SimMatchConfig:
         check(self.da_len >= 1, "simmatch.da_len", self.da_len, "must be >= 1")
         alpha = self.smoothing_alpha
         check(0 <= alpha <= 1, "simmatch.smoothing_alpha", alpha, "not in [0, 1]")
+        check(self.proj_size >= 1, "simmatch.proj_size", self.proj_size, "must be >= 1")
+        check(self.lambda_in >= 0, "simmatch.lambda_in", self.lambda_in, "must be >= 0")
+        check(self.warmup_steps >= 0, "simmatch.warmup_steps", self.warmup_steps, "must be >= 0")
+        m = self.bank_momentum
+        check(0 <= m <= 1, "simmatch.bank_momentum", m, "not in [0, 1]")
 
 
 @register_algorithm("simmatch", SimMatchConfig)
