@@ -447,3 +447,12 @@ def test_a_benchmark_path_that_is_not_one_is_named(tmp_path, capsys, made, messa
     assert train.main(["--config", "configs/demo.yaml", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"data.benchmark='{tmp_path / 'bench'}': {message}" in err[0]
+
+
+def test_real_only_with_an_all_synthetic_pool_is_one_line(sources, tmp_path, capsys):
+    pool = {"data.real_only": True, "data.replace_ratio": 1.0, "data.unlabeled_per_class": 8}
+    overrides = tiny_overrides(sources, tmp_path / "run", **pool)
+    assert train.main(overrides) == 2
+    message = "data.real_only=true: the unlabeled pool holds no real image (replace_ratio=1.0)"
+    assert capsys.readouterr().err.strip().splitlines() == [f"rsmatch-train: error: {message}"]
+    assert not (tmp_path / "run").exists()

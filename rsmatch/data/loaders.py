@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 import torch
 
-from rsmatch.benchmark.sources import load_real, load_synthetic
+from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
 from rsmatch.benchmark.split import SplitSpec, build_split
 from rsmatch.benchmark.store import load_benchmark
 from rsmatch.config import DataConfig
@@ -56,6 +56,11 @@ def load_train_data(cfg: DataConfig) -> TrainData:
     generators = list(unlabeled["generator"])
     if cfg.real_only:  # the oracle: the single training path allowed to read provenance
         keep = torch.nonzero(~is_synthetic).flatten()
+        if not len(keep):
+            raise SourceError(
+                f"data.real_only=true: the unlabeled pool holds no real image "
+                f"(replace_ratio={meta.get('replace_ratio')})"
+            )
         unlabeled = unlabeled.select(keep.tolist())
         is_synthetic = is_synthetic[keep]
         generators = [generators[i] for i in keep.tolist()]
