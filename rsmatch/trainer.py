@@ -329,6 +329,9 @@ class Trainer:
                 if step % t.save_every == 0 or step == t.steps:
                     self._save(step)
                 bar.update(1)
+        except BaseException:  # a crashed run frees its folder (an inline grid goes on)
+            self.lock.release()
+            raise
         finally:
             bar.close()
             for s, handler in previous.items():

@@ -618,3 +618,15 @@ def test_without_a_git_checkout_the_commit_comes_from_the_build(monkeypatch):
     assert runinfo.git_commit() == {"commit": "0123abc", "dirty": False}
     monkeypatch.delenv("RSMATCH_GIT_COMMIT")
     assert runinfo.git_commit() == {"commit": "unknown", "dirty": False}
+
+
+def test_a_run_that_crashes_frees_its_folder(sources, tmp_path, monkeypatch):
+    """An inline grid goes on in the same process: the crashed run's lock must not outlive it."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(sources, out))
+    monkeypatch.setattr(trainer, "train_step", lambda step: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer.fit()
+    assert not (out / ".lock").exists()
+    with runfolder.RunLock(out):  # free for the next run, in this very process
+        pass
