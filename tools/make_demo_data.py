@@ -47,11 +47,15 @@ def main() -> None:
             train=_subset(train, REAL_TRAIN),
             test=_subset(read_class_folder(root / "cifar10/test", names), REAL_TEST),
         )
-        shutil.rmtree(args.out, ignore_errors=True)
-        real.save_to_disk(str(args.out / "real"))
+        # written beside the old demo data, which is replaced only once all of it is written
+        staged = args.out.with_name(f".{args.out.name}.tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        real.save_to_disk(str(staged / "real"))
         for gen in ("ddpm", "cgan"):
             synth = _subset(read_class_folder(root / "synth" / gen, names), SYNTH)
-            synth.save_to_disk(str(args.out / "synthetic" / gen))
+            synth.save_to_disk(str(staged / "synthetic" / gen))
+    shutil.rmtree(args.out, ignore_errors=True)
+    staged.rename(args.out)
     print(f"wrote {args.out}")
 
 
