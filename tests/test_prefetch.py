@@ -116,3 +116,18 @@ def test_prefetched_cuda_batches_equal_batches_made_in_place():
                 assert torch.equal(getattr(got, name), getattr(want, name)), (step, name)
     finally:
         prefetcher.close()
+
+
+def test_throughput_measures_and_stops_the_prefetching_thread(sources, tmp_path, capsys):
+    from rsmatch.cli import throughput
+
+    from .conftest import tiny_overrides
+
+    overrides = tiny_overrides(sources, tmp_path / "run", **{"train.prefetch": True})
+    assert throughput.main(["--steps", "2", "--warmup", "1", *overrides]) == 0
+    result = json.loads(capsys.readouterr().out)  # the one line: libraries' prints to stderr
+    # tiny_config: RSMatch, B = 6, mu = 2, so 18 images per step; its classifier forwards
+    # B + 2 mu B = 30 images, its detector 2 B + 2 mu B = 36
+    assert result["forward_images_per_s"] == pytest.approx(result["samples_per_s"] * 66 / 18, 1e-3)
+    assert result["s_per_step"] > 0 and result["batch_size"] == 6 and result["uratio"] == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("rsmatch-batches")]

@@ -14,13 +14,16 @@ import json
 import platform
 import sys
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from rsmatch.benchmark.sources import SourceError
-from rsmatch.cli import HelpWithDefaults, at_least, run_process
+from rsmatch.cli import HelpWithDefaults, at_least, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # imported late: it loads torch's and Accelerate's training stack
+    from rsmatch.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,24 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, as rsmatch-train takes them (docs/config.md)")  # fmt: skip
     args = ap.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, [*args.overrides, "train.progress=false"])
-        from rsmatch.trainer import Trainer
+    # stdout is for the JSON line; what libraries print (DeepSpeed logs to stdout) goes to stderr
+    with stdout_to_stderr():
+        try:
+            cfg = load_config(args.config, [*args.overrides, "train.progress=false"])
+            from rsmatch.trainer import Trainer
 
-        trainer = Trainer(cfg)
-    except (ConfigError, SourceError) as e:
-        print(f"rsmatch-throughput: error: {e}", file=sys.stderr)
-        return 2
+            trainer = Trainer(cfg)
+        except (ConfigError, SourceError) as e:
+            print(f"rsmatch-throughput: error: {e}", file=sys.stderr)
+            return 2
+        seconds = _time_steps(trainer, args.warmup, args.steps)
     t = cfg.train
-    for step in range(args.warmup):
-        trainer.train_step(step)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    sync()
-    start = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        trainer.train_step(step)
-    sync()
-    seconds = time.perf_counter() - start
     b, mu = t.batch_size, t.uratio
     per_step = b + mu * b if trainer.algorithm.views.unlabeled else b
     forwards = trainer.algorithm.forward_images(b, mu * b)
@@ -76,6 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     trainer.accelerator.end_training()
     return 0
+
+
+def _time_steps(trainer: Trainer, warmup: int, steps: int) -> float:
+    """Seconds for `steps` training steps after `warmup` unmeasured ones."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    try:
+        for step in range(warmup):
+            trainer.train_step(step)
+        sync()
+        start = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            trainer.train_step(step)
+        sync()
+        return time.perf_counter() - start
+    finally:
+        trainer.batches.close()  # the prefetching thread, if any, ends with the measurement
 
 
 def run() -> NoReturn:
