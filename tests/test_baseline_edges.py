@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsmatch.algorithms import make_algorithm
-from rsmatch.algorithms.base import StepContext, Views
+from rsmatch.algorithms.base import StepContext, Views, last_occurrence
 from rsmatch.algorithms.freematch import _safe_inverse, fairness_loss
 from rsmatch.config import ConfigError, load_config
 from rsmatch.data.batch import Batch
@@ -167,6 +167,46 @@ def test_freematch_fairness_loss_needs_one_passing_row_and_none_is_zero():
     out = algo.pseudo_labels(_views(weak[1:] * 2, logits_s), _batch([0, 1]), _ctx())
     assert out.mask.tolist() == [0.0, 0.0]
     assert out.losses["loss_fair"].item() == 0.0  # finite and weighted by 0, as USB skips it
+
+
+def test_last_occurrence_by_hand():
+    idx = torch.tensor([3, 1, 3, 2, 1])
+    assert last_occurrence(idx, 5).tolist() == [2, 4, 2, 3, 4]
+    among = torch.tensor([True, False, False, True, False])  # no counted copy of 1: -1
+    assert last_occurrence(idx, 5, among).tolist() == [0, -1, 0, 3, -1]
+
+
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_flexmatch_records_the_last_selected_prediction_of_a_repeated_image(device):
+    """Image 2 three times in one batch (it spans two epochs): selected as class 0, selected as
+    class 1, then not selected (argmax class 0). The last selected prediction is recorded, on
+    any device (a plain index_put lets any copy win on CUDA)."""
+    algo = _algo("flexmatch", **{"ssl.threshold": 0.75}).to(device)
+    class_1 = [0.0, 1.0986122, -100.0]  # 0.75 on class 1
+    weak = [THREE_QUARTERS, class_1, class_1, [0.0, 0.0, 0.0]]
+    batch = _batch([2, 5, 2, 2])
+    batch.idx_ulb = batch.idx_ulb.to(device)
+    views = _views(weak)
+    views.w["logits"] = views.w["logits"].to(device)
+    algo.pseudo_labels(views, batch, _ctx())
+    assert algo.selected_label.tolist() == [-1, -1, 1, -1, -1, 1]
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_simmatch_bank_takes_the_last_feature_of_a_repeated_labeled_image(device):
+    """(On a CPU a plain index_put happens to let the last copy win too; on CUDA it need not.)"""
+    algo = _algo("simmatch", **{"simmatch.proj_size": 2}).to(device)
+    algo.bank[:, 1] = torch.tensor([1.0, 0.0])
+    feat = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image 1 twice: first [1, 0], last [0, 1]
+    labels, idx = torch.tensor([0, 2]), torch.tensor([1, 1])
+    algo.update_bank(feat.to(device), labels.to(device), idx.to(device), _ctx())
+    # 0.7 * [1, 0] + 0.3 * [0, 1] = [0.7, 0.3], over its norm sqrt(0.58)
+    assert algo.bank[:, 1].tolist() == pytest.approx([0.919145, 0.393919], abs=1e-6)
+    assert algo.bank_labels[1].item() == 2
 
 
 # SimMatch

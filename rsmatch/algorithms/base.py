@@ -92,6 +92,23 @@ def class_counts(labels: torch.Tensor, n: int, weights: torch.Tensor | None = No
     return torch.zeros(n, device=labels.device).index_add_(0, labels, ones)
 
 
+def last_occurrence(
+    idx: torch.Tensor, size: int, among: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each position of `idx` (values in [0, size)), the position of the last occurrence of
+    its value (only positions where `among` is true count; -1 where there is none).
+
+    An index repeats in a global batch that spans two epochs. A scatter that writes
+    `values[last_occurrence(idx, size)]` writes the same value at every copy, so the last one
+    wins on any device: a plain index_put leaves which copy wins undefined on CUDA, and ranks
+    could then hold different states.
+    """
+    pos = torch.arange(len(idx), device=idx.device)
+    if among is not None:
+        pos = torch.where(among, pos, -1)
+    return idx.new_full((size,), -1).scatter_reduce_(0, idx, pos, "amax")[idx]
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample CE for hard (long [N]) or soft (float [N, C]) targets."""
     if targets.dtype == torch.long:

@@ -22,6 +22,7 @@ from rsmatch.algorithms.base import (
     StepContext,
     Views,
     class_counts,
+    last_occurrence,
 )
 from rsmatch.config import Config, option
 from rsmatch.data.batch import Batch
@@ -61,9 +62,12 @@ class FlexMatch(SSLAlgorithm):
         select = conf >= tau
         idx, pred_all, select_all = ctx.gather(batch.idx_ulb), ctx.gather(pred), ctx.gather(select)
         # Record the selected predictions without a boolean index (its size is data-dependent):
-        # unselected ones go to a scratch slot past the end.
+        # unselected ones go to a scratch slot past the end; of an image selected twice in the
+        # batch, the last prediction.
+        n = len(self.selected_label)
         labels = torch.cat([self.selected_label, self.selected_label.new_empty(1)])
-        labels[torch.where(select_all, idx, len(self.selected_label))] = pred_all
+        last = last_occurrence(idx, n, among=select_all).clamp(min=0)
+        labels[torch.where(select_all, idx, n)] = pred_all[last]
         self.selected_label.copy_(labels[:-1])
         self.classwise_acc = self.learning_effect(self.selected_label)
         return PseudoLabels(pred, mask)

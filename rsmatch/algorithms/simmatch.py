@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rsmatch.algorithms.base import DataInfo, PseudoLabels, SSLAlgorithm, StepContext, Views
+from rsmatch.algorithms.base import (
+    DataInfo,
+    PseudoLabels,
+    SSLAlgorithm,
+    StepContext,
+    Views,
+    last_occurrence,
+)
 from rsmatch.config import Config, check, option
 from rsmatch.data.batch import Batch
 from rsmatch.registry import register_algorithm
@@ -83,6 +90,8 @@ class SimMatch(SSLAlgorithm):
         self, feat: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, ctx: StepContext
     ) -> None:
         feat, labels, idx = ctx.gather(feat), ctx.gather(labels), ctx.gather(idx)
+        last = last_occurrence(idx, len(self.bank_labels))  # an image twice: its last feature
+        feat, labels = feat[last], labels[last]
         m, bank = self.cfg.simmatch.bank_momentum, self.bank
         mixed = m * bank[:, idx] + (1 - m) * feat.t()
         bank[:, idx] = F.normalize(mixed, dim=1 if self.cfg.simmatch.usb_bank_norm else 0)
