@@ -181,6 +181,32 @@ def test_model_parts_and_detect():
     assert torch.equal(model.detect(batch.u_w), model.shared_head(feat))
 
 
+@pytest.mark.parametrize("strong_labeled", [False, True])
+def test_shared_encoder_sees_each_image_once_and_scores_each_part(strong_labeled):
+    """The ablation's one forward of f: x_lb, u_w, u_s once, plus the queue sample (and x_lb's
+    strong view); the binary head's logits for each part are its own images' (eval mode, so
+    BatchNorm makes each row a function of its image alone)."""
+    algo, model, batch = _setup(**{"rsmatch.shared_encoder": True,
+                                   "rsmatch.strong_labeled": strong_labeled})  # fmt: skip
+    model.eval()
+    seen = []
+    model.classifier.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    queued = algo.queue.sample(4, torch.Generator().manual_seed(1))
+    x_lb_det = batch.x_lb_s if strong_labeled else batch.x_lb
+    x_cls = torch.cat([batch.x_lb, batch.u_w, batch.u_s])
+    x_det = torch.cat([queued, x_lb_det, batch.u_w, batch.u_s])
+    with torch.no_grad():
+        _, det = model(x_cls, x_det, 16 if strong_labeled else 20)
+        assert seen == [20 + 4 + (4 if strong_labeled else 0)]
+        for part, rows in ((queued, det[:4]), (x_lb_det, det[4:8]), (batch.u_w, det[8:16]),
+                           (batch.u_s, det[16:])):  # fmt: skip
+            want = model.shared_head(model.classifier(part)["feat"])
+            torch.testing.assert_close(rows, want, rtol=1e-4, atol=1e-5)
+    seen.clear()
+    algo.step(model.train(), batch, _ctx())  # the step tells the model which rows are shared
+    assert seen == [20 + 4 + (4 if strong_labeled else 0)]
+
+
 def test_the_base_algorithms_extra_losses_are_kept():
     algo, model, batch = _setup(**{"rsmatch.base": "simmatch"})
     assert "loss_in" in algo.step(model, batch, _ctx()).losses

@@ -55,13 +55,13 @@ def _table(rows: dict[int, list[float]], width: int) -> nn.Parameter:
 
 
 class Replay(nn.Module):
-    """forward(x_cls, x_det) as RSMatchModel, with logits looked up by image id."""
+    """forward(x_cls, x_det, shared) as RSMatchModel, with logits looked up by image id."""
 
     def __init__(self, cls: dict[int, list[float]], det: dict[int, list[float]]) -> None:
         super().__init__()
         self.cls, self.fake, self.det = _table(cls, C), _table(FAKE, C), _table(det, 2)
 
-    def forward(self, x_cls: torch.Tensor, x_det: torch.Tensor):
+    def forward(self, x_cls: torch.Tensor, x_det: torch.Tensor, shared: int):
         ic, id_ = x_cls[:, 0, 0, 0].long(), x_det[:, 0, 0, 0].long()
         return {"logits": self.cls[ic], "fake_logits": self.fake[ic]}, self.det[id_]
 
@@ -255,6 +255,10 @@ def test_picked_classes_follow_the_step_generator_only():
 def test_forward_images_counts_both_networks():
     # classifier: 3 labeled + 4 weak + 4 strong; detector: 3 labeled + 3 queued + 4 + 4
     assert make().forward_images(3, 4) == 11 + 14
+    # shared encoder: f sees the 3 queued too (and the 3 strong labeled views with strong_labeled)
+    assert make(**{"rsmatch.shared_encoder": True}).forward_images(3, 4) == 11 + 3
+    shared_strong = {"rsmatch.shared_encoder": True, "rsmatch.strong_labeled": True}
+    assert make(**shared_strong).forward_images(3, 4) == 11 + 6
 
 
 def test_probe_metrics_score_the_detector_calls_against_provenance():

@@ -3,9 +3,11 @@
 Model: one container with the classifier (encoder f, real head h_r, fake head h_f) and the
 deepfake detector (encoder g, binary head d), so DDP, DeepSpeed, EMA and checkpoints see one
 model with one optimizer. Each step does one forward of the container:
-    classifier on cat(x_lb, u_w, u_s)      detector on cat(x_lb, queue sample, u_w, u_s)
-With `shared_encoder` (ablation "w/o ind. models") the detector head d sits on f instead, and
-the queue sample rides along in the classifier's forward.
+    classifier on cat(x_lb, u_w, u_s)      detector on cat(queue sample, x_lb, u_w, u_s)
+(x_lb strongly augmented for the detector with `strong_labeled`). With `shared_encoder`
+(ablation "w/o ind. models") the detector head d sits on f instead: the detector's images that
+the classifier does not already see (the queue sample, and x_lb's strong view) ride along in
+the classifier's forward, and every image passes f once.
 """
 
 from __future__ import annotations
@@ -84,13 +86,17 @@ class RSMatchModel(nn.Module):
         )
 
     def forward(
-        self, x_cls: torch.Tensor, x_det: torch.Tensor
+        self, x_cls: torch.Tensor, x_det: torch.Tensor, shared: int
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Classifier outputs on x_cls and detector logits on x_det, whose last `shared` rows
+        are the last rows of x_cls (the shared encoder sees those once)."""
         if self.detector is not None:
             return self.classifier(x_cls), self.detector(x_det)
-        out = self.classifier(torch.cat([x_cls, x_det]))
         n = len(x_cls)
-        return {k: v[:n] for k, v in out.items()}, self.shared_head(out["feat"][n:])
+        out = self.classifier(torch.cat([x_cls, x_det[: len(x_det) - shared]]))
+        feat = out["feat"]
+        det_feat = torch.cat([feat[n:], feat[n - shared : n]])
+        return {k: v[:n] for k, v in out.items()}, self.shared_head(det_feat)
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """Detector logits for evaluation."""
@@ -131,10 +137,11 @@ class RSMatch(Algorithm):
         queued = self.queue.sample(global_b, ctx.generator)[ctx.rank * b : (ctx.rank + 1) * b]
         x_lb_det = batch.x_lb_s if r.strong_labeled else batch.x_lb
         x_cls = torch.cat([batch.x_lb, batch.u_w, batch.u_s])
-        x_det = torch.cat([x_lb_det, queued, batch.u_w, batch.u_s])
-        cls_out, det_logits = model(x_cls, x_det)
+        x_det = torch.cat([queued, x_lb_det, batch.u_w, batch.u_s])
+        shared = 2 * u if r.strong_labeled else b + 2 * u  # x_det's rows that end x_cls too
+        cls_out, det_logits = model(x_cls, x_det, shared)
         views = self.base.split(cls_out, b, u)
-        det_lb, det_q, det_w, det_s = det_logits.split([b, len(queued), u, u])
+        det_q, det_lb, det_w, det_s = det_logits.split([len(queued), b, u, u])
 
         # Base SSL pseudo-labels: yhat_j and the confidence mask m_j (FixMatch: max p_r >= tau).
         pl = self.base.pseudo_labels(views, batch, ctx)
@@ -197,8 +204,15 @@ class RSMatch(Algorithm):
         return BatchViews(unlabeled=True, strong_labeled=self.cfg.rsmatch.strong_labeled)
 
     def forward_images(self, labeled: int, unlabeled: int) -> int:
-        """The classifier's forward plus the detector's over (x, queue sample, u_w, u_s)."""
-        return self.base.forward_images(labeled, unlabeled) + 2 * labeled + 2 * unlabeled
+        """The classifier's forward plus the detector's over (queue sample, x, u_w, u_s); with
+        the shared encoder, only the images f does not already see: the queue sample (and x's
+        strong view)."""
+        r = self.cfg.rsmatch
+        if r.shared_encoder:
+            extra = 2 * labeled if r.strong_labeled else labeled
+        else:
+            extra = 2 * labeled + 2 * unlabeled
+        return self.base.forward_images(labeled, unlabeled) + extra
 
     def classifier(self, model: RSMatchModel) -> Classifier:
         return model.classifier
