@@ -32,7 +32,8 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -122,7 +123,7 @@ def save(
         write_manifest(tmp)  # last: it vouches for everything above
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
+        write_text_atomic(root / LATEST, final.name + "\n")
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -219,5 +220,5 @@ def set_aside(root: Path, resumed: Path) -> list[Path]:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(path, target)
             moved.append(target)
-    _write_atomic(root / LATEST, resumed.name + "\n")
+    write_text_atomic(root / LATEST, resumed.name + "\n")
     return moved

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shlex
 import signal
@@ -37,6 +36,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from rsmatch.checkpoint import write_text_atomic
 from rsmatch.config import (
     Config,
     ConfigError,
@@ -260,9 +260,7 @@ def write_manifest(grid: Grid) -> None:
             for r in grid.runs
         ],
     }  # fmt: skip
-    tmp = grid.output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, grid.output / MANIFEST)
+    write_text_atomic(grid.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 # --- running ---------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def tb_series(tag: str) -> Callable[[RunInfo], Series]:
     return lambda run: tb_scalars(run.path).get(tag, {})
 
 
-def band(runs: list[RunInfo], get: Callable[[RunInfo], Series]):
+def band(
+    runs: list[RunInfo], get: Callable[[RunInfo], Series]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps, mean and std over the runs that logged each step (std 0 where only one did)."""
     series = [s for s in map(get, runs) if s]
     steps = sorted({k for s in series for k in s})

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -39,6 +40,9 @@ from rsmatch.benchmark.sources import (
 from rsmatch.export import load_detector
 from rsmatch.hub import data_folder_kind
 from rsmatch.models import Detector
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PROVENANCE = ("is_synthetic", "generator")
 
@@ -227,7 +231,7 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def score_dataset(det: Detector, ds: datasets.Dataset, batch_size: int, accelerator,
+def score_dataset(det: Detector, ds: datasets.Dataset, batch_size: int, accelerator: Accelerator,
                   workers: int = 0, desc: str = "scoring") -> np.ndarray:  # fmt: skip
     """Synthetic score of every row (NaN where the image does not decode), each process
     scoring a contiguous shard; the full array on every process."""
@@ -271,7 +275,7 @@ def describe(ds: datasets.Dataset, split: str, row: int) -> str:
     return ds.select_columns("path")[row]["path"] if "path" in ds.column_names else f"{split}/{row}"
 
 
-def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator, batch_size: int = 256,
+def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator, batch_size: int = 256,
                threshold: float | None = None, keep_fraction: float | None = None,
                keep_real: bool = False, skip_corrupt: bool = False,
                workers: int = 0) -> FilterResult:  # fmt: skip

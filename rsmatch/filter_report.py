@@ -89,7 +89,9 @@ def grid(path: Path, rows: list[tuple[str, list[torch.Tensor], list[float]]], ti
     plt.close(fig)
 
 
-def extremes(scored: datasets.DatasetDict, size: tuple[int, int], most_synthetic: bool):
+def extremes(
+    scored: datasets.DatasetDict, size: tuple[int, int], most_synthetic: bool
+) -> list[tuple[str, list[torch.Tensor | None], list[float]]]:
     """Per class (or over all images without labels): the GRID_IMAGES highest (or lowest)
     scored images, as grid rows."""
     entries = []  # (class name, score, split, row)

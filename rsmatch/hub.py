@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="a finished run (train.output_dir), a built benchmark or a filter output")  # fmt: skip
     ap.add_argument("repo", help="Hub repo, e.g. you/rsmatch-cifar10 (a dataset repo for data)")
     ap.add_argument("--private", action="store_true", help="create the Hub repo private")
-    ap.add_argument("--stage-only", action="store_true", help="write RUN/hub/ and stop")
+    ap.add_argument(
+        "--stage-only",
+        action="store_true",
+        help="write RUN/hub/ (RUN/hub-detector/ with --detector) and stop; run folders only",
+    )
     ap.add_argument("--detector", action="store_true",
                     help="push RSMatch's detector (RUN/detector, staged in RUN/hub-detector) as its own model")  # fmt: skip
     args = ap.parse_args(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from rsmatch.checkpoint import write_text_atomic
 from rsmatch.config import Config, ConfigError, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
@@ -55,12 +56,6 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_e
              "train.output_dir")  # fmt: skip
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def flat(tree: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}."""
     out = {}
@@ -100,7 +95,7 @@ _ABSENT = object()
 def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | None) -> None:
     """Write config.yaml and run.json; a resume appends to run.json's history."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     event = {
         "event": "resume" if resumed_from else "start", "command": sys.argv, "time": now,
@@ -119,7 +114,7 @@ def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | No
                   "started": now, "host": platform.node(), "versions": event["versions"],
                   "git": event["git"], **extra, "history": []}  # fmt: skip
     record.setdefault("history", []).append(event)
-    _atomic(path, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def trim_evals(out: Path, step: int) -> int:
@@ -131,5 +126,5 @@ def trim_evals(out: Path, step: int) -> int:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        _atomic(path, "".join(f"{line}\n" for line in kept))
+        write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)

@@ -290,7 +290,7 @@ class Trainer:
         return self.accelerator.check_trigger() if self.world > 1 else self._stop
 
     # -- the loop -----------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: runfolder.Resume = False) -> dict:
         self.prepare_output(resume)
         acc, t = self.accelerator, self.cfg.train
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -351,7 +351,7 @@ class Trainer:
         batch = self.batches(step)
         ctx = StepContext(
             step=step, generator=step_generator(t.seed, ALGORITHM, step), gather=acc.gather,
-            all_reduce_mean=lambda x: acc.reduce(x, "mean"), rank=self.rank, world=self.world,
+            rank=self.rank, world=self.world,
         )  # fmt: skip
         with self._autocast():
             out = self.algorithm.step(self.model, batch, ctx)

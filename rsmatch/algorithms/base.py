@@ -50,7 +50,6 @@ class StepContext:
     step: int
     generator: torch.Generator  # seeded by (seed, step): identical on every rank
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # all-gather, rank order
-    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     rank: int = 0
     world: int = 1
 

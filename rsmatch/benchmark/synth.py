@@ -19,12 +19,15 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # diffusers is an optional extra, imported when a pipeline is loaded
+    from diffusers import DiffusionPipeline
 
 DEFAULT_PROMPT_MODEL = "mrm8488/t5-base-finetuned-common_gen"  # He et al. 2022
 TEMPLATE = "a photo of a {}"
@@ -124,7 +127,7 @@ def t5_prompts(
 # --- generation ----------------------------------------------------------------------------
 
 
-def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str):
+def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str) -> DiffusionPipeline:
     from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     pipe = _loaded(

@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
 from rsmatch.config import ConfigError
 from rsmatch.filter import FilterError
 from rsmatch.hub import repo_id_problem
+
+if TYPE_CHECKING:  # imported late: --help stays fast
+    from accelerate import Accelerator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str) -> Accelerator:
     import torch
     from accelerate import Accelerator
 
