@@ -477,6 +477,19 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict, whole: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}. The dotted keys in `whole` (a grid varies
+    `data.synthetic` as one value) and empty mappings stay one value."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in whole:
+            out.update(flatten(v, whole, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
 # --- docs ----------------------------------------------------------------------------------
 
 

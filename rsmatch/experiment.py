@@ -41,6 +41,7 @@ from rsmatch.config import (
     Config,
     ConfigError,
     fixed_by_benchmark,
+    flatten,
     load_config,
     parse_yaml,
     to_dict,
@@ -205,15 +206,9 @@ def run_state(run_dir: Path) -> str:
     return "todo"
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> {"train.lr": ...}; `data.synthetic` stays one value."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "synthetic":
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def flat_config(tree: dict) -> dict[str, Any]:
+    """A config as a grid sees it: dotted keys, `data.synthetic` one value (an axis sets it whole)."""
+    return flatten(tree, whole=("data.synthetic",))
 
 
 def config_drift(run: Run) -> str | None:
@@ -225,8 +220,8 @@ def config_drift(run: Run) -> str | None:
     saved_file = run.path / "config.yaml"
     if not saved_file.is_file() or run_state(run.path) == "todo":
         return None
-    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
-    wanted = flatten(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
+    saved = flat_config(yaml.safe_load(saved_file.read_text()) or {})
+    wanted = flat_config(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
     for key in sorted(saved.keys() & wanted.keys()):
         if saved[key] != wanted[key]:
             return f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"

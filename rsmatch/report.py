@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from rsmatch.experiment import MANIFEST, flatten
+from rsmatch.experiment import MANIFEST, flat_config
 from rsmatch.registry import algorithms
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
@@ -136,7 +136,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         covered = _covered_axes(manifest.get("grid", {}))
         for entry in manifest["runs"]:
             path = (manifest_file.parent / entry["name"]).resolve()
-            expected[path] = (flatten(entry["config"]), _extras(entry["axes"], covered))
+            expected[path] = (flat_config(entry["config"]), _extras(entry["axes"], covered))
     with_config = {p.parent.resolve() for p in runs_dir.rglob("config.yaml")}
     # A run's checkpoints and the folders rsmatch-push stages (hub/, hub-detector/) keep a copy
     # of its config.yaml: a folder inside a run is no run.
@@ -144,7 +144,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
     runs = []
     for path in sorted(folders | set(expected)):
         cfg_file = path / "config.yaml"
-        cfg = flatten(yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
+        cfg = flat_config(yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
         cfg = cfg or expected[path][0]
         record = _load_json(path / "run.json")
         ratio, labels = _split(cfg, record)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from rsmatch.checkpoint import write_text_atomic
-from rsmatch.config import Config, ConfigError, to_dict
+from rsmatch.config import Config, ConfigError, flatten, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
             "numpy", "deepspeed", "diffusers", "transformers")  # fmt: skip
@@ -56,21 +56,10 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_e
              "train.output_dir")  # fmt: skip
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
-    old = flat(saved)
-    new = flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same round trip as saved
+    old = flatten(saved)
+    new = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same round trip as saved
     # A whole section on one side only is an algorithm registered on one side only (a plugin,
     # a newer version); it matters only when it is this run's own algorithm.
     sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}

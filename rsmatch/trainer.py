@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rsmatch import checkpoint, evaluate, hardware, runfolder
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
-from rsmatch.config import Config, ConfigError, check_world_size, to_dict
+from rsmatch.config import Config, ConfigError, check_world_size, flatten, to_dict
 from rsmatch.data.batch import Provenance, TrainData
 from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
@@ -260,7 +260,7 @@ class Trainer:
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             }, resumed_from=str(found) if found else None)  # fmt: skip
         acc.wait_for_everyone()
-        acc.init_trackers("tb", config=_flat(to_dict(self.cfg)))
+        acc.init_trackers("tb", config=_hparams(self.cfg))
         if found is not None:
             self._note(f"resumed from {found} at step {self.state.step}")
             self._follow_new_schedule_length(checkpoint.saved_config(found)["train"]["steps"])
@@ -494,12 +494,7 @@ class Trainer:
         return metrics
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _hparams(cfg: Config) -> dict[str, int | float | str | bool]:
     """TensorBoard hparams take flat scalars and strings."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+    scalar = (int, float, str, bool)
+    return {k: v if isinstance(v, scalar) else str(v) for k, v in flatten(to_dict(cfg)).items()}

@@ -232,3 +232,11 @@ def test_overrides_the_run_does_not_read(overrides, ignored):
     for key in ignored:
         section = key.startswith(("rsmatch.", "flexmatch.", "freematch."))
         assert ("does not read that section" in found[key]) is section
+
+
+def test_flatten_keeps_whole_keys_and_empty_mappings():
+    from rsmatch.config import flatten
+
+    tree = {"a": {"b": 1, "c": {}}, "d": {"e": {"f": 2}, "g": {"h": 3}}}
+    assert flatten(tree) == {"a.b": 1, "a.c": {}, "d.e.f": 2, "d.g.h": 3}
+    assert flatten(tree, whole=("d.e",)) == {"a.b": 1, "a.c": {}, "d.e": {"f": 2}, "d.g.h": 3}
