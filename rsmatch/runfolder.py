@@ -145,4 +145,11 @@ def check_run_folder(cfg: Config, resume: Resume) -> tuple[Path | None, list[str
         return None, []
     found, skipped = checkpoint.select(root, "latest" if resume is True else resume)
     check_resume_config(checkpoint.saved_config(found), cfg, found / "config.yaml")
+    step = int(found.name.removeprefix("step_"))
+    if step > cfg.train.steps:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps}: below the step of the checkpoint to resume from "
+            f"({found}, step {step}); train.steps={step} ends the run there, --resume-from an "
+            "earlier step ends it sooner"
+        )
     return found, skipped

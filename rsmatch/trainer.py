@@ -342,6 +342,8 @@ class Trainer:
         if interrupted:
             self.lock.release()
             return {"interrupted": True, "step": self.state.step}
+        if self.state.last_eval.get("step") != self.state.step:  # resumed at its new last step
+            self._evaluate(self.state.step)
         return self._finish()
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:

@@ -329,6 +329,33 @@ def test_resume_may_change_steps_and_intervals(straight, sources, tmp_path):
     assert found.name == STEP4
 
 
+def test_resume_past_the_new_last_step_is_refused_before_writing(straight, sources, tmp_path):
+    out = copy_run(straight, tmp_path)
+    before = tree(out)
+    line = error_line(cli(["--resume", *tiny_overrides(sources, out, **{"train.steps": 3})],
+                          tmp_path))  # fmt: skip
+    step4 = out / "checkpoints" / STEP4
+    assert line == (
+        f"rsmatch-train: error: train.steps=3: below the step of the checkpoint to resume from "
+        f"({step4}, step 4); train.steps=4 ends the run there, --resume-from an earlier step "
+        "ends it sooner"
+    )
+    assert tree(out) == before
+
+
+def test_resume_at_its_new_last_step_evaluates_and_finishes(sources, tmp_path):
+    """Checkpoint at step 2 without an evaluation there (eval_every 4); resumed from it with
+    train.steps=2, the run ends at once: evaluated at step 2, exported, metrics written."""
+    out = tmp_path / "run"
+    keys = {"train.eval_every": 4, "train.keep_checkpoints": 5}
+    Trainer(tiny_config(sources, out, **keys)).fit()
+    metrics = Trainer(tiny_config(sources, out, **keys, **{"train.steps": 2})).fit(resume=2)
+    assert metrics["step"] == 2 and 0 <= metrics["test_acc"] <= 1
+    assert json.loads((out / "metrics.json").read_text())["step"] == 2
+    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert steps == [2]  # step 4's evaluation dropped with its checkpoint set aside
+
+
 def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):
     out = copy_run(straight, tmp_path)
     trainer = Trainer(tiny_config(sources, out, **{"train.steps": 8}))
