@@ -176,7 +176,9 @@ class Trainer:
             warmup_power=1.0, exclude_buffers=True,
         )  # fmt: skip
         if t.compile:  # in place, after the EMA copy: names, unwrapping and checkpoints unchanged
-            self.model.compile(mode=t.compile_mode)
+            # dynamic=False: RSMatch's detector batch grows once, when the queue first holds
+            # items; an automatic dynamic-shape recompile there cost all of compile's gain
+            self.model.compile(mode=t.compile_mode, dynamic=False)
         self.algorithm.to(acc.device)
         views = self.algorithm.views
         make = BatchMaker(
