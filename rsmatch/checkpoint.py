@@ -39,6 +39,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def readable_as_umask(folder: Path) -> None:
+    """safetensors (0.8) writes its files 0600. Give them the mode of every other file the run
+    writes (0666 less the umask), so that a cluster group can read the models and checkpoints."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*.safetensors"):
+        path.chmod(0o666 & ~mask)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -120,6 +129,7 @@ def save(
         save_file(state, str(tmp / "algorithm.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        readable_as_umask(tmp)
         write_manifest(tmp)  # last: it vouches for everything above
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

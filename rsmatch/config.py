@@ -331,7 +331,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=0.01`` -> ("train.lr", 0.01); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"{_shown(text)}: overrides are key=value, e.g. train.lr=0.01")
+        hint = f"; a config file is --config {text}" if text.endswith((".yaml", ".yml")) else ""
+        raise ConfigError(f"{_shown(text)}: overrides are key=value, e.g. train.lr=0.01{hint}")
     if not key.isprintable():  # checked once here: every later error names the key as typed
         raise ConfigError(f"{key!r}: not a config key (dotted names, e.g. train.lr=0.01)")
     where = f"{key.strip()}: cannot parse {raw!r}"

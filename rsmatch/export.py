@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard
 
+from rsmatch.benchmark.sources import is_hub_id
+from rsmatch.checkpoint import readable_as_umask
 from rsmatch.models import Classifier, Detector
 
 RESIZE = "PIL Lanczos (antialiased), the resize the benchmark builder applies to generated images"
@@ -27,6 +30,7 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
                            class_names=class_names)  # fmt: skip
     inference.load_state_dict(classifier.inference_state_dict(), strict=True)
     inference.save_pretrained(out)
+    readable_as_umask(out)
     return out
 
 
@@ -36,10 +40,36 @@ def _quiet_hub() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def export_kind(folder: Path) -> str | None:
+    """`classifier`, `detector`, or None (not an rsmatch export), from its config.json."""
+    config = folder / "config.json"
+    if not (config.is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    keys = json.loads(config.read_text())
+    return "classifier" if "num_classes" in keys else "detector" if "threshold" in keys else None
+
+
+def _checked_source(source: str | Path, kind: str) -> str:
+    """A folder holding a `kind` export, or what can only be a Hub id; else one clear error
+    (the Hub would answer a mistyped path with a long LocalEntryNotFoundError)."""
+    spec = str(source)
+    if Path(spec).exists():
+        found = export_kind(Path(spec))
+        if found != kind:
+            what = (
+                f"a {found} export" if found else "not an export (config.json + model.safetensors)"
+            )
+            raise ValueError(f"{spec}: {what}; load_{kind} loads a {kind} export")
+    elif not is_hub_id(spec):
+        raise FileNotFoundError(f"{spec}: no such folder, and not a Hub model id")
+    return spec
+
+
 def load_classifier(source: str | Path) -> Classifier:
     """Rebuild an exported classifier from a folder or a Hub id; nothing else is downloaded."""
+    spec = _checked_source(source, "classifier")
     with _quiet_hub():
-        return Classifier.from_pretrained(str(source), strict=True).eval()
+        return Classifier.from_pretrained(spec, strict=True).eval()
 
 
 def export_detector(detector: Detector, out: Path, mean: list[float], std: list[float],
@@ -52,13 +82,15 @@ def export_detector(detector: Detector, out: Path, mean: list[float], std: list[
     out.mkdir(parents=True, exist_ok=True)
     detector_card(inference, training, metrics).save(out / "README.md")
     inference.save_pretrained(out)  # keeps the README.md written above
+    readable_as_umask(out)
     return out
 
 
 def load_detector(source: str | Path) -> Detector:
     """Rebuild an exported detector from a folder or a Hub id."""
+    spec = _checked_source(source, "detector")
     with _quiet_hub():
-        return Detector.from_pretrained(str(source), strict=True).eval()
+        return Detector.from_pretrained(spec, strict=True).eval()
 
 
 def detector_card(det: Detector, training: dict, metrics: dict[str, float] | None) -> ModelCard:

@@ -36,8 +36,9 @@ from rsmatch.benchmark.sources import (
     is_hub_layout,
     load_hub_layout,
     load_saved,
+    missing_folder,
 )
-from rsmatch.export import load_detector
+from rsmatch.export import export_kind, load_detector
 from rsmatch.hub import data_folder_kind
 from rsmatch.models import Detector
 
@@ -54,19 +55,10 @@ class FilterError(ValueError):
 # -- the detector -----------------------------------------------------------------------------
 
 
-def is_detector_export(folder: Path) -> bool:
-    config = folder / "config.json"
-    if not (config.is_file() and (folder / "model.safetensors").is_file()):
-        return False
-    keys = json.loads(config.read_text())
-    return "threshold" in keys and "num_classes" not in keys  # not a classifier export
-
-
 def check_hub_id(spec: str, option: str) -> None:
     """What is not a local folder must be an `owner/name` Hub id, not a mistyped path."""
     if "/" not in spec or not is_hub_id(spec):
-        what = "not a folder" if Path(spec).exists() else "no such folder"
-        raise FilterError(f"{option} {spec}: {what}")
+        raise FilterError(f"{option} {spec}: {missing_folder(Path(spec))}")
 
 
 def resolve_detector(spec: str) -> Detector:
@@ -74,7 +66,7 @@ def resolve_detector(spec: str) -> Detector:
     path = Path(spec)
     if path.is_dir():
         for folder in (path / "detector", path):
-            if is_detector_export(folder):
+            if export_kind(folder) == "detector":
                 return load_detector(folder)
         raise FilterError(
             f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "

@@ -54,12 +54,15 @@ class RunInfo:
 
 
 def method_name(cfg: dict[str, Any], extras: tuple[str, ...] = ()) -> str:
-    """`fixmatch`, `fixmatch (real only)`, `rsmatch`, `rsmatch (flexmatch)`, plus other axes."""
+    """`fixmatch`, `fixmatch (real only)`, `fixmatch (filter-first at 0.5)`, `rsmatch`,
+    `rsmatch (flexmatch)`, plus other axes."""
     name = str(cfg.get("algorithm", "?"))
     if name == "rsmatch" and cfg.get("rsmatch.base", "fixmatch") != "fixmatch":
         name += f" ({cfg['rsmatch.base']})"
     if cfg.get("data.real_only"):
         name += " (real only)"
+    if cfg.get("data.exclude_scores"):  # another method: trained on a filtered pool
+        name += f" (filter-first at {cfg.get('data.exclude_above', 0.5):g})"
     return " ".join((name, *extras))
 
 

@@ -72,8 +72,14 @@ class RunLock:
         while not folder.exists():
             missing.append(folder)
             folder = folder.parent
-        self.out.mkdir(parents=True, exist_ok=True)
         self.created = missing  # removed again if we end up holding nothing
+        try:  # os.access passes folders that refuse a mkdir (/proc, /sys, some mounts)
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._remove_created()
+            raise ConfigError(
+                f"train.output_dir={str(self.out)!r}: cannot create it ({e.strerror})"
+            ) from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

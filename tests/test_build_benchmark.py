@@ -131,7 +131,7 @@ def test_cifake_naming():
     "extra, message",
     [
         (["--generate", "dalle"], "unknown generators ['dalle']"),
-        (["--synthetic", "a=/nonexistent"], "not a folder"),
+        (["--synthetic", "a=/nonexistent"], "no such folder"),
         (
             ["--replace-ratio", "1.0", "--unlabeled-per-class", "13", "--synthetic", "a=GEN_A"],
             "12 images of class 'cat', the ratio needs 13",

@@ -88,6 +88,19 @@ def test_missing_config_file(tmp_path):
     assert res.returncode == 2 and "nope.yaml" in res.stderr
 
 
+def test_a_config_file_given_without_the_flag_gets_a_hint():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["configs/demo.yaml"])
+    assert str(e.value) == (
+        "configs/demo.yaml: overrides are key=value, e.g. train.lr=0.01; a config file is "
+        "--config configs/demo.yaml"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^trainsteps: overrides are key=value, e.g. train.lr=0.01$"
+    ):
+        load_config(None, ["trainsteps"])
+
+
 def test_a_config_folder_is_named_a_folder(tmp_path):
     with pytest.raises(ConfigError, match=f"--config: a folder, not a YAML file '{tmp_path}'"):
         load_config(tmp_path)

@@ -353,7 +353,7 @@ def test_local_synthetic_folders_are_checked_before_the_real_set_is_fetched(
     monkeypatch.setattr(datasets, "load_dataset", fetch)
     cfg = tiny_config(sources, tmp_path / "run", **{"data.real": "uoft-cs/cifar10",
                       "data.synthetic": f"{{a: {sources['gen_a']}, b: /nonexistent/b}}"})  # fmt: skip
-    with pytest.raises(SourceError, match=r"^data.synthetic.b: /nonexistent/b: not a folder$"):
+    with pytest.raises(SourceError, match=r"^data.synthetic.b: /nonexistent/b: no such folder$"):
         check_sources(cfg.data)
 
 
@@ -363,7 +363,7 @@ def test_missing_paths_are_named_by_their_key(sources, tmp_path, capsys):
         with pytest.raises(SourceError, match=rf"^data.real={spec}: no such folder$"):
             check_sources(cfg.data)
     cfg = tiny_config(sources, tmp_path / "run", **{"data.synthetic": "{a: /nonexistent/a}"})
-    with pytest.raises(SourceError, match=r"^data.synthetic.a: /nonexistent/a: not a folder$"):
+    with pytest.raises(SourceError, match=r"^data.synthetic.a: /nonexistent/a: no such folder$"):
         check_sources(cfg.data)
     out = tmp_path / "b"
     assert bb.main(["--real", "/nonexistent/real", "--replace-ratio", "0", "--out", str(out)]) == 2

@@ -72,7 +72,7 @@ def test_a_missing_data_folder_exits_2_before_any_run(tmp_path, capsys):
     before = sorted(tmp_path.rglob("*"))
     assert main([str(grid)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"data.synthetic.g: {tmp_path / 'typo'}: not a folder"), err
+    assert err.endswith(f"data.synthetic.g: {tmp_path / 'typo'}: no such folder"), err
     assert "error: run data.synthetic=" in err and len(err.splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before
     # a finished run is not trained again: its folder may have gone since

@@ -5,8 +5,10 @@ filter-first baseline (`data.exclude_scores`) that never reads provenance."""
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import datasets
@@ -63,6 +65,41 @@ def filter_(tmp_path, *args):
 def scores_of(out):
     t = pq.read_table(out / "scores.parquet").to_pydict()
     return dict(zip(t["id"], t["synthetic_score"])), t
+
+
+def test_loading_the_wrong_export_or_a_mistyped_path_is_one_clear_error(run, tmp_path):
+    from rsmatch.export import load_classifier
+
+    out, _ = run
+    with pytest.raises(ValueError, match=r"/detector: a detector export; load_classifier loads a "
+                                         r"classifier export$"):  # fmt: skip
+        load_classifier(out / "detector")
+    with pytest.raises(ValueError, match=r"/model: a classifier export; load_detector"):
+        load_detector(out / "model")
+    with pytest.raises(ValueError, match=r": not an export \(config.json \+ model.safetensors\)"):
+        load_detector(out)
+    with pytest.raises(FileNotFoundError, match=r"/nope/detector: no such folder, and not a Hub"):
+        load_detector(tmp_path / "nope" / "detector")
+
+
+def test_models_and_checkpoints_are_as_readable_as_the_runs_other_files(run):
+    """safetensors 0.8 writes 0600: a cluster group could not read the models."""
+    out, _ = run
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [*out.glob("*/model.safetensors"), *out.glob("checkpoints/*/*.safetensors")]
+    assert len(files) >= 4
+    modes = {str(f): stat.S_IMODE(f.stat().st_mode) for f in files}
+    assert modes == {str(f): 0o666 & ~umask for f in files}
+    assert stat.S_IMODE((out / "config.yaml").stat().st_mode) == 0o666 & ~umask
+
+
+def test_detector_scores_keep_no_autograd_graph(run):
+    out, _ = run
+    det = load_detector(out / "detector")
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    s = det.score(x)
+    assert not s.requires_grad and s.grad_fn is None and s.shape == (4,)
 
 
 def test_detector_exports_and_reloads_bit_identically(run):

@@ -162,6 +162,30 @@ def test_output_dir_in_a_read_only_parent(sources, tmp_path):
     assert not (parent / "run").exists()
 
 
+def test_ctrl_c_before_the_training_loop_is_one_line(sources, tmp_path, monkeypatch, capsys):
+    """While data decodes (the signal handlers come with the loop): exit 130, no traceback."""
+    import rsmatch.trainer
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rsmatch.trainer, "Trainer", interrupted)
+    assert train_cli.main(tiny_overrides(sources, tmp_path / "run")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rsmatch-train: interrupted outside the training loop; nothing saved"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_where_no_folder_can_be_made(sources, tmp_path):
+    """/proc passes os.access for root but refuses a mkdir: one line, not a traceback."""
+    res = cli(tiny_overrides(sources, "/proc/rsmatch-run"), tmp_path)
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]  # found at the lock, after DeepSpeed's import note
+    assert line.startswith("rsmatch-train: error: train.output_dir='/proc/rsmatch-run': cannot "
+                           "create it ("), line  # fmt: skip
+
+
 def test_resume_with_read_only_checkpoints_is_refused_before_training(straight, sources, tmp_path):
     out = copy_run(straight, tmp_path)
     before = tree(out)

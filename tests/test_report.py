@@ -221,3 +221,16 @@ def test_a_step_logged_twice_after_a_resume_keeps_the_last_value(tmp_path):
         '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 4, "test_acc": 0.3}\n'
     )
     assert read_evals(tmp_path) == [{"step": 2, "test_acc": 0.1}, {"step": 4, "test_acc": 0.3}]
+
+
+def test_filter_first_runs_are_their_own_method(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "fm", "fixmatch", 0.5, 0, 0.80, 0.78)
+    fake_run(root, "fm-filtered", "fixmatch", 0.5, 0, 0.84, 0.82,
+             data__exclude_scores="scores.parquet", data__exclude_above=0.3)  # fmt: skip
+    fake_run(root, "fm-real", "fixmatch", 0.5, 0, 0.90, 0.88, data__real_only=True)
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    rows = _csv(tmp_path / "report")
+    assert set(rows) == {("fixmatch", 0.5), ("fixmatch (real only)", 0.5),
+                         ("fixmatch (filter-first at 0.3)", 0.5)}  # fmt: skip
+    assert float(rows[("fixmatch (filter-first at 0.3)", 0.5)]["best_mean"]) == pytest.approx(84.0)

@@ -34,6 +34,7 @@ from rsmatch.benchmark.sources import (
     index_real,
     index_synthetic,
     is_repo_id,
+    missing_folder,
     read_class_folder,
 )
 from rsmatch.benchmark.split import (
@@ -186,7 +187,7 @@ def index_imports(imports: dict[str, str], class_names: list[str]) -> dict[str, 
     for g, value in imports.items():
         path = Path(value.removeprefix("cifake:"))
         if not path.is_dir():
-            raise BuildError(f"--synthetic {g}={path}: not a folder")
+            raise BuildError(f"--synthetic {g}={path}: {missing_folder(path)}")
         if (path / "dataset_info.json").is_file():
             out[g] = index_synthetic(str(path), class_names)
         elif value.startswith("cifake:"):

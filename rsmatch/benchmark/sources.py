@@ -132,12 +132,17 @@ def _prompts(root: Path) -> dict[str, str]:
     return {row["file"]: row["prompt"] for row in map(json.loads, index.read_text().splitlines())}
 
 
+def missing_folder(path: Path) -> str:
+    """Why `path` is no folder: `no such folder`, or `not a folder` (a file)."""
+    return "not a folder" if path.exists() else "no such folder"
+
+
 def index_class_folder(root: Path, class_names: list[str] | None = None) -> SourceIndex:
     """One subfolder per class; the class index is the position of its name in `class_names`
     (sorted folder names when not given). Unknown class folders are an error. A
     `prompts.jsonl` written by the generator adds a `prompt` column."""
     if not root.is_dir():
-        raise SourceError(f"{root}: not a folder")
+        raise SourceError(f"{root}: {missing_folder(root)}")
     folders = _class_folders(root)
     if not folders:
         raise SourceError(f"{root}: no class subfolders")
@@ -175,7 +180,7 @@ def cifake_class(filename: str) -> int:
 
 def index_cifake_folder(root: Path, class_names: list[str]) -> SourceIndex:
     if not root.is_dir():
-        raise SourceError(f"{root}: not a folder")
+        raise SourceError(f"{root}: {missing_folder(root)}")
     files = image_files(root)
     labels = []
     for path in files:

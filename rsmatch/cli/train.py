@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except ERRORS as e:
         _report(e)
         return 2
+    except KeyboardInterrupt:  # in the training loop Ctrl-C saves a checkpoint instead
+        print("rsmatch-train: interrupted outside the training loop; nothing saved",
+              file=sys.stderr)  # fmt: skip
+        return 130
     if trainer.accelerator.is_main_process:
         print(json.dumps(metrics))
     trainer.accelerator.end_training()

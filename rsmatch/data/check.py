@@ -17,6 +17,7 @@ from rsmatch.benchmark.sources import (
     index_dataset,
     index_real,
     index_synthetic,
+    missing_folder,
 )
 from rsmatch.benchmark.split import SplitSpec, check_counts
 from rsmatch.benchmark.store import SPLITS, load_benchmark
@@ -32,7 +33,7 @@ def check_local_paths(cfg: DataConfig) -> None:
     check_folder_or_hub_id(cfg.real, key="data.real")
     for g, path in sorted(cfg.synthetic.items()):  # always local
         if not Path(path).is_dir():
-            raise SourceError(f"data.synthetic.{g}: {path}: not a folder")
+            raise SourceError(f"data.synthetic.{g}: {path}: {missing_folder(Path(path))}")
 
 
 def data_indexes(cfg: DataConfig) -> dict[str, SourceIndex]:

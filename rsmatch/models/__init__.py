@@ -143,6 +143,8 @@ class Detector(
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.normalize(x)))
 
+    @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Synthetic score: softmax probability of the synthetic class, in fp32."""
+        """Synthetic score: softmax probability of the synthetic class, in fp32 (inference: no
+        autograd graph is kept, whatever the batch size)."""
         return self(x).float().softmax(-1)[:, 1]
