@@ -244,3 +244,21 @@ def hand_back_host_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def idle_cores_note(
+    threads: int, cores: int, local_processes: int, env: Mapping[str, str] | None = None
+) -> str | None:
+    """On a CPU, a note when OMP_NUM_THREADS holds each process well below its share of the
+    cores: `accelerate launch` sets it to 1 unless told otherwise, and the run is then as slow
+    as one core, silently."""
+    env = os.environ if env is None else env
+    share = max(cores // max(local_processes, 1), 1)
+    if "OMP_NUM_THREADS" not in env or threads >= share:
+        return None
+    return (
+        f"note: {threads} CPU thread(s) per process, {cores} cores for {local_processes} "
+        f"process(es) here (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, which `accelerate launch` "
+        f"sets to 1 unless told): `accelerate launch --num_cpu_threads_per_process {share}` or "
+        f"OMP_NUM_THREADS={share} uses them"
+    )

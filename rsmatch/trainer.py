@@ -122,6 +122,12 @@ class Trainer:
             configure_deepspeed(cfg, acc, self.precision.mixed_precision)
         if self.precision.warning:
             self._note(f"warning: {self.precision.warning}")
+        if acc.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+            cores = len(os.sched_getaffinity(0))
+            note = hardware.idle_cores_note(torch.get_num_threads(), cores, local)
+            if note:
+                self._note(note)
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
         self.rank, self.world = acc.process_index, acc.num_processes
         # settings the device refuses, refused before any data is read

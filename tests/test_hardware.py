@@ -314,3 +314,18 @@ def test_hand_back_host_memory_trims_the_whole_heap(monkeypatch):
     assert libc.calls == [("malloc_trim", 0)]
     monkeypatch.setattr(hardware, "_glibc", lambda: None)
     hardware.hand_back_host_memory()  # not glibc: nothing to call
+
+
+def test_idle_cores_note_only_when_omp_threads_hold_a_process_below_its_share():
+    from rsmatch.hardware import idle_cores_note
+
+    omp1 = {"OMP_NUM_THREADS": "1"}
+    assert idle_cores_note(1, 2, 1, omp1) == (
+        "note: 1 CPU thread(s) per process, 2 cores for 1 process(es) here (OMP_NUM_THREADS=1, "
+        "which `accelerate launch` sets to 1 unless told): `accelerate launch "
+        "--num_cpu_threads_per_process 2` or OMP_NUM_THREADS=2 uses them"
+    )
+    assert "OMP_NUM_THREADS=16 uses them" in idle_cores_note(1, 32, 2, omp1)
+    assert idle_cores_note(1, 2, 2, omp1) is None  # 2 processes on 2 cores: 1 each is right
+    assert idle_cores_note(16, 32, 2, omp1) is None
+    assert idle_cores_note(1, 2, 1, {}) is None  # no OMP_NUM_THREADS: torch chose, or the user
