@@ -30,8 +30,13 @@ SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
 # Keys the row and column already name, or that cannot change a result.
 IGNORED_IN_COMPARISON = (*SEED_KEYS, "train.output_dir", "train.progress")
 # Axis keys that the method, ratio, labels and seed already cover; other axes split rows.
+# RSMatch's ablation switches (paper Table 3): the value that removes a part, and its name
+ABLATIONS = {"rsmatch.shared_encoder": (True, "w/o ind. models"),
+             "rsmatch.class_wise": (False, "w/o class-wise queue"),
+             "rsmatch.fake_head": (False, "w/o fake head")}  # fmt: skip
 COVERED_AXIS_KEYS = {"algorithm", "rsmatch.base", "data.real_only", "data.replace_ratio",
-                     "data.labels_per_class", "data.benchmark", *SEED_KEYS}  # fmt: skip
+                     "data.labels_per_class", "data.benchmark", "data.exclude_scores",
+                     "data.exclude_above", *ABLATIONS, *SEED_KEYS}  # fmt: skip
 
 
 @dataclass
@@ -55,10 +60,14 @@ class RunInfo:
 
 def method_name(cfg: dict[str, Any], extras: tuple[str, ...] = ()) -> str:
     """`fixmatch`, `fixmatch (real only)`, `fixmatch (filter-first at 0.5)`, `rsmatch`,
-    `rsmatch (flexmatch)`, plus other axes."""
+    `rsmatch (flexmatch)`, `rsmatch (w/o fake head)`, plus other axes."""
     name = str(cfg.get("algorithm", "?"))
     if name == "rsmatch" and cfg.get("rsmatch.base", "fixmatch") != "fixmatch":
         name += f" ({cfg['rsmatch.base']})"
+    if name.startswith("rsmatch"):
+        for key, (removed, label) in ABLATIONS.items():
+            if cfg.get(key, not removed) == removed:
+                name += f" ({label})"
     if cfg.get("data.real_only"):
         name += " (real only)"
     if cfg.get("data.exclude_scores"):  # another method: trained on a filtered pool

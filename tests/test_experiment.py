@@ -218,3 +218,26 @@ def test_shipped_grids_expand_to_the_papers_runs(monkeypatch):
     assert len(t100.runs) == 54 and t100.runs[0].config.data.real == "uoft-cs/cifar100"
     demo = load_grid("configs/experiments/cpu_demo.yaml")
     assert len(demo.runs) == 8 and demo.runs[0].config.train.steps == 200
+    l100 = load_grid("configs/experiments/labels100.yaml")
+    assert len(l100.runs) == 2 * 2 * 3
+    assert {(r.config.data.labels_per_class, r.config.data.replace_ratio) for r in l100.runs} == {
+        (100, 0.5)
+    }
+    c100 = [r.config for r in l100.runs if r.labels["dataset"] == "cifar100"]
+    assert len(c100) == 6 and all(
+        c.data.real == "uoft-cs/cifar100" and c.train.weight_decay == 0.001
+        and set(c.data.synthetic) == {"glide", "sd14", "sdxl_lightning"} for c in c100
+    )  # fmt: skip
+    t3 = load_grid("configs/experiments/table3_ablations.yaml")
+    switches = {
+        r.labels["method"]: (r.config.algorithm, r.config.rsmatch.shared_encoder,
+                             r.config.rsmatch.class_wise, r.config.rsmatch.fake_head)
+        for r in t3.runs
+    }  # fmt: skip
+    assert len(t3.runs) == 5 * 3 and switches == {
+        "fixmatch": ("fixmatch", False, True, True),
+        "without_independent_models": ("rsmatch", True, True, True),
+        "without_class_wise_queue": ("rsmatch", False, False, True),
+        "without_fake_head": ("rsmatch", False, True, False),
+        "rsmatch": ("rsmatch", False, True, True),
+    }

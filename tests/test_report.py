@@ -234,3 +234,17 @@ def test_filter_first_runs_are_their_own_method(tmp_path):
     assert set(rows) == {("fixmatch", 0.5), ("fixmatch (real only)", 0.5),
                          ("fixmatch (filter-first at 0.3)", 0.5)}  # fmt: skip
     assert float(rows[("fixmatch (filter-first at 0.3)", 0.5)]["best_mean"]) == pytest.approx(84.0)
+
+
+def test_ablations_are_named_as_in_the_paper(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "rs", "rsmatch", 0.5, 0, 0.90, 0.90)
+    fake_run(root, "shared", "rsmatch", 0.5, 0, 0.80, 0.80, rsmatch__shared_encoder=True)
+    fake_run(root, "fifo", "rsmatch", 0.5, 0, 0.70, 0.70, rsmatch__class_wise=False)
+    fake_run(root, "drop", "rsmatch", 0.5, 0, 0.60, 0.60, rsmatch__fake_head=False)
+    fake_run(root, "fm", "fixmatch", 0.5, 0, 0.50, 0.50, rsmatch__fake_head=False)  # not read
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    best = {m: float(r["best_mean"]) for (m, _), r in _csv(tmp_path / "report").items()}
+    assert best == {"fixmatch": 50.0, "rsmatch (w/o ind. models)": 80.0,
+                    "rsmatch (w/o class-wise queue)": 70.0, "rsmatch (w/o fake head)": 60.0,
+                    "rsmatch": 90.0}  # fmt: skip
