@@ -149,6 +149,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         for entry in manifest["runs"]:
             path = (manifest_file.parent / entry["name"]).resolve()
             expected[path] = (flat_config(entry["config"]), _extras(entry["axes"], covered))
+    root = runs_dir.resolve()
     with_config = {p.parent.resolve() for p in runs_dir.rglob("config.yaml")}
     # A run's checkpoints and the folders rsmatch-push stages (hub/, hub-detector/) keep a copy
     # of its config.yaml: a folder inside a run is no run.
@@ -169,7 +170,9 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         state = "done" if metrics else (f"stopped at step {evals[-1]['step']}" if evals else
                                         "started" if cfg_file.is_file() else "not started")  # fmt: skip
         extras = expected.get(path, ({}, ()))[1]
-        runs.append(RunInfo(path.name, path, method_name(cfg, extras), ratio, labels,
+        # named from runs_dir: two grids under it may hold runs of the same name
+        name = str(path.relative_to(root)) if path != root and root in path.parents else path.name
+        runs.append(RunInfo(name, path, method_name(cfg, extras), ratio, labels,
                             int(cfg.get("train.seed", 0)), cfg, commit, metrics, evals, state))  # fmt: skip
     return runs
 

@@ -248,3 +248,18 @@ def test_ablations_are_named_as_in_the_paper(tmp_path):
     assert best == {"fixmatch": 50.0, "rsmatch (w/o ind. models)": 80.0,
                     "rsmatch (w/o class-wise queue)": 70.0, "rsmatch (w/o fake head)": 60.0,
                     "rsmatch": 90.0}  # fmt: skip
+
+
+def test_missing_runs_are_named_with_their_grid(tmp_path):
+    """A run of grid g1 never started; a run of the same name in grid g2 finished."""
+    root = tmp_path / "runs"
+    fake_run(root / "g2", "fm", "fixmatch", 0.5, 0, 0.80, 0.80)
+    manifest = {"grid": {"axes": {"algorithm": ["fixmatch"]}},
+                "runs": [{"name": "fm", "axes": {"algorithm": "fixmatch"},
+                          "config": {"algorithm": "fixmatch", "data": {"replace_ratio": 0.5,
+                                     "labels_per_class": 25}, "train": {"seed": 0}}}]}  # fmt: skip
+    (root / "g1").mkdir()
+    (root / "g1" / "experiment.json").write_text(json.dumps(manifest))
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    missing = (tmp_path / "report" / "README.md").read_text().split("## Missing runs")[1]
+    assert "- `g1/fm`: not started" in missing and "g2/fm" not in missing
