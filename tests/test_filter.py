@@ -682,17 +682,22 @@ def test_exclude_scores_of_one_split_other_than_the_pool_are_all_read(tmp_path):
     assert kept_rows(["c", "a", "b"], str(tmp_path / "n.parquet"), 0.5) == [0, 2]
 
 
-def test_ctrl_c_while_scoring_is_one_line_and_writes_nothing(
-    run, sources, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("during", ["run_filter", "write_report"])
+def test_ctrl_c_while_scoring_or_writing_is_one_line_and_writes_nothing(
+    run, sources, tmp_path, capsys, monkeypatch, during
 ):
+    import rsmatch.filter_report
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flt, "run_filter", interrupted)
+    monkeypatch.setattr(flt if during == "run_filter" else rsmatch.filter_report, during,
+                        interrupted)  # fmt: skip
     rc, res = filter_(tmp_path, "--detector", str(run[0]), "--images", str(sources["gen_a"]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 130 and err == [f"rsmatch-filter: interrupted; nothing written to {res}"]
-    assert not res.exists()
+    err = capsys.readouterr().err.strip().splitlines()  # after the progress bar, if scored
+    assert rc == 130 and err[-1] == f"rsmatch-filter: interrupted; nothing written to {res}"
+    assert not [line for line in err if "Traceback" in line]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder
 
 
 def test_a_split_with_nothing_kept_is_left_out_of_the_saved_dataset(run, bench, tmp_path):

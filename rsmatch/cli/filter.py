@@ -110,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             flt.concat_column(result.scored, "generator"), result.threshold,
         )  # fmt: skip
     source = args.images or " ".join(args.labels)
-    flt.write_outputs(result, args.out, lambda folder: write_report(
-        folder, result, args.detector, source, det.image_size, metrics, args.keep == "real"))  # fmt: skip
+    try:  # written whole into a temporary folder, then moved: an interruption leaves nothing
+        flt.write_outputs(result, args.out, lambda folder: write_report(
+            folder, result, args.detector, source, det.image_size, metrics, args.keep == "real"))  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"rsmatch-filter: interrupted; nothing written to {args.out}", file=sys.stderr)
+        return 130
     c = result.table["call"]
     print(f"scored {len(c)} images: {c.count('synthetic')} called synthetic at threshold "
           f"{result.threshold:.4g}; wrote {args.out}")  # fmt: skip
