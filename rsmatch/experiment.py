@@ -319,6 +319,7 @@ def run_grid(grid: Grid, runs: Sequence[Run], train: Trainer) -> int:
             bar.set_postfix_str(f"{'resume' if resume else 'start'} {run.name}")
             tqdm.write(f"[grid] {'resuming' if resume else 'starting'} {run.name}")
             argv = ["--config", str(grid.base), *run.overrides, *(["--resume"] if resume else [])]
+            bar.clear()  # the run's own lines start on a line of their own
             try:
                 code = train(argv)
             except KeyboardInterrupt:
@@ -332,7 +333,8 @@ def run_grid(grid: Grid, runs: Sequence[Run], train: Trainer) -> int:
                 tqdm.write(f"[grid] stopped during {run.name}; rerun the same command to resume")
                 return 130
             else:
-                tqdm.write(f"[grid] FAILED {run.name} (exit code {code}); continuing")
+                tqdm.write(f"[grid] FAILED {run.name} (exit code {code}); continuing",
+                           file=sys.stderr)  # fmt: skip
                 failed.append(run.name)
     finally:
         bar.close()

@@ -241,3 +241,22 @@ def test_shipped_grids_expand_to_the_papers_runs(monkeypatch):
         "without_fake_head": ("rsmatch", False, True, False),
         "rsmatch": ("rsmatch", False, True, True),
     }
+
+
+def test_a_failed_run_is_reported_on_stderr_and_the_grid_goes_on(tmp_path, capsys):
+    from rsmatch.experiment import run_grid
+
+    grid = load_grid(write_grid(tmp_path, {"train.seed": [0, 1]}))
+    started = []
+
+    def train(argv: list[str]) -> int:
+        started.append([a for a in argv if a.startswith("train.seed=")])
+        return 2  # each run refuses to start, as a bad path found late would
+
+    assert run_grid(grid, grid.runs, train) == 1
+    assert started == [["train.seed=0"], ["train.seed=1"]]  # the second ran after the first failed
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert "[grid] FAILED train.seed=0 (exit code 2); continuing" in err
+    assert err[-1] == "[grid] 2 run(s) failed: train.seed=0, train.seed=1"
+    assert "[grid] starting train.seed=1" in captured.out and "FAILED" not in captured.out
