@@ -67,6 +67,8 @@ def band(
 
 
 def _plot(ax, runs: list[RunInfo], get, label: str, color, scale: float = 100.0) -> bool:
+    """One method's mean over its runs, and a band of one std clipped to what a rate can be
+    (every series drawn is a fraction: accuracies, purity, mask rates)."""
     steps, mean, std = band(runs, get)
     if not len(steps):
         return False
@@ -78,7 +80,8 @@ def _plot(ax, runs: list[RunInfo], get, label: str, color, scale: float = 100.0)
         lw=1.5,
         marker="." if len(steps) < 12 else None,
     )
-    ax.fill_between(steps, scale * (mean - std), scale * (mean + std), color=color, alpha=0.2, lw=0)
+    low, high = np.clip(mean - std, 0.0, 1.0), np.clip(mean + std, 0.0, 1.0)
+    ax.fill_between(steps, scale * low, scale * high, color=color, alpha=0.2, lw=0)
     return True
 
 

@@ -263,3 +263,17 @@ def test_missing_runs_are_named_with_their_grid(tmp_path):
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
     missing = (tmp_path / "report" / "README.md").read_text().split("## Missing runs")[1]
     assert "- `g1/fm`: not started" in missing and "g2/fm" not in missing
+
+
+def test_std_bands_stay_within_what_a_rate_can_be():
+    import matplotlib.pyplot as plt
+
+    from rsmatch.figures import _plot
+
+    series = {"a": {0: 0.0, 10: 0.99}, "b": {0: 0.3, 10: 0.7}}  # std 0.21 at both steps
+    fig, ax = plt.subplots()
+    assert _plot(ax, ["a", "b"], series.get, "m", "C0")
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    # step 0: mean 0.15, band [-0.06, 0.36] -> [0, 36]; step 10: 0.845 +- 0.205 -> [64, 100]
+    assert ys.min() == 0.0 and ys.max() == 100.0
+    plt.close(fig)
