@@ -526,4 +526,11 @@ def config_docs() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m rsmatch.config",
+        description="Print the reference of every config key (docs/config.md), generated from "
+        "the config dataclasses: python -m rsmatch.config > docs/config.md",
+    ).parse_args()
     print(config_docs(), end="")

@@ -111,6 +111,12 @@ def test_config_docs_are_generated_and_current():
     assert "`rsmatch.queue_length`" in docs and "`train.mixed_precision`" in docs
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == docs, "docs/config.md is stale: python -m rsmatch.config > docs/config.md"
+    module = [sys.executable, "-m", "rsmatch.config"]
+    printed = subprocess.run(module, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert printed.returncode == 0 and printed.stdout == committed
+    helped = subprocess.run([*module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)  # fmt: skip
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m rsmatch.config")
 
 
 def test_shipped_configs_load():
