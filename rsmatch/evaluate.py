@@ -16,6 +16,18 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
+def shard(n: int, rank: int, world: int) -> tuple[range, int]:
+    """This rank's contiguous rows of n, and the size of the buffer every rank fills,
+    ceil(n / world) (the last ranks hold fewer rows, or none); `gather_shards` joins them."""
+    per_rank = -(-n // world)
+    return range(rank * per_rank, min((rank + 1) * per_rank, n)), per_rank
+
+
+def gather_shards(local: torch.Tensor, n: int, world: int, gather: Gather) -> torch.Tensor:
+    """Every rank's padded buffer, in rank order, cut to the n rows: the same on every rank."""
+    return gather(local)[:n] if world > 1 else local[:n]
+
+
 def predict(
     fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -27,13 +39,12 @@ def predict(
 ) -> torch.Tensor:
     """argmax of fn over all images, each rank doing a contiguous shard; result on every rank."""
     n = len(images)
-    per_rank = -(-n // world)
-    lo, hi = rank * per_rank, min((rank + 1) * per_rank, n)
-    preds = torch.full((per_rank,), -1, dtype=torch.long, device=device)
-    for start in range(lo, hi, batch_size):
-        chunk = images[start : min(start + batch_size, hi)].to(device)
-        preds[start - lo : start - lo + len(chunk)] = fn(chunk).argmax(-1)
-    return gather(preds)[:n] if world > 1 else preds[: hi - lo]
+    rows, size = shard(n, rank, world)
+    preds = torch.full((size,), -1, dtype=torch.long, device=device)
+    for start in range(rows.start, rows.stop, batch_size):
+        chunk = images[start : min(start + batch_size, rows.stop)].to(device)
+        preds[start - rows.start : start - rows.start + len(chunk)] = fn(chunk).argmax(-1)
+    return gather_shards(preds, n, world, gather)
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:

@@ -38,6 +38,7 @@ from rsmatch.benchmark.sources import (
     load_saved,
     missing_folder,
 )
+from rsmatch.evaluate import gather_shards, shard
 from rsmatch.export import export_kind, load_detector
 from rsmatch.hub import data_folder_kind
 from rsmatch.models import Detector
@@ -229,20 +230,19 @@ def score_dataset(det: Detector, ds: datasets.Dataset, batch_size: int, accelera
     scoring a contiguous shard; the full array on every process."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     n = len(ds)
-    per_rank = -(-n // world)
-    rows = range(rank * per_rank, min((rank + 1) * per_rank, n))
+    rows, size = shard(n, rank, world)
     loader = torch.utils.data.DataLoader(
         _Decoded(ds, rows, tuple(det.image_size)), batch_size=batch_size, num_workers=workers
     )
-    local = torch.full((per_rank,), float("nan"), device=device)
+    local = torch.full((size,), float("nan"), device=device)
     det = det.to(device)
     bar = tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_local_main_process)
     for idx, x, ok in bar:
         with accelerator.autocast():
             s = det.score(x.to(device))
         local[idx.to(device) - rows.start] = torch.where(ok.to(device), s, float("nan"))
-    scores = accelerator.gather(local) if world > 1 else local
-    return scores[:n].cpu().numpy().astype(np.float64)
+    scores = gather_shards(local, n, world, accelerator.gather)
+    return scores.cpu().numpy().astype(np.float64)
 
 
 def threshold_for_fraction(scores: np.ndarray, keep_fraction: float) -> float:
