@@ -30,16 +30,13 @@ def _mean_std(values: list[float]) -> str:
 
 def late_means(run: Path, tags: tuple[str, ...], last: int = 100) -> dict[str, float]:
     """Mean of TensorBoard scalars over the last `last` steps of a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from rsmatch.figures import tb_scalars
 
-    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
-    ea.Reload()
     out = {}
-    for tag in tags:
-        if tag in ea.Tags()["scalars"]:
-            events = ea.Scalars(tag)
-            end = events[-1].step
-            out[tag] = statistics.mean(e.value for e in events if e.step > end - last)
+    for tag, series in tb_scalars(run).items():
+        if tag in tags:
+            end = max(series)
+            out[tag] = statistics.mean(v for step, v in series.items() if step > end - last)
     return out
 
 
