@@ -246,6 +246,13 @@ def hand_back_host_memory() -> None:
         libc.malloc_trim(0)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one: Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def idle_cores_note(
     threads: int, cores: int, local_processes: int, env: Mapping[str, str] | None = None
 ) -> str | None:

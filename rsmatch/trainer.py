@@ -124,8 +124,7 @@ class Trainer:
             self._note(f"warning: {self.precision.warning}")
         if acc.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-            cores = len(os.sched_getaffinity(0))
-            note = hardware.idle_cores_note(torch.get_num_threads(), cores, local)
+            note = hardware.idle_cores_note(torch.get_num_threads(), hardware.usable_cores(), local)
             if note:
                 self._note(note)
         check_world_size(cfg, acc.num_processes)  # batch sizes against the real world size
