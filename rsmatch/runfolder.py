@@ -22,17 +22,25 @@ from rsmatch.runinfo import check_resume_config
 LOCK = ".lock"
 
 
-def check_writable(out: Path) -> None:
-    """One-line ConfigError unless the run can create and write `out` and what it holds."""
-    key = f"train.output_dir={str(out)!r}"
+def unwritable(out: Path, inside: tuple[str, ...] = ()) -> str | None:
+    """Why the folder `out` (and the named folders in it) could not be created and written to,
+    or None; read-only, so a refusal leaves everything as it was."""
     existing = out
     while not existing.exists():  # the first folder that would be created in
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"{key}: {existing} is a file, not a folder")
-    for folder in (existing, out / "checkpoints", out / "tb"):
+        return f"{existing} is a file, not a folder"
+    for folder in (existing, *(out / name for name in inside)):
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}: {folder} is not writable")
+            return f"{folder} is not writable"
+    return None
+
+
+def check_writable(out: Path) -> None:
+    """One-line ConfigError unless the run can create and write `out` and what it holds."""
+    problem = unwritable(out, ("checkpoints", "tb"))
+    if problem:
+        raise ConfigError(f"train.output_dir={str(out)!r}: {problem}")
 
 
 def check_free(out: Path) -> None:

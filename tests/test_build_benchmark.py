@@ -141,6 +141,10 @@ def test_cifake_naming():
             ["--replace-ratio", "1.5", "--synthetic", "a=GEN_A"],
             "--replace-ratio=1.5: must be in [0, 1]",
         ),
+        (
+            ["--replace-ratio", "nan", "--synthetic", "a=GEN_A"],
+            "--replace-ratio=nan: must be in [0, 1]",
+        ),
         # numbers out of range used to build broken benchmarks (a negative count slices from the end)
         (["--labels-per-class", "-3"], "--labels-per-class=-3: must be >= 1"),
         (["--labels-per-class", "0"], "--labels-per-class=0: must be >= 1"),
@@ -172,6 +176,15 @@ def test_bad_input_fails_before_work(sources, tmp_path, capsys, extra, message):
     assert bb.main(_args(sources, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.synthetic").exists()
+
+
+def test_out_under_a_file_fails_before_work(sources, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert bb.main(_args(sources, tmp_path / "afile" / "sub")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rsmatch-build-benchmark: error: --out {tmp_path}/afile/sub: "
+                   f"{tmp_path}/afile is a file, not a folder"]  # fmt: skip
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):

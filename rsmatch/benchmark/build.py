@@ -47,6 +47,7 @@ from rsmatch.benchmark.split import (
 )
 from rsmatch.benchmark.store import save_benchmark
 from rsmatch.hub import repo_id_problem
+from rsmatch.runfolder import unwritable
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -135,7 +136,7 @@ def _check_ranges(opts: BuildOptions) -> None:
         if not isinstance(value, number) or isinstance(value, bool):
             kind = "a number" if name == "replace_ratio" else "an integer"
             raise BuildError(f"{flag}={value!r}: must be {kind}")
-        if value < low or (high is not None and value > high):
+        if not (low <= value and (high is None or value <= high)):  # NaN fails too
             bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise BuildError(f"{flag}={value}: must be {bound}")
 
@@ -150,6 +151,8 @@ def plan(opts: BuildOptions) -> Plan:
         raise BuildError(f"--push-to-hub {opts.push_to_hub!r}: {problem}")
     if opts.out.exists():
         raise BuildError(f"--out {opts.out}: exists already (choose a new folder)")
+    if problem := unwritable(opts.out):
+        raise BuildError(f"--out {opts.out}: {problem}")
     imports = _pairs(opts.synthetic, "--synthetic")
     clash = sorted(set(imports) & set(opts.generate))
     if clash:
