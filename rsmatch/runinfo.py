@@ -99,7 +99,9 @@ def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | No
         except ValueError:
             record = None  # unreadable: start a new record rather than lose the run
     if not isinstance(record, dict):
-        record = {"seed": cfg.train.seed, "split_seed": cfg.data.split_seed, "command": sys.argv,
+        # the split's seed as trained on: a saved benchmark's own, not the ignored data.split_seed
+        split_seed = (extra.get("split") or {}).get("seed", cfg.data.split_seed)
+        record = {"seed": cfg.train.seed, "split_seed": split_seed, "command": sys.argv,
                   "started": now, "host": platform.node(), "versions": event["versions"],
                   "git": event["git"], **extra, "history": []}  # fmt: skip
     record.setdefault("history", []).append(event)

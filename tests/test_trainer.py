@@ -151,3 +151,17 @@ def test_sigterm_saves_a_loadable_checkpoint(sources, tmp_path):
     trainer = Trainer(cfg)
     trainer.fit(resume=True)
     assert trainer.state.step == stopped_at + 2
+
+
+def test_run_record_names_the_split_seed_trained_on(sources, tmp_path):
+    """A saved benchmark fixes its split: run.json's split_seed is its seed, not the ignored
+    data.split_seed (the record said 0 beside a split whose seed was 3)."""
+    from rsmatch.runinfo import write_run_record
+
+    cfg = tiny_config(sources, tmp_path / "x", **{"data.split_seed": 0})
+    write_run_record(tmp_path / "bench", cfg, {"split": {"seed": 3}}, resumed_from=None)
+    write_run_record(tmp_path / "own", cfg, {"split": {"seed": 0}}, resumed_from=None)
+    seeds = [
+        json.loads((tmp_path / n / "run.json").read_text())["split_seed"] for n in ("bench", "own")
+    ]
+    assert seeds == [3, 0]
