@@ -335,7 +335,9 @@ def test_a_model_that_cannot_load_is_one_line_naming_it(sources, tiny, tmp_path,
     ours = [line for line in err.splitlines() if line.startswith("rsmatch-build-benchmark")]
     assert "Traceback" not in err and len(ours) == 1  # besides, T5's "Loading weights" bar
     assert ours[0].startswith(f"rsmatch-build-benchmark: error: {what}: cannot load (")
-    assert not (tmp_path / "out").exists()
+    instead = "--generator-model GEN=FOLDER" if broken == "generator" else "--prompt-model FOLDER"
+    assert f"offline, download it where the Hub is reachable and pass {instead}" in ours[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.synthetic").exists()
 
 
 def test_an_interrupted_write_leaves_no_temporary_folder(sources, tmp_path, monkeypatch, capsys):

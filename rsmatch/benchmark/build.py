@@ -8,6 +8,7 @@ output folder appears only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -304,15 +305,30 @@ def generate_missing(
         jobs = synth.plan_jobs(
             root / g, g, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
         )
-        with state.split_between_processes(jobs) as mine:
-            synth.generate(spec, mine, size, opts.batch_size, quality, dtype, opts.device or str(state.device),
-                           desc=f"{g} [{state.process_index}]", show_progress=state.is_local_main_process)  # fmt: skip
+        try:
+            with state.split_between_processes(jobs) as mine:
+                synth.generate(spec, mine, size, opts.batch_size, quality, dtype, opts.device or str(state.device),
+                               desc=f"{g} [{state.process_index}]", show_progress=state.is_local_main_process)  # fmt: skip
+        except synth.ModelLoadError:
+            if state.is_main_process:
+                _drop_if_imageless(root, g)
+            raise
         state.wait_for_everyone()
         if state.is_main_process:
             synth.write_prompt_index(root / g, jobs)
         state.wait_for_everyone()
         out[g] = read_class_folder(root / g, names)
     return out if state.is_main_process else None
+
+
+def _drop_if_imageless(root: Path, g: str) -> None:
+    """A generator whose model failed to load leaves no folder behind (its recipe alone),
+    nor the export root if nothing else is in it; a folder that holds images is kept."""
+    folder = root / g
+    if folder.is_dir() and not image_files(folder):
+        shutil.rmtree(folder)
+        with contextlib.suppress(OSError):  # not empty: other generators' folders
+            root.rmdir()
 
 
 def write(out: Path, dd: datasets.DatasetDict, meta: dict) -> None:

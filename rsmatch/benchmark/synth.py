@@ -62,14 +62,20 @@ class ModelLoadError(ValueError):
     """A prompt or generator model that cannot be loaded (offline, a wrong id, a broken folder)."""
 
 
-def _loaded(what: str, loader: Callable[[], T]) -> T:
-    """`loader()`, its failure as one ModelLoadError naming `what` (the Hub's and diffusers'
-    errors come in many types, with the id far down a long traceback)."""
+def _loaded(what: str, loader: Callable[[], T], instead: str) -> T:
+    """`loader()`, its failure as one ModelLoadError naming `what` and the option that takes a
+    local copy (`instead`): the Hub's and diffusers' errors come in many types, with the id far
+    down a long traceback, and their advice is for the Python API."""
     try:
         return loader()
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ModelLoadError(f"{what}: cannot load ({type(e).__name__}: {first})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        if len(first) > 200:  # cut at a word, not inside one
+            first = first[:200].rsplit(" ", 1)[0] + " ..."
+        raise ModelLoadError(
+            f"{what}: cannot load ({type(e).__name__}: {first}); offline, download it where the "
+            f"Hub is reachable and pass {instead}"
+        ) from None
 
 
 def resolve_generators(names: list[str], models: dict[str, str]) -> dict[str, GeneratorSpec]:
@@ -102,8 +108,9 @@ def t5_prompts(
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     what = f"--prompt-model {model_id}"
-    tok = _loaded(what, lambda: AutoTokenizer.from_pretrained(model_id))
-    model = _loaded(what, lambda: AutoModelForSeq2SeqLM.from_pretrained(model_id))
+    instead = "--prompt-model FOLDER (or --prompts template)"
+    tok = _loaded(what, lambda: AutoTokenizer.from_pretrained(model_id), instead)
+    model = _loaded(what, lambda: AutoModelForSeq2SeqLM.from_pretrained(model_id), instead)
     model = model.to(device).eval()
     samples = samples or max(per_class, round(1.25 * per_class))
     out = {}
@@ -133,6 +140,7 @@ def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str) -> Diffu
     pipe = _loaded(
         f"generator model {spec.model}",
         lambda: DiffusionPipeline.from_pretrained(spec.model, dtype=dtype),
+        "--generator-model GEN=FOLDER",
     )
     if spec.kind == "sdxl_lightning":  # the 4-step UNet and the trailing Euler scheduler
         from safetensors.torch import load_file
@@ -146,6 +154,7 @@ def load_pipeline(spec: GeneratorSpec, dtype: torch.dtype, device: str) -> Diffu
             weights = _loaded(
                 f"--lightning-unet {spec.unet}",
                 lambda: hf_hub_download(f"{owner}/{repo}", filename),
+                "--lightning-unet FILE",
             )
         pipe.unet.load_state_dict(load_file(weights))
         pipe.scheduler = EulerDiscreteScheduler.from_config(
