@@ -80,3 +80,17 @@ def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys):
     assert "no exported classifier" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 2
     assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err
+
+
+def test_a_missing_viz_extra_is_named_before_any_figure(run, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytorch_grad_cam" else find_spec(name, *a))  # fmt: skip
+    assert main([str(run), "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "rsmatch-analyze: error: pytorch_grad_cam missing: the viz extra, "
+        "pip install -e '.[viz]' in the repository"
+    ]
+    assert not (tmp_path / "a").exists()

@@ -8,10 +8,13 @@ the folder the run was trained from: the run's config names its data by relative
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 from rsmatch.cli import HelpWithDefaults, at_least
+
+VIZ_MODULES = ("sklearn", "pytorch_grad_cam")  # the `viz` extra: t-SNE, GradCAM++
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the samples and of t-SNE")
     args = ap.parse_args(argv)
+    # checked before any figure is drawn: a missing GradCAM++ came after t-SNE's was written
+    missing = [m for m in VIZ_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"rsmatch-analyze: error: {', '.join(missing)} missing: the viz extra, "
+              f"pip install -e '.[viz]' in the repository", file=sys.stderr)  # fmt: skip
+        return 2
     from rsmatch.analysis import analyze  # torch, sklearn and grad-cam after parsing
     from rsmatch.benchmark.sources import SourceError
     from rsmatch.config import ConfigError
@@ -48,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
                        args.per_class, args.classes, args.seed)  # fmt: skip
     except (FileNotFoundError, ConfigError, SourceError) as e:
         print(f"rsmatch-analyze: error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(
-            f"rsmatch-analyze: error: {e.name} is missing; pip install 'rsmatch[viz]'",
-            file=sys.stderr,
-        )
         return 2
     for path in made:
         print(path)
