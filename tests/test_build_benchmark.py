@@ -261,7 +261,8 @@ def test_push_offline_fails_cleanly_and_keeps_the_build(sources, tmp_path, capsy
     out = tmp_path / "b"
     argv = _args(sources, out, "--synthetic", f"a={sources['gen_a']}", "--push-to-hub", "me/rsssl")
     assert bb.main(argv) == 1  # HF_HUB_OFFLINE=1 in the tests
-    assert "push failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "push failed" in err and err.rstrip().endswith(f"retry with rsmatch-push {out} me/rsssl")
     assert load_benchmark(out)[0]["unlabeled"].num_rows == 36
     # retried without a rebuild: rsmatch-push sends what --push-to-hub would have
     import datasets
@@ -407,6 +408,8 @@ def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
         ("dtype: float64", "dtype: 'float64' is not one of ['float32', 'float16', 'bfloat16']"),
         ("real: [a]", "real: expected text, got ['a']"),
         ("seed: abc", "seed: 'abc' is not a valid int"),
+        ("replace_ration: 0.5", "unknown keys ['replace_ration']; did you mean replace_ratio?"),
+        ("a: 1\nb: 2", "unknown keys ['a', 'b']"),
     ],
 )
 def test_config_file_values_take_their_flags_types(tmp_path, text, expected):

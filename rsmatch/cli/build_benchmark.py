@@ -27,6 +27,7 @@ from rsmatch.benchmark.push import PushError
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
 from rsmatch.cli import HelpWithDefaults
+from rsmatch.config import did_you_mean
 
 PROG = "rsmatch-build-benchmark"
 
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     add("--resolution", type=int, default=d.resolution,
         help="generate at this size instead of the model's native one")  # fmt: skip
     add("--jpeg-quality", type=int, default=d.jpeg_quality,
-        help="store synthetic images as JPEG of this quality; 0 = PNG; default: 75 if the real set is JPEG")  # fmt: skip
+        help="store synthetic images as JPEG of this quality; 0 = PNG; -1 (default): JPEG 75 if the real set is JPEG, else PNG")  # fmt: skip
     add("--export-synthetic", type=Path, default=d.export_synthetic,
         help="where generated class folders go (default OUT.synthetic); reruns resume here")  # fmt: skip
     add("--labels-per-class", type=int, default=d.labels_per_class,
@@ -106,7 +107,8 @@ def _config_values(path: str, actions: dict[str, argparse.Action]) -> dict:
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise BuildError(f"--config {path}: unknown keys {unknown}")
+        hint = did_you_mean(unknown[0], sorted(actions)) if len(unknown) == 1 else ""
+        raise BuildError(f"--config {path}: unknown keys {unknown}{hint}")
     return {k: _config_value(path, actions[k], v) for k, v in values.items()}
 
 
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; {_what_is_left(options)}", file=sys.stderr)
         return 130
     except PushError as e:
-        print(f"{PROG}: built {options.out}, but the push failed: {e}", file=sys.stderr)
+        print(f"{PROG}: built {options.out}, but the push failed: {e}; retry with rsmatch-push "
+              f"{options.out} {options.push_to_hub}", file=sys.stderr)  # fmt: skip
         return 1
     if sizes is not None:
         print(json.dumps({"out": str(options.out), **sizes}))
