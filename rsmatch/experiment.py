@@ -310,6 +310,8 @@ def run_grid(grid: Grid, runs: Sequence[Run], train: Trainer) -> int:
     write_manifest(grid)
     states = {r.name: run_state(r.path) for r in runs}
     todo = [r for r in runs if states[r.name] != "done"]
+    if len(todo) < len(runs):
+        print(f"[grid] {len(runs) - len(todo)} of {len(runs)} runs finished already: skipped")
     failed: list[str] = []
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="grid", unit="run",
                position=0, dynamic_ncols=True)  # fmt: skip

@@ -198,7 +198,8 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path,
     )
     mtimes = {p: _mtime(p) for p in out.iterdir() if p.is_dir()}
     assert main([str(grid)]) == 0  # all done: nothing reruns
-    assert "[grid] st" not in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "[grid] st" not in log and "[grid] 4 of 4 runs finished already: skipped" in log
     assert {p: _mtime(p) for p in mtimes} == mtimes
 
 
