@@ -151,6 +151,10 @@ def test_cifake_naming():
         (["--unlabeled-per-class", "0"], "--unlabeled-per-class=0: must be >= 1"),
         (["--seed", "-1"], "--seed=-1: must be in [0, 4294967295]"),
         (["--jpeg-quality", "200"], "--jpeg-quality=200: must be in [-1, 100]"),
+        (
+            ["--images-per-class", "5", "--synthetic", "a=GEN_A"],
+            "--images-per-class=5: only with --generate",
+        ),
         # the split's checks name the flags, not the trainer's config keys
         (
             ["--labels-per-class", "30", "--replace-ratio", "0"],

@@ -154,6 +154,8 @@ def plan(opts: BuildOptions) -> Plan:
         raise BuildError(f"--out {opts.out}: exists already (choose a new folder)")
     if problem := unwritable(opts.out):
         raise BuildError(f"--out {opts.out}: {problem}")
+    if opts.images_per_class and not opts.generate:  # it would be silently unused
+        raise BuildError(f"--images-per-class={opts.images_per_class}: only with --generate")
     imports = _pairs(opts.synthetic, "--synthetic")
     clash = sorted(set(imports) & set(opts.generate))
     if clash:
