@@ -119,14 +119,14 @@ class CSQueue(nn.Module):
         else:  # one row, fed with the top M*k of the whole batch
             k = min(self.picks * self.topk, self.capacity)
             eligible = torch.ones(1, len(scores), dtype=torch.bool, device=scores.device)
-        k = min(k, len(scores))
-        local = self._top(scores.float(), eligible, k)  # [M, k] positions in this batch
+        local = self._top(scores.float(), eligible, min(k, len(scores)))  # [M, <=k] this batch
         # -inf marks "no candidate"; real scores are finite logit margins.
         top_scores = torch.where(local.valid, scores.float()[local.index], -torch.inf)
         cand_scores = gather(top_scores[None]).transpose(0, 1).flatten(1)  # [M, world * k]
         cand_sources = gather(sources[local.index][None]).transpose(0, 1).flatten(1)
         cand_images = gather(images[local.index][None]).transpose(0, 1).flatten(1, 2)
-        win = self._top(cand_scores, cand_scores > -torch.inf, k)
+        # k of the global batch: above one rank's batch it may still fit the gathered ones
+        win = self._top(cand_scores, cand_scores > -torch.inf, min(k, cand_scores.shape[1]))
         self._push(rows, cand_images.gather(1, _expand(win.index, cand_images)),
                    cand_sources.gather(1, win.index), win.valid)  # fmt: skip
 

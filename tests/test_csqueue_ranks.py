@@ -43,9 +43,10 @@ def _steps(seed: int, n: int, steps: int, classes: int):
 
 
 @pytest.mark.parametrize("class_wise", [True, False])
-def test_two_ranks_hold_the_queue_of_one_process(class_wise):
-    make = lambda: CSQueue(4, 3, picks=2, topk=2, image_shape=SHAPE, class_wise=class_wise)  # noqa: E731
-    one, ranks, world, n = make(), [make(), make()], 2, 6
+@pytest.mark.parametrize(("topk", "n"), [(2, 6), (3, 2)])  # k above a rank's batch, not the global
+def test_two_ranks_hold_the_queue_of_one_process(class_wise, topk, n):
+    make = lambda: CSQueue(4, 3, picks=2, topk=topk, image_shape=SHAPE, class_wise=class_wise)  # noqa: E731
+    one, ranks, world = make(), [make(), make()], 2
     data = list(_steps(0, n * world, 8, 4))
     for step, (scores, labels, ids) in enumerate(data):
         one.update(scores, labels, _images(ids), ids, torch.Generator().manual_seed(step))
@@ -154,3 +155,28 @@ def test_loading_an_empty_state_empties_the_queue():
     assert len(q.sample(2, torch.Generator())) == 2
     q.load_state_dict(empty.state_dict())
     assert len(q.sample(2, torch.Generator())) == 0
+
+
+def _push(q: CSQueue, scores: list[float], labels: list[int], ids: list[int]) -> None:
+    ids_t = torch.tensor(ids)
+    q.update(torch.tensor(scores), torch.tensor(labels), _images(ids_t), ids_t,
+             torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def test_a_picked_class_with_no_candidate_keeps_what_it_holds():
+    """Both classes are picked (C <= M); the step's one candidate is class 1's. Class 0's full
+    ring must keep its images and sources: nothing is written where nothing was chosen."""
+    q = CSQueue(2, 2, picks=2, topk=1, image_shape=SHAPE)
+    _push(q, [1.0], [0], [7])
+    _push(q, [1.0], [0], [9])
+    _push(q, [1.0], [1], [42])
+    assert q.images[0, :, 0, 0, 0].tolist() == [7, 9] and q.sources[0].tolist() == [7, 9]
+    assert q.pushed.tolist() == [2, 1] and q.images[1, 0, 0, 0, 0] == 42
+
+
+def test_topk_above_the_queue_length_pushes_a_ring_once():
+    """k = 3 into a ring of 2: the two best of the batch (scores 4 and 3), each slot once."""
+    q = CSQueue(1, 2, picks=1, topk=3, image_shape=SHAPE)
+    _push(q, [1.0, 4.0, 3.0, 2.0], [0, 0, 0, 0], [10, 11, 12, 13])
+    assert q.pushed.tolist() == [2] and q.sources[0].tolist() == [11, 12]
+    assert q.images[0, :, 0, 0, 0].tolist() == [11, 12]
