@@ -224,6 +224,18 @@ def test_step_metrics_by_hand():
     })  # fmt: skip
 
 
+def test_step_metrics_by_hand_when_real_and_fake_differ():
+    """u0's weak view called synthetic at 0.982: zhat [1, 1, 1, 0], detector confidence
+    0.982 / 0.731 / 0.982 / 0.953, so its mask is [1, 0, 1, 1]. With m = [1, 0, 1, 0] every
+    confident sample is routed to the fake head: real 0, fake 2/4 (the scenario above is
+    symmetric, 1/4 each, and would not tell the two apart)."""
+    _, out = run_step(det={**DET, 10: [0.0, 4.0]})
+    m = {k: out.metrics[k].item() for k in
+         ("mask_real_rate", "mask_fake_rate", "detector_mask_rate", "pool_called_synthetic")}  # fmt: skip
+    assert m == pytest.approx({"mask_real_rate": 0.0, "mask_fake_rate": 0.5,
+                               "detector_mask_rate": 0.75, "pool_called_synthetic": 0.75})  # fmt: skip
+
+
 def test_other_ranks_candidates_compete_through_the_gather():
     """A fake second rank whose candidates are all more synthetic: its items win every class."""
 
@@ -285,3 +297,51 @@ def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["algorithm=rsmatch", f"{key}={value}"])
     assert str(err.value) == message
+
+
+class CallsSynthetic(nn.Module):
+    """A detector stand-in: `detect` calls the images of the given ids synthetic."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids = ids
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        synthetic = torch.tensor([int(i) in self.ids for i in x[:, 0, 0, 0]])
+        return torch.stack([(~synthetic).float(), synthetic.float()], dim=1)
+
+
+def _evaluate(live: set[int], ema: set[int]) -> tuple[dict[str, float], list[str]]:
+    from rsmatch.algorithms.base import EvalContext
+    from rsmatch.data.batch import TrainData
+
+    data = TrainData(labeled=images([1, 2, 3]), labeled_y=torch.tensor([0, 1, 2]),
+                     unlabeled=images([10, 11, 12, 13]), test=images([1]), test_y=torch.tensor([0]),
+                     class_names=["a", "b", "c"],
+                     provenance=Provenance(torch.tensor([True, True, False, False]),
+                                           ["g", "g", "real", "real"]),
+                     split_meta={})  # fmt: skip
+    warnings = []
+    ctx = EvalContext(ema=CallsSynthetic(ema), live=CallsSynthetic(live),
+                      predict=lambda fn, x: fn(x).argmax(-1), data=data, warn=warnings.append)  # fmt: skip
+    return make().evaluate(ctx), warnings
+
+
+def test_evaluation_scores_the_live_detector_on_the_pool_and_the_labeled_set():
+    """The pool is [synthetic, synthetic, real, real]. The live detector calls ids 10, 11 (the
+    two synthetic ones) and labeled id 1 synthetic; the EMA detector the opposite."""
+    results, warnings = _evaluate(live={10, 11, 1}, ema={12, 13})
+    assert results["detector_acc"] == 1.0 and results["detector_precision"] == 1.0
+    assert results["detector_called_synthetic"] == 0.5
+    assert results["detector_acc/g"] == 1.0 and results["detector_acc/real"] == 1.0
+    assert results["labeled_called_synthetic"] == pytest.approx(1 / 3)  # of 3 labeled, not 4
+    assert math.isnan(results["queue_purity"]) and warnings == []  # nothing queued yet
+
+
+def test_evaluation_warns_of_a_collapsing_detector():
+    """Everything unlabeled called synthetic, no labeled real: the collapse warning."""
+    results, warnings = _evaluate(live={10, 11, 12, 13}, ema=set())
+    assert results["detector_called_synthetic"] == 1.0 and results["labeled_called_synthetic"] == 0
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "detector may be collapsing: it calls 100%"
+    )
