@@ -383,11 +383,14 @@ def test_resume_at_its_new_last_step_evaluates_and_finishes(sources, tmp_path):
 def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):
     out = copy_run(straight, tmp_path)
     trainer = Trainer(tiny_config(sources, out, **{"train.steps": 8}))
-    used, step = [], trainer.optimizer.step
-    trainer.optimizer.step = lambda: (used.append(trainer.optimizer.param_groups[0]["lr"]), step())
+    used, step, opt = [], trainer.optimizer.step, trainer.optimizer
+    trainer.optimizer.step = lambda: (used.append([g["lr"] for g in opt.param_groups]), step())
     trainer.fit(resume=True)
-    # by hand, 0.03 * cos(pi * 7/16 * k / steps): 0.0058527 at k = 4 of 4; k = 4..7 of 8 below
-    assert used == pytest.approx([0.0231903, 0.0195952, 0.0154231, 0.0107969], abs=1e-7)
+    # by hand, 0.03 * cos(pi * 7/16 * k / steps): 0.0058527 at k = 4 of 4; k = 4..7 of 8 below,
+    # in every group (weight decay on, and off for BatchNorm and biases)
+    assert len(opt.param_groups) == 2
+    for lrs, want in zip(used, [0.0231903, 0.0195952, 0.0154231, 0.0107969], strict=True):
+        assert lrs == pytest.approx([want, want], abs=1e-7)
     note = "note: train.steps 4 -> 8: the cosine learning rate follows the new length"
     assert f"{note} (at step 4: 0.0058527 -> 0.02319)" in capsys.readouterr().err
 
@@ -458,6 +461,21 @@ def test_a_new_run_into_a_used_folder_is_refused(straight, sources, tmp_path):
     line = error_line(cli(tiny_overrides(sources, out), tmp_path))
     assert "holds a run already; pass --resume" in line
     assert tree(out) == before
+
+
+@pytest.mark.parametrize("left", ["metrics.json only", "a checkpoint without latest"])
+def test_a_new_run_into_a_folder_with_any_trace_of_a_run_is_refused(straight, sources, tmp_path,
+                                                                     left):  # fmt: skip
+    """Checkpoints deleted but metrics.json kept, or `latest` lost: still another run's folder
+    (a new run would append to its evals.jsonl)."""
+    out = copy_run(straight, tmp_path)
+    if left == "metrics.json only":
+        shutil.rmtree(out / "checkpoints")
+    else:
+        (out / "metrics.json").unlink()
+        (out / "checkpoints" / "latest").unlink()
+    with pytest.raises(ConfigError, match="holds a run already; pass --resume"):
+        runfolder.check_run_folder(tiny_config(sources, out), False)
 
 
 # -- one run per folder -------------------------------------------------------------------------
