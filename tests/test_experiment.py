@@ -137,6 +137,21 @@ def test_dry_run_lists_states_and_only_filters(tmp_path, capsys):
     assert not (out / MANIFEST).exists()  # a dry run writes nothing
 
 
+def test_only_matches_an_axis_value_exactly(tmp_path):
+    """`train.seed=1` is not `train.seed=10`, though one name contains the other."""
+    from rsmatch.experiment import select
+
+    grid = load_grid(write_grid(tmp_path, {"train.seed": [1, 10]}))
+    assert [r.name for r in select(grid.runs, ["train.seed=1"])] == ["train.seed=1"]
+    assert len(select(grid.runs, ["seed=1"])) == 2  # not an axis: a substring of the name
+
+
+def test_two_values_that_name_one_folder_are_refused(tmp_path, capsys):
+    grid = write_grid(tmp_path, {"method": {"a/b": {"train.seed": 1}, "a_b": {"train.seed": 2}}})
+    assert main([str(grid), "--dry-run"]) == 2
+    assert "get the same folder 'method=a_b'" in capsys.readouterr().err
+
+
 def test_a_finished_run_with_another_config_stops_the_grid(tmp_path, capsys):
     grid = write_grid(tmp_path, {"train.seed": [0]})
     run = tmp_path / "out" / "train.seed=0"
