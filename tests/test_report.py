@@ -157,6 +157,13 @@ def test_report_numbers_match_hand_computed_values(runs, tmp_path):
     assert "rsmatch" not in warnings
     missing = md.split("## Missing runs")[1].split("##")[0]
     assert "`rs-r0.5-s2`: stopped at step 10" in missing and "`fm-r0.3-s0`: not started" in missing
+    # detector: accuracy 70, 80; precision 0.5, 0.5; recall 0.4, 0.4; generator a 60, 90; n = 2
+    detector = md.split("## Detector on the unlabeled pool (%, final evaluation)")[1].split("##")[0]
+    assert "| method | setting | accuracy | precision | recall | acc. gen_a | n |" in detector
+    assert (
+        "| rsmatch | r = 0.5, 25 labels | 75.00 ± 7.07 | 50.00 ± 0.00 | 40.00 ± 0.00 | "
+        "75.00 ± 21.21 | 2 |"
+    ) in detector
 
 
 def test_report_figures_are_valid_non_blank_pngs(runs, tmp_path):
