@@ -226,7 +226,7 @@ class Cell:
         out = []
         commits = sorted({r.commit or "unknown" for r in self.done})
         if len(commits) > 1:
-            out.append(f"runs differ in commit ({', '.join(c[:12] for c in commits)})")
+            out.append(f"runs differ in commit ({', '.join(map(_short_commit, commits))})")
         if self.done:
             ref = self.done[0]
             for other in self.done[1:]:
@@ -269,10 +269,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def _short_commit(commit: str, length: int = 12) -> str:
+    """The hash shortened, its `+dirty` kept: a dirty tree is not the commit's code."""
+    sha, plus, rest = commit.partition("+")
+    return sha[:length] + plus + rest
+
+
 def _commit_link(commit: str | None, repo_url: str | None) -> str:
     if not commit:
         return "unknown"
-    short = commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
+    short = _short_commit(commit, 7)
     if repo_url and commit != "unknown":
         return f"[`{short}`]({repo_url.rstrip('/')}/commit/{commit.split('+')[0]})"
     return f"`{short}`"

@@ -16,7 +16,7 @@ from rsmatch.report import collect, read_evals
 
 def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, best: float | None,
              final: float | None = None, commit: str = "a" * 40, detector: dict | None = None,
-             **config) -> Path:  # fmt: skip
+             dirty: bool = False, **config) -> Path:  # fmt: skip
     """A run folder as the trainer leaves it; best=None leaves it unfinished (no metrics.json)."""
     run = root / name
     run.mkdir(parents=True)
@@ -32,7 +32,7 @@ def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, bes
     ckpt.mkdir(parents=True)
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "run.json").write_text(
-        json.dumps({"seed": seed, "git": {"commit": commit, "dirty": False}})
+        json.dumps({"seed": seed, "git": {"commit": commit, "dirty": dirty}})
     )
     detector = detector or {}
     evals = []
@@ -284,3 +284,29 @@ def test_std_bands_stay_within_what_a_rate_can_be():
     # step 0: mean 0.15, band [-0.06, 0.36] -> [0, 36]; step 10: 0.845 +- 0.205 -> [64, 100]
     assert ys.min() == 0.0 and ys.max() == 100.0
     plt.close(fig)
+
+
+def test_a_grids_ablation_axis_is_named_by_the_method_alone(tmp_path):
+    """The shipped Table 3 grid's `method` axis sets only keys the method name covers: rows are
+    `rsmatch (w/o fake head)`, not `... method=without_fake_head`."""
+    root = tmp_path / "runs"
+    axes = {"method": {"without_fake_head": {"algorithm": "rsmatch", "rsmatch.fake_head": False},
+                       "rsmatch": {"algorithm": "rsmatch"}}}  # fmt: skip
+    entries = []
+    for label, fake_head, best in (("without_fake_head", False, 0.6), ("rsmatch", True, 0.9)):
+        name = f"method={label}"
+        fake_run(root, name, "rsmatch", 0.5, 0, best, best, rsmatch__fake_head=fake_head)
+        cfg = yaml.safe_load((root / name / "config.yaml").read_text())
+        entries.append({"name": name, "axes": {"method": label}, "config": cfg})
+    (root / "experiment.json").write_text(json.dumps({"grid": {"axes": axes}, "runs": entries}))
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    assert set(_csv(tmp_path / "report")) == {("rsmatch (w/o fake head)", 0.5), ("rsmatch", 0.5)}
+
+
+def test_a_run_from_a_dirty_tree_is_not_the_same_code(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "fm-s0", "fixmatch", 0.5, 0, 0.80, 0.80)
+    fake_run(root, "fm-s1", "fixmatch", 0.5, 1, 0.82, 0.82, dirty=True)
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    warnings = (tmp_path / "report" / "README.md").read_text().split("## Warnings")[1]
+    assert "runs differ in commit (aaaaaaaaaaaa, aaaaaaaaaaaa+dirty)" in warnings
