@@ -162,6 +162,21 @@ def test_a_finished_run_with_another_config_stops_the_grid(tmp_path, capsys):
     assert "train.steps is 99 there, 10 in the grid" in capsys.readouterr().err
 
 
+def test_a_finished_run_on_other_generators_stops_the_grid(tmp_path, capsys):
+    """data.synthetic is compared whole: {a: ...} against {b: ...} share no dotted key."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    grid = write_grid(tmp_path, {"train.seed": [0]}, [f"data.synthetic={{b: {tmp_path / 'b'}}}"])
+    run = tmp_path / "out" / "train.seed=0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    saved = {"algorithm": "fixmatch", "train": {"steps": 10, "seed": 0},
+             "data": {"synthetic": {"a": str(tmp_path / "a")}}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main([str(grid), "--dry-run"]) == 2
+    assert f"data.synthetic is {{'a': '{tmp_path / 'a'}'}} there" in capsys.readouterr().err
+
+
 def test_launcher_arguments_need_the_accelerate_launcher(tmp_path, capsys):
     grid = write_grid(tmp_path, {"train.seed": [0]})
     assert main([str(grid), "--", "--num_processes", "2"]) == 2
