@@ -310,3 +310,16 @@ def test_a_run_from_a_dirty_tree_is_not_the_same_code(tmp_path):
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
     warnings = (tmp_path / "report" / "README.md").read_text().split("## Warnings")[1]
     assert "runs differ in commit (aaaaaaaaaaaa, aaaaaaaaaaaa+dirty)" in warnings
+
+
+def test_the_split_trained_on_comes_from_the_run_record(tmp_path):
+    """A run on a saved benchmark: config.yaml keeps the ignored ratio and labels (0.5, 25),
+    run.json's `split` the benchmark's own (0.25, 10); the report files it under the latter."""
+    root = tmp_path / "runs"
+    run = fake_run(root, "bench", "fixmatch", 0.5, 0, 0.80, 0.80)
+    record = json.loads((run / "run.json").read_text())
+    record["split"] = {"replace_ratio": 0.25, "labels_per_class": 10, "seed": 3}
+    (run / "run.json").write_text(json.dumps(record))
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    (row,) = _csv(tmp_path / "report").values()
+    assert (row["replace_ratio"], row["labels_per_class"]) == ("0.25", "10")
