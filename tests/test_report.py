@@ -323,3 +323,12 @@ def test_the_split_trained_on_comes_from_the_run_record(tmp_path):
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
     (row,) = _csv(tmp_path / "report").values()
     assert (row["replace_ratio"], row["labels_per_class"]) == ("0.25", "10")
+
+
+def test_a_stopped_run_is_named_with_its_last_evaluated_step(tmp_path):
+    root = tmp_path / "runs"
+    run = fake_run(root, "fm", "fixmatch", 0.5, 0, 0.80, 0.80)  # evaluated at steps 10 and 20
+    (run / "metrics.json").unlink()
+    assert main([str(root), "--out", str(tmp_path / "report")]) == 0
+    missing = (tmp_path / "report" / "README.md").read_text().split("## Missing runs")[1]
+    assert "- `fm`: stopped at step 20" in missing
