@@ -159,7 +159,9 @@ def test_a_finished_run_with_another_config_stops_the_grid(tmp_path, capsys):
     (run / "metrics.json").write_text("{}")
     (run / "config.yaml").write_text("algorithm: fixmatch\ntrain:\n  steps: 99\n  seed: 0\n")
     assert main([str(grid), "--dry-run"]) == 2
-    assert "train.steps is 99 there, 10 in the grid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.steps is 99 there, 10 in the grid); move the run away or change `output` " in err
+    assert err.rstrip().endswith("`rsmatch-train --resume train.steps=N` extends one run alone)")
 
 
 def test_a_finished_run_on_other_generators_stops_the_grid(tmp_path, capsys):

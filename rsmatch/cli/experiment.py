@@ -66,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             drift = config_drift(run)
             if drift:
+                extend = (
+                    " (a grid does not extend finished runs: its schedule was for their length; "
+                    "`rsmatch-train --resume train.steps=N` extends one run alone)"
+                    if drift.startswith("train.steps ")
+                    else ""
+                )
                 raise GridError(
                     f"run {run.path}: its config.yaml differs from the grid ({drift}); "
-                    "move the run away or change `output`"
+                    f"move the run away or change `output`{extend}"
                 )
         if not args.dry_run:  # a dry run lists the grid, generated folders or not
             check_data_paths([r for r in runs if run_state(r.path) != "done"])
