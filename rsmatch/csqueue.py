@@ -122,7 +122,7 @@ class CSQueue(nn.Module):
         local = self._top(scores.float(), eligible, min(k, len(scores)))  # [M, <=k] this batch
         # -inf marks "no candidate"; real scores are finite logit margins.
         top_scores = torch.where(local.valid, scores.float()[local.index], -torch.inf)
-        cand_scores = gather(top_scores[None]).transpose(0, 1).flatten(1)  # [M, world * k]
+        cand_scores = gather(top_scores[None]).transpose(0, 1).flatten(1)  # [M, world * local k]
         cand_sources = gather(sources[local.index][None]).transpose(0, 1).flatten(1)
         cand_images = gather(images[local.index][None]).transpose(0, 1).flatten(1, 2)
         # k of the global batch: above one rank's batch it may still fit the gathered ones

@@ -256,7 +256,7 @@ def usable_cores() -> int:
 def idle_cores_note(
     threads: int, cores: int, local_processes: int, env: Mapping[str, str] | None = None
 ) -> str | None:
-    """On a CPU, a note when OMP_NUM_THREADS holds each process well below its share of the
+    """On a CPU, a note when OMP_NUM_THREADS holds each process below its share of the
     cores: `accelerate launch` sets it to 1 unless told otherwise, and the run is then as slow
     as one core, silently."""
     env = os.environ if env is None else env
