@@ -148,6 +148,11 @@ def latest(root: Path) -> Path | None:
     return root / pointer.read_text().strip()
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder `step_00000042` holds: 42."""
+    return int(folder.name.removeprefix("step_"))
+
+
 def steps(root: Path) -> list[Path]:
     """Checkpoint folders, newest first."""
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
@@ -162,7 +167,7 @@ def select(root: Path, mode: str | int) -> tuple[Path, list[str]]:
     if isinstance(mode, int):
         path = root / f"step_{mode:08d}"
         if not path.is_dir():
-            have = ", ".join(str(int(p.name[5:])) for p in steps(root)) or "none"
+            have = ", ".join(str(step_of(p)) for p in steps(root)) or "none"
             raise CheckpointError(f"--resume-from {mode}: no checkpoint {path} (steps: {have})")
         verify(path)
         return path, []

@@ -134,8 +134,9 @@ def counts(result: FilterResult) -> dict:
         called = np.asarray(ds["synthetic_score"]) > result.threshold
         for y, name in enumerate(ds.features[col].names):
             c = per_class.setdefault(name, [0, 0])
-            c[0] += int((labels == y).sum())
-            c[1] += int(called[labels == y].sum())
+            is_y = labels == y
+            c[0] += int(is_y.sum())
+            c[1] += int(called[is_y].sum())
     if per_class:
         out["per_class"] = {
             k: {"images": v[0], "called_synthetic": v[1]} for k, v in per_class.items()

@@ -29,11 +29,11 @@ from rsmatch.registry import algorithms
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
 # Keys the row and column already name, or that cannot change a result.
 IGNORED_IN_COMPARISON = (*SEED_KEYS, "train.output_dir", "train.progress")
-# Axis keys that the method, ratio, labels and seed already cover; other axes split rows.
 # RSMatch's ablation switches (paper Table 3): the value that removes a part, and its name
 ABLATIONS = {"rsmatch.shared_encoder": (True, "w/o ind. models"),
              "rsmatch.class_wise": (False, "w/o class-wise queue"),
              "rsmatch.fake_head": (False, "w/o fake head")}  # fmt: skip
+# Axis keys that the method, ratio, labels and seed already cover; other axes split rows.
 COVERED_AXIS_KEYS = {"algorithm", "rsmatch.base", "data.real_only", "data.replace_ratio",
                      "data.labels_per_class", "data.benchmark", "data.exclude_scores",
                      "data.exclude_above", *ABLATIONS, *SEED_KEYS}  # fmt: skip

@@ -159,7 +159,7 @@ def check_run_folder(cfg: Config, resume: Resume) -> tuple[Path | None, list[str
         return None, []
     found, skipped = checkpoint.select(root, "latest" if resume is True else resume)
     check_resume_config(checkpoint.saved_config(found), cfg, found / "config.yaml")
-    step = int(found.name.removeprefix("step_"))
+    step = checkpoint.step_of(found)
     if step > cfg.train.steps:
         raise ConfigError(
             f"train.steps={cfg.train.steps}: below the step of the checkpoint to resume from "
