@@ -102,10 +102,15 @@ def test_dry_run_records_every_step(tmp_path):
         assert (run["detector_acc"] is not None) == (algo == "rsmatch")
         assert run["counts"] == {"labeled": 12, "unlabeled": 36, "test": 15}  # 3 x (4, 12, 5)
     # each algorithm's step split, and more operators in RSMatch's step (its detector) than FixMatch's
+    # (the trainer's step on a made batch adds losses, EMA, clipping and logging to the bare
+    # step's operators, and batch making dispatches its own augmentation)
     prof = steps["profile"]
-    assert all(prof[a]["median_s"]["bare"] > 0 for a in ("fixmatch", "rsmatch"))
+    parts = {"batch_making", "step_on_a_made_batch", "bare"}
+    for a in ("fixmatch", "rsmatch"):
+        assert prof[a]["median_s"].keys() == parts and min(prof[a]["median_s"].values()) > 0
+        assert prof[a]["aten_ops"]["batch_making"] > 100
     made = {a: prof[a]["aten_ops"]["step_on_a_made_batch"] for a in ("fixmatch", "rsmatch")}
-    assert made["rsmatch"] > made["fixmatch"] > prof["fixmatch"]["aten_ops"]["bare"]
+    assert made["rsmatch"] > made["fixmatch"] > prof["fixmatch"]["aten_ops"]["bare"] > 0
     assert prof[f"fixmatch {pf}"]["median_s"]["batch_making"] > 0  # the variant's batch making
     assert steps["data"]["from"].endswith("gpudata.tar.gz")
     files = sorted(p.name for p in out.iterdir())

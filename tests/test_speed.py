@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
-import subprocess
-import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from rsmatch.data import augment
 from rsmatch.trainer import Trainer
 
-from .conftest import failure, needs_cuda, tiny_config
+from .conftest import needs_cuda, tiny_config
 
 # Calls that read a device value on the host, or whose output size depends on the data.
 SYNCING = {
@@ -298,20 +294,6 @@ def test_convolutions_get_the_configured_memory_format(sources, tmp_path, channe
     assert seen and all(x and w for x, w in seen), seen
 
 
-@pytest.mark.slow
-def test_bench_vs_usb_dry_run_without_usb():
-    """The side-by-side benchmark at tiny sizes (USB's venv needs the network: left out)."""
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_vs_usb.py"
-    cmd = [sys.executable, str(tool), "--only", "bare", "fixmatch", "--batch-size", "2",
-           "--uratio", "1", "--threads", "1", "--steps", "1", "--rounds", "1", "--warmup", "1",
-           "--pool", "64"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, failure(res)
-    summary = json.loads(res.stdout[res.stdout.index("{\n") :])
-    assert summary["median_s_per_step"].keys() == {"bare", "fixmatch"}
-    assert summary["ratios"]["bare / rsmatch fixmatch (>= 0.9 wanted)"] > 0
-
-
 def test_compile_mode_reaches_torch_compile(sources, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
@@ -349,20 +331,3 @@ def test_compiled_model_trains_like_the_eager_one(sources, tmp_path, algorithm):
         step = out / "checkpoints" / "step_00000004"  # as saved: checkpoint names unchanged
         runs[compiled] = load_file(str(step / "model.safetensors"))
     assert_trains_like_eager(runs[True], runs[False], rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_profile_step_splits_a_step_and_counts_its_operators():
-    """tools/profile_step.py at tiny sizes: the three timings, and operator counts in which the
-    trainer's step on a made batch (losses, EMA, clipping, logging) dispatches more than the
-    bare forward + backward + SGD, and batch making dispatches some of its own."""
-    tool = Path(__file__).resolve().parents[1] / "tools" / "profile_step.py"
-    cmd = [sys.executable, str(tool), "--batch-size", "2", "--uratio", "1", "--pool", "64",
-           "--warmup", "1", "--rounds", "1"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, failure(res)
-    summary = json.loads(res.stdout[res.stdout.index("{\n") :])  # after DeepSpeed's stdout line
-    assert summary["median_s"].keys() == {"batch_making", "step_on_a_made_batch", "bare"}
-    assert all(t > 0 for t in summary["median_s"].values())
-    ops = summary["aten_ops"]
-    assert ops["step_on_a_made_batch"] > ops["bare"] > 0 and ops["batch_making"] > 100

@@ -67,6 +67,7 @@ def _serve(step, args: argparse.Namespace) -> None:
 
     # on a GPU the clock is read only after the queued kernels have finished
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    sys.stdin.readline()  # "warmup": one worker at a time, so that their peaks never add up
     for k in range(args.warmup):
         step(k)
     sync()
@@ -239,11 +240,21 @@ def _start(kind: str, args: argparse.Namespace, override: str | None = None) -> 
         )
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, *_shared_flags(args),
            *([f"--override={override}"] if override else [])]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    if _expect(proc, "ready") is None:
-        proc.kill()
-        raise SystemExit(f"bench_vs_usb: the {kind} worker failed to start (see its stderr above)")
-    return proc
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _warm_up(workers: dict[str, subprocess.Popen]) -> None:
+    """Warm the workers up one after another. They were all started at once, so that their
+    imports and set-up (~7 s each, mostly one core) overlap instead of adding up."""
+    for kind, proc in workers.items():
+        proc.stdin.write("warmup\n")
+        proc.stdin.flush()
+        if _expect(proc, "ready") is None:
+            for p in workers.values():
+                p.kill()
+            raise SystemExit(
+                f"bench_vs_usb: the {kind} worker failed to start (see its stderr above)"
+            )
 
 
 def _expect(proc: subprocess.Popen, word: str) -> str | None:
@@ -271,6 +282,7 @@ def drive(args: argparse.Namespace) -> dict:
     if args.variant:  # interleaved with the others: rsmatch's contenders once more, overridden
         for kind in (k for k in RSMATCH_CONTENDERS if k in args.only):
             workers[f"{kind} {args.variant}"] = _start(kind, args, args.variant)
+    _warm_up(workers)
     times: dict[str, list[float]] = {kind: [] for kind in workers}
     try:
         for r in range(args.rounds):
