@@ -108,3 +108,41 @@ def failure(res: subprocess.CompletedProcess) -> str:
     """The lines naming an error first (a crash's cause is far above its C++ stack), then the tail."""
     errors = [line for line in res.stderr.splitlines() if "Error" in line or "error:" in line]
     return "\n".join([*errors[:12], "...", res.stderr[-1500:]])
+
+
+@pytest.fixture
+def train_in_process(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture):
+    """`rsmatch-train ARGS` run in this process from `cwd`: its exit code and what it wrote on
+    file descriptors 1 and 2, as `subprocess.run` returns them. A fresh process spends ~7 s on
+    imports before its first check; this takes well under one. What only a fresh process shows
+    (what libraries print at import) is left to the tests that launch one.
+
+    Warnings: pytest records them instead of printing them, so they are caught here under a
+    fresh interpreter's filters (each shown once, DeprecationWarning and its kin hidden) and
+    added to stderr, where a user would see them."""
+    import warnings
+
+    from rsmatch.cli import train
+
+    def run(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                          ResourceWarning):  # fmt: skip
+                warnings.simplefilter("ignore", quiet)
+            try:
+                code = train.main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+        out, err = capfd.readouterr()
+        err += "".join(
+            warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
+        )
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run

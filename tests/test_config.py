@@ -57,11 +57,6 @@ def test_batch_must_divide_world_size():
         validate(cfg, world_size=2)
 
 
-def _run_cli(args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -74,17 +69,17 @@ def _run_cli(args, cwd):
         ({"data.real": "/nonexistent/real"}, "/nonexistent/real"),
     ],
 )
-def test_cli_errors_exit_2_and_write_nothing(sources, tmp_path, extra, message):
+def test_cli_errors_exit_2_and_write_nothing(sources, tmp_path, extra, message, train_in_process):
     out = tmp_path / "run"
-    res = _run_cli(tiny_overrides(sources, out, **extra), tmp_path)
+    res = train_in_process(tiny_overrides(sources, out, **extra), tmp_path)
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("rsmatch-train: error: ") and message in last, last
     assert not out.exists()
 
 
-def test_missing_config_file(tmp_path):
-    res = _run_cli(["--config", "nope.yaml"], tmp_path)
+def test_missing_config_file(tmp_path, train_in_process):
+    res = train_in_process(["--config", "nope.yaml"], tmp_path)
     assert res.returncode == 2 and "nope.yaml" in res.stderr
 
 

@@ -1,7 +1,5 @@
 """Backbones, heads and optimizer groups."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -81,14 +79,9 @@ def test_float_images_are_refused_not_misread():
 @pytest.mark.parametrize(
     "algorithm", ["supervised", "fixmatch", "flexmatch", "freematch", "simmatch", "rsmatch"]
 )
-def test_bf16_channels_last_run(sources, tmp_path, algorithm):
+def test_bf16_channels_last_run(sources, tmp_path, algorithm, train_in_process):
     args = tiny_overrides(sources, tmp_path / "run", algorithm=algorithm,
                           **{"train.mixed_precision": "bf16", "train.channels_last": True})  # fmt: skip
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = train_in_process(args, tmp_path)
     assert res.returncode == 0, failure(res)
     assert '"step": 4' in res.stdout
