@@ -49,16 +49,20 @@ def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
 
 
 def train_deepspeed_and_plain(
-    sources, tmp_path: Path, probe: Path | None = None, **extra: object
+    sources, tmp_path: Path, train_plain, probe: Path | None = None, **extra: object
 ) -> tuple[dict, dict, dict]:
-    """2 steps with ZeRO-2 (through the probe when given) and 2 without (EMA decay 0, so the
-    saved EMA is the weights): the weights of each, and the DeepSpeed run's run.json."""
+    """2 steps with ZeRO-2 (launched, through the probe when given) and 2 without, by
+    `train_plain` (the `train_in_process` fixture); EMA decay 0, so the saved EMA is the weights:
+    the weights of each, and the DeepSpeed run's run.json."""
     extra = {"train.steps": 2, "train.ema_decay": 0.0, **extra}
     weights = {}
     for mode in ("deepspeed", "plain"):
         out = tmp_path / mode
-        ds = _ds_config(tmp_path) if mode == "deepspeed" else None
-        res = _train(tiny_overrides(sources, out, **extra), ds, probe if ds else None)
+        args = tiny_overrides(sources, out, **extra)
+        if mode == "deepspeed":
+            res = _train(args, _ds_config(tmp_path), probe)
+        else:
+            res = train_plain(args, tmp_path)
         assert res.returncode == 0, failure(res)
         weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
     run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
@@ -69,14 +73,16 @@ def train_deepspeed_and_plain(
 @pytest.mark.parametrize(
     "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
 )
-def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision):
+def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, train_in_process):
     """bf16 with channels_last, as `auto` picks them on a GPU, on the engine's GPU path (the
     probe): DeepSpeed used to crash on channels_last weights, to train fp32 whatever
     train.mixed_precision said, and to leave parameters off 16-byte boundaries (a CUDA fault)."""
     overrides = {"algorithm": algorithm, "train.mixed_precision": precision,
                  "train.channels_last": precision == "bf16"}  # fmt: skip
     probe = tmp_path / "offsets.json"
-    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, probe, **overrides)
+    deepspeed, plain, run = train_deepspeed_and_plain(
+        sources, tmp_path, train_in_process, probe, **overrides
+    )
     misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
     assert not misaligned, misaligned
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()

@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rsmatch.config import load_config
+from rsmatch.trainer import Trainer
+
 from .conftest import tiny_overrides
 from .torchrun import torchrun
 
@@ -30,15 +33,20 @@ def _launch(args: list[str], processes: int) -> None:
 
 
 def _run_both(sources, tmp_path, extra):
-    """Train with 1 and 2 processes; per run: (weights, algorithm state, per-rank digests)."""
+    """Train in this process and in 2 launched ones: per run, (weights, algorithm state), and
+    the 2-process run's per-rank digests."""
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"p{n}"
-        _launch(tiny_overrides(sources, out, **extra), n)
+        args = tiny_overrides(sources, out, **extra)
+        if n == 1:
+            Trainer(load_config(None, args)).fit()
+        else:
+            _launch(args, n)
         ckpt = out / "checkpoints" / "step_00000003"
-        runs[n] = (load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "algorithm.safetensors")),
-                   json.loads((out / "ranks.json").read_text()))  # fmt: skip
-    return runs[1], runs[2]
+        runs[n] = (load_file(str(ckpt / "model.safetensors")),
+                   load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
+    return runs[1], (*runs[2], json.loads((tmp_path / "p2" / "ranks.json").read_text()))
 
 
 BASE = {
@@ -59,7 +67,7 @@ def test_baseline_state_is_identical_across_ranks_and_to_one_process(sources, tm
         # The fairness loss is computed on each rank's masked samples (as in USB), which is not
         # the loss of the global batch; the thresholds it depends on are compared below.
         extra["freematch.ent_loss_ratio"] = 0.0
-    (w1, s1, _), (w2, s2, ranks2) = _run_both(sources, tmp_path, extra)
+    (w1, s1), (w2, s2, ranks2) = _run_both(sources, tmp_path, extra)
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different state"
     assert s1.keys() == s2.keys()
     for k in s1:
@@ -76,8 +84,11 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
         "rsmatch.detector_backbone": "test_convnext",
         "ssl.threshold": 0.01,  # (nearly) every sample passes: the routing losses are exercised
         "rsmatch.detector_threshold": 0.01,
+        # 6 pushes a step, so that each rank's slice of the queue sample holds other images
+        "rsmatch.queue_picks": 3,
+        "rsmatch.queue_topk": 2,
     }
-    (w1, q1, _), (w2, q2, ranks2) = _run_both(sources, tmp_path, extra)
+    (w1, q1), (w2, q2, ranks2) = _run_both(sources, tmp_path, extra)
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different queues"
     assert int(q2["queue.pushed"].sum()) > 0
     assert torch.equal(q1["queue.sources"], q2["queue.sources"])

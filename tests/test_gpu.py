@@ -205,14 +205,16 @@ def test_cuda_graph_compiled_steps_train_like_eager(sources, tmp_path, algorithm
     importlib.util.find_spec("deepspeed") is None,
     reason="needs deepspeed (tools/gpu_wheels.sh carries it)",
 )
-def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path):
+def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path, train_in_process):
     """ZeRO-2 on the GPU with what `auto` picks there (bf16 autocast by the trainer, channels_last
     activations, contiguous weights): it runs, records bf16, and ends where plain training ends,
     up to the GPU's nondeterministic kernels (tests/test_deepspeed.py pins 1e-5 on the CPU)."""
     overrides = {"algorithm": "rsmatch", "train.mixed_precision": "bf16",
                  "train.channels_last": True}  # fmt: skip
     probe = tmp_path / "offsets.json"
-    deepspeed, plain, run = train_deepspeed_and_plain(sources, tmp_path, probe, **overrides)
+    deepspeed, plain, run = train_deepspeed_and_plain(
+        sources, tmp_path, train_in_process, probe, **overrides
+    )
     assert run["device"].startswith("cuda") and run["mixed_precision"] == "bf16"
     misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
     assert not misaligned, misaligned
