@@ -1,12 +1,18 @@
 """Run by tests under torchrun: train (or resume with --resume), then record per-rank digests
-of the algorithm state, the live model and the EMA model (buffers included)."""
+of the algorithm state, the live model and the EMA model (buffers included).
+
+Also recorded: at every BatchNorm sync, whether each rank's running means became the mean over
+ranks (`bn_sync`: (checked, wrong)); and at every evaluation, a digest of the EMA and live models
+it evaluates (`evaluated`), so a rank evaluating before the sync shows up even when a later
+save syncs again."""
 
 import hashlib
 import json
 import sys
 from pathlib import Path
 
-from accelerate.utils import gather_object
+import torch
+from accelerate.utils import gather, gather_object
 
 from rsmatch.cli import exit_process
 from rsmatch.config import load_config
@@ -20,9 +26,42 @@ def digests(state: dict, prefix: str) -> dict[str, str]:
     }
 
 
+def running_means(trainer: Trainer) -> dict[str, torch.Tensor]:
+    models = {"model.": trainer.live_model, "ema.": trainer.ema.module}
+    return {
+        prefix + k: v.detach().clone()
+        for prefix, model in models.items()
+        for k, v in model.state_dict().items()
+        if k.endswith("running_mean")
+    }
+
+
+def watch(trainer: Trainer, record: dict) -> None:
+    sync, predict = trainer._sync_bn_statistics, trainer._predict
+
+    def checked_sync() -> None:
+        before = running_means(trainer)
+        sync()
+        after = running_means(trainer)
+        for k, v in before.items():
+            record["bn_sync"][0] += 1
+            if not torch.allclose(after[k], gather(v[None]).mean(0), rtol=1e-5, atol=1e-6):
+                record["bn_sync"][1] += 1
+
+    def recorded_predict(fn, images):
+        state = {**digests(trainer.live_model.state_dict(), "model."),
+                 **digests(trainer.ema.module.state_dict(), "ema.")}  # fmt: skip
+        record["evaluated"].append(hashlib.sha256(json.dumps(state).encode()).hexdigest())
+        return predict(fn, images)
+
+    trainer._sync_bn_statistics, trainer._predict = checked_sync, recorded_predict
+
+
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--resume"]
     trainer = Trainer(load_config(None, args))
+    record = {"bn_sync": [0, 0], "evaluated": []}
+    watch(trainer, record)
     trainer.fit(resume="--resume" in sys.argv)
     live = trainer.accelerator.unwrap_model(trainer.model)
     digest = {
@@ -31,7 +70,10 @@ if __name__ == "__main__":
         **digests(trainer.ema.module.state_dict(), "ema."),
     }
     ranks = gather_object([digest])
+    records = gather_object([record])
     if trainer.accelerator.is_main_process:
-        Path(trainer.cfg.train.output_dir, "ranks.json").write_text(json.dumps(ranks))
+        out = Path(trainer.cfg.train.output_dir)
+        (out / "ranks.json").write_text(json.dumps(ranks))
+        (out / "watched.json").write_text(json.dumps(records))
     trainer.accelerator.end_training()
     exit_process(0)  # see there: a gloo worker may abort a finalising Python

@@ -119,13 +119,15 @@ def _data(n_lab=12, n_unl=40):
 
 def test_global_batch_is_independent_of_world_size():
     data = _data()
-    one = BatchMaker(data, 6, 2, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    one = BatchMaker(data, 6, 2, seed=3, rank=0, world=1, device=cpu, strong_labeled=True)
     two = [
-        BatchMaker(data, 6, 2, seed=3, rank=r, world=2, device=torch.device("cpu")) for r in (0, 1)
+        BatchMaker(data, 6, 2, seed=3, rank=r, world=2, device=cpu, strong_labeled=True)
+        for r in (0, 1)
     ]
     for step in (0, 5, 17):
         full, halves = one(step), [m(step) for m in two]
-        for name in ("x_lb", "y_lb", "idx_lb", "u_w", "u_s", "idx_ulb"):
+        for name in ("x_lb", "x_lb_s", "y_lb", "idx_lb", "u_w", "u_s", "idx_ulb"):
             joined = torch.cat([getattr(h, name) for h in halves])
             assert torch.equal(getattr(full, name), joined), (step, name)
 

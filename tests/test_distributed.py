@@ -95,19 +95,32 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
     assert torch.equal(q1["queue.images"], q2["queue.images"])
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the evaluations too: each rank scores its own shard of the test set and the pool
+    evals = [[json.loads(x) for x in (tmp_path / f"p{n}" / "evals.jsonl").read_text().splitlines()]
+             for n in (1, 2)]  # fmt: skip
+    assert len(evals[0]) == len(evals[1]) == 1
+    for key, value in evals[0][0].items():
+        if isinstance(value, float):
+            assert evals[1][0][key] == pytest.approx(value, abs=1e-4), key
 
 
 @pytest.mark.slow
 def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
     """wrn10_1 has BatchNorm: per-rank statistics are averaged before evaluations and saves,
     so both ranks hold the same buffers and a 2-process run resumes exactly."""
+    # the step-2 checkpoint comes with no evaluation: its save must sync the buffers itself
     extra = {"algorithm": "fixmatch", "train.batch_size": 6, "train.save_every": 2,
-             "train.eval_every": 2, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
+             "train.eval_every": 4, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
     straight = tmp_path / "straight"
     _launch(tiny_overrides(sources, straight, **extra), 2)
     ranks = json.loads((straight / "ranks.json").read_text())
     assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
     assert any("running_mean" in k for k in ranks[0])
+    watched = json.loads((straight / "watched.json").read_text())
+    for rank in watched:  # each sync averaged (not copied from one rank), before evaluating
+        checked, wrong = rank["bn_sync"]
+        assert checked > 0 and wrong == 0, rank["bn_sync"]
+    assert watched[0]["evaluated"] == watched[1]["evaluated"] and watched[0]["evaluated"]
     for ckpt in (straight / "checkpoints").glob("step_*"):  # sealed only once every rank wrote
         listed = json.loads((ckpt / "manifest.json").read_text())["files"]
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= listed.keys(), ckpt
