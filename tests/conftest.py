@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rsmatch.config import Config, load_config  # noqa: E402
@@ -28,6 +29,11 @@ def needs_cuda(test):
 
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     return pytest.mark.gpu(skip(test))
+
+
+# A `device` parameter that runs only on a CUDA GPU (selected by `-m gpu`, like `needs_cuda`).
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])  # fmt: skip
 
 
 def _jpeg(rng: np.random.Generator, colour: int, synthetic: bool) -> bytes:

@@ -12,6 +12,8 @@ from rsmatch.algorithms.freematch import _safe_inverse, fairness_loss
 from rsmatch.config import ConfigError, load_config
 from rsmatch.data.batch import Batch
 
+from .conftest import ON_CUDA
+
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
@@ -174,10 +176,6 @@ def test_last_occurrence_by_hand():
     assert last_occurrence(idx, 5).tolist() == [2, 4, 2, 3, 4]
     among = torch.tensor([True, False, False, True, False])  # no counted copy of 1: -1
     assert last_occurrence(idx, 5, among).tolist() == [0, -1, 0, 3, -1]
-
-
-ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])  # fmt: skip
 
 
 @pytest.mark.parametrize("device", ["cpu", ON_CUDA])
