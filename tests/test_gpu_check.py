@@ -160,3 +160,20 @@ def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
     failed = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], log, 30, dict(os.environ))
     assert failed["status"] == "failed" and failed["rc"] == 3
     assert gpu_check.run(cmd, log, 1, dict(os.environ))["status"] == "skipped"  # no time left
+
+
+def test_a_bench_worker_that_died_while_starting_is_named():
+    """bench_vs_usb starts every worker at once, then warms each up: one that already exited
+    (an import error, say) is named, the others are stopped, no BrokenPipeError traceback."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_vs_usb", ROOT / "tools" / "bench_vs_usb.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], **pipes)
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], **pipes)
+    with pytest.raises(SystemExit, match="the rsmatch worker failed to start"):
+        bench._warm_up({"rsmatch": dead, "fixmatch": alive})
+    assert alive.wait(timeout=10) != 0  # killed, not left running

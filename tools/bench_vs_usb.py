@@ -247,9 +247,13 @@ def _warm_up(workers: dict[str, subprocess.Popen]) -> None:
     """Warm the workers up one after another. They were all started at once, so that their
     imports and set-up (~7 s each, mostly one core) overlap instead of adding up."""
     for kind, proc in workers.items():
-        proc.stdin.write("warmup\n")
-        proc.stdin.flush()
-        if _expect(proc, "ready") is None:
+        try:
+            proc.stdin.write("warmup\n")
+            proc.stdin.flush()
+            ready = _expect(proc, "ready")
+        except BrokenPipeError:  # it died while importing or setting up
+            ready = None
+        if ready is None:
             for p in workers.values():
                 p.kill()
             raise SystemExit(
