@@ -20,6 +20,9 @@ def test_detector_metrics_by_hand():
                 "detector_called_synthetic": 0.5, "detector_acc/a": 0.5, "detector_acc/b": 1.0,
                 "detector_acc/real": 2 / 3}  # fmt: skip
     assert m == pytest.approx(expected)
+    # synthetic is the positive class: TP 3, FP 1, FN 0 tells precision from recall
+    m = detector_metrics(torch.tensor([0, 1, 1, 1, 1, 0]), PROV)
+    assert (m["detector_precision"], m["detector_recall"]) == pytest.approx((3 / 4, 1.0))
 
 
 def test_queue_purity():

@@ -21,6 +21,7 @@ from PIL import Image
 
 from rsmatch import filter as flt
 from rsmatch import hub
+from rsmatch.algorithms.rsmatch import SYNTHETIC
 from rsmatch.benchmark.integrity import decode_bytes
 from rsmatch.benchmark.sources import load_real, load_synthetic, read_class_folder
 from rsmatch.benchmark.split import SplitSpec, build_split
@@ -100,6 +101,8 @@ def test_detector_scores_keep_no_autograd_graph(run):
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     s = det.score(x)
     assert not s.requires_grad and s.grad_fn is None and s.shape == (4,)
+    with torch.no_grad():  # the probability of the class RSMatch trains as synthetic
+        torch.testing.assert_close(s, det(x).float().softmax(-1)[:, SYNTHETIC])
 
 
 def test_detector_exports_and_reloads_bit_identically(run):
@@ -109,6 +112,10 @@ def test_detector_exports_and_reloads_bit_identically(run):
     state = live.state_dict()
     assert det.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in det.state_dict().items())
+    # the normalisation too (its buffers are not in the state dict)
+    assert (det.mean, det.std) == (list(live.mean), list(live.std))
+    assert torch.equal(det.normalize.mean, live.normalize.mean)
+    assert torch.equal(det.normalize.std, live.normalize.std)
     assert (det.image_size, det.threshold) == ([32, 32], 0.5)
     assert det.class_names == trainer.data.class_names and det.real_set == trainer.cfg.data.real
     assert (out / "best" / "detector" / "model.safetensors").is_file()
@@ -431,6 +438,7 @@ def test_keep_fraction_threshold_by_hand():
     assert flt.threshold_for_fraction(scores, 1.0) == 0.9
     assert flt.threshold_for_fraction(scores, 0.01) == 0.1  # at least one image is kept
     assert flt.threshold_for_fraction(np.array([0.6, 0.2, 0.2]), 1 / 3) == 0.2  # ties kept
+    assert flt.threshold_for_fraction(scores, 0.75) == 0.7  # 3.75 images rounds to 4
 
 
 def test_keep_fraction_calls_that_fraction_real(run, sources, tmp_path):
@@ -533,12 +541,14 @@ def test_run_filter_on_splits_with_and_without_source_ids(run, sources, tmp_path
     a = images.select(range(3)).add_column("source_id", ["s0", "s1", "s2"])
     a = a.add_column("is_synthetic", [True] * 3).add_column("generator", ["b"] * 3)
     b = images.select([3, 4]).cast_column("image", datasets.Image(decode=False))
-    b = b.map(lambda x, i: {"image": {"bytes": b"broken" if i == 1 else x["bytes"], "path": None}},
+    # the first row broken: later rows keep their own row numbers and ids
+    b = b.map(lambda x, i: {"image": {"bytes": b"broken" if i == 0 else x["bytes"], "path": None}},
               input_columns="image", with_indices=True)  # fmt: skip
     dd = datasets.DatasetDict(a=a, b=b.cast_column("image", datasets.Image()))
     res = flt.run_filter(det, dd, _Rank(0, 1, []), batch_size=2, keep_fraction=1.0,
                          keep_real=True, skip_corrupt=True)  # fmt: skip
-    assert res.corrupt == ["b/1"] and res.table["id"] == ["a/0", "a/1", "a/2", "b/0"]
+    assert res.corrupt == ["b/0"] and res.table["id"] == ["a/0", "a/1", "a/2", "b/1"]
+    assert res.table["row"] == [0, 1, 2, 1]
     assert "source_id" not in res.table
     assert res.threshold == max(res.table["synthetic_score"])  # the decoded rows' maximum
     assert [len(res.dataset[s]) for s in ("a", "b")] == [3, 1]
