@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,6 +226,15 @@ def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):
         == 0
     )
     assert "Unreadable images skipped: 1." in (out / "README.md").read_text()
+    # an unreadable real test image is skipped from the test split too
+    real = tmp_path / "real"
+    shutil.copytree(sources["real"], real)
+    (real / "test" / "dog" / "0003.jpg").write_bytes(b"not an image")
+    out = tmp_path / "o4"
+    argv = _args(sources, out, "--replace-ratio", "0", "--skip-corrupt")
+    assert bb.main(["--real", str(real), *argv[2:]]) == 0
+    dd, _ = load_benchmark(out)
+    assert len(dd["test"]) == 3 * 10 - 1 and len(dd["labeled"]) == 3 * 4
 
 
 def test_existing_output_is_not_overwritten(sources, tmp_path, capsys):
