@@ -211,8 +211,9 @@ def flat_config(tree: dict) -> dict[str, Any]:
     return flatten(tree, whole=("data.synthetic",))
 
 
-def config_drift(run: Run) -> str | None:
-    """The first key where an existing run's config.yaml differs from the grid's, if any.
+def config_drift(run: Run) -> tuple[str, str] | None:
+    """The first key where an existing run's config.yaml differs from the grid's, if any, and
+    how it differs.
 
     Keys only one side has are skipped so that a key added to the code later does not make
     every old run stale.
@@ -224,7 +225,7 @@ def config_drift(run: Run) -> str | None:
     wanted = flat_config(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
     for key in sorted(saved.keys() & wanted.keys()):
         if saved[key] != wanted[key]:
-            return f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"
+            return key, f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"
     return None
 
 

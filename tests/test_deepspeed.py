@@ -55,18 +55,13 @@ def train_deepspeed_and_plain(
     `train_plain` (the `train_in_process` fixture); EMA decay 0, so the saved EMA is the weights:
     the weights of each, and the DeepSpeed run's run.json."""
     extra = {"train.steps": 2, "train.ema_decay": 0.0, **extra}
-    weights = {}
-    for mode in ("deepspeed", "plain"):
-        out = tmp_path / mode
-        args = tiny_overrides(sources, out, **extra)
-        if mode == "deepspeed":
-            res = _train(args, _ds_config(tmp_path), probe)
-        else:
-            res = train_plain(args, tmp_path)
-        assert res.returncode == 0, failure(res)
-        weights[mode] = load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))
-    run = json.loads((tmp_path / "deepspeed" / "run.json").read_text())
-    return weights["deepspeed"], weights["plain"], run
+    deepspeed, plain = tmp_path / "deepspeed", tmp_path / "plain"
+    res = _train(tiny_overrides(sources, deepspeed, **extra), _ds_config(tmp_path), probe)
+    assert res.returncode == 0, failure(res)
+    res = train_plain(tiny_overrides(sources, plain, **extra), tmp_path)
+    assert res.returncode == 0, failure(res)
+    ema = lambda out: load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))  # noqa: E731
+    return ema(deepspeed), ema(plain), json.loads((deepspeed / "run.json").read_text())
 
 
 @pytest.mark.slow

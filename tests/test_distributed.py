@@ -35,18 +35,16 @@ def _launch(args: list[str], processes: int) -> None:
 def _run_both(sources, tmp_path, extra):
     """Train in this process and in 2 launched ones: per run, (weights, algorithm state), and
     the 2-process run's per-rank digests."""
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        args = tiny_overrides(sources, out, **extra)
-        if n == 1:
-            Trainer(load_config(None, args)).fit()
-        else:
-            _launch(args, n)
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    Trainer(load_config(None, tiny_overrides(sources, one, **extra))).fit()
+    _launch(tiny_overrides(sources, two, **extra), 2)
+
+    def saved(out: Path) -> tuple[dict, dict]:
         ckpt = out / "checkpoints" / "step_00000003"
-        runs[n] = (load_file(str(ckpt / "model.safetensors")),
-                   load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
-    return runs[1], (*runs[2], json.loads((tmp_path / "p2" / "ranks.json").read_text()))
+        return (load_file(str(ckpt / "model.safetensors")),
+                load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
+
+    return saved(one), (*saved(two), json.loads((two / "ranks.json").read_text()))
 
 
 BASE = {

@@ -14,9 +14,17 @@ import pytest
 from .conftest import write_class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # for @dataclass
-_spec.loader.exec_module(gpu_check)
+
+
+def _tool(name: str):
+    """tools/NAME.py as a module (registered first: @dataclass looks its module up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _tool("gpu_check")
 
 
 def _fake_sources(root: Path) -> tuple[Path, Path]:
@@ -165,11 +173,7 @@ def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
 def test_a_bench_worker_that_died_while_starting_is_named():
     """bench_vs_usb starts every worker at once, then warms each up: one that already exited
     (an import error, say) is named, the others are stopped, no BrokenPipeError traceback."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_vs_usb", ROOT / "tools" / "bench_vs_usb.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _tool("bench_vs_usb")
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], **pipes)
     dead.wait()

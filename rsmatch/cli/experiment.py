@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             drift = config_drift(run)
             if drift:
+                key, how = drift
                 extend = (
                     " (a grid does not extend finished runs: its schedule was for their length; "
                     "`rsmatch-train --resume train.steps=N` extends one run alone)"
-                    if drift.startswith("train.steps ")
+                    if key == "train.steps"
                     else ""
                 )
                 raise GridError(
-                    f"run {run.path}: its config.yaml differs from the grid ({drift}); "
+                    f"run {run.path}: its config.yaml differs from the grid ({how}); "
                     f"move the run away or change `output`{extend}"
                 )
         if not args.dry_run:  # a dry run lists the grid, generated folders or not
