@@ -226,6 +226,12 @@ def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):
         == 0
     )
     assert "Unreadable images skipped: 1." in (out / "README.md").read_text()
+    # skipping may leave too few: counted again, the error names the builder's flag
+    argv = _args(sources, tmp_path / "o5", "--synthetic", f"b={broken}", "--replace-ratio", "1")
+    assert bb.main([*argv, "--skip-corrupt"]) == 2  # 12 per class needed, 11 cats readable
+    assert capsys.readouterr().err.endswith(
+        "--synthetic b: 11 images of class 'cat', the ratio needs 12\n"
+    )
     # an unreadable real test image is skipped from the test split too
     real = tmp_path / "real"
     shutil.copytree(sources["real"], real)
