@@ -274,6 +274,8 @@ def test_a_folder_with_some_classes_is_labelled_by_the_real_class_names(tmp_path
         (tmp_path / name / "0.png").write_bytes(b"")
     index = src.index_class_folder(tmp_path, CLASSES)
     assert index.labels.tolist() == [1, 2] and index.counts().tolist() == [0, 1, 1]
+    unsorted = src.index_class_folder(tmp_path, ["ship", "cat", "dog"])  # a Hub set's order
+    assert unsorted.labels.tolist() == [2, 0] and unsorted.class_names == ["ship", "cat", "dog"]
 
 
 def test_counts_and_load_leave_out_the_skipped_positions(sources):
