@@ -165,3 +165,39 @@ def test_run_record_names_the_split_seed_trained_on(sources, tmp_path):
         json.loads((tmp_path / n / "run.json").read_text())["split_seed"] for n in ("bench", "own")
     ]
     assert seeds == [3, 0]
+
+
+@pytest.mark.parametrize(
+    "warmup, decays",
+    # by hand, step k = 0, 1, 2, 3: the first update copies the weights; with the warm-up the
+    # decay is min(0.6, 1 - 1/(1+k)) = 0, 1/2, min(0.6, 2/3), min(0.6, 3/4)
+    [(True, [0.0, 0.5, 0.6, 0.6]), (False, [0.0, 0.6, 0.6, 0.6])],
+)
+def test_the_ema_follows_its_decay_schedule_step_by_step(sources, tmp_path, warmup, decays):
+    """The trainer's EMA, as configured (decay, warm-up, its step count): each step's average
+    against the live weights, and BatchNorm statistics copied, not averaged."""
+    cfg = tiny_config(
+        sources, tmp_path / "run", **{"train.ema_decay": 0.6, "train.ema_warmup": warmup}
+    )
+    trainer = Trainer(cfg)
+    name = next(n for n, _ in trainer.live_model.named_parameters())
+    seen = []  # (EMA before, live, EMA after) of one parameter at each update
+    update = trainer.ema.update
+
+    def recorded(model, step=None):
+        before = dict(trainer.ema.module.named_parameters())[name].detach().clone()
+        update(model, step=step)
+        live = dict(model.named_parameters())[name].detach().clone()
+        seen.append(
+            (before, live, dict(trainer.ema.module.named_parameters())[name].detach().clone())
+        )
+
+    trainer.ema.update = recorded
+    trainer.fit()
+    assert len(seen) == len(decays) == cfg.train.steps
+    for (before, live, after), d in zip(seen, decays, strict=True):
+        assert not torch.equal(before, live)
+        torch.testing.assert_close(after, d * before + (1 - d) * live, rtol=1e-6, atol=1e-7)
+    buffers = zip(trainer.ema.module.named_buffers(), trainer.live_model.buffers(), strict=True)
+    for (name, ema_buffer), live_buffer in buffers:
+        assert torch.equal(ema_buffer, live_buffer), name
