@@ -134,7 +134,7 @@ def save(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, final.name + "\n")
-        for old in sorted(root.glob("step_*"))[:-keep]:
+        for old in steps(root)[keep:]:  # folders only: a stray `step_*` file is not counted
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

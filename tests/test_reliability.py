@@ -292,6 +292,23 @@ def test_a_sealed_checkpoint_missing_algorithm_state_is_an_error(straight, sourc
     assert tree(out) == before
 
 
+def test_a_sealed_checkpoint_missing_an_ema_weight_is_an_error(straight, sources, tmp_path):
+    """The EMA loads strictly: a missing average is an error, not the fresh copy's weights."""
+    from safetensors.torch import load_file, save_file
+
+    from rsmatch.checkpoint import write_manifest
+
+    out = copy_run(straight, tmp_path)
+    folder = out / "checkpoints" / STEP4
+    state = load_file(str(folder / "ema.safetensors"))
+    # a weight: BatchNorm fills a missing `num_batches_tracked` in by itself
+    del state[next(k for k in state if k.endswith(".weight"))]
+    save_file(state, str(folder / "ema.safetensors"))
+    write_manifest(folder)
+    with pytest.raises(CheckpointError, match=rf"{STEP4}: cannot be loaded \(RuntimeError: "):
+        Trainer(tiny_config(sources, out)).prepare_output(True)
+
+
 def test_a_run_that_died_before_its_first_checkpoint_leaves_no_evaluations(sources, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -628,6 +645,32 @@ def test_resume_from_a_broken_explicit_step_is_refused(tmp_path):
     assert select(tmp_path, 2) == (tmp_path / "step_00000002", [])
     with pytest.raises(CheckpointError, match=r"step_00000004/config.yaml: .*manifest"):
         select(tmp_path, 4)
+
+
+def test_a_broken_only_checkpoint_says_there_is_no_older_one(tmp_path):
+    from rsmatch.checkpoint import select
+
+    (_sealed(tmp_path, 2) / "trainer.json").write_text("x")
+    (tmp_path / "latest").write_text("step_00000002\n")
+    with pytest.raises(CheckpointError, match=r"broken \(no older checkpoint\)$"):
+        select(tmp_path, "latest")
+
+
+def test_a_file_named_like_a_checkpoint_is_not_one(tmp_path):
+    from accelerate import Accelerator
+
+    from rsmatch import checkpoint
+
+    for step in (2, 4):
+        _sealed(tmp_path, step)
+    (tmp_path / "step_00000009").write_text("not a checkpoint")
+    assert checkpoint.steps(tmp_path) == [tmp_path / "step_00000004", tmp_path / "step_00000002"]
+    assert checkpoint.select(tmp_path, "auto-fallback") == (tmp_path / "step_00000004", [])
+    acc = Accelerator(cpu=True)  # nor is it counted, or removed, when saves rotate
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    checkpoint.save(acc, tmp_path, 6, model, {}, {"step": 6}, {"algorithm": "x"}, keep=2)
+    assert checkpoint.steps(tmp_path) == [tmp_path / "step_00000006", tmp_path / "step_00000004"]
+    assert (tmp_path / "step_00000009").is_file()
 
 
 def test_auto_fallback_takes_the_newest_intact_checkpoint(tmp_path):
