@@ -68,6 +68,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
         ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # bf16 convolution measured 8x its fp32 time
         ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, False),  # AVX512 without its BF16 part
         ({"DNNL_MAX_CPU_ISA": "AVX2_VNNI"}, False),  # the older name
+        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),  # Cascade Lake's: VNNI, no BF16
         ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNNL_MAX_CPU_ISA": "AVX2"}, True),
         ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
         ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
@@ -268,6 +269,11 @@ def test_under_deepspeed_the_reason_keeps_the_precision_choice():
     )
     p = resolve("no", False, cuda=True, cuda_bf16=True, deepspeed=True)
     assert p.reason == "explicit train.mixed_precision; DeepSpeed: fp32 weights"
+    p = resolve("auto", False, cuda=False, cpu_bf16=False, deepspeed=True)  # no loss-scaler talk
+    assert p.reason == (
+        "auto: CPU without native bf16: fp32 (bf16 would be emulated, several times slower); "
+        "DeepSpeed: fp32 weights"
+    )
 
 
 class _FakeLibc:
