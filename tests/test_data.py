@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 
@@ -5,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rsmatch.benchmark import sources as src
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
@@ -176,6 +178,56 @@ def test_index_stream_covers_each_epoch_once():
     assert sorted(first[:10].tolist()) == list(range(10))
     assert sorted(first[10:].tolist()) == list(range(10))
     assert torch.equal(IndexStream(10, 4, 0, 1).indices(3), stream.indices(3))
+    assert not torch.equal(first[:10], first[10:])  # each epoch is a new order
+
+
+def test_weak_draws_flip_half_and_shift_uniformly():
+    """USB's weak view: horizontal flip with p = 0.5, crop offsets uniform over 0..8."""
+    p = augment.sample_weak(40_000, torch.Generator().manual_seed(0))
+    assert abs(p.flip.float().mean().item() - 0.5) < 0.01  # 4 standard deviations
+    for axis in (0, 1):
+        counts = torch.bincount(p.shift[:, axis], minlength=9)
+        assert len(counts) == 9 and (counts - 40_000 / 9).abs().max() < 300  # ~3 sd
+
+
+def test_cutout_side_is_a_fraction_of_the_width():
+    """USB's Cutout: side v * width (`img.size[0]`), on a non-square image."""
+    x = torch.zeros(1, 3, 16, 32, dtype=torch.uint8)
+    weak = augment.WeakParams(torch.tensor([[4, 4]]), torch.tensor([False]))  # no shift, no flip
+    identity = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3)
+    cutout = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64)
+    filled = (augment.apply_strong(x, augment.StrongParams(weak, *identity, cutout))[0] != 0).all(0)
+    # by hand: v = 0.25 * 32 = 8 px; centre (32 - 31 * 0.5, 16 - 15 * 0.5) = (16.5, 8.5);
+    # corner floor(centre - v / 2) = (12, 4); the far edge (x 20, y 12) included
+    want = torch.zeros(16, 32, dtype=torch.bool)
+    want[4:13, 12:21] = True
+    assert torch.equal(filled, want)
+
+
+def test_streams_views_and_steps_draw_independently():
+    """Labeled and unlabeled orders, each view's augmentation and each step: separate draws."""
+    m = BatchMaker(_data(12, 12), 6, 1, 3, 0, 1, torch.device("cpu"), strong_labeled=True)
+    d0, d1 = m.draws(0), m.draws(1)
+    assert not torch.equal(d0.idx_lb, d0.idx_ulb)  # equal pool sizes: a shared stream shows
+    assert not torch.equal(d0.weak_lb.shift, d0.weak_u.shift)
+    assert not torch.equal(d0.strong_u.weak.shift, d0.weak_u.shift)
+    assert not torch.equal(d0.strong_lb.weak.shift, d0.weak_lb.shift)
+    assert not torch.equal(d0.weak_lb.shift, d1.weak_lb.shift)
+    assert not torch.equal(d0.weak_u.shift, d1.weak_u.shift)
+
+
+def test_each_view_is_made_from_the_rows_and_draws_it_names():
+    data = _data()
+    m = BatchMaker(data, 6, 2, 3, 0, 1, torch.device("cpu"), strong_labeled=True)
+    for step in (0, 3):
+        d, b = m.draws(step), m(step)
+        assert torch.equal(d.x_lb, data.labeled[b.idx_lb])
+        assert torch.equal(b.y_lb, data.labeled_y[b.idx_lb])
+        assert torch.equal(d.u, data.unlabeled[b.idx_ulb])
+        assert torch.equal(b.x_lb, augment.apply_weak(d.x_lb, d.weak_lb))
+        assert torch.equal(b.x_lb_s, augment.apply_strong(d.x_lb, d.strong_lb))
+        assert torch.equal(b.u_w, augment.apply_weak(d.u, d.weak_u))
+        assert torch.equal(b.u_s, augment.apply_strong(d.u, d.strong_u))  # from u, not u_w
 
 
 def test_augment_views():
@@ -362,3 +414,17 @@ def test_a_path_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkey
         check_local_paths(DataConfig(benchmark="benchmarks/nope"))
     check_local_paths(DataConfig(real="uoft-cs/cifar10", synthetic={}))  # left to the Hub
     check_local_paths(DataConfig(benchmark="you/bench"))  # likewise
+
+
+def _png(h: int, w: int) -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, "PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+@pytest.mark.parametrize("h, w", [(16, 16), (1, 32)])  # (1, 32) would broadcast silently
+def test_decode_refuses_an_image_of_another_size(h, w):
+    features = datasets.Features({"image": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"image": [_png(32, 32), _png(h, w)]}, features=features)
+    with pytest.raises(SourceError, match=rf"image 1 .* is \({h}, {w}\), expected \(32, 32\)"):
+        decode(ds)

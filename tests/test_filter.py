@@ -616,6 +616,21 @@ def test_exclude_scores_trains_and_drops_exactly_the_rows_above(sources, bench, 
     assert (tmp_path / "r" / "metrics.json").is_file()
 
 
+def test_exclusion_keeps_provenance_aligned_and_combines_with_real_only(bench, tmp_path):
+    pool, scores = fake_scores(bench, tmp_path / "s.parquet")
+    base = [f"data.benchmark={bench}", f"data.exclude_scores={tmp_path / 's.parquet'}"]
+    data = load_train_data(load_config(None, base).data)
+    kept = pool.select(np.flatnonzero(scores <= 0.5).tolist())
+    assert data.provenance.is_synthetic.tolist() == kept["is_synthetic"]  # evaluation's truth
+    assert data.provenance.generator == kept["generator"]
+    reals = [i for i, synthetic in enumerate(pool["is_synthetic"]) if not synthetic]
+    want = [i for i in reals if scores[i] <= 0.5]
+    assert 0 < len(want) < len(reals)
+    data = load_train_data(load_config(None, [*base, "data.real_only=true"]).data)
+    assert torch.equal(data.unlabeled, decode(pool.select(want)))
+    assert data.split_meta["excluded"] == len(reals) - len(want)
+
+
 def test_exclude_never_reads_provenance(bench, tmp_path):
     pool, _ = fake_scores(bench, tmp_path / "s.parquet")
     dd = datasets.load_from_disk(str(bench))

@@ -85,3 +85,12 @@ def test_bf16_channels_last_run(sources, tmp_path, algorithm, train_in_process):
     res = train_in_process(args, tmp_path)
     assert res.returncode == 0, failure(res)
     assert '"step": 4' in res.stdout
+
+
+def test_normalize_scales_uint8_pixels_by_hand():
+    from rsmatch.models import Normalize
+
+    norm = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3)
+    want = torch.tensor([-2.0, -1.2, 2.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3)  # (x/255 - .5)/.25
+    torch.testing.assert_close(norm(x), want)

@@ -123,6 +123,7 @@ def test_real_only_oracle_drops_synthetic_images(sources, tmp_path):
     cfg = tiny_config(sources, tmp_path, **{"data.real_only": True})
     data = load_train_data(cfg.data)
     assert len(data.unlabeled) == 3 * 13 and not data.provenance.is_synthetic.any()
+    assert data.provenance.generator == ["real"] * len(data.unlabeled)
 
 
 @pytest.mark.slow
