@@ -150,12 +150,35 @@ def test_yaml_errors_are_one_line_with_file_line_column(tmp_path):
         ("rsmatch.detector_backbone=resnet19", "rsmatch.detector_backbone='resnet19': not a timm model; did you mean resnet18?"),
         ("model.backbone=qqqqqq", "model.backbone='qqqqqq': not a timm model"),
         ("train.lr=" + "9" * 400, "train.lr: 999"),
+        ("data.labels_per_class=0", "data.labels_per_class=0: must be >= 1"),
+        ("data.std=[0.2, 0, 0.2]", "data.std=[0.2, 0.0, 0.2]: must be positive"),
+        ("data.exclude_above=1.5", "data.exclude_above=1.5: not in [0, 1]"),
+        ("train.save_every=0", "train.save_every=0: must be >= 1"),
+        ("train.momentum=1", "train.momentum=1.0: not in [0, 1)"),
+        ("train.ema_decay=1", "train.ema_decay=1.0: not in [0, 1)"),
+        ("ssl.threshold=0", "ssl.threshold=0.0: not in (0, 1]"),
+        ("train.progress=1", "train.progress: expected true/false, got 1"),
+        ("train.channels_last=1", "train.channels_last: expected str, got 1"),  # not True
+        ("train.steps=true", "train.steps: expected an integer, got True"),
     ],
 )  # fmt: skip
 def test_early_value_checks(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_ends_of_each_range_load_and_an_integer_is_read_as_a_float():
+    cfg = load_config(None, ["ssl.threshold=1", "data.replace_ratio=0", "data.exclude_above=1",
+                             "train.momentum=0", "train.ema_decay=0", "train.lr=1"])  # fmt: skip
+    assert type(cfg.train.lr) is float and cfg.train.lr == 1.0  # config.yaml says 1.0
+
+
+def test_the_evaluation_batch_must_split_evenly_across_processes():
+    cfg = load_config(None, ["train.eval_batch_size=255"])
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"^train.eval_batch_size=255: .*2 processes"):
+        validate(cfg, world_size=2)
 
 
 def test_timm_and_our_backbones_pass():

@@ -293,3 +293,64 @@ def test_a_failed_run_is_reported_on_stderr_and_the_grid_goes_on(tmp_path, capsy
     assert "[grid] FAILED train.seed=0 (exit code 2); continuing" in err
     assert err[-1] == "[grid] 2 run(s) failed: train.seed=0, train.seed=1"
     assert "[grid] starting train.seed=1" in captured.out and "FAILED" not in captured.out
+
+
+def _grid(tmp_path, axes, overrides=()):
+    base = tmp_path / "base.yaml"
+    base.write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n")
+    g = {"base": str(base), "output": str(tmp_path / "out"), "axes": axes}
+    if overrides:
+        g["overrides"] = list(overrides)
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(g, sort_keys=False))
+    return p
+
+
+def test_null_and_boolean_axis_values_name_runs_as_yaml_and_load_as_values(tmp_path):
+    from rsmatch.experiment import load_grid
+
+    grid = load_grid(
+        _grid(tmp_path, {"data.unlabeled_per_class": [None, 10], "data.real_only": [True, False]})
+    )
+    assert [r.name for r in grid.runs][:2] == [
+        "data.unlabeled_per_class=null,data.real_only=true",
+        "data.unlabeled_per_class=null,data.real_only=false",
+    ]
+    assert grid.runs[0].config.data.unlabeled_per_class is None
+    assert grid.runs[0].config.data.real_only is True
+
+
+def test_a_partial_run_with_another_config_is_refused(tmp_path, capsys):
+    from rsmatch.cli.experiment import main
+
+    grid = _grid(tmp_path, {"train.seed": [0]})
+    run = tmp_path / "out" / "train.seed=0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    (run / "config.yaml").write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n  lr: 0.5\n")
+    assert main([str(grid), "--dry-run"]) == 2
+    assert "train.lr is 0.5 there, 0.03 in the grid" in capsys.readouterr().err
+
+
+def test_train_output_dir_in_grid_overrides_is_refused(tmp_path, capsys):
+    from rsmatch.cli.experiment import main
+
+    grid = _grid(tmp_path, {"train.seed": [0]}, overrides=["train.output_dir=elsewhere"])
+    assert main([str(grid)]) == 2
+    assert "overrides: train.output_dir is set by the grid" in capsys.readouterr().err
+
+
+def test_partial_runs_are_resumed_and_a_stopped_run_stops_the_grid(tmp_path, capsys):
+    from rsmatch.experiment import load_grid, run_grid
+
+    grid = load_grid(_grid(tmp_path, {"train.seed": [0, 1]}))
+    done, partial = grid.runs[0].path, grid.runs[1].path
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text("{}")
+    (done / "checkpoints").mkdir()
+    (done / "checkpoints" / "latest").write_text("step_00000010\n")  # a finished run has both
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "latest").write_text("step_00000004\n")
+    calls = []
+    assert run_grid(grid, grid.runs, lambda argv: calls.append(argv) or 0) == 130  # 0, no metrics
+    assert len(calls) == 1 and calls[0][-1] == "--resume" and "train.seed=1" in calls[0]

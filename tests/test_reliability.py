@@ -14,11 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from rsmatch import runfolder
 from rsmatch.checkpoint import CheckpointError
 from rsmatch.cli import train as train_cli
-from rsmatch.config import ConfigError
+from rsmatch.config import ConfigError, load_config
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config, tiny_overrides
@@ -750,3 +751,97 @@ def test_a_run_that_crashes_frees_its_folder(sources, tmp_path, monkeypatch):
     assert not (out / ".lock").exists()
     with runfolder.RunLock(out):  # free for the next run, in this very process
         pass
+
+
+# -- what a run records, and its folder's lock ------------------------------------------------
+
+
+def test_run_record_names_both_seeds_the_versions_and_the_commit(tmp_path):
+    from rsmatch import runinfo
+
+    cfg = load_config(None, ["train.seed=7", "data.split_seed=3"])
+    runinfo.write_run_record(tmp_path, cfg, {}, resumed_from=None)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["seed"] == 7 and run["split_seed"] == 3
+    assert {"python", "rsmatch", "torch", "numpy"} <= set(run["versions"])
+    assert set(run["git"]) == {"commit", "dirty"}
+
+
+def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
+    from rsmatch import runinfo
+
+    def fake(cmd, **kw):
+        out = "abc123\n" if cmd[1] == "rev-parse" else " M rsmatch/config.py\n"
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(runinfo.subprocess, "run", fake)
+    assert runinfo.git_commit() == {"commit": "abc123", "dirty": True}
+
+
+def test_a_new_run_record_does_not_inherit_an_earlier_run_json(tmp_path):
+    from rsmatch.runinfo import write_run_record
+
+    write_run_record(tmp_path, load_config(None, ["train.seed=1"]), {}, resumed_from=None)
+    write_run_record(tmp_path, load_config(None, ["train.seed=2"]), {}, resumed_from=None)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["seed"] == 2 and [h["event"] for h in run["history"]] == ["start"]
+
+
+@pytest.mark.parametrize(
+    "key, old, new", [("train.seed", 0, 1), ("data.split_seed", 0, 1), ("train.lr", 0.03, 0.1)]
+)
+def test_resume_refuses_a_changed_seed_or_learning_rate(key, old, new):
+    from rsmatch.config import to_dict
+    from rsmatch.runinfo import check_resume_config
+
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(load_config(None, [f"{key}={old}"]))))
+    with pytest.raises(ConfigError, match=rf"{key} \({old} -> {new}\)"):
+        check_resume_config(saved, load_config(None, [f"{key}={new}"]), Path("ckpt"))
+
+
+def test_check_free_refuses_a_held_folder_before_any_data_is_read(tmp_path):
+    from rsmatch import runfolder
+
+    out = tmp_path / "run"
+    runfolder.check_free(out)  # no folder
+    held = rf"in use by another run \(pid {os.getpid()} on "
+    with runfolder.RunLock(out), pytest.raises(ConfigError, match=held):
+        runfolder.check_free(out)
+    (out / ".lock").write_text("{}")  # a lock file nobody holds
+    runfolder.check_free(out)
+
+
+def test_release_closes_the_lock_and_removes_the_folders_a_failed_start_made(tmp_path):
+    from rsmatch import runfolder
+
+    lock = runfolder.RunLock(tmp_path / "a" / "b")
+    lock.acquire()
+    fd = lock.fd
+    lock.release(keep_folder=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    lock = runfolder.RunLock(tmp_path / "a" / "b")
+    lock.acquire()
+    lock.release()
+    assert (tmp_path / "a" / "b").is_dir() and not (tmp_path / "a" / "b" / ".lock").exists()
+
+
+def test_acquire_locks_again_when_the_lock_file_was_replaced(tmp_path, monkeypatch):
+    from rsmatch import runfolder
+
+    out = tmp_path / "run"
+    real_flock, calls = runfolder.fcntl.flock, []
+
+    def flock(fd, op):
+        real_flock(fd, op)
+        if not calls:  # a releasing holder unlinks the file just after we locked it
+            (out / ".lock").unlink()
+        calls.append(op)
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", flock)
+    lock = runfolder.RunLock(out)
+    lock.acquire()
+    assert len(calls) == 2
+    assert os.fstat(lock.fd).st_ino == os.stat(out / ".lock").st_ino
+    lock.release()
