@@ -7,8 +7,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
 import io  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -34,6 +36,24 @@ def needs_cuda(test):
 # A `device` parameter that runs only on a CUDA GPU (selected by `-m gpu`, like `needs_cuda`).
 ON_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])  # fmt: skip
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is not a package; registered first, as @dataclass
+    looks its module up)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_bytes(size: tuple[int, int]) -> bytes:
+    """A PNG of random pixels, `size` = (height, width)."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _jpeg(rng: np.random.Generator, colour: int, synthetic: bool) -> bytes:

@@ -1,4 +1,3 @@
-import io
 import json
 import shutil
 
@@ -6,7 +5,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rsmatch.benchmark import sources as src
 from rsmatch.benchmark.sources import SourceError, load_real, load_synthetic
@@ -25,7 +23,7 @@ from rsmatch.data.check import check_local_paths
 from rsmatch.data.decode import decode
 from rsmatch.data.loaders import BatchMaker, IndexStream
 
-from .conftest import CLASSES, SHARED
+from .conftest import CLASSES, SHARED, png_bytes
 
 
 def _split(sources, seed=0, ratio=0.5, labels=4, cap=None):
@@ -416,15 +414,12 @@ def test_a_path_inside_a_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkey
     check_local_paths(DataConfig(benchmark="you/bench"))  # likewise
 
 
-def _png(h: int, w: int) -> dict:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, "PNG")
-    return {"bytes": buf.getvalue(), "path": None}
-
-
 @pytest.mark.parametrize("h, w", [(16, 16), (1, 32)])  # (1, 32) would broadcast silently
 def test_decode_refuses_an_image_of_another_size(h, w):
     features = datasets.Features({"image": datasets.Image()})
-    ds = datasets.Dataset.from_dict({"image": [_png(32, 32), _png(h, w)]}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png_bytes(size), "path": None} for size in ((32, 32), (h, w))]},
+        features=features,
+    )
     with pytest.raises(SourceError, match=rf"image 1 .* is \({h}, {w}\), expected \(32, 32\)"):
         decode(ds)

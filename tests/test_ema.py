@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from rsmatch.ema import ModelEma
 
-
-def _count_ops():
-    """tools/profile_step.py's operator counter (tools/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("profile_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._counted
+from .conftest import load_tool
 
 
 def _net(layers: int) -> nn.Sequential:
@@ -47,7 +37,7 @@ def test_update_dispatches_a_fixed_number_of_operators() -> None:
     """One multi-tensor average and one multi-tensor copy per buffer dtype (float statistics,
     int64 counters), whatever the depth: on a GPU each is one launch when its tensors share a
     dtype (timm's own update copies each buffer apart: 3 per BatchNorm)."""
-    counted, counts = _count_ops(), []
+    counted, counts = load_tool("profile_step")._counted, []
     for layers in (2, 20):
         model = _net(layers)
         ema = ModelEma(model, decay=0.9, exclude_buffers=True)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from rsmatch.cli.experiment import main
-from rsmatch.experiment import MANIFEST, load_grid
+from rsmatch.experiment import MANIFEST, load_grid, run_grid, select
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +139,6 @@ def test_dry_run_lists_states_and_only_filters(tmp_path, capsys):
 
 def test_only_matches_an_axis_value_exactly(tmp_path):
     """`train.seed=1` is not `train.seed=10`, though one name contains the other."""
-    from rsmatch.experiment import select
-
     grid = load_grid(write_grid(tmp_path, {"train.seed": [1, 10]}))
     assert [r.name for r in select(grid.runs, ["train.seed=1"])] == ["train.seed=1"]
     assert len(select(grid.runs, ["seed=1"])) == 2  # not an axis: a substring of the name
@@ -277,8 +275,6 @@ def test_shipped_grids_expand_to_the_papers_runs(monkeypatch):
 
 
 def test_a_failed_run_is_reported_on_stderr_and_the_grid_goes_on(tmp_path, capsys):
-    from rsmatch.experiment import run_grid
-
     grid = load_grid(write_grid(tmp_path, {"train.seed": [0, 1]}))
     started = []
 
@@ -295,22 +291,11 @@ def test_a_failed_run_is_reported_on_stderr_and_the_grid_goes_on(tmp_path, capsy
     assert "[grid] starting train.seed=1" in captured.out and "FAILED" not in captured.out
 
 
-def _grid(tmp_path, axes, overrides=()):
-    base = tmp_path / "base.yaml"
-    base.write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n")
-    g = {"base": str(base), "output": str(tmp_path / "out"), "axes": axes}
-    if overrides:
-        g["overrides"] = list(overrides)
-    p = tmp_path / "grid.yaml"
-    p.write_text(yaml.safe_dump(g, sort_keys=False))
-    return p
-
-
 def test_null_and_boolean_axis_values_name_runs_as_yaml_and_load_as_values(tmp_path):
-    from rsmatch.experiment import load_grid
-
     grid = load_grid(
-        _grid(tmp_path, {"data.unlabeled_per_class": [None, 10], "data.real_only": [True, False]})
+        write_grid(
+            tmp_path, {"data.unlabeled_per_class": [None, 10], "data.real_only": [True, False]}
+        )
     )
     assert [r.name for r in grid.runs][:2] == [
         "data.unlabeled_per_class=null,data.real_only=true",
@@ -321,9 +306,7 @@ def test_null_and_boolean_axis_values_name_runs_as_yaml_and_load_as_values(tmp_p
 
 
 def test_a_partial_run_with_another_config_is_refused(tmp_path, capsys):
-    from rsmatch.cli.experiment import main
-
-    grid = _grid(tmp_path, {"train.seed": [0]})
+    grid = write_grid(tmp_path, {"train.seed": [0]})
     run = tmp_path / "out" / "train.seed=0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000004\n")
@@ -333,17 +316,13 @@ def test_a_partial_run_with_another_config_is_refused(tmp_path, capsys):
 
 
 def test_train_output_dir_in_grid_overrides_is_refused(tmp_path, capsys):
-    from rsmatch.cli.experiment import main
-
-    grid = _grid(tmp_path, {"train.seed": [0]}, overrides=["train.output_dir=elsewhere"])
+    grid = write_grid(tmp_path, {"train.seed": [0]}, overrides=["train.output_dir=elsewhere"])
     assert main([str(grid)]) == 2
     assert "overrides: train.output_dir is set by the grid" in capsys.readouterr().err
 
 
 def test_partial_runs_are_resumed_and_a_stopped_run_stops_the_grid(tmp_path, capsys):
-    from rsmatch.experiment import load_grid, run_grid
-
-    grid = load_grid(_grid(tmp_path, {"train.seed": [0, 1]}))
+    grid = load_grid(write_grid(tmp_path, {"train.seed": [0, 1]}))
     done, partial = grid.runs[0].path, grid.runs[1].path
     done.mkdir(parents=True)
     (done / "metrics.json").write_text("{}")

@@ -36,7 +36,7 @@ from rsmatch.filter import FilterResult
 from rsmatch.filter_report import counts, provenance_metrics
 from rsmatch.trainer import Trainer
 
-from .conftest import failure, tiny_config, tiny_overrides
+from .conftest import failure, png_bytes, tiny_config, tiny_overrides
 from .torchrun import torchrun
 
 
@@ -231,7 +231,7 @@ def test_filter_a_downloaded_hub_benchmark_scores_its_rows_not_its_preview(run, 
     repo = tmp_path / "download"
     for split, ds in datasets.load_from_disk(str(bench)).items():
         ds.to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
-    (repo / "preview.png").write_bytes(_png((32, 64)))
+    (repo / "preview.png").write_bytes(png_bytes((32, 64)))
     rc, res = filter_(tmp_path / "hub", "--detector", str(out / "detector"), "--images", str(repo))
     assert rc == 0
     rc, saved = filter_(
@@ -259,20 +259,13 @@ def test_provenance_metrics_by_hand():
     assert m["recall/g1"] == 0.5 and m["recall/g2"] == 1.0 and m["real_called_synthetic"] == 0.0
 
 
-def _png(size):
-    buf = io.BytesIO()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_corrupt_and_odd_sized_images(run, sources, tmp_path):
     out, _ = run
     folder = tmp_path / "flat"
     folder.mkdir()
     good = (sources["gen_b"] / "cat" / "0000.jpg").read_bytes()
     (folder / "a.jpg").write_bytes(good)
-    (folder / "big.png").write_bytes(_png((50, 70)))  # H=50, W=70
+    (folder / "big.png").write_bytes(png_bytes((50, 70)))  # H=50, W=70
     (folder / "cut.jpg").write_bytes(good[: len(good) // 2])
     (folder / "text.png").write_bytes(b"not an image")
     rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder))
@@ -282,7 +275,7 @@ def test_corrupt_and_odd_sized_images(run, sources, tmp_path):
     assert (res / "corrupt.txt").read_text().split() == ["cut.jpg", "text.png"]
     got, _ = scores_of(res)
     det = load_detector(out / "detector")
-    big = Image.open(io.BytesIO(_png((50, 70)))).resize((32, 32), Image.Resampling.LANCZOS)
+    big = Image.open(io.BytesIO(png_bytes((50, 70)))).resize((32, 32), Image.Resampling.LANCZOS)
     x = torch.stack([decode(read_class_folder(sources["gen_b"]).select([0]))[0],
                      torch.from_numpy(np.array(big)).permute(2, 0, 1)])  # fmt: skip
     with torch.no_grad():
@@ -298,7 +291,7 @@ def test_corrupt_error_names_the_files(run, tmp_path, capsys):
     folder = tmp_path / "imgs" / "cat"
     folder.mkdir(parents=True)
     (folder / "bad.jpg").write_bytes(b"\xff\xd8broken")
-    (folder / "ok.png").write_bytes(_png((32, 32)))
+    (folder / "ok.png").write_bytes(png_bytes((32, 32)))
     rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(tmp_path / "imgs"))
     err = [line for line in capsys.readouterr().err.splitlines() if line and "batch/s" not in line]
     assert rc == 2 and len(err) == 1 and "cat/bad.jpg" in err[0] and "--skip-corrupt" in err[0]
@@ -459,12 +452,12 @@ def test_non_square_detector_input_is_height_by_width():
     size are both resized to H x W, and one already H x W is decoded as training decodes it."""
     size = (24, 16)
     for h, w in ((20, 30), (16, 24)):
-        data = _png((h, w))
+        data = png_bytes((h, w))
         x = flt.to_tensor(data, size)
         want = Image.open(io.BytesIO(data)).resize((16, 24), Image.Resampling.LANCZOS)
         assert x.shape == (3, 24, 16) and x.dtype == torch.uint8
         assert torch.equal(x, torch.from_numpy(np.array(want)).permute(2, 0, 1))
-    exact = _png((24, 16))
+    exact = png_bytes((24, 16))
     assert torch.equal(flt.to_tensor(exact, size), decode_bytes(exact))
     assert flt.to_tensor(b"not an image", size) is None
 
@@ -472,12 +465,12 @@ def test_non_square_detector_input_is_height_by_width():
 def test_a_folder_is_labelled_only_when_every_image_is_in_a_subfolder(tmp_path):
     for rel in ("cat/a.png", "cat/deep/b.png", "dog/c.png"):
         (tmp_path / "nested" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "nested" / rel).write_bytes(_png((8, 8)))
+        (tmp_path / "nested" / rel).write_bytes(png_bytes((8, 8)))
     ds = flt.read_folder(tmp_path / "nested")
     assert ds["path"] == ["cat/a.png", "cat/deep/b.png", "dog/c.png"]
     assert ds.features["label"].names == ["cat", "dog"] and ds["label"] == [0, 0, 1]
     shutil.copytree(tmp_path / "nested", tmp_path / "mixed")
-    (tmp_path / "mixed" / "top.png").write_bytes(_png((8, 8)))
+    (tmp_path / "mixed" / "top.png").write_bytes(png_bytes((8, 8)))
     mixed = flt.read_folder(tmp_path / "mixed")
     assert len(mixed) == 4 and "label" not in mixed.column_names
 

@@ -1,6 +1,5 @@
 """tools/gpu_check.sh: its CPU dry run end to end, and the parts that judge a GPU run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import write_class_folder
+from .conftest import load_tool, write_class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name: str):
-    """tools/NAME.py as a module (registered first: @dataclass looks its module up)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _tool("gpu_check")
+gpu_check = load_tool("gpu_check")
 
 
 def _fake_sources(root: Path) -> tuple[Path, Path]:
@@ -173,7 +162,7 @@ def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
 def test_a_bench_worker_that_died_while_starting_is_named():
     """bench_vs_usb starts every worker at once, then warms each up: one that already exited
     (an import error, say) is named, the others are stopped, no BrokenPipeError traceback."""
-    bench = _tool("bench_vs_usb")
+    bench = load_tool("bench_vs_usb")
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], **pipes)
     dead.wait()

@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
-from rsmatch import runfolder
+from rsmatch import runfolder, runinfo
 from rsmatch.checkpoint import CheckpointError
 from rsmatch.cli import train as train_cli
-from rsmatch.config import ConfigError, load_config
+from rsmatch.config import ConfigError, load_config, to_dict
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config, tiny_overrides
@@ -587,20 +587,15 @@ def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
 def test_resume_ignores_sections_of_algorithms_registered_on_one_side_only():
     """A plugin algorithm's section in the saved config (or only in the new one) does not block a
     resume; a change inside the run's own algorithm section still does."""
-    import yaml
-
-    from rsmatch.config import load_config, to_dict
-    from rsmatch.runinfo import check_resume_config
-
     cfg = load_config(None, ["algorithm=freematch"])
     saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
-    check_resume_config({**saved, "plugin": {"scale": 2.0}}, cfg, Path("ckpt"))
+    runinfo.check_resume_config({**saved, "plugin": {"scale": 2.0}}, cfg, Path("ckpt"))
     saved["freematch"]["ema_p"] = 0.5
     with pytest.raises(ConfigError, match=r"freematch.ema_p \(0.5 -> 0.999\)"):
-        check_resume_config(saved, cfg, Path("ckpt"))
+        runinfo.check_resume_config(saved, cfg, Path("ckpt"))
     del saved["freematch"]
     with pytest.raises(ConfigError, match=r"freematch.ema_p \('<absent>' -> 0.999\)"):
-        check_resume_config(saved, cfg, Path("ckpt"))
+        runinfo.check_resume_config(saved, cfg, Path("ckpt"))
 
 
 # -- the checkpoint folder's own rules, on hand-made folders ------------------------------------
@@ -729,7 +724,6 @@ def test_a_load_error_is_named_by_its_first_line():
 
 def test_without_a_git_checkout_the_commit_comes_from_the_build(monkeypatch):
     """The Docker image has no git: run.json records the commit its build was given."""
-    from rsmatch import runinfo
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
@@ -757,8 +751,6 @@ def test_a_run_that_crashes_frees_its_folder(sources, tmp_path, monkeypatch):
 
 
 def test_run_record_names_both_seeds_the_versions_and_the_commit(tmp_path):
-    from rsmatch import runinfo
-
     cfg = load_config(None, ["train.seed=7", "data.split_seed=3"])
     runinfo.write_run_record(tmp_path, cfg, {}, resumed_from=None)
     run = json.loads((tmp_path / "run.json").read_text())
@@ -768,8 +760,6 @@ def test_run_record_names_both_seeds_the_versions_and_the_commit(tmp_path):
 
 
 def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
-    from rsmatch import runinfo
-
     def fake(cmd, **kw):
         out = "abc123\n" if cmd[1] == "rev-parse" else " M rsmatch/config.py\n"
         return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
@@ -779,10 +769,8 @@ def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
 
 
 def test_a_new_run_record_does_not_inherit_an_earlier_run_json(tmp_path):
-    from rsmatch.runinfo import write_run_record
-
-    write_run_record(tmp_path, load_config(None, ["train.seed=1"]), {}, resumed_from=None)
-    write_run_record(tmp_path, load_config(None, ["train.seed=2"]), {}, resumed_from=None)
+    runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=1"]), {}, resumed_from=None)
+    runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=2"]), {}, resumed_from=None)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["seed"] == 2 and [h["event"] for h in run["history"]] == ["start"]
 
@@ -791,17 +779,12 @@ def test_a_new_run_record_does_not_inherit_an_earlier_run_json(tmp_path):
     "key, old, new", [("train.seed", 0, 1), ("data.split_seed", 0, 1), ("train.lr", 0.03, 0.1)]
 )
 def test_resume_refuses_a_changed_seed_or_learning_rate(key, old, new):
-    from rsmatch.config import to_dict
-    from rsmatch.runinfo import check_resume_config
-
     saved = yaml.safe_load(yaml.safe_dump(to_dict(load_config(None, [f"{key}={old}"]))))
     with pytest.raises(ConfigError, match=rf"{key} \({old} -> {new}\)"):
-        check_resume_config(saved, load_config(None, [f"{key}={new}"]), Path("ckpt"))
+        runinfo.check_resume_config(saved, load_config(None, [f"{key}={new}"]), Path("ckpt"))
 
 
 def test_check_free_refuses_a_held_folder_before_any_data_is_read(tmp_path):
-    from rsmatch import runfolder
-
     out = tmp_path / "run"
     runfolder.check_free(out)  # no folder
     held = rf"in use by another run \(pid {os.getpid()} on "
@@ -812,8 +795,6 @@ def test_check_free_refuses_a_held_folder_before_any_data_is_read(tmp_path):
 
 
 def test_release_closes_the_lock_and_removes_the_folders_a_failed_start_made(tmp_path):
-    from rsmatch import runfolder
-
     lock = runfolder.RunLock(tmp_path / "a" / "b")
     lock.acquire()
     fd = lock.fd
@@ -828,8 +809,6 @@ def test_release_closes_the_lock_and_removes_the_folders_a_failed_start_made(tmp
 
 
 def test_acquire_locks_again_when_the_lock_file_was_replaced(tmp_path, monkeypatch):
-    from rsmatch import runfolder
-
     out = tmp_path / "run"
     real_flock, calls = runfolder.fcntl.flock, []
 
