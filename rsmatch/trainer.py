@@ -131,7 +131,7 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         # settings the device refuses, refused before any data is read
         self.sync_bn = self._resolve_sync_bn(cfg.train.sync_bn, acc.device.type)
-        graphed = self._resolve_graph_batches(cfg.train.graph_batches, acc.device.type)
+        self.graph_batches = self._resolve_graph_batches(cfg.train.graph_batches, acc.device.type)
         self.host_memory = hardware.keep_host_memory(cfg.train.keep_host_memory, acc.device.type)
         self.cfg, t = cfg, cfg.train
         self.out = Path(t.output_dir)
@@ -189,7 +189,7 @@ class Trainer:
         make = BatchMaker(
             self.data, t.batch_size, t.uratio, t.seed, self.rank, self.world, acc.device,
             unlabeled=views.unlabeled, strong_labeled=views.strong_labeled,
-            graphed=graphed,
+            graphed=self.graph_batches,
         )  # fmt: skip
         self.prefetch = t.prefetch is True or (t.prefetch == "auto" and acc.device.type == "cuda")
         self.batches = Prefetcher(make, acc.device, ahead=self.prefetch)
@@ -204,10 +204,10 @@ class Trainer:
         self.accelerator.print(message, file=sys.stderr)
 
     @staticmethod
-    def _resolve_graph_batches(graph_batches: bool, device: str) -> bool:
-        if graph_batches and device != "cuda":
+    def _resolve_graph_batches(graph_batches: bool | str, device: str) -> bool:
+        if graph_batches is True and device != "cuda":
             raise ConfigError(f"train.graph_batches=true: CUDA graphs need CUDA (device {device})")
-        return graph_batches
+        return graph_batches is True or (graph_batches == "auto" and device == "cuda")
 
     def _resolve_sync_bn(self, sync_bn: bool | str, device: str) -> bool:
         if self.world == 1 or sync_bn is False:
@@ -263,7 +263,7 @@ class Trainer:
                 self._note(f"dropped {dropped} evaluations after step {self.state.step}")
             write_run_record(self.out, self.cfg, {
                 "world_size": self.world, "device": str(acc.device), "mixed_precision": self.precision.mixed_precision,
-                "precision": self.precision.record(), "host_memory": self.host_memory, "prefetch": self.prefetch, "threads": torch.get_num_threads(), "split": self.data.split_meta,
+                "precision": self.precision.record(), "host_memory": self.host_memory, "prefetch": self.prefetch, "graph_batches": self.graph_batches, "threads": torch.get_num_threads(), "split": self.data.split_meta,
                 "counts": {"labeled": len(self.data.labeled), "unlabeled": len(self.data.unlabeled), "test": len(self.data.test)},
             }, resumed_from=str(found) if found else None)  # fmt: skip
         acc.wait_for_everyone()

@@ -12,6 +12,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -105,11 +106,12 @@ def test_channels_last_reaches_every_convolution(sources, tmp_path, algorithm):
     )
 
 
-def _sync_site(stack: traceback.StackSummary) -> str:
-    """The innermost frame in the rsmatch package: where the step asked for the sync."""
+def _sync_site(stack: traceback.StackSummary, filename: str, lineno: int) -> str:
+    """The innermost frame in the rsmatch package: where the step asked for the sync. Else
+    the thread and the warning's own frame (autograd's device threads have no Python frames)."""
     ours = [f for f in stack if Path(f.filename).resolve().is_relative_to(PACKAGE)]
     if not ours:
-        return "outside rsmatch"
+        return f"outside rsmatch (thread {threading.current_thread().name}, {filename}:{lineno})"
     f = ours[-1]
     return f"{Path(f.filename).resolve().relative_to(PACKAGE.parent)}:{f.lineno} {f.line}"
 
@@ -124,9 +126,9 @@ def test_steady_state_step_has_no_host_sync(sources, tmp_path, algorithm):
     torch.cuda.synchronize()
     sites: Counter[str] = Counter()
 
-    def collect(message, category, *_args, **_kwargs):
+    def collect(message, category, filename, lineno, *_args, **_kwargs):
         if "synchroniz" in str(message):
-            sites[_sync_site(traceback.extract_stack())] += 1
+            sites[_sync_site(traceback.extract_stack(), filename, lineno)] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -131,6 +131,14 @@ def test_settings_the_device_refuses_are_refused_before_the_data_is_read(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "setting, device, graphed",
+    [("auto", "cuda", True), ("auto", "cpu", False), (False, "cuda", False), (True, "cuda", True)],
+)
+def test_graph_batches_auto_means_on_cuda(setting, device, graphed):
+    assert Trainer._resolve_graph_batches(setting, device) is graphed
+
+
 def test_yaml_error_names_file_line_and_column(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  lr: 0.1\n   steps: 3\n")  # one space too many
     line = error_line(cli_process(["--config", "bad.yaml"], tmp_path))

@@ -232,13 +232,14 @@ def test_training_step_has_no_cuda_sync(sources, tmp_path, algorithm):
 
 
 @needs_cuda
-def test_batch_making_has_no_cuda_sync(sources, tmp_path):
+@pytest.mark.parametrize("graphed", [False, True])
+def test_batch_making_has_no_cuda_sync(sources, tmp_path, graphed):
     """The GPU side of `test_batch_making_never_waits_for_the_device`: pinned, asynchronous
-    copies included (a blocking copy is a sync there)."""
+    copies included (a blocking copy is a sync there), eager and replayed from a CUDA graph."""
     cfg = tiny_config(sources, tmp_path / "run", algorithm="rsmatch",
-                      **{"rsmatch.strong_labeled": True})  # fmt: skip
+                      **{"rsmatch.strong_labeled": True, "train.graph_batches": graphed})  # fmt: skip
     make = Trainer(cfg).batches.make  # made here, not ahead in the prefetching thread
-    assert make.device.type == "cuda"
+    assert make.device.type == "cuda" and (make.graph is not None) == graphed
     make(0)  # first pinned allocations
     with cuda_syncs_raise():
         make(1)
