@@ -10,6 +10,7 @@ import os
 # cuBLAS reads this when its first handle is made: deterministic GEMMs for the resume check.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import threading  # noqa: E402
@@ -106,12 +107,15 @@ def test_channels_last_reaches_every_convolution(sources, tmp_path, algorithm):
     )
 
 
-def _sync_site(stack: traceback.StackSummary, filename: str, lineno: int) -> str:
-    """The innermost frame in the rsmatch package: where the step asked for the sync. Else
-    the thread and the warning's own frame (autograd's device threads have no Python frames)."""
+def _sync_site(stack: traceback.StackSummary) -> str:
+    """The innermost frame in the rsmatch package: where the step asked for the sync. Else the
+    thread and its innermost frames (stack[-1] is the warning hook itself)."""
     ours = [f for f in stack if Path(f.filename).resolve().is_relative_to(PACKAGE)]
     if not ours:
-        return f"outside rsmatch (thread {threading.current_thread().name}, {filename}:{lineno})"
+        frames = " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack[-8:-1][::-1]
+        )
+        return f"outside rsmatch (thread {threading.current_thread().name}: {frames})"
     f = ours[-1]
     return f"{Path(f.filename).resolve().relative_to(PACKAGE.parent)}:{f.lineno} {f.line}"
 
@@ -123,12 +127,17 @@ def test_steady_state_step_has_no_host_sync(sources, tmp_path, algorithm):
     trainer = _trainer(sources, tmp_path, algorithm, **extra)
     for step in range(3):  # lazy initialisation, cuDNN autotuning, queue filling
         trainer.train_step(step)
+    # Earlier tests' garbage is finalised now, not inside the step: on an H200 one sync came
+    # from torch.cuda.synchronize on the main thread with no rsmatch frame on the stack, for
+    # supervised (the first case) only, while the error-mode test of the same step passed
+    # (an exception in a finaliser is ignored there), which points at a finaliser.
+    gc.collect()
     torch.cuda.synchronize()
     sites: Counter[str] = Counter()
 
-    def collect(message, category, filename, lineno, *_args, **_kwargs):
+    def collect(message, category, *_args, **_kwargs):
         if "synchroniz" in str(message):
-            sites[_sync_site(traceback.extract_stack(), filename, lineno)] += 1
+            sites[_sync_site(traceback.extract_stack())] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
