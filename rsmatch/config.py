@@ -154,8 +154,8 @@ class TrainConfig:
         "Make each batch by replaying one CUDA graph of the augmentation: one graph launch, a "
         "copy per input tensor and a clone per view instead of ~600 kernel launches (same "
         "pixels; every RandAugment op runs on every image and each keeps its own op's result). "
-        "`auto`: on CUDA, where it made FixMatch steps 1.38x and RSMatch steps 1.20x faster on "
-        "an H200 (docs/speed.md); true needs CUDA.",
+        "`auto`: on CUDA, where it made FixMatch steps 1.38-1.44x and RSMatch steps 1.18-1.20x "
+        "faster on two H200s (docs/speed.md); true needs CUDA.",
     )
     sync_bn: bool | str = option(
         "auto",
