@@ -128,9 +128,9 @@ def test_steady_state_step_has_no_host_sync(sources, tmp_path, algorithm):
     for step in range(3):  # lazy initialisation, cuDNN autotuning, queue filling
         trainer.train_step(step)
     # Earlier tests' garbage is finalised now, not inside the step: on an H200 one sync came
-    # from torch.cuda.synchronize on the main thread with no rsmatch frame on the stack, for
-    # supervised (the first case) only, while the error-mode test of the same step passed
-    # (an exception in a finaliser is ignored there), which points at a finaliser.
+    # from torch/cuda/__init__.py (probably synchronize) on the main thread with no rsmatch
+    # frame on the stack, for supervised (the first case) only, while the error-mode test of
+    # the same step passed (an exception in a finaliser is ignored there): a finaliser, likely.
     gc.collect()
     torch.cuda.synchronize()
     sites: Counter[str] = Counter()
