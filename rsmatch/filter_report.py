@@ -94,25 +94,24 @@ def extremes(
 ) -> list[tuple[str, list[torch.Tensor | None], list[float]]]:
     """Per class (or over all images without labels): the GRID_IMAGES highest (or lowest)
     scored images, as grid rows."""
-    entries = []  # (class name, score, split, row)
+    by_class = {}  # (class index, class name) -> [(score, split, row)]
     for split, ds in scored.items():
         col = label_column(ds)
         names = ds.features[col].names if col else None
         labels = ds[col] if col else [None] * len(ds)
         for row, (s, y) in enumerate(zip(ds["synthetic_score"], labels)):
-            entries.append((names[y] if names else "all", s, split, row))
-    order = {}
-    for e in entries:
-        order.setdefault(e[0], []).append(e)
+            key = (y, names[y]) if names else (0, "all")
+            by_class.setdefault(key, []).append((s, split, row))
     rows = []
-    for name in list(order)[:GRID_CLASSES]:
-        picked = sorted(order[name], key=lambda e: e[1], reverse=most_synthetic)[:GRID_IMAGES]
+    for key in sorted(by_class)[:GRID_CLASSES]:  # the first classes by index, not by row
+        ranked = sorted(by_class[key], key=lambda e: e[0], reverse=most_synthetic)
+        picked = ranked[:GRID_IMAGES]
         imgs = []
-        for _, _, split, row in picked:
+        for _, split, row in picked:
             ds = scored[split]
             item = ds.cast_column(image_column(ds), datasets.Image(decode=False))[row]
             imgs.append(to_tensor(image_bytes(item[image_column(ds)]), size))
-        rows.append((name, imgs, [e[1] for e in picked]))
+        rows.append((key[1], imgs, [score for score, _, _ in picked]))
     return rows
 
 
