@@ -95,7 +95,8 @@ class ModelConfig:
     )
     bn_momentum: float = option(
         0.001,
-        "BatchNorm momentum of the WRN backbones. USB uses 0.001, which leaves running "
+        "Momentum of every BatchNorm in the encoders (classifier and detector, any timm "
+        "backbone; timm's own default is 0.1). USB uses 0.001 for its WRNs, which leaves running "
         "statistics near their initial values for thousands of steps: short runs want 0.1.",
     )
 
@@ -413,6 +414,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         check(len(values) == 3, key, values, "needs 3 values (R, G, B)")
     check(all(s > 0 for s in d.std), "data.std", d.std, "must be positive")
     check(0 <= d.exclude_above <= 1, "data.exclude_above", d.exclude_above, "not in [0, 1]")
+    m = cfg.model.bn_momentum
+    check(0 <= m <= 1, "model.bn_momentum", m, "not in [0, 1]")
     check(d.exclude_scores is None or Path(d.exclude_scores).is_file(), "data.exclude_scores",
           d.exclude_scores, "no such file")  # fmt: skip
     unl = d.unlabeled_per_class

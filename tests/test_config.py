@@ -153,6 +153,8 @@ def test_yaml_errors_are_one_line_with_file_line_column(tmp_path):
         ("data.labels_per_class=0", "data.labels_per_class=0: must be >= 1"),
         ("data.std=[0.2, 0, 0.2]", "data.std=[0.2, 0.0, 0.2]: must be positive"),
         ("data.exclude_above=1.5", "data.exclude_above=1.5: not in [0, 1]"),
+        ("model.bn_momentum=1.5", "model.bn_momentum=1.5: not in [0, 1]"),
+        ("model.bn_momentum=-0.1", "model.bn_momentum=-0.1: not in [0, 1]"),
         ("train.save_every=0", "train.save_every=0: must be >= 1"),
         ("train.momentum=1", "train.momentum=1.0: not in [0, 1)"),
         ("train.ema_decay=1", "train.ema_decay=1.0: not in [0, 1)"),

@@ -53,7 +53,6 @@ class WideResNet(nn.Module):
         widen_factor: int = 2,
         num_classes: int = 10,
         in_chans: int = 3,
-        **_: object,
     ) -> None:
         super().__init__()
         if (depth - 4) % 6:
