@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -246,8 +247,9 @@ def score_dataset(det: Detector, ds: datasets.Dataset, batch_size: int, accelera
 
 
 def threshold_for_fraction(scores: np.ndarray, keep_fraction: float) -> float:
-    """The threshold calling the `keep_fraction` lowest-scored images real (ties kept)."""
-    k = max(1, round(keep_fraction * len(scores)))
+    """The threshold calling the `keep_fraction` lowest-scored images real (ties kept): the
+    nearest whole number of images, halves up (Python's round() would keep 2 of 5 at 0.5)."""
+    k = max(1, math.floor(keep_fraction * len(scores) + 0.5))
     return float(np.sort(scores)[k - 1])
 
 

@@ -432,6 +432,9 @@ def test_keep_fraction_threshold_by_hand():
     assert flt.threshold_for_fraction(scores, 0.01) == 0.1  # at least one image is kept
     assert flt.threshold_for_fraction(np.array([0.6, 0.2, 0.2]), 1 / 3) == 0.2  # ties kept
     assert flt.threshold_for_fraction(scores, 0.75) == 0.7  # 3.75 images rounds to 4
+    halves = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    assert flt.threshold_for_fraction(halves[:5], 0.5) == 0.3  # 2.5 images: 3, halves up
+    assert flt.threshold_for_fraction(halves, 0.5) == 0.4  # 3.5 images: 4
 
 
 def test_keep_fraction_calls_that_fraction_real(run, sources, tmp_path):
