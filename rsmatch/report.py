@@ -136,8 +136,29 @@ def _covered_axes(grid: dict[str, Any]) -> set[str]:
     return out
 
 
+class ReportError(ValueError):
+    """A run folder the report cannot read; the message names the file."""
+
+
 def _load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _run_config(path: Path, expected: dict[Path, tuple[dict, tuple[str, ...]]]) -> dict:
+    """The run's config.yaml, flattened; a grid run's manifest entry where there is none (a run
+    that never started) or where it is empty (one stopped while writing it)."""
+    cfg_file = path / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            loaded = yaml.safe_load(cfg_file.read_text())
+        except yaml.YAMLError as e:
+            raise ReportError(f"{cfg_file}: not YAML ({str(e).splitlines()[0]})") from None
+        if loaded:
+            return flat_config(loaded)
+        if path not in expected:
+            raise ReportError(f"{cfg_file}: empty, and no grid manifest lists this run (stopped "
+                              "while writing it?): delete the folder or run it again")  # fmt: skip
+    return expected[path][0]
 
 
 def collect(runs_dir: Path) -> list[RunInfo]:
@@ -156,9 +177,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
     folders = {p for p in with_config if not with_config.intersection(p.parents)}
     runs = []
     for path in sorted(folders | set(expected)):
-        cfg_file = path / "config.yaml"
-        cfg = flat_config(yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
-        cfg = cfg or expected[path][0]
+        cfg = _run_config(path, expected)
         record = _load_json(path / "run.json")
         ratio, labels = _split(cfg, record)
         git = record.get("git") or {}
@@ -168,7 +187,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
         metrics = _load_json(path / "metrics.json") or None
         evals = read_evals(path)
         state = "done" if metrics else (f"stopped at step {evals[-1]['step']}" if evals else
-                                        "started" if cfg_file.is_file() else "not started")  # fmt: skip
+                                        "started" if (path / "config.yaml").is_file() else "not started")  # fmt: skip
         extras = expected.get(path, ({}, ()))[1]
         # named from runs_dir: two grids under it may hold runs of the same name
         name = str(path.relative_to(root)) if path != root and root in path.parents else path.name

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs_dir.is_dir():
         print(f"rsmatch-report: error: {args.runs_dir}: no such folder", file=sys.stderr)
         return 2
-    from rsmatch.report import write_report  # matplotlib and tensorboard after the checks
+    from rsmatch.report import ReportError, write_report  # matplotlib, tensorboard: after checks
 
     out = args.out or args.runs_dir / "report"
     if out.exists() and not out.is_dir():
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["rsmatch-report", *(sys.argv[1:] if argv is None else argv)])
     try:
         readme = write_report(args.runs_dir, out, args.repo_url, command)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ReportError) as e:
         print(f"rsmatch-report: error: {e}", file=sys.stderr)
         return 2
     print(readme)
