@@ -7,13 +7,17 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from rsmatch.benchmark.store import SPLITS, summary
 
+# The Hub's size_categories as `datasets` lists them, bucket i holding n < 10**(3 + i) rows
+SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M",
+                   "100M<n<1B", "1B<n<10B", "10B<n<100B", "100B<n<1T")  # fmt: skip
+
 
 def _size_category(n: int) -> str:
     """The Hub's size_categories bucket of n rows."""
-    for limit, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
-        if n < limit:
+    for i, label in enumerate(SIZE_CATEGORIES):
+        if n < 10 ** (3 + i):
             return label
-    return "100K<n<1M" if n < 1_000_000 else "n>1M"
+    return "n>1T"
 
 
 def dataset_card(dd: datasets.DatasetDict, meta: dict) -> DatasetCard:
