@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
 
 import datasets
@@ -11,7 +12,8 @@ import numpy as np
 def _interleaved(rows: np.ndarray, generators: np.ndarray, n: int) -> list[int]:
     """Up to n rows taking one per generator in turn, so every generator is shown."""
     groups = [rows[generators[rows] == g] for g in sorted(set(generators[rows].tolist()))]
-    return [int(r) for group in zip(*groups) for r in group][:n]
+    # zip_longest: a generator with fewer rows leaves its turns to the others
+    return [int(r) for turn in zip_longest(*groups) for r in turn if r is not None][:n]
 
 
 def preview(dd: datasets.DatasetDict, path: Path, per_kind: int = 4) -> None:

@@ -181,7 +181,8 @@ def cifake_class(filename: str) -> int:
 def index_cifake_folder(root: Path, class_names: list[str]) -> SourceIndex:
     if not root.is_dir():
         raise SourceError(f"{root}: {missing_folder(root)}")
-    files = image_files(root)
+    # flat, as CIFAKE's REAL and FAKE folders are: a parent folder would take both
+    files = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
     labels = []
     for path in files:
         k = cifake_class(path.name)
@@ -191,7 +192,11 @@ def index_cifake_folder(root: Path, class_names: list[str]) -> SourceIndex:
             )
         labels.append(k)
     if not files:
-        raise SourceError(f"{root}: no CIFAKE images found")
+        hint = " (CIFAKE folders are flat: name e.g. CIFAKE/train/FAKE, not its parent)"
+        raise SourceError(
+            f"{root}: no CIFAKE images found"
+            + (hint if any(p.is_dir() for p in root.iterdir()) else "")
+        )
     return SourceIndex(str(root), class_names, np.array(labels), files, [p.name for p in files])
 
 
