@@ -69,9 +69,14 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--keep-fraction {args.keep_fraction}: not in (0, 1]")
     if args.push_to_hub and (problem := repo_id_problem(args.push_to_hub)):
         raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: {problem}")
+    names = set()
     for item in args.labels or []:
         if "=" not in item:
             raise ConfigError(f"--labels {item}: expected NAME=SOURCE")
+        name = item.split("=", 1)[0]
+        if name in names:  # a dict of the pairs would keep the last source alone
+            raise ConfigError(f"--labels: {name!r} given twice")
+        names.add(name)
 
 
 def main(argv: list[str] | None = None) -> int:
