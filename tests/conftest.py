@@ -48,11 +48,17 @@ def load_tool(name: str):
     return module
 
 
-def png_bytes(size: tuple[int, int]) -> bytes:
-    """A PNG of random pixels, `size` = (height, width)."""
+def png_bytes(
+    size: tuple[int, int], fill: int | tuple[int, ...] | None = None, mode: str = "RGB"
+) -> bytes:
+    """A PNG, `size` = (height, width): random RGB pixels, or every pixel `fill` in `mode`."""
+    if fill is None:
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    else:
+        image = Image.new(mode, size[::-1], fill)
     buf = io.BytesIO()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -1,13 +1,11 @@
 """The benchmark builder pinned by hand: the unreadable-image listing and the options refused
 before any work, the generation plan and the recorded metadata (found by a mutation audit)."""
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rsmatch.benchmark import build
 from rsmatch.benchmark.integrity import check_readable, decode_bytes, unreadable
@@ -16,15 +14,9 @@ from rsmatch.benchmark.split import SplitSpec
 from rsmatch.benchmark.store import load_benchmark
 from rsmatch.cli import build_benchmark as bb
 
-from .conftest import write_class_folder
+from .conftest import png_bytes, write_class_folder
 
 # --- integrity: the unreadable-image listing -------------------------------------------------
-
-
-def _png(mode: str) -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (4, 2)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class _Listed:
@@ -39,13 +31,13 @@ class _Listed:
 
 def test_decode_bytes_gives_three_channels_for_a_grayscale_image():
     """Training's decoder always yields RGB uint8 [3, H, W], whatever the file's mode."""
-    image = decode_bytes(_png("L"))
+    image = decode_bytes(png_bytes((2, 4), 0, "L"))
     assert image.shape == (3, 2, 4) and image.dtype == torch.uint8
 
 
 def test_unreadable_positions_are_the_rows_of_the_bad_images():
     """Positions index the source's rows exactly (they are skipped on load)."""
-    good = _png("RGB")
+    good = png_bytes((2, 4), 0)
     index = _Listed([("a", good), ("b", b"junk"), ("c", good), ("d", b"")])
     bad = unreadable(index)
     assert bad.positions == frozenset({1, 3}) and bad.names == ["b", "d"]

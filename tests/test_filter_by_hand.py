@@ -2,8 +2,6 @@
 (found by a mutation audit). A stand-in detector scores an image by its red value (red / 100),
 so every score, call, count and order below is computed by hand; no training is needed."""
 
-import contextlib
-import io
 import json
 import warnings
 
@@ -12,7 +10,6 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from rsmatch import filter as flt
 from rsmatch import filter_report as rep
@@ -21,14 +18,10 @@ from rsmatch.filter import FilterResult
 from rsmatch.filter_report import counts, provenance_metrics
 from rsmatch.models import Detector
 
+from .conftest import png_bytes
+from .test_filter import _Rank
+
 SIZE = (4, 4)
-
-
-def png(red: int, size: tuple[int, int] = SIZE) -> bytes:
-    """A uniform PNG (height, width) whose red channel is `red`: the stand-in scores red / 100."""
-    buf = io.BytesIO()
-    Image.fromarray(np.full((*size, 3), (red, 0, 0), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class RedDetector:
@@ -46,20 +39,10 @@ class RedDetector:
         return x[:, 0, 0, 0].float() / 100
 
 
-class OneProcess:
-    process_index, num_processes, device, is_local_main_process = 0, 1, torch.device("cpu"), True
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def gather(self, local):
-        return local
-
-
 def images(reds: list[int | None], **columns) -> datasets.Dataset:
     """One row per red value (None: bytes that do not decode), ids `0.png`, `1.png`, ..."""
     paths = [f"{i}.png" for i in range(len(reds))]
-    data = [png(r) if r is not None else b"broken" for r in reds]
+    data = [png_bytes(SIZE, (r, 0, 0)) if r is not None else b"broken" for r in reds]
     cols = {"image": [{"bytes": b, "path": p} for b, p in zip(data, paths)], "path": paths}
     features = {"image": datasets.Image(), "path": datasets.Value("string")}
     for name, (values, feature) in columns.items():
@@ -68,7 +51,9 @@ def images(reds: list[int | None], **columns) -> datasets.Dataset:
 
 
 def filter_(dd, **kw):
-    return flt.run_filter(RedDetector(kw.pop("det_threshold", 0.5)), dd, OneProcess(), **kw)
+    return flt.run_filter(
+        RedDetector(kw.pop("det_threshold", 0.5)), dd, _Rank(0, 1, []), **kw
+    )  # one process
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
 """Source indexing and the benchmark preview, checked against values worked out by hand."""
 
-import io
-
 import datasets
 import numpy as np
 import pytest
-from PIL import Image
 
 from rsmatch.benchmark import preview as pv
 from rsmatch.benchmark import sources as src
 from rsmatch.benchmark.sources import SourceError
+
+from .conftest import png_bytes
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -81,12 +80,6 @@ def test_empty_cifake_folder_and_bad_names_are_refused(tmp_path):
         src.index_cifake_folder(tmp_path, CLASSES)
 
 
-def _png(value: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), value, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _unlabeled(rows: list[tuple[str, bool, str]]) -> datasets.DatasetDict:
     """An unlabeled split whose row i is a solid image of value 10 * i."""
     features = datasets.Features({
@@ -94,7 +87,7 @@ def _unlabeled(rows: list[tuple[str, bool, str]]) -> datasets.DatasetDict:
         "is_synthetic": datasets.Value("bool"), "generator": datasets.Value("string"),
     })  # fmt: skip
     columns = {
-        "image": [{"bytes": _png(10 * i), "path": None} for i in range(len(rows))],
+        "image": [{"bytes": png_bytes((4, 4), 10 * i), "path": None} for i in range(len(rows))],
         "label": [["cat", "dog"].index(c) for c, _, _ in rows],
         "is_synthetic": [s for _, s, _ in rows],
         "generator": [g for _, _, g in rows],
@@ -156,7 +149,7 @@ def test_a_label_column_is_preferred_over_fine_label_and_labels_is_read(tmp_path
     """With both `label` and `fine_label`, `label` is the label; a lone `labels` is read too."""
     features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.Value("int64"),
                                   "label": datasets.ClassLabel(names=["x", "y"])})  # fmt: skip
-    image = {"bytes": _png(0), "path": None}
+    image = {"bytes": png_bytes((4, 4), 0), "path": None}
     ds = datasets.Dataset.from_dict(
         {"img": [image, image], "fine_label": [5, 7], "label": [1, 0]}, features=features
     )

@@ -165,8 +165,7 @@ class _FakePipe:
         self.calls.append((list(prompts), kw))
         images = []
         for g in kw["generator"]:
-            rgb = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
-            images.append(Image.new("RGB", (kw.get("width", 8), kw.get("height", 8)), rgb))
+            images.append(Image.new("RGB", (kw.get("width", 8), kw.get("height", 8)), _rgb(g)))
         return SimpleNamespace(images=images)
 
 
@@ -179,9 +178,13 @@ def fake_pipe(monkeypatch):
     return pipe
 
 
-def _colour(seed):
-    g = torch.Generator("cpu").manual_seed(seed)
+def _rgb(g: torch.Generator) -> tuple[int, ...]:
+    """The stand-in pipeline's colour for an image: three draws from its generator."""
     return tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
+
+
+def _colour(seed):
+    return _rgb(torch.Generator("cpu").manual_seed(seed))
 
 
 def test_generate_passes_steps_guidance_resolution_and_one_seed_per_image(fake_pipe, tmp_path):

@@ -69,14 +69,21 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--keep-fraction {args.keep_fraction}: not in (0, 1]")
     if args.push_to_hub and (problem := repo_id_problem(args.push_to_hub)):
         raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: {problem}")
-    names = set()
-    for item in args.labels or []:
-        if "=" not in item:
+    labelled_sources(args.labels or [])
+
+
+def labelled_sources(items: list[str]) -> dict[str, str]:
+    """`--labels NAME=SOURCE ...` as {NAME: SOURCE}; a name given twice is refused, not
+    overwritten by its last source."""
+    sources: dict[str, str] = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep:
             raise ConfigError(f"--labels {item}: expected NAME=SOURCE")
-        name = item.split("=", 1)[0]
-        if name in names:  # a dict of the pairs would keep the last source alone
+        if name in sources:
             raise ConfigError(f"--labels: {name!r} given twice")
-        names.add(name)
+        sources[name] = source
+    return sources
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         check(args)
         det = flt.resolve_detector(args.detector)
         if args.labels:
-            dd = flt.load_labelled(dict(item.split("=", 1) for item in args.labels))
+            dd = flt.load_labelled(labelled_sources(args.labels))
         else:
             dd = flt.load_images(args.images)
         if args.split:
