@@ -4,6 +4,7 @@ checks before work, stdout against stderr (a mutation audit of rsmatch/cli/*.py)
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -429,3 +430,16 @@ def test_run_process_exit_codes(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         run_process(usage)
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("cli", ["train", "filter", "report", "analyze"])
+def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
+    """`--help` and a usage error are answered before the training stack is imported (which
+    takes seconds of CPU): the module alone imports neither torch nor datasets."""
+    probe = (
+        f"import sys, rsmatch.cli.{cli}; "
+        "print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -15,10 +15,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rsmatch.benchmark.sources import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
 from rsmatch.config import ConfigError
-from rsmatch.filter import FilterError
 from rsmatch.hub import repo_id_problem
 
 if TYPE_CHECKING:  # imported late: --help stays fast
@@ -88,7 +86,8 @@ def labelled_sources(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rsmatch import filter as flt
+    from rsmatch import filter as flt  # torch, torchvision, datasets: not for --help
+    from rsmatch.benchmark.sources import SourceError
 
     flt.datasets.disable_progress_bars()
     try:
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             det, dd, accelerator, args.batch_size, args.threshold, args.keep_fraction,
             args.keep == "real", args.skip_corrupt, args.workers,
         )  # fmt: skip
-    except (ConfigError, SourceError, FilterError) as e:
+    except (ConfigError, SourceError, flt.FilterError) as e:
         print(f"rsmatch-filter: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

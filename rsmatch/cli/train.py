@@ -16,12 +16,9 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from rsmatch.benchmark.sources import SourceError
-from rsmatch.checkpoint import CheckpointError
 from rsmatch.cli import HelpWithDefaults, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
-ERRORS = (ConfigError, SourceError, CheckpointError)
 OTHER_RANKS_WAIT_S = 5.0  # see _report
 
 
@@ -67,6 +64,10 @@ def _report(error: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # after parsing: --help and usage errors need neither datasets nor torch
+    from rsmatch.benchmark.sources import SourceError
+    from rsmatch.checkpoint import CheckpointError
+
     resume = args.resume_from if args.resume_from is not None else args.resume
     try:
         cfg = load_config(args.config, args.overrides)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_to_stderr():
             trainer = Trainer(cfg)
             metrics = trainer.fit(resume=resume)
-    except ERRORS as e:
+    except (ConfigError, SourceError, CheckpointError) as e:
         _report(e)
         return 2
     except KeyboardInterrupt:  # in the training loop Ctrl-C saves a checkpoint instead
