@@ -406,6 +406,11 @@ class Trainer:
                 f"{self.state.step}, but {sorted(window)} before: log the same keys every step"
             )
         for k, v in logged.items():
+            if v.requires_grad:  # kept until the log, it would keep the step's whole graph
+                raise RuntimeError(
+                    f"algorithm {self.cfg.algorithm!r} logged {k!r} with its autograd graph "
+                    "attached: log a detached value"
+                )
             window.setdefault(k, []).append(v)
 
     def _reduce(self, window: dict[str, list[torch.Tensor]]) -> dict[str, float]:

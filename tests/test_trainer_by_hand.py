@@ -137,3 +137,14 @@ def test_logs_every_log_every_steps_and_the_last_partial_window(sources, tmp_pat
     assert logged[5]["loss"] == pytest.approx(losses[4], rel=1e-6)
     # the rate logged is the one the next step will use: lr * cos(7 pi k / (16 * 5)) at k = 2
     assert logged[2]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 2 / 80), rel=1e-6)
+
+
+def test_a_metric_logged_with_its_graph_is_refused(sources, tmp_path):
+    """Kept until the next log, a logged tensor with its graph would keep every step's
+    activations alive: the trainer refuses it by name (detached values pass)."""
+    trainer = _trainer(sources, tmp_path)
+    window = {}
+    trainer._collect(window, {"ok": torch.ones(1)})
+    with pytest.raises(RuntimeError, match="'leak' with its autograd graph attached"):
+        trainer._collect({}, {"leak": torch.ones(1, requires_grad=True) * 2})
+    assert list(window) == ["ok"]

@@ -192,11 +192,16 @@ class RSMatch(Algorithm):
             "pool_called_synthetic": zhat.float().mean(),
             "labeled_called_synthetic": (det_lb.argmax(-1) == SYNTHETIC).float().mean(),
             "queue_fill": fill.mean(),
-            **({f"queue_fill/{c}": f for c, f in enumerate(fill)} if self.queue.class_wise else {}),
+            **(
+                {f"queue_fill/{c}": f for c, f in enumerate(fill.unbind())}
+                if self.queue.class_wise
+                else {}
+            ),
             **pl.metrics,
         }
         probes = {"synthetic_pred": zhat}
-        return StepOutput(losses, {k: v.detach() for k, v in metrics.items()}, probes)
+        # every metric is computed from detached values: no graph is kept until the next log
+        return StepOutput(losses, metrics, probes)
 
     # -- what the trainer asks ---------------------------------------------------------------
     @property
