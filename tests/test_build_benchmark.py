@@ -426,6 +426,8 @@ def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
         ("out: 5", {"out": Path("5")}),  # a folder named 5 (crashed on 5.exists())
         ("device: cuda:0", {"device": "cuda:0"}),
         ("skip_corrupt: 'no'", "skip_corrupt: expected true or false, got 'no'"),  # was true
+        ("skip_corrupt: yes", "skip_corrupt: expected true or false, got 'yes'"),  # YAML 1.2
+        ("seed: 010", {"seed": 10}),  # YAML 1.2: decimal (YAML 1.1 read octal 8)
         ("synthetic: [1, 2]", "synthetic: expected a list of text, got [1, 2]"),
         ("prompts: foo", "prompts: 'foo' is not one of ['t5', 'template']"),  # fell back silently
         ("dtype: float64", "dtype: 'float64' is not one of ['float32', 'float16', 'bfloat16']"),

@@ -27,7 +27,7 @@ from rsmatch.benchmark.push import PushError
 from rsmatch.benchmark.sources import SourceError
 from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
 from rsmatch.cli import HelpWithDefaults
-from rsmatch.config import did_you_mean
+from rsmatch.config import YamlLoader, did_you_mean
 
 PROG = "rsmatch-build-benchmark"
 
@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
 def _config_values(path: str, actions: dict[str, argparse.Action]) -> dict:
     """The --config file's options, or one BuildError naming the file (and line for YAML)."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_text(), Loader=YamlLoader)  # noqa: S506 (safe)
     except OSError as e:
         raise BuildError(f"--config {path}: cannot read ({e.strerror or e})") from None
     except yaml.MarkedYAMLError as e:
