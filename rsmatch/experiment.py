@@ -49,6 +49,7 @@ from rsmatch.config import (
 
 GRID_KEYS = ("base", "output", "axes", "overrides")
 MANIFEST = "experiment.json"  # what the report reads to know the runs a grid expects
+RESULT_NEUTRAL = ("train.output_dir", "train.progress")  # keys that cannot change a result
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]+")
 
 
@@ -59,7 +60,7 @@ class GridError(ValueError):
 @dataclass(frozen=True)
 class Run:
     name: str
-    labels: dict[str, str]  # axis -> value as written in the name
+    labels: dict[str, str]  # axis -> its value's label (`_label`; the name holds `_in_name` of it)
     overrides: tuple[str, ...]  # applied on top of the base config, output_dir last
     config: Config
     path: Path
@@ -124,8 +125,13 @@ def _check(base: Path, overrides: Sequence[str], culprit: str) -> Config:
         raise GridError(f"{culprit}: {e}") from None
 
 
+def _in_name(label: str) -> str:
+    """A value's label as a run name (a folder name) writes it."""
+    return _UNSAFE.sub("_", label).strip("_")
+
+
 def _run_name(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={_UNSAFE.sub('_', v).strip('_')}" for k, v in labels.items())
+    return ",".join(f"{k}={_in_name(v)}" for k, v in labels.items())
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -216,27 +222,29 @@ def config_drift(run: Run) -> tuple[str, str] | None:
     how it differs.
 
     Keys only one side has are skipped so that a key added to the code later does not make
-    every old run stale.
+    every old run stale, and so are the keys that cannot change a result (`output` written
+    relative once and absolute later names the same runs).
     """
     saved_file = run.path / "config.yaml"
     if not saved_file.is_file() or run_state(run.path) == "todo":
         return None
     saved = flat_config(yaml.safe_load(saved_file.read_text()) or {})
     wanted = flat_config(yaml.safe_load(yaml.safe_dump(to_dict(run.config))))
-    for key in sorted(saved.keys() & wanted.keys()):
+    for key in sorted(saved.keys() & wanted.keys() - set(RESULT_NEUTRAL)):
         if saved[key] != wanted[key]:
             return key, f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"
     return None
 
 
 def select(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
-    """Runs matching every filter: ``AXIS=VALUE`` exactly, else a substring of the name."""
+    """Runs matching every filter: ``AXIS=VALUE`` exactly (the value as the grid gives it or as
+    the run name writes it), else a substring of the name."""
     axes = set(runs[0].labels) if runs else set()
     out = list(runs)
     for f in only:
         key, sep, value = f.partition("=")
         if sep and key in axes:
-            out = [r for r in out if r.labels[key] == value]
+            out = [r for r in out if value in (r.labels[key], _in_name(r.labels[key]))]
         else:
             out = [r for r in out if f in r.name]
     if not out:

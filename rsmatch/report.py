@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from rsmatch.experiment import MANIFEST, flat_config
+from rsmatch.experiment import MANIFEST, RESULT_NEUTRAL, flat_config
 from rsmatch.registry import algorithms
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
 # Keys the row and column already name, or that cannot change a result.
-IGNORED_IN_COMPARISON = (*SEED_KEYS, "train.output_dir", "train.progress")
+IGNORED_IN_COMPARISON = (*SEED_KEYS, *RESULT_NEUTRAL)
 # RSMatch's ablation switches (paper Table 3): the value that removes a part, and its name
 ABLATIONS = {"rsmatch.shared_encoder": (True, "w/o ind. models"),
              "rsmatch.class_wise": (False, "w/o class-wise queue"),
