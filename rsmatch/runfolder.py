@@ -121,9 +121,13 @@ class RunLock:
 
     def _remove_created(self) -> None:
         for folder in self.created:  # deepest first
+            # never made (a failed mkdir made only folders above it); os.path.isdir, unlike
+            # Path.is_dir on Python 3.11, is False for a name too long instead of raising
+            if not os.path.isdir(folder):
+                continue
             try:
                 folder.rmdir()
-            except OSError:
+            except OSError:  # not empty (something else wrote there): nor are its parents
                 break
         self.created = []
 
