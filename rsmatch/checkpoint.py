@@ -23,6 +23,8 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rsmatch.atomic import write_text_atomic
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 REQUIRED = ("ema.safetensors", "algorithm.safetensors", "trainer.json", "config.yaml")
@@ -30,13 +32,6 @@ REQUIRED = ("ema.safetensors", "algorithm.safetensors", "trainer.json", "config.
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def readable_as_umask(folder: Path) -> None:

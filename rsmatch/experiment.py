@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from rsmatch.checkpoint import write_text_atomic
+from rsmatch.atomic import write_text_atomic
 from rsmatch.config import (
     Config,
     ConfigError,

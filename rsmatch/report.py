@@ -25,6 +25,7 @@ import yaml
 
 from rsmatch.experiment import MANIFEST, RESULT_NEUTRAL, flat_config
 from rsmatch.registry import algorithms
+from rsmatch.runinfo import eval_entries
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
 # Keys the row and column already name, or that cannot change a result.
@@ -85,14 +86,9 @@ def _method_order(method: str) -> tuple:
 
 def read_evals(run: Path) -> list[dict[str, Any]]:
     """evals.jsonl, one entry per step: a resumed run may log a step twice; the last wins."""
-    file = run / "evals.jsonl"
-    if not file.is_file():
-        return []
     by_step = {}
-    for line in file.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            by_step[entry["step"]] = entry
+    for entry in eval_entries(run):
+        by_step[entry["step"]] = entry
     return [by_step[s] for s in sorted(by_step)]
 
 

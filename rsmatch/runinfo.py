@@ -10,10 +10,11 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from rsmatch.checkpoint import write_text_atomic
+from rsmatch.atomic import write_text_atomic
 from rsmatch.config import Config, ConfigError, flatten, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
@@ -110,12 +111,29 @@ def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | No
 
 def trim_evals(out: Path, step: int) -> int:
     """Drop evaluations after `step` from evals.jsonl (a resume from an older checkpoint
-    repeats them); replaced atomically. Returns how many lines were dropped."""
+    repeats them), and a last line that a crash cut off; replaced atomically. Returns how many
+    lines were dropped."""
     path = out / "evals.jsonl"
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (e := _entry(line)) is not None and e.get("step", 0) <= step]
     if len(kept) != len(lines):
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def eval_entries(out: Path) -> list[dict[str, Any]]:
+    """The evaluations in `out/evals.jsonl`, in file order (none without the file)."""
+    path = out / "evals.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [e for e in map(_entry, lines) if e is not None]
+
+
+def _entry(line: str) -> dict[str, Any] | None:
+    """One evals.jsonl line; None for a blank line or one a crash cut off while it was written
+    (the last), which a resume drops and a report skips."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None

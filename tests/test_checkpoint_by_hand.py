@@ -296,6 +296,23 @@ def test_trim_evals_keeps_the_step_resumed_from_and_says_how_many_it_dropped(tmp
     assert runinfo.trim_evals(tmp_path / "none", 4) == 0
 
 
+def test_a_last_evaluation_cut_off_by_a_crash_is_dropped_on_resume_and_skipped_by_a_report(
+    tmp_path,
+):
+    """A crash (a full disk, SIGKILL) in the middle of appending an evaluation leaves a cut-off
+    last line: the resume drops it (it crashed on it with a JSONDecodeError) and counts it; the
+    report and `eval_entries` read the whole lines."""
+    from rsmatch.report import read_evals
+
+    cut = '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 6, "test_a'
+    (tmp_path / "evals.jsonl").write_text(cut)
+    assert [e["step"] for e in runinfo.eval_entries(tmp_path)] == [2, 4]
+    assert [e["step"] for e in read_evals(tmp_path)] == [2, 4]
+    assert runinfo.trim_evals(tmp_path, 6) == 1
+    assert (tmp_path / "evals.jsonl").read_text() == cut.rsplit("\n", 1)[0] + "\n"
+    assert runinfo.eval_entries(tmp_path / "none") == []
+
+
 # -- the run folder ---------------------------------------------------------------------------
 
 
