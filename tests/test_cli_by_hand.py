@@ -432,7 +432,9 @@ def test_run_process_exit_codes(monkeypatch, capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("cli", ["train", "filter", "report", "analyze", "experiment"])
+@pytest.mark.parametrize(
+    "cli", ["train", "filter", "report", "analyze", "experiment", "throughput"]
+)
 def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
     """`--help` and a usage error are answered before the training stack is imported (which
     takes seconds of CPU): the module alone imports neither torch nor datasets."""

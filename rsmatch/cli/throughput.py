@@ -16,9 +16,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, NoReturn
 
-import torch
-
-from rsmatch.benchmark.sources import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, load_config
 
@@ -38,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, as rsmatch-train takes them (docs/config.md)")  # fmt: skip
     args = ap.parse_intermixed_args(argv)
+    import torch  # after parsing: --help and usage errors need neither torch nor datasets
+
+    from rsmatch.benchmark.sources import SourceError
+
     # stdout is for the JSON line; what libraries print (DeepSpeed logs to stdout) goes to stderr
     with stdout_to_stderr():
         try:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _time_steps(trainer: Trainer, warmup: int, steps: int) -> float:
     """Seconds for `steps` training steps after `warmup` unmeasured ones."""
+    import torch
+
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     try:
         for step in range(warmup):
