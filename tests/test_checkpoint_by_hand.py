@@ -19,15 +19,7 @@ from rsmatch import checkpoint, runfolder, runinfo
 from rsmatch.checkpoint import REQUIRED, CheckpointError, verify, write_manifest
 from rsmatch.config import ConfigError, load_config, to_dict
 
-
-def sealed(root: Path, step: int) -> Path:
-    """A checkpoint folder holding the four required files and a manifest."""
-    folder = root / f"step_{step:08d}"
-    folder.mkdir(parents=True)
-    for name in REQUIRED:
-        (folder / name).write_text(f"{name} of step {step}\n")
-    write_manifest(folder)
-    return folder
+from .test_reliability import _sealed
 
 
 def saved_by_hand(root: Path, step: int = 1) -> tuple[Accelerator, torch.nn.Module, Path]:
@@ -51,7 +43,7 @@ def saved_config(**overrides: object) -> dict:
 
 def test_a_resealed_manifest_lists_the_files_but_not_itself(tmp_path):
     """Sealing a folder again (a manifest already there) vouches for the others only."""
-    folder = sealed(tmp_path, 1)
+    folder = _sealed(tmp_path, 1)
     write_manifest(folder)
     files = json.loads((folder / "manifest.json").read_text())["files"]
     assert sorted(files) == ["algorithm.safetensors", "config.yaml", "ema.safetensors",
@@ -78,7 +70,7 @@ def test_files_in_subfolders_are_listed_by_their_relative_path(tmp_path):
 
 
 def test_a_missing_manifest_says_the_checkpoint_is_incomplete(tmp_path):
-    folder = sealed(tmp_path, 1)
+    folder = _sealed(tmp_path, 1)
     (folder / "manifest.json").unlink()
     with pytest.raises(CheckpointError) as e:
         verify(folder)
@@ -93,7 +85,7 @@ def test_a_missing_manifest_says_the_checkpoint_is_incomplete(tmp_path):
      ("{not json", "unreadable (JSONDecodeError)")],
 )  # fmt: skip
 def test_a_malformed_manifest_is_named(tmp_path, text, problem):
-    folder = sealed(tmp_path, 1)
+    folder = _sealed(tmp_path, 1)
     (folder / "manifest.json").write_text(text)
     with pytest.raises(CheckpointError) as e:
         verify(folder)
@@ -102,7 +94,7 @@ def test_a_malformed_manifest_is_named(tmp_path, text, problem):
 
 @pytest.mark.parametrize("name", ["trainer.json", "config.yaml", "algorithm.safetensors"])
 def test_each_required_file_must_be_in_the_manifest(tmp_path, name):
-    folder = sealed(tmp_path, 1)
+    folder = _sealed(tmp_path, 1)
     (folder / name).unlink()
     write_manifest(folder)
     with pytest.raises(CheckpointError) as e:
@@ -111,7 +103,7 @@ def test_each_required_file_must_be_in_the_manifest(tmp_path, name):
 
 
 def test_a_file_of_the_same_size_with_other_bytes_is_named(tmp_path):
-    folder = sealed(tmp_path, 1)
+    folder = _sealed(tmp_path, 1)
     (folder / "trainer.json").write_text("trainer.json of step 2\n")  # same 23 bytes
     with pytest.raises(CheckpointError) as e:
         verify(folder)
@@ -186,7 +178,7 @@ def test_resume_from_a_step_in_an_empty_folder_says_none(tmp_path):
 
 def test_auto_fallback_with_nothing_intact_lists_every_reason(tmp_path):
     for step in (2, 4):
-        (sealed(tmp_path, step) / "trainer.json").unlink()
+        (_sealed(tmp_path, step) / "trainer.json").unlink()
     with pytest.raises(CheckpointError) as e:
         checkpoint.select(tmp_path, "auto-fallback")
     assert str(e.value) == (
@@ -201,7 +193,7 @@ def test_auto_fallback_with_nothing_intact_lists_every_reason(tmp_path):
 
 
 def test_resume_without_a_latest_pointer_is_refused(tmp_path):
-    sealed(tmp_path, 2)  # a checkpoint, but no `latest`
+    _sealed(tmp_path, 2)  # a checkpoint, but no `latest`
     with pytest.raises(CheckpointError) as e:
         checkpoint.select(tmp_path, "latest")
     assert str(e.value) == f"--resume: no checkpoint under {tmp_path}"
