@@ -38,6 +38,7 @@ OPS = (
     "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
 )  # fmt: skip
 N_OPS = 3
+PAD = 4  # weak view: reflect-pad 4 pixels, then crop back at a random offset
 CUTOUT_FILL = (125.0, 123.0, 114.0)
 
 
@@ -51,7 +52,7 @@ class Params(Movable):
 
 @dataclass
 class WeakParams(Params):
-    shift: torch.Tensor  # [N, 2] crop offsets in [0, 2*pad]
+    shift: torch.Tensor  # [N, 2] crop offsets in [0, 2 * PAD]
     flip: torch.Tensor  # [N] bool
 
 
@@ -71,15 +72,15 @@ class StrongParams(Params):
         )
 
 
-def sample_weak(n: int, gen: torch.Generator, pad: int = 4) -> WeakParams:
+def sample_weak(n: int, gen: torch.Generator) -> WeakParams:
     return WeakParams(
-        shift=torch.randint(0, 2 * pad + 1, (n, 2), generator=gen),
+        shift=torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen),
         flip=torch.rand(n, generator=gen) < 0.5,
     )
 
 
-def sample_strong(n: int, gen: torch.Generator, pad: int = 4) -> StrongParams:
-    weak = sample_weak(n, gen, pad)
+def sample_strong(n: int, gen: torch.Generator) -> StrongParams:
+    weak = sample_weak(n, gen)
     ops = torch.randint(0, len(OPS), (n, N_OPS), generator=gen)
     mags = torch.rand(n, N_OPS, generator=gen)
     centre = torch.rand(n, 2, generator=gen)
@@ -87,10 +88,10 @@ def sample_strong(n: int, gen: torch.Generator, pad: int = 4) -> StrongParams:
     return StrongParams(weak, ops, mags, torch.cat([centre, side], dim=1))
 
 
-def apply_weak(x: torch.Tensor, p: WeakParams, pad: int = 4) -> torch.Tensor:
+def apply_weak(x: torch.Tensor, p: WeakParams) -> torch.Tensor:
     """Random crop of the reflect-padded image, then flip. uint8 [N,C,H,W] in and out."""
     n, _, h, w = x.shape
-    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    padded = F.pad(x.float(), (PAD, PAD, PAD, PAD), mode="reflect")
     rows = p.shift[:, 0, None] + torch.arange(h, device=x.device)  # [N, H]
     cols = p.shift[:, 1, None] + torch.arange(w, device=x.device)  # [N, W]
     batch = torch.arange(n, device=x.device)[:, None, None]
