@@ -293,7 +293,10 @@ def drive(args: argparse.Namespace) -> dict:
             for kind, proc in workers.items():
                 proc.stdin.write(f"run {args.steps}\n")
                 proc.stdin.flush()
-                seconds = float(_expect(proc, "seconds").split()[1])
+                line = _expect(proc, "seconds")
+                if line is None:  # its stdout closed: it died (its stderr says why)
+                    raise SystemExit(f"bench_vs_usb: the {kind} worker died in round {r}")
+                seconds = float(line.split()[1])
                 times[kind].append(seconds)
                 print(json.dumps({"round": r, "step": kind, "s_per_step": round(seconds, 4)}))
     finally:

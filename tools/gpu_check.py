@@ -365,6 +365,8 @@ def bench(c: Check, log: Path, limit: float, extra: list[str]) -> dict:
     cmd = [c.py, "tools/bench_vs_usb.py", "--only", *contenders, *c.sizes["throughput"],
            f"--threads={min(os.cpu_count() or 1, 8)}", f"--precision={c.tool_precision}", *extra]  # fmt: skip
     result, measured = run_for_json(cmd, log, limit, c.env)
+    if result["status"] == "ok" and not measured:  # exited 0 without its summary: no numbers
+        result["status"] = "failed"
     if measured:
         med = measured["median_s_per_step"]
         for name in med:
