@@ -255,7 +255,7 @@ class Trainer:
                 self._note(f"skipping a broken checkpoint: {note}")
             if found is not None:
                 for path in checkpoint.set_aside(self.ckpt_root, found):
-                    self._note(f"set aside {path.name}: newer than the checkpoint resumed from")
+                    self._note(f"{path.name}: newer than the checkpoint resumed from, set aside")
             # evaluations after the step we start from (all, for a run that died before its
             # first checkpoint) will be repeated: each step appears once
             dropped = trim_evals(self.out, self.state.step)
