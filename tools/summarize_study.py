@@ -50,15 +50,15 @@ MASK_TAGS = (
 
 
 def main(root: Path) -> None:
+    from rsmatch.runinfo import eval_entries
+
     runs = sorted(p.parent for p in root.glob("*-seed*/metrics.json"))
     by_method: dict[str, list[dict]] = defaultdict(list)
     curves: dict[str, list[list[dict]]] = defaultdict(list)
     for run in runs:
         method = run.name.rsplit("-seed", 1)[0]
         by_method[method].append(json.loads((run / "metrics.json").read_text()))
-        curves[method].append(
-            [json.loads(x) for x in (run / "evals.jsonl").read_text().splitlines()]
-        )
+        curves[method].append(eval_entries(run))
     lines = [
         f"# Study: {root}",
         "",
