@@ -305,30 +305,30 @@ def test_compile_mode_reaches_torch_compile(sources, tmp_path, monkeypatch):
     assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
 
 
-# RSMatch's detector starts as a coin flip (two near-equal logits), so the rounding of compiled
-# kernels flips a few of its early pseudo-labels and queue picks: measured on this CPU without
-# CUDA graphs, its first convolution moved 2.8e-3 (weights ~0.4) from eager in 4 steps.
-DETECTOR_ATOL = 1e-2
-
-
-def assert_trains_like_eager(
-    compiled: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], rtol: float, atol: float
-) -> None:
-    assert compiled.keys() == eager.keys()  # no `_orig_mod.` names
-    for k, v in eager.items():
-        tol = max(atol, DETECTOR_ATOL) if k.startswith("detector.") else atol
-        torch.testing.assert_close(compiled[k], v, rtol=rtol, atol=tol, msg=k)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fixmatch", "rsmatch"])
 def test_compiled_model_trains_like_the_eager_one(sources, tmp_path, algorithm):
+    """Compiled kernels round differently, and 4 steps of training amplify that by an amount that
+    depends on the CPU's kernels, so each tensor is compared with how far eager training moved it
+    from the shared start. Measured, largest share of that move: the classifier 0.1% (Xeon, AMX
+    kernels) and 0.6% (oneDNN held to AVX2), RSMatch's detector 3.9% (it starts as a coin flip,
+    so rounding flips a few of its early pseudo-labels and queue picks). A learning rate 10% off
+    in the compiled run put a classifier tensor 13% of its move away (tried, and caught)."""
     from safetensors.torch import load_file
 
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
-        Trainer(tiny_config(sources, out, algorithm=algorithm, **{"train.compile": compiled})).fit()
+        trainer = Trainer(tiny_config(sources, out, algorithm=algorithm,
+                                      **{"train.compile": compiled}))  # fmt: skip
+        if not compiled:
+            start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.fit()
         step = out / "checkpoints" / "step_00000004"  # as saved: checkpoint names unchanged
         runs[compiled] = load_file(str(step / "model.safetensors"))
-    assert_trains_like_eager(runs[True], runs[False], rtol=1e-3, atol=1e-4)
+    assert runs[True].keys() == runs[False].keys() == start.keys()  # no `_orig_mod.` names
+    for name, eager in runs[False].items():
+        share = 0.1 if name.startswith("detector.") else 0.02
+        moved = (eager - start[name]).abs().max().item()
+        off = (runs[True][name] - eager).abs().max().item()
+        assert off <= share * moved, f"{name}: {off:.2e} from eager, which moved {moved:.2e}"
