@@ -37,6 +37,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rsmatch.atomic import write_text_atomic
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.config import (
     Config,
     ConfigError,
@@ -304,8 +305,7 @@ Trainer = Callable[[list[str]], int]
 def check_data_paths(runs: Sequence[Run]) -> None:
     """The data folders of the runs still to train exist (or are Hub ids), before any run
     starts: a typo in one axis value would otherwise surface at its run's turn, hours in."""
-    from rsmatch.benchmark.sources import SourceError  # heavy imports, for real runs only
-    from rsmatch.data.check import check_local_paths
+    from rsmatch.data.check import check_local_paths  # heavy imports, for real runs only
 
     for run in runs:
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults
 
 RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
@@ -191,7 +192,6 @@ def _push_data(args: argparse.Namespace, kind: str) -> int:
         print(f"rsmatch-push: error: {flag}: for run folders; {args.run} is a {kind} output",
               file=sys.stderr)  # fmt: skip
         return 2
-    from rsmatch.benchmark.sources import SourceError
 
     try:
         push_data_folder(args.run, kind, args.repo, args.private)

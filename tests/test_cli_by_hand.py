@@ -433,7 +433,7 @@ def test_run_process_exit_codes(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "cli", ["train", "filter", "report", "analyze", "experiment", "throughput"]
+    "cli", ["train", "filter", "report", "analyze", "experiment", "throughput", "build_benchmark"]
 )
 def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
     """`--help` and a usage error are answered before the training stack is imported (which

@@ -12,7 +12,7 @@ import contextlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,9 @@ import numpy as np
 
 from rsmatch.benchmark import synth
 from rsmatch.benchmark.card import dataset_card
+from rsmatch.benchmark.errors import BuildError
 from rsmatch.benchmark.integrity import check_readable
+from rsmatch.benchmark.options import BuildOptions, GeneratorSpec
 from rsmatch.benchmark.preview import preview
 from rsmatch.benchmark.push import push_benchmark
 from rsmatch.benchmark.sources import (
@@ -54,47 +56,13 @@ if TYPE_CHECKING:
     from accelerate import PartialState
 
 
-class BuildError(ValueError):
-    """Bad input, found before any work."""
-
-
-@dataclass
-class BuildOptions:
-    """What `rsmatch-build-benchmark` takes; its flags are these names with dashes."""
-
-    real: str | None = None
-    synthetic: list[str] = field(default_factory=list)  # NAME=[cifake:]FOLDER
-    generate: list[str] = field(default_factory=list)
-    generator_model: list[str] = field(default_factory=list)  # GEN=PATH_OR_ID
-    lightning_unet: str | None = None
-    images_per_class: int = 0  # 0: what the ratio needs
-    prompts: str = "t5"
-    prompt_model: str = synth.DEFAULT_PROMPT_MODEL
-    prompts_per_class: int = 200
-    batch_size: int = 8
-    dtype: str = "float16"
-    device: str | None = None
-    resolution: int = 0
-    jpeg_quality: int = -1  # -1: 75 if the real set is JPEG, else PNG (0)
-    export_synthetic: Path | None = None
-    labels_per_class: int = 25
-    unlabeled_per_class: int | None = None
-    replace_ratio: float = 0.5
-    seed: int = 0
-    skip_corrupt: bool = False
-    out: Path | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-    command: list[str] = field(default_factory=list)  # recorded in the card
-
-
 @dataclass
 class Plan:
     """The options resolved: imported folders and generators by name, and the split."""
 
     out: Path
     imports: dict[str, str]  # name -> "[cifake:]FOLDER"
-    generators: dict[str, synth.GeneratorSpec]
+    generators: dict[str, GeneratorSpec]
     split: SplitSpec
 
     @property

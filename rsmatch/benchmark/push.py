@@ -6,13 +6,10 @@ from pathlib import Path
 
 import datasets
 
+from rsmatch.benchmark.errors import PushError
 from rsmatch.benchmark.store import META_FILE
 
 FILES = ("README.md", "preview.png", META_FILE)  # beside the shards `datasets` uploads
-
-
-class PushError(RuntimeError):
-    """The benchmark was built but could not be pushed to the Hub."""
 
 
 def push_benchmark(folder: Path, dd: datasets.DatasetDict, repo: str, private: bool) -> None:

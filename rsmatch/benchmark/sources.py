@@ -25,6 +25,8 @@ import datasets
 import numpy as np
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from rsmatch.benchmark.errors import SourceError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 LABEL_COLUMNS = ("label", "fine_label", "labels")  # uoft-cs/cifar100 uses fine_label
 
@@ -32,10 +34,6 @@ LABEL_COLUMNS = ("label", "fine_label", "labels")  # uoft-cs/cifar100 uses fine_
 def image_bytes(item: dict) -> bytes:
     """The encoded bytes of an undecoded `datasets.Image` value: stored, or read from its path."""
     return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
-
-
-class SourceError(ValueError):
-    """A source that cannot be used; the message names the path or id."""
 
 
 @dataclass

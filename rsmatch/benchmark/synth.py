@@ -26,40 +26,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rsmatch.benchmark.errors import ModelLoadError
+from rsmatch.benchmark.options import DEFAULT_PROMPT_MODEL, GENERATORS, GeneratorSpec
+
 if TYPE_CHECKING:  # diffusers is an optional extra, imported when a pipeline is loaded
     from diffusers import DiffusionPipeline
 
-DEFAULT_PROMPT_MODEL = "mrm8488/t5-base-finetuned-common_gen"  # He et al. 2022
 TEMPLATE = "a photo of a {}"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class GeneratorSpec:
-    model: str  # Hub id or local folder of a saved pipeline
-    steps: int
-    guidance: float
-    resolution: int  # native output size
-    kind: str = "auto"  # auto: DiffusionPipeline.from_pretrained; sdxl_lightning: swap UNet
-    unet: str | None = None  # "repo/file.safetensors" or a local file (sdxl_lightning)
-
-
-GENERATORS = {
-    "sd14": GeneratorSpec("CompVis/stable-diffusion-v1-4", 50, 7.5, 512),
-    "sdxl_lightning": GeneratorSpec(
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        4,
-        0.0,
-        1024,
-        kind="sdxl_lightning",
-        unet="ByteDance/SDXL-Lightning/sdxl_lightning_4step_unet.safetensors",
-    ),  # fmt: skip
-    "glide": GeneratorSpec("CompVis/ldm-text2im-large-256", 50, 6.0, 256),
-}
-
-
-class ModelLoadError(ValueError):
-    """A prompt or generator model that cannot be loaded (offline, a wrong id, a broken folder)."""
 
 
 def _loaded(what: str, loader: Callable[[], T], instead: str) -> T:

@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
 
 VIZ_MODULES = ("sklearn", "pytorch_grad_cam")  # the `viz` extra: t-SNE, GradCAM++
@@ -49,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
               f"pip install -e '.[viz]' in the repository", file=sys.stderr)  # fmt: skip
         return 2
     from rsmatch.analysis import analyze  # torch, sklearn and grad-cam after parsing
-    from rsmatch.benchmark.sources import SourceError
     from rsmatch.config import ConfigError
 
     try:

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from rsmatch.benchmark.build import BuildError, BuildOptions, build
-from rsmatch.benchmark.push import PushError
-from rsmatch.benchmark.sources import SourceError
-from rsmatch.benchmark.synth import GENERATORS, ModelLoadError
+from rsmatch.benchmark.errors import BuildError, ModelLoadError, PushError, SourceError
+from rsmatch.benchmark.options import GENERATORS, BuildOptions
 from rsmatch.cli import HelpWithDefaults
 from rsmatch.config import YamlLoader, did_you_mean
 
@@ -165,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     options = None
     try:
         options = parse_args(argv)
+        from rsmatch.benchmark.build import build  # torch and datasets: not for --help
+
         sizes = build(options)
     except (BuildError, SourceError, ModelLoadError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

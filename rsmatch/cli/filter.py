@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
 from rsmatch.config import ConfigError
 from rsmatch.hub import repo_id_problem
@@ -87,7 +88,6 @@ def labelled_sources(items: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rsmatch import filter as flt  # torch, torchvision, datasets: not for --help
-    from rsmatch.benchmark.sources import SourceError
 
     flt.datasets.disable_progress_bars()
     try:

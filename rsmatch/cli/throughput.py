@@ -16,6 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, NoReturn
 
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, load_config
 
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="config overrides, as rsmatch-train takes them (docs/config.md)")  # fmt: skip
     args = ap.parse_intermixed_args(argv)
     import torch  # after parsing: --help and usage errors need neither torch nor datasets
-
-    from rsmatch.benchmark.sources import SourceError
 
     # stdout is for the JSON line; what libraries print (DeepSpeed logs to stdout) goes to stderr
     with stdout_to_stderr():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
@@ -65,7 +66,6 @@ def _report(error: Exception) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # after parsing: --help and usage errors need neither datasets nor torch
-    from rsmatch.benchmark.sources import SourceError
     from rsmatch.checkpoint import CheckpointError
 
     resume = args.resume_from if args.resume_from is not None else args.resume
