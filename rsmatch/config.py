@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -214,13 +215,15 @@ def config_class() -> type[Config]:
 
 class YamlLoader(yaml.SafeLoader):
     """The YAML of configs (training, grids, the builder's --config): a SafeLoader with YAML 1.2
-    booleans and integers. Only true/false are booleans, so `mixed_precision: no` stays the
-    string; `010` is ten (YAML 1.1: eight, octal); `1:30` and `0b101` are not numbers."""
+    booleans, integers and floats. Only true/false are booleans, so `mixed_precision: no` stays
+    the string; `010` is ten (YAML 1.1: eight, octal); `1e-3` is a float (YAML 1.1: a string);
+    `1:30`, `1:30.5` and `0b101` are not numbers."""
 
 
-_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_BOOL, _INT, _FLOAT = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                       "tag:yaml.org,2002:float")  # fmt: skip
 YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT)]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 YamlLoader.add_implicit_resolver(
@@ -249,11 +252,16 @@ def _yaml_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 
 YamlLoader.add_constructor(_INT, _yaml_int)
 
-# YAML 1.1 reads 1e-3 as a string; scientific notation without a dot is a float here.
+# decimal with a point or an exponent (an integer matched first), .inf and .nan; digit groups
+# as in integers. SafeLoader's own constructor reads them.
+_DIGITS = r"[0-9]+(?:_[0-9]+)*"
 YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    _FLOAT,
+    re.compile(
+        rf"^(?:[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
 )
 
 
@@ -313,6 +321,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         except OverflowError:
             raise ConfigError(f"{key}: {value} is too large for a float") from None
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -532,7 +542,8 @@ def config_docs() -> str:
         "dataclasses of the registered algorithms; do not edit.",
         "Set keys in YAML or override them on the command line as `section.key=value`.",
         "Values are read as YAML 1.2: only `true`/`false` are booleans (`no` is the text `no`),",
-        "`010` is the integer 10, and `1:30` or `0b101` are text, not numbers.",
+        "`010` is the integer 10, `1e-3` is a float, and `1:30`, `1:30.5` or `0b101` are text,",
+        "not numbers. Float keys take finite numbers only (`.inf` and `.nan` are refused).",
         "",
     ]
 

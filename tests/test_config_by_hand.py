@@ -80,6 +80,34 @@ def test_yaml_1_1_sexagesimal_and_binary_are_not_integers(value):
     assert message == f"train.steps: expected an integer, got '{value}'"
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [("1e-3", 0.001), ("3E-2", 0.03), (".5", 0.5), ("2.", 2.0), ("+.5e+1", 5.0), ("1_0.5", 10.5)],
+)
+def test_floats_are_read_as_yaml_1_2(value, expected, tmp_path):
+    """A point or an exponent makes a float (`1e-3` was text under YAML 1.1)."""
+    assert load_config(None, [f"train.lr={value}"]).train.lr == expected
+    (tmp_path / "c.yaml").write_text(f"train:\n  lr: {value}\n")
+    assert load_config(str(tmp_path / "c.yaml"), []).train.lr == expected
+
+
+@pytest.mark.parametrize("value", ["1:30.5", "1e", "1.5.2"])
+def test_yaml_1_1_sexagesimal_floats_are_not_numbers(value):
+    """`1:30.5` was 90.5 under YAML 1.1 (base 60: 1 * 60 + 30.5); text now, refused for a
+    float key by name."""
+    assert _error([f"train.lr={value}"]) == f"train.lr: expected float, got '{value}'"
+
+
+@pytest.mark.parametrize("value, shown", [(".inf", "inf"), ("-.Inf", "-inf"), (".nan", "nan")])
+def test_a_float_key_must_be_finite(value, shown):
+    """`.inf` met `train.lr > 0` and would have trained on NaN weights; infinities and NaN are
+    refused for every float key, before any range check."""
+    assert _error([f"train.lr={value}"]) == f"train.lr: expected a finite number, got {shown}"
+    assert (
+        _error([f"ssl.lambda_u={value}"]) == f"ssl.lambda_u: expected a finite number, got {shown}"
+    )
+
+
 def test_null_is_accepted_where_the_key_may_be_none():
     cfg = load_config(None, ["data.unlabeled_per_class=null", "data.exclude_scores=null"])
     assert cfg.data.unlabeled_per_class is None and cfg.data.exclude_scores is None
