@@ -96,11 +96,21 @@ def test_drive_reports_medians_and_each_ratio_the_right_way_up(monkeypatch, tmp_
 
 
 def test_drive_median_of_two_rounds_is_their_mean(monkeypatch, tmp_path):
-    """With an even number of rounds the median is the middle pair's mean, rounded to 4 places."""
+    """With an even number of rounds the median is the middle pair's mean, to 4 digits."""
     seconds = {"bare": [0.2, 0.4], "fixmatch": [0.80004, 0.80012]}
     got, _, _ = _drive(monkeypatch, tmp_path, seconds, only=["bare", "fixmatch"], rounds=2)
     assert got["median_s_per_step"] == {"bare": 0.3, "fixmatch": 0.8001}
     assert got["ratios"] == {"bare / rsmatch fixmatch (>= 0.9 wanted)": 0.375}  # 3 places
+
+
+def test_gpu_scale_steps_keep_four_significant_digits(monkeypatch, tmp_path, capsys):
+    """A GPU step of ~0.016 s: 0.016034 is printed 0.01603 (4 decimals gave 0.016), so a ratio
+    taken from the printed medians is within 0.01%, not 0.6%."""
+    seconds = {"fixmatch": [0.016034], "rsmatch": [0.025249]}
+    got, _, _ = _drive(monkeypatch, tmp_path, seconds, only=["fixmatch", "rsmatch"], rounds=1)
+    assert got["median_s_per_step"] == {"fixmatch": 0.01603, "rsmatch": 0.02525}
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["s_per_step"] for x in lines] == [0.01603, 0.02525]
 
 
 def test_drive_gives_no_ratio_without_fixmatch(monkeypatch, tmp_path):
