@@ -7,8 +7,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# torch.compile's on-disk cache (torch 2.14.1) is not keyed on the vector ISA that ATen and
+# inductor use: kernels compiled under ATEN_CPU_CAPABILITY=avx2 crashed a later run without
+# it, and the reverse trained to NaN. Each session compiles into its own folder, as on a fresh
+# CI machine (its processes inherit it), unless one was chosen.
+INDUCTOR_CACHE = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="rsmatch-tests-inductor-"
+    )
+
 import importlib.util  # noqa: E402
 import io  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -22,6 +35,11 @@ from rsmatch.config import Config, load_config  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if INDUCTOR_CACHE is not None:
+        shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
 
 
 def needs_cuda(test):
