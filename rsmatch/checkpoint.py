@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rsmatch.atomic import write_text_atomic
+from rsmatch.config import dump_yaml
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -123,7 +124,7 @@ def save(
         state = {k: v.detach().cpu().contiguous() for k, v in algorithm_state.items()}
         save_file(state, str(tmp / "algorithm.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "config.yaml").write_text(dump_yaml(config))
         readable_as_umask(tmp)
         write_manifest(tmp)  # last: it vouches for everything above
         shutil.rmtree(final, ignore_errors=True)

@@ -265,6 +265,31 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+class YamlDumper(yaml.SafeDumper):
+    """Writes configs that read back the same with YamlLoader and with `yaml.safe_load`:
+    SafeDumper quotes a text that YAML 1.1 would read as something else (`no`, `1.5`); this
+    also quotes one that YAML 1.2 would (`1e5`, `0o17`), so a run's config.yaml serves as a
+    --config."""
+
+
+_STR = "tag:yaml.org,2002:str"
+_READER = YamlLoader("")
+
+
+def _represent_str(dumper: YamlDumper, text: str) -> yaml.ScalarNode:
+    if _READER.resolve(yaml.ScalarNode, text, (True, False)) != _STR:
+        return dumper.represent_scalar(_STR, text, style="'")
+    return dumper.represent_str(text)
+
+
+YamlDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data: Any) -> str:
+    """`data` as YAML, keys in their order, every text read back as text (YamlDumper)."""
+    return yaml.dump(data, Dumper=YamlDumper, sort_keys=False)
+
+
 def parse_yaml(text: str, where: str, marks: bool = True) -> Any:
     """Parse YAML; any error becomes one line `WHERE:LINE:COL: problem` (or `WHERE: problem`)."""
     try:

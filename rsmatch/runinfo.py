@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from rsmatch.atomic import write_text_atomic
-from rsmatch.config import Config, ConfigError, flatten, to_dict
+from rsmatch.config import Config, ConfigError, dump_yaml, flatten, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
             "numpy", "deepspeed", "diffusers", "transformers")  # fmt: skip
@@ -60,7 +60,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_e
 def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
     old = flatten(saved)
-    new = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))  # the same round trip as saved
+    new = flatten(yaml.safe_load(dump_yaml(to_dict(cfg))))  # the same round trip as saved
     # A whole section on one side only is an algorithm registered on one side only (a plugin,
     # a newer version); it matters only when it is this run's own algorithm.
     sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}
@@ -85,7 +85,7 @@ _ABSENT = object()
 def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | None) -> None:
     """Write config.yaml and run.json; a resume appends to run.json's history."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(out / "config.yaml", dump_yaml(to_dict(cfg)))
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     event = {
         "event": "resume" if resumed_from else "start", "command": sys.argv, "time": now,

@@ -108,6 +108,25 @@ def test_a_float_key_must_be_finite(value, shown):
     )
 
 
+def test_a_runs_config_yaml_reads_back_as_the_same_config(tmp_path):
+    """Texts that YAML 1.2 reads as numbers (`1e5`, `0o17`) are quoted in config.yaml, so the
+    file works as a --config (it refused `data.benchmark: 0o17` as the integer 15) and reads
+    the same with yaml.safe_load (the report's and the resume check's reader)."""
+    import yaml
+
+    from rsmatch.config import to_dict
+    from rsmatch.runinfo import write_run_record
+
+    texts = {"data.real": "1e5", "data.benchmark": "0o17", "train.output_dir": "no"}
+    cfg = load_config(None, [f'{key}="{text}"' for key, text in texts.items()])
+    write_run_record(tmp_path, cfg, {}, None)
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "real: '1e5'" in saved and "benchmark: '0o17'" in saved and "output_dir: 'no'" in saved
+    again = load_config(str(tmp_path / "config.yaml"), [])
+    assert [again.data.real, again.data.benchmark, again.train.output_dir] == ["1e5", "0o17", "no"]
+    assert to_dict(again) == to_dict(cfg) == yaml.safe_load(saved)
+
+
 def test_null_is_accepted_where_the_key_may_be_none():
     cfg = load_config(None, ["data.unlabeled_per_class=null", "data.exclude_scores=null"])
     assert cfg.data.unlabeled_per_class is None and cfg.data.exclude_scores is None
