@@ -26,7 +26,7 @@ def saved_by_hand(root: Path, step: int = 1) -> tuple[Accelerator, torch.nn.Modu
     """A real checkpoint of a 2x2 linear layer, as `checkpoint.save` writes it."""
     acc = Accelerator(cpu=True)
     model = acc.prepare(torch.nn.Linear(2, 2))
-    config = {"zeta": 1, "alpha": 2}  # not in sorted order
+    config = {"zeta": 1, "alpha": "0o17"}  # not in sorted order; a text YAML 1.2 reads as 15
     path = checkpoint.save(acc, root, step, model, {"n": torch.tensor([7])}, {"step": step},
                            config, keep=2)  # fmt: skip
     return acc, model, path
@@ -114,11 +114,12 @@ def test_a_file_of_the_same_size_with_other_bytes_is_named(tmp_path):
 
 
 def test_save_writes_latest_config_and_trainer_state_as_given(tmp_path):
-    """`latest` is one line naming the folder; config.yaml keeps the run's key order."""
+    """`latest` is one line naming the folder; config.yaml keeps the run's key order and quotes
+    a text that would read back as a number."""
     _, _, path = saved_by_hand(tmp_path, 3)
     assert path == tmp_path / "step_00000003"
     assert (tmp_path / "latest").read_text() == "step_00000003\n"
-    assert (path / "config.yaml").read_text() == "zeta: 1\nalpha: 2\n"
+    assert (path / "config.yaml").read_text() == "zeta: 1\nalpha: '0o17'\n"
     assert json.loads((path / "trainer.json").read_text()) == {"step": 3}
 
 
