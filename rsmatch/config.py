@@ -542,6 +542,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def as_saved(cfg: Config) -> dict[str, Any]:
+    """`cfg` as its config.yaml reads back (`yaml.safe_load`): what a resume or a grid compares
+    a run folder's file with."""
+    return yaml.safe_load(dump_yaml(to_dict(cfg)))
+
+
 def flatten(tree: dict, whole: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}. The dotted keys in `whole` (a grid varies
     `data.synthetic` as one value) and empty mappings stay one value."""

@@ -41,7 +41,7 @@ from rsmatch.benchmark.errors import SourceError
 from rsmatch.config import (
     Config,
     ConfigError,
-    dump_yaml,
+    as_saved,
     fixed_by_benchmark,
     flatten,
     load_config,
@@ -231,7 +231,7 @@ def config_drift(run: Run) -> tuple[str, str] | None:
     if not saved_file.is_file() or run_state(run.path) == "todo":
         return None
     saved = flat_config(yaml.safe_load(saved_file.read_text()) or {})
-    wanted = flat_config(yaml.safe_load(dump_yaml(to_dict(run.config))))
+    wanted = flat_config(as_saved(run.config))
     for key in sorted(saved.keys() & wanted.keys() - set(RESULT_NEUTRAL)):
         if saved[key] != wanted[key]:
             return key, f"{key} is {saved[key]!r} there, {wanted[key]!r} in the grid"

@@ -12,10 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rsmatch.atomic import write_text_atomic
-from rsmatch.config import Config, ConfigError, dump_yaml, flatten, to_dict
+from rsmatch.config import Config, ConfigError, as_saved, dump_yaml, flatten, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
             "numpy", "deepspeed", "diffusers", "transformers")  # fmt: skip
@@ -60,7 +58,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_e
 def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
     old = flatten(saved)
-    new = flatten(yaml.safe_load(dump_yaml(to_dict(cfg))))  # the same round trip as saved
+    new = flatten(as_saved(cfg))
     # A whole section on one side only is an algorithm registered on one side only (a plugin,
     # a newer version); it matters only when it is this run's own algorithm.
     sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}

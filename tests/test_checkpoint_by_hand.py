@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from rsmatch import checkpoint, runfolder, runinfo
 from rsmatch.checkpoint import REQUIRED, CheckpointError, verify, write_manifest
-from rsmatch.config import ConfigError, load_config, to_dict
+from rsmatch.config import ConfigError, as_saved, load_config, to_dict
 
 from .test_reliability import _sealed
 
@@ -35,7 +35,7 @@ def saved_by_hand(root: Path, step: int = 1) -> tuple[Accelerator, torch.nn.Modu
 def saved_config(**overrides: object) -> dict:
     """The config a checkpoint holds for `load_config(None, overrides)`, as read back."""
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-    return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    return as_saved(cfg)
 
 
 # -- the manifest -----------------------------------------------------------------------------
