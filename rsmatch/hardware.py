@@ -161,8 +161,8 @@ def is_true(value: object) -> bool:
     return str(value).lower() == "true"
 
 
-def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
-    """Check a DeepSpeed config and add, in place, the two settings the trainer relies on.
+def complete_deepspeed_config(ds_config: dict, mixed_precision: str, clip_grad_norm: float) -> None:
+    """Check a DeepSpeed config and add, in place, the three settings the trainer relies on.
 
     - Refused: DeepSpeed's own bf16/fp16, a cast of the whole model (BatchNorm and its
       statistics included; the fp32 images then meet bf16 weights). The trainer autocasts
@@ -172,6 +172,9 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
       so the model ran fp32 while run.json said bf16. No module communicates in bf16:
       gradients are reduced in fp32, as under DDP (with bf16 on, DeepSpeed then ignores a
       JSON's `communication_data_type`).
+    - `gradient_clipping`, set from `train.clip_grad_norm` (the engine clips inside its step;
+      refused when the JSON sets another number): left out or `auto`, Accelerate filled in 1.0,
+      so runs clipped that train.clip_grad_norm=0 said would not.
     - `zero_optimization.parameter_alignment` on for ZeRO-1/2 (refused when the JSON sets it
       false): ZeRO packs the parameters into one flat buffer, and the 10-way heads leave every
       parameter after them off 16-byte boundaries. The probable cause of a CUDA fault in the
@@ -197,6 +200,13 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
             "train.mixed_precision"
         )
     ds_config["torch_autocast"] = autocast
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping != "auto" and not _equal_number(clipping, clip_grad_norm):
+        raise ConfigError(
+            f"train.clip_grad_norm={clip_grad_norm}: the DeepSpeed config clips at {clipping}; "
+            f'set "gradient_clipping": {clip_grad_norm} there, or leave it out'
+        )
+    ds_config["gradient_clipping"] = clip_grad_norm
     zero = ds_config.get("zero_optimization") or {}
     stage = str(zero.get("stage"))
     if stage == "3":
@@ -212,6 +222,14 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str) -> None:
                 '("misaligned address")'
             )
         zero["parameter_alignment"] = True
+
+
+def _equal_number(value: object, number: float) -> bool:
+    """Whether a JSON value is `number` (a number, or a text of one, as DeepSpeed reads it)."""
+    try:
+        return float(value) == number  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _glibc() -> ctypes.CDLL | None:

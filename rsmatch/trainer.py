@@ -81,8 +81,9 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, mixed_precision: 
     """Complete the DeepSpeed config (`hardware.complete_deepspeed_config`) and refuse what does
     not run under DeepSpeed, before anything is written."""
     hardware.complete_deepspeed_config(
-        accelerator.state.deepspeed_plugin.deepspeed_config, mixed_precision
-    )
+        accelerator.state.deepspeed_plugin.deepspeed_config, mixed_precision,
+        cfg.train.clip_grad_norm,
+    )  # fmt: skip
     if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
         raise ConfigError(
             "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no gradient "
@@ -167,12 +168,6 @@ class Trainer:
             # DDP kwargs cannot pass yet; either keeps buffers out of every forward, as wanted.
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        if self.deepspeed and float(self.model.gradient_clipping() or 0.0) != t.clip_grad_norm:
-            # DeepSpeed clips inside its step; an unset value in its JSON may still clip.
-            raise ConfigError(
-                f"train.clip_grad_norm={t.clip_grad_norm}: the DeepSpeed config clips at "
-                f'{self.model.gradient_clipping()}; set "gradient_clipping": {t.clip_grad_norm} there'
-            )
         # the trained module inside Accelerate's wrappers (DDP, DeepSpeed), found once: each
         # unwrap_model call reads package metadata (~0.6 ms, one core of a 2-core EPYC)
         self.live_model = acc.unwrap_model(self.model)

@@ -5,8 +5,8 @@ the engine's parameters lie. Launched by tests/test_deepspeed.py through `accele
   GPU it is on (the trainer autocasts) and the engine's forward then switches it off unless its
   config has `torch_autocast`. Here the no-argument form answers with the CPU's autocast, so the
   CPU run takes that GPU path. (On a GPU nothing is changed.)
-- RSMATCH_PROBE_OUT: a JSON file, written before training, of each parameter's address modulo
-  16 bytes inside the engine (ZeRO's flat buffer).
+- RSMATCH_PROBE_OUT: a JSON file, written before training: each parameter's address modulo
+  16 bytes inside the engine (ZeRO's flat buffer), and the norm the engine clips gradients at.
 """
 
 import json
@@ -34,7 +34,8 @@ fit = Trainer.fit
 
 def fit_and_record(self: Trainer, *args, **kwargs):
     offsets = {n: p.data_ptr() % 16 for n, p in self.model.module.named_parameters()}
-    Path(os.environ["RSMATCH_PROBE_OUT"]).write_text(json.dumps(offsets))
+    probe = {"offsets": offsets, "gradient_clipping": self.model.gradient_clipping()}
+    Path(os.environ["RSMATCH_PROBE_OUT"]).write_text(json.dumps(probe))
     return fit(self, *args, **kwargs)
 
 

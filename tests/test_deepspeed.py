@@ -28,7 +28,8 @@ def test_deepspeed_imports():
 
 def _train(args, deepspeed_json=None, probe: Path | None = None):
     """launch/train.py, under DeepSpeed with a JSON; with `probe`, through tests/deepspeed_probe.py
-    (the GPU's autocast path, and the parameters' alignment written to `probe`)."""
+    (the GPU's autocast path; the parameters' alignment and the engine's clipping written to
+    `probe`)."""
     script = ROOT / ("tests/deepspeed_probe.py" if probe else "launch/train.py")
     launch = [sys.executable, str(script)]
     if deepspeed_json:
@@ -39,11 +40,11 @@ def _train(args, deepspeed_json=None, probe: Path | None = None):
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
-def _ds_config(tmp_path: Path, clipping: float = 0.0, **extra: object) -> Path:
-    """A ZeRO-2 JSON for the tiny runs (micro batch 6), with `extra` keys on top."""
+def _ds_config(tmp_path: Path, **extra: object) -> Path:
+    """A ZeRO-2 JSON for the tiny runs (micro batch 6, no gradient_clipping), with `extra` keys
+    on top."""
     path = tmp_path / "ds.json"
-    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6,
-              "gradient_clipping": clipping, **extra}  # fmt: skip
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, **extra}
     path.write_text(json.dumps(config))
     return path
 
@@ -78,8 +79,11 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
     deepspeed, plain, run = train_deepspeed_and_plain(
         sources, tmp_path, train_in_process, probe, **overrides
     )
-    misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
+    probed = json.loads(probe.read_text())
+    misaligned = {name: at for name, at in probed["offsets"].items() if at}
     assert not misaligned, misaligned
+    # the JSON leaves gradient_clipping out: the engine clipped at 1.0 until rsmatch set it
+    assert probed["gradient_clipping"] == 0.0
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
     assert run["mixed_precision"] == precision and "DeepSpeed" in run["precision"]["reason"]
     for k, v in plain.items():
@@ -88,10 +92,16 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
 
 @pytest.mark.slow
 def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
-    res = _train(tiny_overrides(sources, tmp_path / "run"), _ds_config(tmp_path, clipping=1.0))
+    res = _train(
+        tiny_overrides(sources, tmp_path / "run"), _ds_config(tmp_path, gradient_clipping=1.0)
+    )
     assert (
         res.returncode != 0
-        and "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0" in res.stderr
+        and (
+            "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0; "
+            'set "gradient_clipping": 0.0 there, or leave it out'
+        )
+        in res.stderr
     )
     assert not (tmp_path / "run").exists()
 

@@ -241,7 +241,9 @@ def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path, train_i
         sources, tmp_path, train_in_process, probe, **overrides
     )
     assert run["device"].startswith("cuda") and run["mixed_precision"] == "bf16"
-    misaligned = {name: at for name, at in json.loads(probe.read_text()).items() if at}
+    probed = json.loads(probe.read_text())
+    misaligned = {name: at for name, at in probed["offsets"].items() if at}
     assert not misaligned, misaligned
+    assert probed["gradient_clipping"] == 0.0
     for k, v in plain.items():
         torch.testing.assert_close(deepspeed[k], v, rtol=1e-2, atol=2e-3, msg=k)

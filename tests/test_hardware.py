@@ -145,19 +145,19 @@ def test_under_deepspeed_auto_never_picks_fp16(probes, expected):
 
 
 def test_a_deepspeed_config_that_casts_the_whole_model_is_refused():
-    complete_deepspeed_config({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, "bf16")
+    complete_deepspeed_config({"bf16": {"enabled": False}, "fp16": {"enabled": False}}, "bf16", 0.0)
     for dtype in ("bf16", "fp16"):
         for enabled in (True, "true"):  # DeepSpeed (and Accelerate) take the string too
             with pytest.raises(ConfigError, match=f'enables "{dtype}".*"enabled": false'):
-                complete_deepspeed_config({dtype: {"enabled": enabled}}, "bf16")
-    complete_deepspeed_config({"bf16": {"enabled": "auto"}}, "bf16")
+                complete_deepspeed_config({dtype: {"enabled": enabled}}, "bf16", 0.0)
+    complete_deepspeed_config({"bf16": {"enabled": "auto"}}, "bf16", 0.0)
 
 
 def test_the_deepspeed_config_gets_the_autocast_and_the_alignment():
     """Written out: the engine autocasts as train.mixed_precision says, reduces every gradient
     in fp32 (no lower-precision modules), and ZeRO-1/2 align each parameter."""
     config = {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.0}
-    complete_deepspeed_config(config, "bf16")
+    complete_deepspeed_config(config, "bf16", 0.0)
     assert config == {
         "zero_optimization": {"stage": 2, "parameter_alignment": True},
         "gradient_clipping": 0.0,
@@ -165,21 +165,42 @@ def test_the_deepspeed_config_gets_the_autocast_and_the_alignment():
     }  # fmt: skip
     for stage, aligned in ((0, None), (1, True), ("2", True)):
         config = {"zero_optimization": {"stage": stage}}
-        complete_deepspeed_config(config, "no")
+        complete_deepspeed_config(config, "no", 0.0)
         assert config["zero_optimization"].get("parameter_alignment") is aligned, stage
         assert config["torch_autocast"]["enabled"] is False
-        complete_deepspeed_config(config, "no")  # a second Trainer in the process meets this dict
+        # a second Trainer in the process meets this dict
+        complete_deepspeed_config(config, "no", 0.0)
     with pytest.raises(ConfigError, match=r'"stage": 3}: not supported'):
-        complete_deepspeed_config({"zero_optimization": {"stage": 3}}, "no")
-    complete_deepspeed_config(config := {}, "no")
-    assert config == {"torch_autocast": {"enabled": False, "dtype": "bfloat16", "lower_precision_safe_modules": []}}  # fmt: skip
+        complete_deepspeed_config({"zero_optimization": {"stage": 3}}, "no", 0.0)
+    complete_deepspeed_config(config := {}, "no", 0.0)
+    assert config == {"torch_autocast": {"enabled": False, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+                      "gradient_clipping": 0.0}  # fmt: skip
     with pytest.raises(ConfigError, match='sets "torch_autocast": remove it'):
-        complete_deepspeed_config({"torch_autocast": {"enabled": True}}, "bf16")
+        complete_deepspeed_config({"torch_autocast": {"enabled": True}}, "bf16", 0.0)
     with pytest.raises(ConfigError, match='sets "torch_autocast": remove it'):  # written for bf16
-        complete_deepspeed_config(config, "bf16")
+        complete_deepspeed_config(config, "bf16", 0.0)
     for off in (False, "false"):
         with pytest.raises(ConfigError, match='"parameter_alignment": false.*misaligned'):
-            complete_deepspeed_config({"zero_optimization": {"stage": 2, "parameter_alignment": off}}, "no")  # fmt: skip
+            complete_deepspeed_config({"zero_optimization": {"stage": 2, "parameter_alignment": off}}, "no", 0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("written", [None, "auto", 0.5, "0.5", "5e-1"])
+def test_the_deepspeed_config_clips_as_train_clip_grad_norm(written):
+    """Left out or `auto`, Accelerate filled in 1.0 and the engine clipped what
+    train.clip_grad_norm left unclipped: now the JSON gets train.clip_grad_norm."""
+    config = {} if written is None else {"gradient_clipping": written}
+    complete_deepspeed_config(config, "no", 0.5)
+    assert config["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("written", [1.0, "1.0", 0, "none", [0.5]])
+def test_a_deepspeed_config_that_clips_otherwise_is_refused(written):
+    with pytest.raises(ConfigError) as error:
+        complete_deepspeed_config({"gradient_clipping": written}, "no", 0.5)
+    assert str(error.value) == (
+        f"train.clip_grad_norm=0.5: the DeepSpeed config clips at {written}; "
+        'set "gradient_clipping": 0.5 there, or leave it out'
+    )
 
 
 # Allocates and frees a 256 MB tensor 5 times and counts the page faults, then again after
