@@ -141,7 +141,7 @@ class TrainConfig:
         "auto",
         "Keep freed host memory in the process (glibc: no mmap per large tensor, no trimming), "
         "so a CPU step stops page-faulting every activation: 1.35x (bf16) to 1.4-1.5x (fp32) "
-        "faster on a 2-core CPU (docs/speed.md). `auto`: on when the model runs on the CPU; "
+        "faster on a 2-core AMD EPYC (docs/speed.md). `auto`: on when the model runs on the CPU; "
         "the resident memory then stays at its peak.",
     )
     prefetch: bool | str = option(

@@ -1,4 +1,4 @@
-"""The class-wise synthetic queue (CSQueue, RSMATCH.md section 3).
+"""The class-wise synthetic queue (CSQueue, docs/method.md section 2).
 
 C first-in first-out sub-queues of length L hold weak views of unlabeled images that the
 detector scores as most synthetic among those the classifier assigns to each class. Each step

@@ -87,7 +87,7 @@ def batch_detector_acc(
 
 
 def collapse_warning(pool_called_synthetic: float, labeled_called_synthetic: float) -> str | None:
-    """The failure RSMATCH.md section 6 warns of: everything unlabeled looks synthetic."""
+    """The failure docs/method.md section 3 warns of: everything unlabeled looks synthetic."""
     if pool_called_synthetic > 0.9 and labeled_called_synthetic < 0.05:
         return (
             f"detector may be collapsing: it calls {pool_called_synthetic:.0%} of the unlabeled "

@@ -1,8 +1,8 @@
 """The training equations by hand: what the other algorithm tests left unpinned (a mutation
 audit of rsmatch/algorithms/*.py and rsmatch/csqueue.py).
 
-Expected values come from the formulas in RSMATCH.md section 3 and USB-RECIPES.md, worked out
-with Python's math on 1-3 samples and 2-3 classes, never from the code under test.
+Expected values come from the formulas of docs/method.md section 2 and USB's recipes, worked
+out with Python's math on 1-3 samples and 2-3 classes, never from the code under test.
 """
 
 import math
@@ -185,8 +185,9 @@ def test_freematch_and_flexmatch_start_from_usb_initial_state():
 
 
 def test_defaults_are_the_papers_and_usb_cifar_recipes():
-    """RSMATCH.md: L 16, M 10, k 1, tau 0.95; USB-RECIPES.md: FreeMatch m 0.999, lambda_e
-    0.001; SimMatch T 0.1, alpha 0.9, da_len 32, proj 128, bank m 0.7, epoch 0 = 1024 steps."""
+    """The paper (docs/method.md): L 16, M 10, k 1, tau 0.95; USB's recipes: FreeMatch m 0.999,
+    lambda_e 0.001; SimMatch T 0.1, alpha 0.9, da_len 32, proj 128, bank m 0.7, epoch 0 = 1024
+    steps."""
     from rsmatch.config import load_config
 
     cfg = load_config(None, ["algorithm=rsmatch"])

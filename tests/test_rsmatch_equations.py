@@ -1,4 +1,4 @@
-"""Every RSMatch equation (RSMATCH.md section 3) against values computed by hand.
+"""Every RSMatch equation (docs/method.md section 2) against values computed by hand.
 
 A replay model returns given logits per image: each image's pixels all equal its id, so the
 classifier's and detector's outputs, and the queue's contents, are known exactly. Ids: labeled

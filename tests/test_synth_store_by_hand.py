@@ -273,7 +273,7 @@ def test_resolve_generators_swaps_only_the_named_models():
 
 
 def test_generator_specs_are_the_papers_settings():
-    """Hub ids, steps, guidance and native sizes of the three generators (RSMATCH.md s. 1)."""
+    """Hub ids, steps, guidance and native sizes of the three generators (docs/method.md section 1)."""
     g = synth.GENERATORS
     assert (g["sd14"].model, g["sd14"].steps, g["sd14"].guidance, g["sd14"].resolution) == (
         "CompVis/stable-diffusion-v1-4", 50, 7.5, 512,

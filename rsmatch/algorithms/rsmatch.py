@@ -1,4 +1,4 @@
-"""RSMatch (RSMATCH.md section 3) on top of any SSL base algorithm's pseudo-labels and masks.
+"""RSMatch (docs/method.md section 2) on top of any SSL base algorithm's pseudo-labels and masks.
 
 Model: one container with the classifier (encoder f, real head h_r, fake head h_f) and the
 deepfake detector (encoder g, binary head d), so DDP, DeepSpeed, EMA and checkpoints see one

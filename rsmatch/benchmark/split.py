@@ -1,4 +1,4 @@
-"""The RS-SSL split (RSMATCH.md section 1), decided once from a seed and stored as data.
+"""The RS-SSL split (docs/method.md section 1), decided once from a seed and stored as data.
 
 Per class c, with a generator seeded by (seed, c) so the split depends on nothing else (not the
 world size, not the other classes): shuffle the real train images, take the first

@@ -6,7 +6,7 @@ resumes by skipping files already written, and several processes split the work 
 Accelerate. Each image's seed depends only on (seed, generator, class, index), so the result is
 the same however the work is split or resumed.
 
-Generators (RSMATCH.md section 1). GLIDE has no diffusers pipeline and no PyPI package; its
+Generators (docs/method.md section 1). GLIDE has no diffusers pipeline and no PyPI package; its
 stand-in is latent diffusion `CompVis/ldm-text2im-large-256` (LDMTextToImagePipeline), a
 text-to-image diffusion model of the same generation (Dec 2021), loaded like any pipeline.
 """
