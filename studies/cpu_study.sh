@@ -6,13 +6,21 @@
 # Environment: SEEDS (default "0 1"), METHODS (default "rsmatch fixmatch fixmatch_real_only"),
 # EXTRA (more key=value overrides for every run, e.g. EXTRA="ssl.threshold=0.7").
 set -euo pipefail
+[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
 SHARED=${1:-../shared/data}
 OUT=${2:-runs/study}
 STEPS=${3:-500}
 DATA=$OUT/data
+archives=(cifar10-jpeg synth-ddpm-jpeg synth-cgan-jpeg)
+for f in "${archives[@]}"; do  # all present before anything is written
+  [[ -f $SHARED/$f.tar.gz ]] || { echo "cpu_study: missing $SHARED/$f.tar.gz" >&2; exit 2; }
+done
 mkdir -p "$DATA"
-for f in cifar10-jpeg synth-ddpm-jpeg synth-cgan-jpeg; do
-  [ -e "$DATA/.$f" ] || { tar xzf "$SHARED/$f.tar.gz" -C "$DATA" && touch "$DATA/.$f"; }
+for f in "${archives[@]}"; do
+  if [[ ! -e $DATA/.$f ]]; then  # an if, not `||`: set -e is off inside a `||` list
+    tar xzf "$SHARED/$f.tar.gz" -C "$DATA"
+    touch "$DATA/.$f"
+  fi
 done
 common=(--config configs/study_cpu.yaml data.real="$DATA/cifar10"
         "data.synthetic={ddpm: $DATA/synth/ddpm, cgan: $DATA/synth/cgan}" train.steps="$STEPS")

@@ -708,3 +708,39 @@ def test_subset_keeps_the_first_n_of_each_class_in_order():
     assert got["i"] == [0, 1, 2, 4, 5] and got["label"] == [0, 1, 0, 1, 2]
     assert make_demo._subset(ds, 0)["i"] == []
     assert (make_demo.REAL_TRAIN, make_demo.REAL_TEST, make_demo.SYNTH) == (225, 100, 100)
+
+
+# -- the shell tools' --help ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "script, usage",
+    [
+        ("tools/gpu_check.sh", "usage: gpu_check.py"),
+        ("tools/gpu_wheels.sh", "bash tools/gpu_wheels.sh [PYTHON_VERSION]"),
+        ("tools/prepare_gpu_data.sh", "bash tools/prepare_gpu_data.sh [SHARED_DATA] [OUT]"),
+        ("studies/cpu_study.sh", "bash studies/cpu_study.sh [SHARED_DATA_DIR] [OUT_DIR] [STEPS]"),
+    ],
+)
+def test_shell_tools_help_changes_nothing(tmp_path, script, usage):
+    """gpu_check.sh --help pip-installed the checkout (re-pointing the user's editable install)
+    before its Python part printed the help. PYTHON is a stand-in that logs each call."""
+    log, out = tmp_path / "calls.log", tmp_path / "out"
+    python = tmp_path / "python"
+    python.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = -m ] && exit 1\nexec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "OUT": str(out), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert usage in done.stdout and not done.stdout.startswith("#")  # the comment marks gone
+    assert not out.exists() and "-m pip" not in (log.read_text() if log.exists() else "")
+    assert {p.name for p in tmp_path.iterdir()} <= {"python", "calls.log"}
+
+
+def test_cpu_study_without_its_archives_writes_nothing(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "studies/cpu_study.sh"), str(tmp_path / "none"),
+                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == f"cpu_study: missing {tmp_path}/none/cifar10-jpeg.tar.gz\n"
+    assert not (tmp_path / "out").exists()

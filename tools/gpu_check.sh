@@ -23,6 +23,9 @@ while (($#)); do
         --dry-run) dry=1; args+=(--dry-run) ;;
         --out) out=${2:?--out needs a folder}; shift ;;
         --out=*) out=${1#--out=} ;;
+        -h | --help)  # this header, then the checker's options; nothing installed or written
+            sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p;}' "$0"
+            exec "$python" tools/gpu_check.py --help ;;
         *) args+=("$1") ;;
     esac
     shift
