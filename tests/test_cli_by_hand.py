@@ -347,6 +347,19 @@ def test_report_missing_folder_is_exit_2_on_stderr(tmp_path, capsys):
     assert captured.err == f"rsmatch-report: error: {tmp_path / 'nope'}: no such folder\n"
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/report"])
+def test_report_out_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, out):
+    """--out a file, or under one: a traceback (NotADirectoryError) before, one line now."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / out
+    assert report_cli.main([str(tmp_path), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"rsmatch-report: error: --out {out}: {tmp_path / 'afile'} is a file, not a folder\n"
+    )
+
+
 # ---------------------------------------------------------------- rsmatch-build-benchmark
 
 

@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rsmatch-report: error: {args.runs_dir}: no such folder", file=sys.stderr)
         return 2
     from rsmatch.report import ReportError, write_report  # matplotlib, tensorboard: after checks
+    from rsmatch.runfolder import unwritable
 
     out = args.out or args.runs_dir / "report"
-    if out.exists() and not out.is_dir():
-        print(f"rsmatch-report: error: --out {out}: a file, not a folder", file=sys.stderr)
+    if problem := unwritable(out):
+        print(f"rsmatch-report: error: --out {out}: {problem}", file=sys.stderr)
         return 2
     command = shlex.join(["rsmatch-report", *(sys.argv[1:] if argv is None else argv)])
     try:
