@@ -21,26 +21,34 @@ GRID_CLASSES = 20  # classes shown in a grid (the first ones by index)
 
 
 def provenance_metrics(scores: np.ndarray, is_synthetic: np.ndarray, generator: list[str],
-                       threshold: float) -> dict[str, float]:  # fmt: skip
-    """Synthetic is the positive class; a score above the threshold calls synthetic."""
+                       threshold: float) -> dict[str, float | None]:  # fmt: skip
+    """Synthetic is the positive class; a score above the threshold calls synthetic. A metric
+    the images leave undefined (no synthetic image, none real, none called synthetic) is None:
+    JSON's null, where NaN would make report.json unreadable to strict parsers."""
     from sklearn.metrics import roc_auc_score
 
     truth = np.asarray(is_synthetic, dtype=bool)
     called = np.asarray(scores) > threshold
     tp = float((called & truth).sum())
     out = {
-        "roc_auc": float(roc_auc_score(truth, scores))
-        if 0 < truth.sum() < len(truth)
-        else float("nan"),
+        "roc_auc": float(roc_auc_score(truth, scores)) if 0 < truth.sum() < len(truth) else None,
         "accuracy": float((called == truth).mean()),
-        "precision": tp / max(float(called.sum()), 1.0),
-        "recall": tp / max(float(truth.sum()), 1.0),
-        "real_called_synthetic": float(called[~truth].mean()) if (~truth).any() else float("nan"),
+        "precision": _share(tp, called.sum()),
+        "recall": _share(tp, truth.sum()),
+        "real_called_synthetic": _share(called[~truth].sum(), (~truth).sum()),
     }
     gens = np.asarray(generator)
     for g in sorted(set(gens[truth].tolist())):
         out[f"recall/{g}"] = float(called[gens == g].mean())
     return out
+
+
+def _share(part: float, whole: float) -> float | None:
+    return float(part) / float(whole) if whole else None
+
+
+def format_metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def histogram(path: Path, scores: np.ndarray, threshold: float,
@@ -160,7 +168,7 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
     grid(folder / "most_real.png", extremes(result.scored, size, False), "most real")
     record = {"detector": detector, "images": images, "threshold": result.threshold,
               "keep": "real" if keep_real else "all", "counts": c, "provenance_metrics": metrics}  # fmt: skip
-    (folder / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    (folder / "report.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     lines = [
         "---", "tags:", "- rsmatch", "- synthetic-image-detection", "---", "",
         "# rsmatch-filter report", "",
@@ -184,7 +192,7 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
             "Synthetic is the positive class; `recall/G` is the share of generator G's images "
             "called synthetic, `real_called_synthetic` the false-positive rate.", "",
             "| metric | value |", "|---|---|",
-            *(f"| {k} | {v:.4f} |" for k, v in metrics.items()), "",
+            *(f"| {k} | {format_metric(v)} |" for k, v in metrics.items()), "",
         ]  # fmt: skip
     lines += [
         "![score histogram](histogram.png)", "", "Most synthetic per class:", "",

@@ -179,13 +179,17 @@ def test_provenance_metrics_keys_are_the_generators_only():
 
 
 def test_provenance_metrics_with_one_class_or_nothing_called():
-    """All synthetic: no ROC AUC (NaN, not an error nor sklearn's warning); nothing called
-    synthetic: precision 0."""
+    """All synthetic, nothing called synthetic: ROC AUC, precision and the false-positive rate
+    are undefined, None (JSON null; NaN made report.json invalid JSON), without sklearn's
+    warning; recall and accuracy are 0. All real: recall undefined."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m = provenance_metrics(np.array([0.1, 0.2]), np.array([1, 1], dtype=bool), ["g", "g"], 0.5)
-    assert np.isnan(m["roc_auc"]) and np.isnan(m["real_called_synthetic"])
-    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["accuracy"] == 0.0
+    assert m == {"roc_auc": None, "accuracy": 0.0, "precision": None, "recall": 0.0,
+                 "real_called_synthetic": None, "recall/g": 0.0}  # fmt: skip
+    m = provenance_metrics(np.array([0.1, 0.9]), np.array([0, 0], dtype=bool), ["r", "r"], 0.5)
+    assert m == {"roc_auc": None, "accuracy": 0.5, "precision": 0.0, "recall": None,
+                 "real_called_synthetic": 0.5}  # fmt: skip
 
 
 def test_counts_report_the_skipped_corrupt_files():
@@ -254,7 +258,7 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
              "call": ["synthetic", "real", "real", "synthetic"]}  # fmt: skip
     corrupt = ["bad.jpg"] if keep_real else []
     result = FilterResult(0.5, table, scored, saved, corrupt)
-    metrics = {"roc_auc": 1.0}
+    metrics = {"roc_auc": 1.0, "recall": None}
     rep.write_report(tmp_path, result, "DET", "IMGS", [4, 4], metrics, keep_real)
 
     record = json.loads((tmp_path / "report.json").read_text())
@@ -275,7 +279,8 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
         "| class | images | called synthetic |\n|---|---|---|\n| cat | 2 | 1 |\n| dog | 2 | 1 |"
         in card
     )
-    assert "| roc_auc | 1.0000 |" in card
+    assert "| roc_auc | 1.0000 |\n| recall | n/a |" in card
+    assert '"recall": null' in (tmp_path / "report.json").read_text()
     note = "1 file(s) did not decode and were skipped (corrupt.txt)."
     assert (note in card) == keep_real
     # the histogram splits by provenance; the grids: most synthetic first, most real first

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not accelerator.is_main_process:
         return 0
-    from rsmatch.filter_report import provenance_metrics, write_report
+    from rsmatch.filter_report import format_metric, provenance_metrics, write_report
 
     metrics = None
     if flt.provenance(result.scored):
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scored {len(c)} images: {c.count('synthetic')} called synthetic at threshold "
           f"{result.threshold:.4g}; wrote {args.out}")  # fmt: skip
     if metrics is not None:
-        print(f"ROC AUC {metrics['roc_auc']:.4f}, accuracy {metrics['accuracy']:.4f}")
+        print(f"ROC AUC {format_metric(metrics['roc_auc'])}, "
+              f"accuracy {format_metric(metrics['accuracy'])}")  # fmt: skip
     if args.push_to_hub:
         try:
             flt.push(args.out, result.dataset, args.push_to_hub, args.private)
