@@ -141,6 +141,10 @@ class Trainer:
             check_sources(cfg.data)  # counts by listing, then every undecodable image listed
             data = load_train_data(cfg.data)
         self.data = data
+        if "excluded" in data.split_meta:  # filter-first: say how much of the pool is left
+            left, meta = len(data.unlabeled), data.split_meta
+            self._note(f"data.exclude_scores: {meta['excluded']} of {meta['excluded'] + left} "
+                       f"unlabeled images excluded (score > {meta['exclude_above']}), {left} left")  # fmt: skip
         set_seed(t.seed)  # identical initial weights on every rank
         self.algorithm = make_algorithm(
             cfg, self.data.num_classes, len(self.data.labeled), len(self.data.unlabeled),

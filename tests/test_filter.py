@@ -598,7 +598,9 @@ def fake_scores(bench, path):
     return dd["unlabeled"], np.asarray(unl)
 
 
-def test_exclude_scores_trains_and_drops_exactly_the_rows_above(sources, bench, tmp_path):
+def test_exclude_scores_trains_and_drops_exactly_the_rows_above(sources, bench, tmp_path, capsys):
+    """... and says on stderr how much of the pool is left (a detector that calls nearly
+    everything synthetic left 4 of 2,000 images, silently)."""
     pool, scores = fake_scores(bench, tmp_path / "s.parquet")
     keep = np.flatnonzero(scores <= 0.5)
     assert 0 < len(keep) < len(scores)
@@ -610,6 +612,9 @@ def test_exclude_scores_trains_and_drops_exactly_the_rows_above(sources, bench, 
     assert torch.equal(trainer.data.unlabeled, decode(pool.select(keep.tolist())))
     assert trainer.data.split_meta["excluded"] == len(scores) - len(keep)
     assert (tmp_path / "r" / "metrics.json").is_file()
+    note = (f"data.exclude_scores: {len(scores) - len(keep)} of {len(scores)} unlabeled images "
+            f"excluded (score > 0.5), {len(keep)} left\n")  # fmt: skip
+    assert note in capsys.readouterr().err
 
 
 def test_exclusion_keeps_provenance_aligned_and_combines_with_real_only(bench, tmp_path):
