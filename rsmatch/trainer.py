@@ -328,9 +328,8 @@ class Trainer:
                 if self._stopping():
                     interrupted = True
                     self._save(step)
-                    self._note(
-                        f"\nstopped by signal at step {step}; checkpoint saved. Continue with --resume"
-                    )
+                    self._note(f"\nstopped by signal at step {step}; checkpoint saved. Continue with "
+                               "--resume (in a grid: rerun the grid's command)")  # fmt: skip
                     break
                 if step % t.save_every == 0 or step == t.steps:
                     self._save(step)

@@ -166,8 +166,9 @@ def test_a_signal_stops_after_its_step_with_a_checkpoint(sources, tmp_path, caps
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000002"]
     assert not (out / "metrics.json").exists() and not (out / "evals.jsonl").exists()
     assert not (out / "model").exists() and not (out / ".lock").exists()
-    assert "stopped by signal at step 2; checkpoint saved. Continue with --resume" in (
-        capsys.readouterr().err
+    assert (
+        "stopped by signal at step 2; checkpoint saved. Continue with --resume (in a grid: rerun "
+        "the grid's command)\n" in capsys.readouterr().err
     )
     assert {s: signal.getsignal(s) for s in before} == before
 
