@@ -24,14 +24,41 @@ RESIZE = "PIL Lanczos (antialiased), the resize the benchmark builder applies to
 
 
 def export_classifier(classifier: Classifier, out: Path, class_names: list[str], mean: list[float],
-                      std: list[float], small_stem: bool) -> Path:  # fmt: skip
-    """A fresh encoder + real head with the trained weights, saved under `out`."""
+                      std: list[float], small_stem: bool, algorithm: str) -> Path:  # fmt: skip
+    """A fresh encoder + real head with the trained weights, and a model card, under `out`."""
     inference = Classifier(classifier.backbone_name, len(class_names), mean, std, small_stem,
                            class_names=class_names)  # fmt: skip
     inference.load_state_dict(classifier.inference_state_dict(), strict=True)
-    inference.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classifier_card(inference, algorithm, mean, std).save(out / "README.md")
+    inference.save_pretrained(out)  # keeps the README.md written above
     readable_as_umask(out)
     return out
+
+
+def classifier_card(
+    clf: Classifier, algorithm: str, mean: list[float], std: list[float]
+) -> ModelCard:
+    """What the export is and how to load it; its run's metrics.json, run.json and
+    evals.jsonl say how it scored (`rsmatch-push` replaces this card with one that quotes them).
+    Without it huggingface_hub wrote its generic card, which says the model was pushed."""
+    return ModelCard(
+        "\n".join([
+            "---", "library_name: rsmatch", "tags:", "- rsmatch", "- image-classification",
+            "- semi-supervised-learning", f"- {algorithm}", "---", "",
+            "# rsmatch classifier", "",
+            f"A `{clf.backbone_name}` classifier trained with **{algorithm}** by the rsmatch "
+            "trainer: the encoder and the real head only (RSMatch's fake head and detector are "
+            "not needed at inference).", "",
+            f"Classes ({len(clf.class_names or [])}): {', '.join(clf.class_names or [])}.", "",
+            f"Input: uint8 RGB images, NCHW, at the size it was trained on; normalised inside the "
+            f"model (mean {list(mean)}, std {list(std)}). Output: `logits` and `feat`.", "",
+            "Its scores are in the run folder: `metrics.json`, `evals.jsonl`, `run.json`.", "",
+            "```python", "from rsmatch.export import load_classifier",
+            "model = load_classifier('FOLDER_OR_HUB_ID')",
+            "predictions = model(uint8_images)['logits'].argmax(-1)", "```", "",
+        ])
+    )  # fmt: skip
 
 
 def _quiet_hub() -> contextlib.AbstractContextManager:

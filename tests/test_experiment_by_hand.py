@@ -403,7 +403,8 @@ def test_exported_classifier_loads_in_eval_mode_readable_with_its_stem(tmp_path,
     trained = Classifier("resnet18", 2, [0.5] * 3, [0.25] * 3, small_stem=True, fake_head=True)
     umask = os.umask(0o022)
     try:
-        export_classifier(trained, tmp_path / "m", ["cat", "dog"], [0.5] * 3, [0.25] * 3, True)
+        export_classifier(trained, tmp_path / "m", ["cat", "dog"], [0.5] * 3, [0.25] * 3, True,
+                          "fixmatch")  # fmt: skip
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
@@ -413,6 +414,13 @@ def test_exported_classifier_loads_in_eval_mode_readable_with_its_stem(tmp_path,
     assert tuple(model.encoder.conv1.weight.shape[-2:]) == (3, 3)
     assert model.class_names == ["cat", "dog"]
     assert capsys.readouterr().out == ""
+    # its own card: huggingface_hub's generic one said the model had been pushed to the Hub
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "A `resnet18` classifier trained with **fixmatch**" in card and "- fixmatch\n" in card
+    assert (
+        "Classes (2): cat, dog." in card and "mean [0.5, 0.5, 0.5], std [0.25, 0.25, 0.25]" in card
+    )
+    assert "pushed to the Hub" not in card
 
 
 def test_exported_detector_loads_in_eval_mode_silently_with_its_card(tmp_path, capsys):

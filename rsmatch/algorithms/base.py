@@ -168,7 +168,7 @@ class Algorithm(nn.Module):
         `metrics`: this algorithm's part of the last evaluation, for model cards."""
         d = self.cfg.data
         export_classifier(self.classifier(ema), out / "model", class_names, d.mean, d.std,
-                          self.cfg.model.small_stem)  # fmt: skip
+                          self.cfg.model.small_stem, self.cfg.algorithm)  # fmt: skip
 
 
 @register_algorithm("supervised")
