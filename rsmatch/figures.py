@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from rsmatch.report import Cell, RunInfo, column_title, columns, methods  # noqa: E402
 
@@ -66,7 +68,8 @@ def band(
     return steps, mean, std
 
 
-def _plot(ax, runs: list[RunInfo], get, label: str, color, scale: float = 100.0) -> bool:
+def _plot(ax: Axes, runs: list[RunInfo], get: Callable[[RunInfo], Series], label: str,
+          color: str | tuple, scale: float = 100.0) -> bool:  # fmt: skip
     """One method's mean over its runs, and a band of one std clipped to what a rate can be
     (every series drawn is a fraction: accuracies, purity, mask rates)."""
     steps, mean, std = band(runs, get)
@@ -85,12 +88,12 @@ def _plot(ax, runs: list[RunInfo], get, label: str, color, scale: float = 100.0)
     return True
 
 
-def _grid(nrows: int, ncols: int):
+def _grid(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     return fig, axes
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,6 +8,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -381,7 +382,7 @@ class Trainer:
             )
         return logged
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager:
         """Accelerate's autocast; under DeepSpeed, which Accelerate does not autocast, torch's own
         in the resolved precision (bf16 or none; inside the engine's forward its torch_autocast
         section, set to the same by `configure_deepspeed`)."""
@@ -420,7 +421,9 @@ class Trainer:
         return {**dict(zip(keys, means)), "lr": self.scheduler.get_last_lr()[0]}
 
     # -- evaluation ---------------------------------------------------------------------------
-    def _predict(self, fn, images: torch.Tensor) -> torch.Tensor:
+    def _predict(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
+    ) -> torch.Tensor:
         acc = self.accelerator
         with self._autocast():
             return evaluate.predict(fn, images, self.cfg.train.eval_batch_size // self.world,
