@@ -172,8 +172,12 @@ def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
                 [c for c in ("image", "path", label_column(ds)) if c in ds.column_names]
             )
             n = len(ds)
-            if "path" in ds.column_names:  # ids unique across sources
-                ds = ds.map(lambda p, name=name: {"path": f"{name}/{p}"}, input_columns="path")
+            # ids unique across sources and naming theirs: NAME/file, or NAME/split/row for a
+            # source without files (a saved Dataset, a Hub id)
+            ids = ds["path"] if "path" in ds.column_names else [f"{split}/{i}" for i in range(n)]
+            if "path" in ds.column_names:
+                ds = ds.remove_columns("path")
+            ds = ds.add_column("path", [f"{name}/{i}" for i in ids])
             ds = ds.add_column("is_synthetic", [name != "real"] * n)
             ds = ds.add_column("generator", [name] * n)
             parts.setdefault(split, []).append(ds)
