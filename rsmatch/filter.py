@@ -107,9 +107,15 @@ def read_folder(root: Path) -> datasets.Dataset:
     files = image_files(root)
     folders = {root / up for f in files for up in f.relative_to(root).parents}
     outputs = {folder for folder in folders if data_folder_kind(folder) == "filter"}
-    files = [f for f in files if outputs.isdisjoint(f.parents)]
-    if not files:
-        raise FilterError(f"--images {root}: no images found")
+    kept = [f for f in files if outputs.isdisjoint(f.parents)]
+    if not kept:
+        skipped = (
+            f" outside earlier rsmatch-filter outputs ({len(files)} inside, skipped)"
+            if files
+            else ""
+        )
+        raise FilterError(f"--images {root}: no images found{skipped}")
+    files = kept
     rel = [f.relative_to(root) for f in files]
     columns: dict = {
         "image": [{"bytes": f.read_bytes(), "path": str(r)} for f, r in zip(files, rel)],

@@ -756,3 +756,10 @@ def test_an_output_inside_the_scored_folder_is_not_scored_next_time(run, sources
     assert cli.main([*args, "--out", str(tmp_path / "again")]) == 0
     first, again = (scores_of(p)[1]["id"] for p in (images / "filtered", tmp_path / "again"))
     assert again == first and len(first) == 36
+    # a folder holding only such an output: said so (it was a bare "no images found")
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.move(images / "filtered", only / "filtered")
+    message = "no images found outside earlier rsmatch-filter outputs (3 inside, skipped)"
+    with pytest.raises(flt.FilterError, match=rf"^--images {only}: {re.escape(message)}$"):
+        flt.read_folder(only)
