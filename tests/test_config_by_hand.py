@@ -324,7 +324,7 @@ def test_deepspeed_note_follows_the_chosen_precision_not_auto():
 
 def test_a_null_precision_section_in_the_deepspeed_config_is_off():
     config = {"bf16": None, "fp16": None}
-    complete_deepspeed_config(config, "no")
+    complete_deepspeed_config(config, "no", 0.0)
     assert config["torch_autocast"]["enabled"] is False
 
 
