@@ -4,6 +4,7 @@ round trips, the GPU check's step budgets, statuses and JSON summary, the study 
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -714,7 +715,7 @@ def test_subset_keeps_the_first_n_of_each_class_in_order():
 @pytest.mark.parametrize(
     "script, usage",
     [
-        ("tools/gpu_check.sh", "usage: gpu_check.py"),
+        ("tools/gpu_check.sh", "bash tools/gpu_check.sh [--dry-run] [--out DIR]"),
         ("tools/gpu_wheels.sh", "bash tools/gpu_wheels.sh [PYTHON_VERSION]"),
         ("tools/prepare_gpu_data.sh", "bash tools/prepare_gpu_data.sh [SHARED_DATA] [OUT]"),
         ("studies/cpu_study.sh", "bash studies/cpu_study.sh [SHARED_DATA_DIR] [OUT_DIR] [STEPS]"),
@@ -730,17 +731,29 @@ def test_shell_tools_help_changes_nothing(tmp_path, script, usage):
     )
     python.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "OUT": str(out), "HOME": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / script), "--help"], cwd=tmp_path, env=env,
+    # from another folder, by a relative path: the scripts cd, and $0 must still lead to them
+    done = subprocess.run(["bash", f"../{script}", "--help"], cwd=ROOT / "docs", env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and done.stderr == "", done.stderr
     assert usage in done.stdout and not done.stdout.startswith("#")  # the comment marks gone
+    assert ("usage: gpu_check.py" in done.stdout) == ("gpu_check" in script)  # its Python part
     assert not out.exists() and "-m pip" not in (log.read_text() if log.exists() else "")
     assert {p.name for p in tmp_path.iterdir()} <= {"python", "calls.log"}
 
 
 def test_cpu_study_without_its_archives_writes_nothing(tmp_path):
+    """... but a rerun finds the archives it unpacked already (their markers) and goes on."""
     done = subprocess.run(["bash", str(ROOT / "studies/cpu_study.sh"), str(tmp_path / "none"),
                            str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr == f"cpu_study: missing {tmp_path}/none/cifar10-jpeg.tar.gz\n"
     assert not (tmp_path / "out").exists()
+    data = tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    for name in ("cifar10-jpeg", "synth-ddpm-jpeg", "synth-cgan-jpeg"):
+        (data / f".{name}").touch()
+    env = {**os.environ, "SEEDS": "0", "METHODS": "fixmatch"}
+    done = subprocess.run(["bash", "studies/cpu_study.sh", str(tmp_path / "none"), str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "cpu_study: missing" not in done.stderr
+    assert f"rsmatch-train: error: data.real={data}/cifar10: no such folder" in done.stderr

@@ -13,6 +13,7 @@
 # used when present. Every other option goes to tools/gpu_check.py (see its --help).
 set -uo pipefail
 started=$(date +%s)
+self=$(realpath "$0")  # before the cd: $0 may be relative
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out=${OUT:-runs/gpu_check}
@@ -24,7 +25,7 @@ while (($#)); do
         --out) out=${2:?--out needs a folder}; shift ;;
         --out=*) out=${1#--out=} ;;
         -h | --help)  # this header, then the checker's options; nothing installed or written
-            sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p;}' "$0"
+            sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p;}' "$self"
             exec "$python" tools/gpu_check.py --help ;;
         *) args+=("$1") ;;
     esac
