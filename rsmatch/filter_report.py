@@ -152,7 +152,7 @@ def counts(result: FilterResult) -> dict:
 
 
 def write_report(folder: Path, result: FilterResult, detector: str, images: str,
-                 image_size: list[int], metrics: dict[str, float] | None,
+                 image_size: list[int], metrics: dict[str, float | None] | None,
                  keep_real: bool) -> None:  # fmt: skip
     """README.md (report and dataset card), report.json, histogram and grids into folder."""
     from rsmatch.export import RESIZE

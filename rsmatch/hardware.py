@@ -173,12 +173,13 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str, clip_grad_n
       gradients are reduced in fp32, as under DDP (with bf16 on, DeepSpeed then ignores a
       JSON's `communication_data_type`).
     - `gradient_clipping`, set from `train.clip_grad_norm` (the engine clips inside its step;
-      refused when the JSON sets another number): left out or `auto`, Accelerate filled in 1.0,
-      so runs clipped that train.clip_grad_norm=0 said would not.
+      refused when the JSON sets another number). Left out, DeepSpeed's own default is 1.0;
+      `auto`, Accelerate fills in 1.0: either clipped what train.clip_grad_norm=0 leaves alone.
     - `zero_optimization.parameter_alignment` on for ZeRO-1/2 (refused when the JSON sets it
       false): ZeRO packs the parameters into one flat buffer, and the 10-way heads leave every
       parameter after them off 16-byte boundaries. The probable cause of a CUDA fault in the
-      first forward ("misaligned address", H100, deepspeed 0.19.8; not yet re-run on a GPU).
+      first forward ("misaligned address", H100, deepspeed 0.19.8); with it, ZeRO-2 trained on
+      two H200s (27 Nov 2026).
       ZeRO-2's gradient buckets still hold unaligned views, which only DeepSpeed's own copies
       touch.
     - Refused: ZeRO-3, which partitions the parameters themselves (the EMA, the exports and the

@@ -82,7 +82,7 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
     probed = json.loads(probe.read_text())
     misaligned = {name: at for name, at in probed["offsets"].items() if at}
     assert not misaligned, misaligned
-    # the JSON leaves gradient_clipping out: the engine clipped at 1.0 until rsmatch set it
+    # the JSON leaves gradient_clipping out: DeepSpeed's default, 1.0, unless rsmatch sets it
     assert probed["gradient_clipping"] == 0.0
     assert (tmp_path / "deepspeed" / "checkpoints" / "step_00000002" / "pytorch_model").is_dir()
     assert run["mixed_precision"] == precision and "DeepSpeed" in run["precision"]["reason"]
@@ -92,9 +92,11 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
 
 @pytest.mark.slow
 def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
-    res = _train(
-        tiny_overrides(sources, tmp_path / "run"), _ds_config(tmp_path, gradient_clipping=1.0)
-    )
+    """Refused before the data is read: an empty real folder, which the sources check would
+    report first, is never looked at (the check ran after the whole dataset was decoded)."""
+    (tmp_path / "empty").mkdir()
+    overrides = [*tiny_overrides(sources, tmp_path / "run"), f"data.real={tmp_path / 'empty'}"]
+    res = _train(overrides, _ds_config(tmp_path, gradient_clipping=1.0))
     assert (
         res.returncode != 0
         and (

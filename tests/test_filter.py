@@ -493,8 +493,8 @@ def test_labels_give_provenance_by_source(sources, tmp_path):
     shutil.copytree(gen / "dog", tmp_path / "other" / "dog")
     mixed = flt.load_labelled({"real": str(real), "b": str(tmp_path / "other")})["train"]
     assert "label" not in mixed.column_names and sum(mixed["is_synthetic"]) == 24
-    # a source without files (a saved Dataset): ids name it, row by row (were train/0.. for
-    # every source, so a score could not be traced to its image)
+    # a source without files (a saved Dataset): ids name it, row by row (beside a folder source
+    # they were null, so a score could not be traced to its image)
     flt.read_folder(gen).remove_columns("path").save_to_disk(str(tmp_path / "saved"))
     saved = flt.load_labelled({"real": str(real), "s": str(tmp_path / "saved")})["train"]
     assert saved["path"][89:92] == ["real/ship/0029.jpg", "s/train/0", "s/train/1"]

@@ -186,8 +186,8 @@ def test_the_deepspeed_config_gets_the_autocast_and_the_alignment():
 
 @pytest.mark.parametrize("written", [None, "auto", 0.5, "0.5", "5e-1"])
 def test_the_deepspeed_config_clips_as_train_clip_grad_norm(written):
-    """Left out or `auto`, Accelerate filled in 1.0 and the engine clipped what
-    train.clip_grad_norm left unclipped: now the JSON gets train.clip_grad_norm."""
+    """Left out (DeepSpeed's default) or `auto` (Accelerate's fill), the engine clips at 1.0,
+    which train.clip_grad_norm=0 leaves alone: now the JSON gets train.clip_grad_norm."""
     config = {} if written is None else {"gradient_clipping": written}
     complete_deepspeed_config(config, "no", 0.5)
     assert config["gradient_clipping"] == 0.5
