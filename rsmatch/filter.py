@@ -180,10 +180,10 @@ def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
             n = len(ds)
             # ids unique across sources and naming theirs: NAME/file, or NAME/split/row for a
             # source without files (a saved Dataset, a Hub id)
-            ids = ds["path"] if "path" in ds.column_names else [f"{split}/{i}" for i in range(n)]
+            ids = [f"{name}/{i}" for i in row_ids(ds, split, range(n))]
             if "path" in ds.column_names:
                 ds = ds.remove_columns("path")
-            ds = ds.add_column("path", [f"{name}/{i}" for i in ids])
+            ds = ds.add_column("path", ids)
             ds = ds.add_column("is_synthetic", [name != "real"] * n)
             ds = ds.add_column("generator", [name] * n)
             parts.setdefault(split, []).append(ds)
@@ -275,8 +275,11 @@ class FilterResult:
     corrupt: list[str] = field(default_factory=list)
 
 
-def describe(ds: datasets.Dataset, split: str, row: int) -> str:
-    return ds.select_columns("path")[row]["path"] if "path" in ds.column_names else f"{split}/{row}"
+def row_ids(ds: datasets.Dataset, split: str, rows: Sequence[int]) -> list[str]:
+    """How the outputs name rows of a split: their relative path, else `split/row`."""
+    if "path" in ds.column_names:
+        return ds.select_columns("path").select(rows)["path"]
+    return [f"{split}/{r}" for r in rows]
 
 
 def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator, batch_size: int = 256,
@@ -288,7 +291,7 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator
         for split, ds in dd.items()
     }
     corrupt = [
-        describe(dd[s], s, int(i)) for s, sc in scores.items() for i in np.flatnonzero(np.isnan(sc))
+        name for s, sc in scores.items() for name in row_ids(dd[s], s, np.flatnonzero(np.isnan(sc)))
     ]
     if corrupt and not skip_corrupt:
         shown = ", ".join(corrupt[:5]) + (
@@ -310,7 +313,7 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator
     for split, ds in dd.items():
         rows, sc = valid[split], scores[split][valid[split]]
         kept = ds.select(rows).add_column("synthetic_score", sc.tolist())
-        ids = kept["path"] if "path" in kept.column_names else [f"{split}/{r}" for r in rows]
+        ids = row_ids(ds, split, rows)
         table["split"] += [split] * len(rows)
         table["row"] += rows.tolist()
         table["id"] += list(ids)
