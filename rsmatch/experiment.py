@@ -300,7 +300,7 @@ def train_with_accelerate(argv: list[str], launcher_args: Sequence[str]) -> int:
             signal.signal(s, handler)
 
 
-Trainer = Callable[[list[str]], int]
+TrainCommand = Callable[[list[str]], int]
 
 
 def check_data_paths(runs: Sequence[Run]) -> None:
@@ -315,7 +315,7 @@ def check_data_paths(runs: Sequence[Run]) -> None:
             raise GridError(f"run {run.name}: {e}") from None
 
 
-def run_grid(grid: Grid, runs: Sequence[Run], train: Trainer) -> int:
+def run_grid(grid: Grid, runs: Sequence[Run], train: TrainCommand) -> int:
     """Run ``runs`` one after another; 0 if all finished, 1 if some failed, 130 if stopped."""
     write_manifest(grid)
     states = {r.name: run_state(r.path) for r in runs}

@@ -166,8 +166,8 @@ def routing_figure(cells: list[Cell], path: Path) -> bool:
     return True
 
 
-def write_all(runs: list[RunInfo], cells: list[Cell], out: Path) -> list[tuple[str, str]]:
-    """Write every figure the runs have data for; returns (file, caption) pairs."""
+def write_all(cells: list[Cell], out: Path) -> list[tuple[str, str]]:
+    """Write every figure the cells' runs have data for; returns (file, caption) pairs."""
     _TB_CACHE.clear()  # runs may have logged more since an earlier report in this process
     made = []
     specs = [

@@ -85,7 +85,9 @@ def _method_order(method: str) -> tuple:
 
 
 def read_evals(run: Path) -> list[dict[str, Any]]:
-    """evals.jsonl, one entry per step: a resumed run may log a step twice; the last wins."""
+    """evals.jsonl, one entry per step. The trainer writes each step once (a resume trims what
+    it will redo); should a file hold a step twice (a hand-made copy, older versions), the last
+    wins."""
     by_step = {}
     for entry in eval_entries(run):
         by_step[entry["step"]] = entry
@@ -412,7 +414,7 @@ def write_report(runs_dir: Path, out: Path, repo_url: str | None = None,
     if det:
         tables += ["", "## Detector on the unlabeled pool (%, final evaluation)", "", det]
     (out / "tables.md").write_text("\n".join(tables) + "\n")
-    made = figures.write_all(runs, cells, out)
+    made = figures.write_all(cells, out)
 
     done = sum(r.metrics is not None for r in runs)
     lines = [f"# Report: `{runs_dir}`", ""]

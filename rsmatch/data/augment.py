@@ -295,7 +295,8 @@ _OP_FNS = {
 
 
 def apply_op(x: torch.Tensor, name: str, m: torch.Tensor) -> torch.Tensor:
-    """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image."""
+    """One RandAugment op on integer-valued float images [N,C,H,W]; m in [0, 1] per image. Not
+    used in training: the reference the tests hold the grouped and fixed-shape views to."""
     return _OP_FNS[name](x, _magnitudes(OPS.index(name), m.to(x.device)))
 
 
