@@ -54,16 +54,18 @@ def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
 def detector_metrics(
     pred_synthetic: torch.Tensor, prov: Provenance, prefix: str = "detector"
 ) -> dict[str, float]:
-    """Accuracy, precision and recall (synthetic = positive), and accuracy per generator."""
+    """Accuracy, precision and recall (synthetic = positive), and accuracy per generator.
+    Precision without a call of synthetic, and recall without a synthetic image (a real-only
+    pool), are undefined: left out, as a generator absent from the pool has no accuracy."""
     pred = pred_synthetic.cpu().bool()
     truth = prov.is_synthetic.cpu()
     tp = float((pred & truth).sum())
-    out = {
-        f"{prefix}_acc": float((pred == truth).float().mean()),
-        f"{prefix}_precision": tp / max(float(pred.sum()), 1.0),
-        f"{prefix}_recall": tp / max(float(truth.sum()), 1.0),
-        f"{prefix}_called_synthetic": float(pred.float().mean()),
-    }
+    out = {f"{prefix}_acc": float((pred == truth).float().mean())}
+    if pred.any():
+        out[f"{prefix}_precision"] = tp / float(pred.sum())
+    if truth.any():
+        out[f"{prefix}_recall"] = tp / float(truth.sum())
+    out[f"{prefix}_called_synthetic"] = float(pred.float().mean())
     gens = prov.generator
     for g in sorted(set(gens)):
         sel = torch.tensor([x == g for x in gens])
@@ -71,10 +73,11 @@ def detector_metrics(
     return out
 
 
-def queue_purity(sources: torch.Tensor, prov: Provenance) -> float:
-    """Share of queued items that are truly synthetic (nan while the queue is empty)."""
+def queue_purity(sources: torch.Tensor, prov: Provenance) -> float | None:
+    """Share of queued items that are truly synthetic (None while the queue is empty: a NaN
+    made metrics.json invalid JSON)."""
     if len(sources) == 0:
-        return float("nan")
+        return None
     return float(prov.is_synthetic[sources.cpu()].float().mean())
 
 

@@ -1,7 +1,5 @@
 """Evaluation helpers at their edges: denominators, single items, warning thresholds."""
 
-import math
-
 import pytest
 import torch
 
@@ -24,14 +22,20 @@ def test_accuracy_by_hand():
 def test_precision_and_recall_with_a_single_positive():
     m = detector_metrics(torch.tensor([0, 1, 0, 0]), PROV)  # one call, one truth, both right
     assert m["detector_precision"] == 1.0 and m["detector_recall"] == 1.0
-    none = detector_metrics(torch.tensor([0, 0, 0, 0]), PROV)  # no call: 0, not a division error
-    assert none["detector_precision"] == 0.0 and none["detector_recall"] == 0.0
+    # no call of synthetic: precision undefined, left out (it read 0); recall 0 of 1
+    none = detector_metrics(torch.tensor([0, 0, 0, 0]), PROV)
+    assert "detector_precision" not in none and none["detector_recall"] == 0.0
+    # a real-only pool: recall undefined, left out (it read 0); precision 0 of 1 call
+    real_only = Provenance(torch.tensor([False, False]), ["real", "real"])
+    m = detector_metrics(torch.tensor([1, 0]), real_only)
+    assert m == {"detector_acc": 0.5, "detector_precision": 0.0, "detector_called_synthetic": 0.5,
+                 "detector_acc/real": 0.5}  # fmt: skip
 
 
 def test_queue_purity_of_one_item():
     assert queue_purity(torch.tensor([1]), PROV) == 1.0
     assert queue_purity(torch.tensor([0]), PROV) == 0.0
-    assert math.isnan(queue_purity(torch.tensor([], dtype=torch.long), PROV))
+    assert queue_purity(torch.tensor([], dtype=torch.long), PROV) is None
 
 
 def test_batch_detector_acc_reads_provenance_at_the_batch_indices():

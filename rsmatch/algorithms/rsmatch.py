@@ -234,7 +234,9 @@ class RSMatch(Algorithm):
         results = evaluate.detector_metrics(ev.predict(ev.live.detect, ev.data.unlabeled), prov)
         labeled = ev.predict(ev.live.detect, ev.data.labeled)
         results["labeled_called_synthetic"] = float(labeled.float().mean())
-        results["queue_purity"] = evaluate.queue_purity(self.queue.held_sources(), prov)
+        purity = evaluate.queue_purity(self.queue.held_sources(), prov)
+        if purity is not None:
+            results["queue_purity"] = purity
         warning = evaluate.collapse_warning(
             results["detector_called_synthetic"], results["labeled_called_synthetic"]
         )
