@@ -29,33 +29,38 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
     inference = Classifier(classifier.backbone_name, len(class_names), mean, std, small_stem,
                            class_names=class_names)  # fmt: skip
     inference.load_state_dict(classifier.inference_state_dict(), strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    classifier_card(inference, algorithm, mean, std).save(out / "README.md")
-    inference.save_pretrained(out)  # keeps the README.md written above
+    inference.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    # huggingface_hub's own card (written when none is there) says the model was pushed
+    classifier_card(config, algorithm).save(out / "README.md")
     readable_as_umask(out)
     return out
 
 
 def classifier_card(
-    clf: Classifier, algorithm: str, mean: list[float], std: list[float]
-) -> ModelCard:
-    """What the export is and how to load it; its run's metrics.json, run.json and
-    evals.jsonl say how it scored (`rsmatch-push` replaces this card with one that quotes them).
-    Without it huggingface_hub wrote its generic card, which says the model was pushed."""
+    config: dict, algorithm: str, title: str = "rsmatch classifier",
+    source: str = "FOLDER_OR_HUB_ID", results: tuple[str, ...] = (
+        "Its scores are in its run folder: `metrics.json`, `evals.jsonl`, `run.json`.",
+    ),
+) -> ModelCard:  # fmt: skip
+    """The card of a classifier export, from its config.json: what it is, its classes and
+    input, `results` (`rsmatch-push` puts the run's data and metrics there), how to load it."""
+    classes = config.get("class_names") or []
     return ModelCard(
         "\n".join([
             "---", "library_name: rsmatch", "tags:", "- rsmatch", "- image-classification",
             "- semi-supervised-learning", f"- {algorithm}", "---", "",
-            "# rsmatch classifier", "",
-            f"A `{clf.backbone_name}` classifier trained with **{algorithm}** by the rsmatch "
-            "trainer: the encoder and the real head only (RSMatch's fake head and detector are "
-            "not needed at inference).", "",
-            f"Classes ({len(clf.class_names or [])}): {', '.join(clf.class_names or [])}.", "",
-            f"Input: uint8 RGB images, NCHW, at the size it was trained on; normalised inside the "
-            f"model (mean {list(mean)}, std {list(std)}). Output: `logits` and `feat`.", "",
-            "Its scores are in the run folder: `metrics.json`, `evals.jsonl`, `run.json`.", "",
-            "```python", "from rsmatch.export import load_classifier",
-            "model = load_classifier('FOLDER_OR_HUB_ID')",
+            f"# {title}", "",
+            f"A `{config.get('backbone')}` classifier trained with **{algorithm}** by the rsmatch "
+            "trainer, on images whose unlabeled part may hold AI-generated ones (RS-SSL): the "
+            "encoder and the real head only (RSMatch's fake head and detector are not needed at "
+            "inference).", "",
+            *results, "",
+            *([f"Classes ({len(classes)}): {', '.join(classes)}.", ""] if classes else []),
+            "Input: uint8 RGB images, NCHW, at the size it was trained on, normalised inside the "
+            f"model (mean {config.get('mean')}, std {config.get('std')}). Output: `logits`, `feat`.",
+            "", "```python", "from rsmatch.export import load_classifier",
+            f"model = load_classifier('{source}')",
             "predictions = model(uint8_images)['logits'].argmax(-1)", "```", "",
         ])
     )  # fmt: skip

@@ -40,6 +40,9 @@ def repo_id_problem(repo: str) -> str | None:
 
 
 def model_card(run: Path, repo: str) -> str:
+    """The classifier's card with the run's data, seeds, commit and metrics."""
+    from rsmatch.export import classifier_card  # torch: not for --help
+
     metrics = json.loads((run / "metrics.json").read_text())
     record = json.loads((run / "run.json").read_text())
     config = json.loads((run / "model" / "config.json").read_text())
@@ -48,13 +51,7 @@ def model_card(run: Path, repo: str) -> str:
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
         for k, v in metrics.items()
     )
-    return "\n".join([
-        "---", "library_name: rsmatch", "tags:", "- image-classification", "- semi-supervised-learning",
-        f"- {metrics['algorithm']}", "---", "",
-        f"# {repo.split('/')[-1]}", "",
-        f"A `{config['backbone']}` classifier trained with the **{metrics['algorithm']}** "
-        "algorithm of the rsmatch trainer on an RS-SSL benchmark (unlabeled data contaminated with "
-        "synthetic images). Only the encoder and the real head are included.", "",
+    results = (
         f"Data: real `{split.get('real', '?')}`, synthetic {split.get('synthetic', {})}, "
         f"{split.get('labels_per_class', '?')} labels per class, replace ratio "
         f"{split.get('replace_ratio', '?')}, split seed {split.get('seed', split.get('split_seed', '?'))}; "
@@ -63,13 +60,10 @@ def model_card(run: Path, repo: str) -> str:
         "| metric | value |", "|---|---|", rows, "",
         "`test_acc` is the final EMA model's top-1 accuracy on the real test split; `best_acc` is "
         "the best over evaluations (optimistic, as in USB). The full config, package versions and "
-        "per-evaluation metrics are in `config.yaml`, `run.json` and `evals.jsonl`.", "",
-        "```python",
-        "from huggingface_hub import snapshot_download",
-        "from rsmatch.export import load_classifier",
-        f"model = load_classifier(snapshot_download('{repo}'))  # takes uint8 NCHW images",
-        "```", "",
-    ])  # fmt: skip
+        "per-evaluation metrics are in `config.yaml`, `run.json` and `evals.jsonl`.",
+    )  # fmt: skip
+    card = classifier_card(config, metrics["algorithm"], repo.split("/")[-1], repo, results)
+    return str(card)
 
 
 def stage(run: Path, repo: str, out: Path) -> Path:
