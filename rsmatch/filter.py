@@ -134,16 +134,12 @@ def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
     path = Path(spec)
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         data = load_saved(path, f"{option} {spec}", in_memory=False)
-    elif is_hub_layout(path):  # a downloaded Hub dataset, e.g. a pushed benchmark
-        data = load_hub_layout(spec, f"{option} {spec}", in_memory=False)
-    elif path.is_dir():
+    elif path.is_dir() and not is_hub_layout(path):
         data = read_folder(path)
-    else:
-        check_hub_id(spec, option)
-        try:
-            data = datasets.load_dataset(spec)
-        except Exception as e:
-            raise FilterError(f"{option} {spec}: cannot load ({type(e).__name__})") from None
+    else:  # a Hub dataset id, or a download of one (e.g. a pushed benchmark)
+        if not path.is_dir():
+            check_hub_id(spec, option)
+        data = load_hub_layout(spec, f"{option} {spec}", in_memory=False)
     dd = data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict(train=data)
     if sum(len(ds) for ds in dd.values()) == 0:
         raise FilterError(f"{option} {spec}: no images")

@@ -75,11 +75,11 @@ def test_a_hub_dataset_without_rows_or_without_images_is_refused(tmp_path, monke
     """An empty download is `no images`; one without an Image column names its columns."""
     monkeypatch.chdir(tmp_path)
     empty = datasets.DatasetDict(train=images([]))
-    monkeypatch.setattr(flt.datasets, "load_dataset", lambda spec: empty)
+    monkeypatch.setattr(flt.datasets, "load_dataset", lambda spec, **kwargs: empty)
     with pytest.raises(flt.FilterError, match=r"^--images me/data: no images$"):
         flt.load_images("me/data")
     text = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["a", "b"]}))
-    monkeypatch.setattr(flt.datasets, "load_dataset", lambda spec: text)
+    monkeypatch.setattr(flt.datasets, "load_dataset", lambda spec, **kwargs: text)
     with pytest.raises(flt.FilterError, match=r"columns \['text'\]: no Image column"):
         flt.load_images("me/data")
 
