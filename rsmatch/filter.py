@@ -57,10 +57,11 @@ class FilterError(ValueError):
 # -- the detector -----------------------------------------------------------------------------
 
 
-def check_hub_id(spec: str, option: str) -> None:
-    """What is not a local folder must be an `owner/name` Hub id, not a mistyped path."""
+def check_hub_id(spec: str, named: str) -> None:
+    """What is not a local folder must be an `owner/name` Hub id, not a mistyped path. `named`:
+    the source as the user gave it, to start the error (`--detector runs/x`)."""
     if "/" not in spec or not is_hub_id(spec):
-        raise FilterError(f"{option} {spec}: {missing_folder(Path(spec))}")
+        raise FilterError(f"{named}: {missing_folder(Path(spec))}")
 
 
 def resolve_detector(spec: str) -> Detector:
@@ -74,7 +75,7 @@ def resolve_detector(spec: str) -> Detector:
             f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "
             "other algorithms and rsmatch.shared_encoder=true runs have none)"
         )
-    check_hub_id(spec, "--detector")
+    check_hub_id(spec, f"--detector {spec}")
     try:
         return load_detector(spec)
     except Exception as e:  # hub errors come in many types; name the id in one line
@@ -99,11 +100,11 @@ def label_column(ds: datasets.Dataset) -> str | None:
     )
 
 
-def read_folder(root: Path) -> datasets.Dataset:
+def read_folder(root: Path, named: str | None = None) -> datasets.Dataset:
     """Every image under root, any depth, except inside an earlier filter output (`--out`
     placed in the folder it scored: its report's figures are not the user's images). When all
     lie in subfolders, the first subfolder level names the class (a `label` column); a flat or
-    mixed folder has no labels."""
+    mixed folder has no labels. `named` starts its error (default `--images ROOT`)."""
     files = image_files(root)
     folders = {root / up for f in files for up in f.relative_to(root).parents}
     outputs = {folder for folder in folders if data_folder_kind(folder) == "filter"}
@@ -114,7 +115,7 @@ def read_folder(root: Path) -> datasets.Dataset:
             if files
             else ""
         )
-        raise FilterError(f"--images {root}: no images found{skipped}")
+        raise FilterError(f"{named or f'--images {root}'}: no images found{skipped}")
     files = kept
     rel = [f.relative_to(root) for f in files]
     columns: dict = {
@@ -129,20 +130,22 @@ def read_folder(root: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def load_images(spec: str, option: str = "--images") -> datasets.DatasetDict:
-    """A folder, a saved Dataset/DatasetDict, or a Hub dataset id, as a DatasetDict."""
+def load_images(spec: str, named: str | None = None) -> datasets.DatasetDict:
+    """A folder, a saved Dataset/DatasetDict, or a Hub dataset id, as a DatasetDict. `named`:
+    the source as the user gave it, to start its errors (default `--images SPEC`)."""
     path = Path(spec)
+    named = named or f"--images {spec}"
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
-        data = load_saved(path, f"{option} {spec}", in_memory=False)
+        data = load_saved(path, named, in_memory=False)
     elif path.is_dir() and not is_hub_layout(path):
-        data = read_folder(path)
+        data = read_folder(path, named)
     else:  # a Hub dataset id, or a download of one (e.g. a pushed benchmark)
         if not path.is_dir():
-            check_hub_id(spec, option)
-        data = load_hub_layout(spec, f"{option} {spec}", in_memory=False)
+            check_hub_id(spec, named)
+        data = load_hub_layout(spec, named, in_memory=False)
     dd = data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict(train=data)
     if sum(len(ds) for ds in dd.values()) == 0:
-        raise FilterError(f"{option} {spec}: no images")
+        raise FilterError(f"{named}: no images")
     for ds in dd.values():
         image_column(ds)
     return dd
@@ -165,7 +168,7 @@ def load_labelled(sources: dict[str, str]) -> datasets.DatasetDict:
         )
     parts: dict[str, list[datasets.Dataset]] = {}
     for name, spec in sources.items():
-        for split, ds in load_images(spec, f"--labels {name}=").items():
+        for split, ds in load_images(spec, f"--labels {name}={spec}").items():
             col = image_column(ds)
             ds = ds.cast_column(col, datasets.Image(decode=False))
             if col != "image":
