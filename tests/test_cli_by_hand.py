@@ -458,3 +458,20 @@ def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- --config given twice
+
+
+@pytest.mark.parametrize("cli, prog", [(train_cli, "rsmatch-train"),
+                                       (throughput_cli, "rsmatch-throughput"),
+                                       (bb, "rsmatch-build-benchmark")])  # fmt: skip
+def test_a_second_config_file_is_refused_not_silently_taken(capsys, cli, prog):
+    """`--config a.yaml --config b.yaml` ran with b.yaml alone (files are not merged)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", "a.yaml", "--config=b.yaml"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err == (
+        f"{prog}: error: --config given twice (a.yaml, b.yaml): one file per command; override "
+        "its keys with key=value"
+    )

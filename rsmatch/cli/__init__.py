@@ -26,6 +26,18 @@ class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class Once(argparse.Action):
+    """An option given at most once: a second `--config` would silently replace the first
+    (files are not merged; overrides are `key=value`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 value: object, option: str | None = None) -> None:  # fmt: skip
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option} given twice ({getattr(namespace, self.dest)}, {value}): "
+                         "one file per command; override its keys with key=value")  # fmt: skip
+        setattr(namespace, self.dest, value)
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= `low`, else argparse's one-line error and exit 2."""
 

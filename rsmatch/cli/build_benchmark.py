@@ -24,7 +24,7 @@ import yaml
 
 from rsmatch.benchmark.errors import BuildError, ModelLoadError, PushError, SourceError
 from rsmatch.benchmark.options import GENERATORS, BuildOptions
-from rsmatch.cli import HelpWithDefaults
+from rsmatch.cli import HelpWithDefaults, Once
 from rsmatch.config import YamlLoader, did_you_mean
 
 PROG = "rsmatch-build-benchmark"
@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpWithDefaults, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     add = ap.add_argument
-    add("--config", help="YAML file whose keys are these options' names (flags win)")
+    add("--config", action=Once, help="YAML file whose keys are these options' names (flags win)")
     add("--real", help="Hub id, folder with train/ and test/ class folders, or saved DatasetDict")
     add("--synthetic", action="append", default=[], metavar="NAME=[cifake:]FOLDER",
         help="import a folder of generated images (one subfolder per class, a saved Dataset, or CIFAKE naming); repeatable")  # fmt: skip

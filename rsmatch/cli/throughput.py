@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, NoReturn
 
 from rsmatch.benchmark.errors import SourceError
-from rsmatch.cli import HelpWithDefaults, at_least, run_process, stdout_to_stderr
+from rsmatch.cli import HelpWithDefaults, Once, at_least, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, load_config
 
 if TYPE_CHECKING:  # imported late: it loads torch's and Accelerate's training stack
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         formatter_class=HelpWithDefaults,
     )
-    ap.add_argument("--config", help="a training YAML (configs/*.yaml), as rsmatch-train takes it")
+    ap.add_argument("--config", action=Once,
+                    help="a training YAML (configs/*.yaml), as rsmatch-train takes it")  # fmt: skip
     ap.add_argument("--steps", type=at_least(1), default=20, help="measured steps")
     ap.add_argument("--warmup", type=at_least(0), default=5, help="unmeasured steps first")
     ap.add_argument("overrides", nargs="*", metavar="key=value",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rsmatch.benchmark.errors import SourceError
-from rsmatch.cli import HelpWithDefaults, run_process, stdout_to_stderr
+from rsmatch.cli import HelpWithDefaults, Once, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
 OTHER_RANKS_WAIT_S = 5.0  # see _report
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=HelpWithDefaults,
         description="Train RSMatch or a baseline. Keys are documented in docs/config.md.",
     )
-    ap.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
+    ap.add_argument(
+        "--config", action=Once, help="YAML config file (defaults apply to missing keys)"
+    )
     ap.add_argument(
         "--resume", nargs="?", const="latest", choices=("latest", "auto-fallback"),
         help="continue from train.output_dir's latest checkpoint, refused if it is broken; "
