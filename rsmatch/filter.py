@@ -275,10 +275,9 @@ class FilterResult:
 
 
 def row_ids(ds: datasets.Dataset, split: str, rows: Sequence[int]) -> list[str]:
-    """How the outputs name rows of a split: their relative path, else `split/row`."""
-    if "path" in ds.column_names:
-        return ds.select_columns("path").select(rows)["path"]
-    return [f"{split}/{r}" for r in rows]
+    """How the outputs name `ds`'s rows, which are the rows `rows` of `split`: their relative
+    path, else `split/row`."""
+    return list(ds["path"]) if "path" in ds.column_names else [f"{split}/{r}" for r in rows]
 
 
 def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator, batch_size: int = 256,
@@ -289,8 +288,9 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator
         split: score_dataset(det, ds, batch_size, accelerator, workers, f"scoring {split}")
         for split, ds in dd.items()
     }
+    undecoded = {s: np.flatnonzero(np.isnan(sc)) for s, sc in scores.items()}
     corrupt = [
-        name for s, sc in scores.items() for name in row_ids(dd[s], s, np.flatnonzero(np.isnan(sc)))
+        name for s, rows in undecoded.items() for name in row_ids(dd[s].select(rows), s, rows)
     ]
     if corrupt and not skip_corrupt:
         shown = ", ".join(corrupt[:5]) + (
@@ -312,7 +312,7 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator
     for split, ds in dd.items():
         rows, sc = valid[split], scores[split][valid[split]]
         kept = ds.select(rows).add_column("synthetic_score", sc.tolist())
-        ids = row_ids(ds, split, rows)
+        ids = row_ids(kept, split, rows)
         table["split"] += [split] * len(rows)
         table["row"] += rows.tolist()
         table["id"] += list(ids)
