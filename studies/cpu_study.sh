@@ -6,7 +6,8 @@
 # Environment: SEEDS (default "0 1"), METHODS (default "rsmatch fixmatch fixmatch_real_only"),
 # EXTRA (more key=value overrides for every run, e.g. EXTRA="ssl.threshold=0.7").
 set -euo pipefail
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
+source "$(dirname "$0")/../tools/header.sh"
+[[ ${1:-} == -h || ${1:-} == --help ]] && { print_header "$0"; exit 0; }
 SHARED=${1:-../shared/data}
 OUT=${2:-runs/study}
 STEPS=${3:-500}

@@ -15,6 +15,7 @@ set -uo pipefail
 started=$(date +%s)
 self=$(realpath "$0")  # before the cd: $0 may be relative
 cd "$(dirname "$0")/.."
+source tools/header.sh
 python=${PYTHON:-python3}
 out=${OUT:-runs/gpu_check}
 dry=0
@@ -25,7 +26,7 @@ while (($#)); do
         --out) out=${2:?--out needs a folder}; shift ;;
         --out=*) out=${1#--out=} ;;
         -h | --help)  # this header, then the checker's options; nothing installed or written
-            sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p;}' "$self"
+            print_header "$self"
             exec "$python" tools/gpu_check.py --help ;;
         *) args+=("$1") ;;
     esac

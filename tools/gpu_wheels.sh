@@ -9,7 +9,8 @@
 # version installed here, where the test suite passes, and fetched without its dependencies.
 # DeepSpeed and its needs go to .whl/deepspeed/ (below).
 set -euo pipefail
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
+source "$(dirname "$0")/header.sh"
+[[ ${1:-} == -h || ${1:-} == --help ]] && { print_header "$0"; exit 0; }
 cd "$(dirname "$0")/.."
 py=${1:-3.12}
 pin() {  # NAME==VERSION as installed here

@@ -10,7 +10,8 @@
 #   synthetic/{ddpm,cgan}/<class>/   all 1000 per class: r = 0.5 of 4000 needs exactly these
 # JPEG bytes are kept as they are, so the tar stays compressed (~0.35 KB per image).
 set -euo pipefail
-[[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0; }
+source "$(dirname "$0")/header.sh"
+[[ ${1:-} == -h || ${1:-} == --help ]] && { print_header "$0"; exit 0; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 shared=$(cd "${1:-$repo/../shared/data}" && pwd)
 out=${2:-$repo/.gpudata}
