@@ -15,7 +15,6 @@ from rsmatch.data.batch import Provenance
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-@torch.no_grad()
 def shard(n: int, rank: int, world: int) -> tuple[range, int]:
     """This rank's contiguous rows of n, and the size of the buffer every rank fills,
     ceil(n / world) (the last ranks hold fewer rows, or none); `gather_shards` joins them."""
@@ -28,6 +27,7 @@ def gather_shards(local: torch.Tensor, n: int, world: int, gather: Gather) -> to
     return gather(local)[:n] if world > 1 else local[:n]
 
 
+@torch.no_grad()  # no graph: the EMA copy's parameters still require grad
 def predict(
     fn: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,

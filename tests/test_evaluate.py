@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from rsmatch.data.batch import Provenance
-from rsmatch.evaluate import collapse_warning, detector_metrics, predict, queue_purity
+from rsmatch.evaluate import (
+    collapse_warning,
+    detector_metrics,
+    gather_shards,
+    predict,
+    queue_purity,
+)
 
 PROV = Provenance(
     torch.tensor([False, False, True, True, True, False]), ["real", "real", "a", "a", "b", "real"]
@@ -41,3 +47,36 @@ def test_predict_shards_cover_every_image_once():
     shards = [predict(fn, images, 2, torch.device("cpu"), r, 3) for r in range(3)]
     assert [s.tolist() for s in shards] == [[0, 0, 1], [0, 1, 0], [1, -1, -1]]
     assert torch.cat(shards)[:7].tolist() == [0, 0, 1, 0, 1, 0, 1]
+    # rank 0 with the collective (here: the other ranks' shards after its own): padding cut
+    gather = lambda local: torch.cat([local, *shards[1:]])  # noqa: E731
+    joined = predict(fn, images, 2, torch.device("cpu"), 0, 3, gather)
+    assert joined.tolist() == [0, 0, 1, 0, 1, 0, 1]
+
+
+def test_predict_on_one_process_batches_every_image_without_a_graph():
+    """Defaults (rank 0 of 1): all 7 images in order, in chunks of at most batch_size, and no
+    autograd graph: the EMA copy evaluated here keeps requires_grad on its parameters."""
+    images = torch.tensor([[0.0], [1], [-1], [2], [-2], [3], [-3]])
+    weight = torch.ones(1, requires_grad=True)
+    seen = []
+
+    def fn(x):
+        seen.append((len(x), torch.is_grad_enabled()))
+        return torch.cat([x * weight, -x * weight], 1)
+
+    preds = predict(fn, images, 3, torch.device("cpu"))
+    assert preds.tolist() == [0, 0, 1, 0, 1, 0, 1]
+    assert seen == [(3, False), (3, False), (1, False)]
+
+
+def test_gather_shards_joins_ranks_in_order_and_cuts_the_padding():
+    """Two ranks, n = 3, buffers of 2 (rank 1 padded with -1): the gathered [r0, r1] cut to 3
+    rows; one process never calls the collective."""
+    rank_1 = torch.tensor([7, -1])
+    gather = lambda local: torch.cat([local, rank_1])  # noqa: E731  (all_gather, seen by rank 0)
+    assert gather_shards(torch.tensor([5, 6]), 3, 2, gather).tolist() == [5, 6, 7]
+
+    def no_collective(local):
+        raise AssertionError("one process needs no gather")
+
+    assert gather_shards(torch.tensor([5, 6, -1]), 2, 1, no_collective).tolist() == [5, 6]
