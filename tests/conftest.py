@@ -111,6 +111,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(autouse=True)
+def _no_thread_note(monkeypatch):
+    """The trainer notes on stderr when OMP_NUM_THREADS holds it below the cores' share; a
+    suite started with it set (tools/mutation.sh sets 1) would see that note beside the one
+    error line many tests expect. Threads are already fixed at import: this changes no speed."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerator_state():
     """Each test builds its Accelerator with its own precision; Accelerate keeps one global
     state per process, which a later Accelerator with another precision may not change."""

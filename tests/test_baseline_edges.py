@@ -44,7 +44,8 @@ def test_bad_values_name_the_key(key, value, message):
     "override",
     ["freematch.ema_p=0", "freematch.ema_p=1", "simmatch.da_len=1",
      "simmatch.smoothing_alpha=0", "simmatch.smoothing_alpha=1", "simmatch.warmup_steps=0",
-     "simmatch.bank_momentum=0", "simmatch.bank_momentum=1", "freematch.ent_loss_ratio=0"],
+     "simmatch.bank_momentum=0", "simmatch.bank_momentum=1", "freematch.ent_loss_ratio=0",
+     "simmatch.proj_size=1", "simmatch.lambda_in=0"],
 )  # fmt: skip
 def test_bounds_are_allowed(override):
     load_config(None, [f"algorithm={override.split('.')[0]}", override])
