@@ -107,7 +107,8 @@ def test_export_writes_the_ema_classifier_and_the_live_detector_with_its_card(
     monkeypatch, tmp_path
 ):
     """The classifier comes from the EMA model, the detector from the live one (the one the
-    metrics measured); the card records the paper's defaults L, M, k = 16, 10, 1, tau 0.95."""
+    metrics measured); the card records the paper's defaults L, M, k = 16, 10, 1, tau 0.95,
+    the sizes and the generators (sorted), or the benchmark they come from."""
     from types import SimpleNamespace
 
     from rsmatch.algorithms import base, rsmatch
@@ -115,22 +116,41 @@ def test_export_writes_the_ema_classifier_and_the_live_detector_with_its_card(
     from .test_rsmatch_equations import make
 
     seen = {}
-    monkeypatch.setattr(base, "export_classifier", lambda m, out, *a: seen.update(cls=(m, out)))
-    monkeypatch.setattr(rsmatch, "export_detector", lambda m, out, *a: seen.update(det=(m, out, a)))
+    monkeypatch.setattr(base, "export_classifier", lambda *a: seen.update(cls=a))
+    monkeypatch.setattr(rsmatch, "export_detector", lambda *a: seen.update(det=a))
     ema = SimpleNamespace(classifier="ema-cls", detector="ema-det")
     live = SimpleNamespace(classifier="live-cls", detector="live-det")
-    make(**{"data.synthetic": "{}"}).export(ema, live, tmp_path, ["a", "b", "c"], {"x": 1.0})
-    assert seen["cls"] == ("ema-cls", tmp_path / "model")
-    detector, out, args = seen["det"]
-    assert (detector, out) == ("live-det", tmp_path / "detector")
-    image_size, class_names, real_set, training, metrics = args[2:]
-    assert (image_size, class_names, real_set, metrics) == ([4, 4], ["a", "b", "c"],
-                                                          "data/demo/real", {"x": 1.0})  # fmt: skip
-    assert training["queue (L, M, k)"] == "16, 10, 1"
-    assert training["detector pseudo-label tau"] == 0.95
-    assert training["RSMatch base"] == "fixmatch"
-    assert training["unlabeled pool generators"] == "none"
-    assert (training["labeled images"], training["unlabeled pool"]) == (3, 4)
+    names = ["a", "b", "c"]
+    algo = make(**{"data.synthetic": "{cgan: /c, ddpm: /d}", "train.steps": 7, "train.seed": 5})
+    algo.export(ema, live, tmp_path, names, {"x": 1.0})
+    mean, std = algo.cfg.data.mean, algo.cfg.data.std
+    small_stem = algo.cfg.model.small_stem
+    assert seen["cls"] == ("ema-cls", tmp_path / "model", names, mean, std, small_stem, "rsmatch")
+    training = {
+        "real set (labeled + unlabeled)": "`data/demo/real`",
+        "unlabeled pool generators": "cgan, ddpm",
+        "synthetic labels used": "none",
+        "labeled images": 3,
+        "unlabeled pool": 4,
+        "steps (train.steps)": 7,
+        "RSMatch base": "fixmatch",
+        "detector pseudo-label tau": 0.95,
+        "queue (L, M, k)": "16, 10, 1",
+        "seed": 5,
+    }
+    assert seen["det"] == ("live-det", tmp_path / "detector", mean, std, [4, 4], names,
+                           "data/demo/real", training, {"x": 1.0})  # fmt: skip
+
+    make(**{"data.synthetic": "{}"}).export(ema, live, tmp_path, names, {})
+    assert seen["det"][7]["unlabeled pool generators"] == "none"
+    make(**{"data.benchmark": "you/bench"}).export(ema, live, tmp_path, names, {})
+    assert seen["det"][6] == "you/bench"
+    assert seen["det"][7]["real set (labeled + unlabeled)"] == "`you/bench`"
+    assert seen["det"][7]["unlabeled pool generators"] == "see the benchmark"
+
+    seen.clear()  # the shared-encoder ablation has no detector of its own: the classifier only
+    make().export(ema, SimpleNamespace(detector=None), tmp_path, names, {})
+    assert list(seen) == ["cls"]
 
 
 def test_rsmatch_asks_for_x_lb_strong_view_only_with_strong_labeled():
