@@ -488,6 +488,9 @@ def test_run_results_reads_what_the_run_wrote(tmp_path):
                    "evals": [{"step": 2}, {"step": 4}], "counts": {"labeled": 12}}  # fmt: skip
     (tmp_path / "metrics.json").write_text('{"seconds": 3.0, "step": 0}')
     assert gpu_check.run_results(tmp_path)["loop_s_per_step"] == 3.0
+    # a run stopped by the check's time budget may leave a last line cut off mid-write
+    (tmp_path / "evals.jsonl").write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "te')
+    assert gpu_check.run_results(tmp_path)["evals"] == [{"step": 2}, {"step": 4}]
 
 
 def test_data_overrides():

@@ -463,8 +463,10 @@ def run_results(run_dir: Path) -> dict:
         found = {"test_acc": m.get("test_acc"), "detector_acc": m.get("detector_acc"),
                  "loop_seconds": m.get("seconds"),
                  "loop_s_per_step": round(m["seconds"] / max(m["step"], 1), 4), "metrics": m}  # fmt: skip
-    if (run_dir / "evals.jsonl").is_file():
-        found["evals"] = [json.loads(x) for x in (run_dir / "evals.jsonl").read_text().splitlines()]
+    if (run_dir / "evals.jsonl").is_file():  # the trainer's reader: skips a line cut off mid-write
+        from rsmatch.runinfo import eval_entries  # installed by now (this runs after the install)
+
+        found["evals"] = eval_entries(run_dir)
     if (run_dir / "run.json").is_file():
         found["counts"] = json.loads((run_dir / "run.json").read_text()).get("counts")
     return found
