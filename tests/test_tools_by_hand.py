@@ -685,15 +685,20 @@ def test_study_summary_table(monkeypatch, tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
         evals = {"step": 5, "test_acc": metrics["test_acc"]}
-        if "detector_acc" in metrics:
-            evals |= {"detector_acc": 0.8, "queue_purity": 0.75, "detector_called_synthetic": 0.5}
-        (tmp_path / name / "evals.jsonl").write_text(json.dumps(evals) + "\n")
+        lines = [evals]
+        if "detector_acc" in metrics:  # the first evaluation before the queue held anything
+            lines = [{"step": 2, "test_acc": 0.1, "detector_acc": 0.4,
+                      "detector_called_synthetic": 0.0},
+                     evals | {"detector_acc": 0.8, "queue_purity": 0.75,
+                              "detector_called_synthetic": 0.5}]  # fmt: skip
+        (tmp_path / name / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     summarize.main(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert "| fixmatch | 60.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | - | - | 15 |" in text
     assert "| rsmatch-ood | 90.00 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 80.00 ± 0.00 (n=1) | " in text
     assert "| fixmatch-seed1 | 0.5000 | - | - | - | - |" in text
-    assert "- rsmatch-ood run 0: 5: 0.800/0.750/0.500" in text and "fixmatch run" not in text
+    assert "- rsmatch-ood run 0: 2: 0.400/n/a/0.000, 5: 0.800/0.750/0.500" in text
+    assert "fixmatch run" not in text
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 

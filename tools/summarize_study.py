@@ -21,6 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _purity(evaluation: dict) -> str:
+    """Queue purity, n/a where the queue held nothing yet (the trainer leaves the key out)."""
+    return f"{evaluation['queue_purity']:.3f}" if "queue_purity" in evaluation else "n/a"
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -92,7 +97,7 @@ def main(root: Path) -> None:
         for i, evals in enumerate(seeds):
             if evals and "detector_acc" in evals[0]:
                 points = ", ".join(
-                    f"{e['step']}: {e['detector_acc']:.3f}/{e['queue_purity']:.3f}/{e['detector_called_synthetic']:.3f}"
+                    f"{e['step']}: {e['detector_acc']:.3f}/{_purity(e)}/{e['detector_called_synthetic']:.3f}"
                     for e in evals
                 )
                 lines.append(f"- {method} run {i}: {points}")
@@ -107,7 +112,10 @@ def main(root: Path) -> None:
             axes[0].plot(steps, [e["test_acc"] for e in evals], label=label)
             if evals and "detector_acc" in evals[0]:
                 axes[1].plot(steps, [e["detector_acc"] for e in evals], label=label)
-                axes[2].plot(steps, [e["queue_purity"] for e in evals], label=label)
+                held = [e for e in evals if "queue_purity" in e]  # none while the queue is empty
+                axes[2].plot(
+                    [e["step"] for e in held], [e["queue_purity"] for e in held], label=label
+                )
     for ax, title in zip(axes, ("test accuracy", "detector accuracy (pool)", "queue purity")):
         ax.set_title(title)
         ax.set_xlabel("step")
