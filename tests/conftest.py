@@ -34,6 +34,7 @@ from PIL import Image  # noqa: E402
 from rsmatch.config import Config, load_config  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -108,6 +109,13 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_class_folder(root / "gen_a", 12, seed=2, synthetic=True)
     write_class_folder(root / "gen_b", 12, seed=3, synthetic=True)
     return {"real": root / "real", "gen_a": root / "gen_a", "gen_b": root / "gen_b"}
+
+
+@pytest.fixture(autouse=True)
+def _in_the_repository(monkeypatch):
+    """Tests name the shipped configs and tools as the README's commands do (`configs/demo.yaml`):
+    run from the repository's root wherever pytest was started."""
+    monkeypatch.chdir(ROOT)
 
 
 @pytest.fixture(autouse=True)

@@ -53,7 +53,7 @@ def save_tiny_sd(folder: Path) -> Path:
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=8, norm_num_groups=8, attention_head_dim=2)  # fmt: skip
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_clip_text(), tokenizer=clip_tokenizer(folder / "_tok"),
-                                   unet=unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(str(folder))
     return folder
