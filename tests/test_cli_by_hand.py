@@ -4,6 +4,7 @@ checks before work, stdout against stderr (a mutation audit of rsmatch/cli/*.py)
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -334,7 +335,7 @@ def test_report_passes_its_options_and_prints_the_readme(tmp_path, capsys, monke
     monkeypatch.setattr("rsmatch.report.write_report", write_report)
     assert report_cli.main([str(tmp_path), "--repo-url", "https://x/y"]) == 0
     assert seen == dict(runs=tmp_path, out=tmp_path / "report", repo_url="https://x/y",
-                        command=f"rsmatch-report {tmp_path} --repo-url https://x/y")  # fmt: skip
+                        command=f"rsmatch-report {shlex.quote(str(tmp_path))} --repo-url https://x/y")  # fmt: skip
     captured = capsys.readouterr()
     assert captured.out == f"{tmp_path / 'report' / 'README.md'}\n" and captured.err == ""
 
