@@ -58,7 +58,7 @@ def write_manifest(folder: Path) -> None:
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in files
     }
-    with open(folder / MANIFEST, "w") as f:
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
         json.dump({"files": entries}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -68,7 +68,7 @@ def verify(folder: Path) -> None:
     """Raise CheckpointError naming the first file that is missing or differs from the manifest."""
     manifest = folder / MANIFEST
     try:
-        entries = json.loads(manifest.read_text())["files"]
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         raise CheckpointError(f"{manifest}: missing (the checkpoint is incomplete)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -123,8 +123,8 @@ def save(
         )
         state = {k: v.detach().cpu().contiguous() for k, v in algorithm_state.items()}
         save_file(state, str(tmp / "algorithm.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-        (tmp / "config.yaml").write_text(dump_yaml(config))
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+        (tmp / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
         readable_as_umask(tmp)
         write_manifest(tmp)  # last: it vouches for everything above
         shutil.rmtree(final, ignore_errors=True)
@@ -141,7 +141,7 @@ def latest(root: Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    return root / pointer.read_text().strip()
+    return root / pointer.read_text(encoding="utf-8").strip()
 
 
 def step_of(folder: Path) -> int:
@@ -194,7 +194,7 @@ def select(root: Path, mode: str | int) -> tuple[Path, list[str]]:
 
 
 def saved_config(path: Path) -> dict:
-    return yaml.safe_load((path / "config.yaml").read_text())
+    return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
 
 
 def load(accelerator: Accelerator, path: Path, ema: nn.Module) -> tuple[dict, dict]:
@@ -210,7 +210,7 @@ def load(accelerator: Accelerator, path: Path, ema: nn.Module) -> tuple[dict, di
     try:
         ema.load_state_dict(load_file(str(files["ema.safetensors"]), device="cpu"))
         algo = load_file(str(files["algorithm.safetensors"]), device="cpu")
-        trainer = json.loads((path / "trainer.json").read_text())
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be loaded ({_first_line(e)})") from None
     return algo, trainer

@@ -439,7 +439,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             what = "a folder, not a YAML file" if path.is_dir() else "no such file"
             raise ConfigError(f"--config: {what} {str(path)!r}")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(
                 f"--config: cannot read {str(path)!r} ({_one_line(str(e))})"

@@ -142,7 +142,7 @@ def load_grid(path: str | Path) -> Grid:
     if not path.is_file():
         raise GridError(f"{path}: no such grid file")
     try:  # the same YAML dialect as configs; errors as FILE:LINE:COL: problem
-        raw = parse_yaml(path.read_text(), str(path))
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except ConfigError as e:
         raise GridError(str(e)) from None
     if not isinstance(raw, dict):
@@ -230,7 +230,7 @@ def config_drift(run: Run) -> tuple[str, str] | None:
     saved_file = run.path / "config.yaml"
     if not saved_file.is_file() or run_state(run.path) == "todo":
         return None
-    saved = flat_config(yaml.safe_load(saved_file.read_text()) or {})
+    saved = flat_config(yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {})
     wanted = flat_config(as_saved(run.config))
     for key in sorted(saved.keys() & wanted.keys() - set(RESULT_NEUTRAL)):
         if saved[key] != wanted[key]:

@@ -30,7 +30,7 @@ def export_classifier(classifier: Classifier, out: Path, class_names: list[str],
                            class_names=class_names)  # fmt: skip
     inference.load_state_dict(classifier.inference_state_dict(), strict=True)
     inference.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     # huggingface_hub's own card (written when none is there) says the model was pushed
     classifier_card(config, algorithm).save(out / "README.md")
     readable_as_umask(out)
@@ -77,7 +77,7 @@ def export_kind(folder: Path) -> str | None:
     config = folder / "config.json"
     if not (config.is_file() and (folder / "model.safetensors").is_file()):
         return None
-    keys = json.loads(config.read_text())
+    keys = json.loads(config.read_text(encoding="utf-8"))
     return "classifier" if "num_classes" in keys else "detector" if "threshold" in keys else None
 
 

@@ -342,7 +342,7 @@ def write_outputs(result: FilterResult, out: Path, report: Callable[[Path], None
         pq.write_table(pa.table(result.table), tmp / "scores.parquet")
         result.dataset.save_to_disk(str(tmp / "dataset"))
         if result.corrupt:
-            (tmp / "corrupt.txt").write_text("\n".join(result.corrupt) + "\n")
+            (tmp / "corrupt.txt").write_text("\n".join(result.corrupt) + "\n", encoding="utf-8")
         report(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

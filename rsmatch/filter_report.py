@@ -168,7 +168,9 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
     grid(folder / "most_real.png", extremes(result.scored, size, False), "most real")
     record = {"detector": detector, "images": images, "threshold": result.threshold,
               "keep": "real" if keep_real else "all", "counts": c, "provenance_metrics": metrics}  # fmt: skip
-    (folder / "report.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    (folder / "report.json").write_text(
+        json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     lines = [
         "---", "tags:", "- rsmatch", "- synthetic-image-detection", "---", "",
         "# rsmatch-filter report", "",
@@ -204,4 +206,4 @@ def write_report(folder: Path, result: FilterResult, detector: str, images: str,
             f"{len(result.corrupt)} file(s) did not decode and were skipped (corrupt.txt).",
             "",
         ]
-    (folder / "README.md").write_text("\n".join(lines))
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")

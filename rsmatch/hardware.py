@@ -56,7 +56,7 @@ class Precision:
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags (Linux); empty where they cannot be read."""
     try:
-        text = cpuinfo.read_text()
+        text = cpuinfo.read_text(encoding="utf-8")
     except OSError:
         return set()
     for line in text.splitlines():

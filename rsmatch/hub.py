@@ -43,9 +43,9 @@ def model_card(run: Path, repo: str) -> str:
     """The classifier's card with the run's data, seeds, commit and metrics."""
     from rsmatch.export import classifier_card  # torch: not for --help
 
-    metrics = json.loads((run / "metrics.json").read_text())
-    record = json.loads((run / "run.json").read_text())
-    config = json.loads((run / "model" / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    config = json.loads((run / "model" / "config.json").read_text(encoding="utf-8"))
     split = record.get("split", {})
     rows = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -78,7 +78,7 @@ def stage(run: Path, repo: str, out: Path) -> Path:
     shutil.copytree(run / "model", out)
     for name in RECORD_FILES:
         shutil.copy2(run / name, out / name)
-    (out / "README.md").write_text(model_card(run, repo))
+    (out / "README.md").write_text(model_card(run, repo), encoding="utf-8")
     return out
 
 

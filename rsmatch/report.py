@@ -117,7 +117,7 @@ def _benchmark_meta(bench: str) -> dict[str, Any]:
     if not file.is_file() and is_hub_id(bench):
         cached = try_to_load_from_cache(bench, META_FILE, repo_type="dataset")
         file = Path(cached) if isinstance(cached, str) else file  # else None or "not on the Hub"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
 
 def _extras(axes: dict[str, str], covered: set[str]) -> tuple[str, ...]:
@@ -139,7 +139,7 @@ class ReportError(ValueError):
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _run_config(path: Path, expected: dict[Path, tuple[dict, tuple[str, ...]]]) -> dict:
@@ -148,7 +148,7 @@ def _run_config(path: Path, expected: dict[Path, tuple[dict, tuple[str, ...]]]) 
     cfg_file = path / "config.yaml"
     if cfg_file.is_file():
         try:
-            loaded = yaml.safe_load(cfg_file.read_text())
+            loaded = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ReportError(f"{cfg_file}: not YAML ({str(e).splitlines()[0]})") from None
         if loaded:
@@ -163,7 +163,7 @@ def collect(runs_dir: Path) -> list[RunInfo]:
     """Every run folder under ``runs_dir``, plus grid runs that never started."""
     expected: dict[Path, tuple[dict, tuple[str, ...]]] = {}
     for manifest_file in sorted(runs_dir.rglob(MANIFEST)):
-        manifest = json.loads(manifest_file.read_text())
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         covered = _covered_axes(manifest.get("grid", {}))
         for entry in manifest["runs"]:
             path = (manifest_file.parent / entry["name"]).resolve()
@@ -361,7 +361,7 @@ def write_csv(cells: list[Cell], out: Path) -> None:
     fields = ["method", "replace_ratio", "labels_per_class", "n", "n_missing", "best_mean",
               "best_std", "final_mean", "final_std",
               *(f"{k}_{s}" for k in keys for s in ("mean", "std")), "commits", "warnings"]  # fmt: skip
-    with open(out, "w", newline="") as f:
+    with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for c in cells:
@@ -413,7 +413,7 @@ def write_report(runs_dir: Path, out: Path, repo_url: str | None = None,
     tables = ["## Best test accuracy (%)", "", best, "", "## Final test accuracy (%)", "", final]
     if det:
         tables += ["", "## Detector on the unlabeled pool (%, final evaluation)", "", det]
-    (out / "tables.md").write_text("\n".join(tables) + "\n")
+    (out / "tables.md").write_text("\n".join(tables) + "\n", encoding="utf-8")
     made = figures.write_all(cells, out)
 
     done = sum(r.metrics is not None for r in runs)
@@ -439,5 +439,5 @@ def write_report(runs_dir: Path, out: Path, repo_url: str | None = None,
     for file, caption in made:
         lines += [f"**{caption}**", "", f"![{caption}]({file})", ""]
     readme = out / "README.md"
-    readme.write_text("\n".join(lines))
+    readme.write_text("\n".join(lines), encoding="utf-8")
     return readme

@@ -59,7 +59,7 @@ def check_free(out: Path) -> None:
 
 def _busy(out: Path) -> str:
     try:
-        h = json.loads((out / LOCK).read_text())
+        h = json.loads((out / LOCK).read_text(encoding="utf-8"))
         holder = f"pid {h['pid']} on {h['host']} since {h['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         holder = "holder not yet recorded"

@@ -94,7 +94,7 @@ def write_run_record(out: Path, cfg: Config, extra: dict, resumed_from: str | No
     record = None
     if resumed_from and path.is_file():
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             record = None  # unreadable: start a new record rather than lose the run
     if not isinstance(record, dict):
@@ -114,7 +114,7 @@ def trim_evals(out: Path, step: int) -> int:
     path = out / "evals.jsonl"
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if (e := _entry(line)) is not None and e.get("step", 0) <= step]
     if len(kept) != len(lines):
         write_text_atomic(path, "".join(f"{line}\n" for line in kept))
@@ -124,7 +124,7 @@ def trim_evals(out: Path, step: int) -> int:
 def eval_entries(out: Path) -> list[dict[str, Any]]:
     """The evaluations in `out/evals.jsonl`, in file order (none without the file)."""
     path = out / "evals.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     return [e for e in map(_entry, lines) if e is not None]
 
 

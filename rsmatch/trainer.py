@@ -454,7 +454,7 @@ class Trainer:
             self._export_best()
         acc.log({f"eval/{k}": v for k, v in results.items() if k != "step"}, step=step)
         if acc.is_main_process:
-            with open(self.out / "evals.jsonl", "a") as f:
+            with open(self.out / "evals.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(results) + "\n")
 
     # -- saving -------------------------------------------------------------------------------
@@ -504,7 +504,9 @@ class Trainer:
         }
         if self.accelerator.is_main_process:
             self.export()
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (self.out / "metrics.json").write_text(
+                json.dumps(metrics, indent=2) + "\n", encoding="utf-8"
+            )
             self.lock.release()
         return metrics
 

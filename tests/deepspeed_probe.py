@@ -35,7 +35,7 @@ fit = Trainer.fit
 def fit_and_record(self: Trainer, *args, **kwargs):
     offsets = {n: p.data_ptr() % 16 for n, p in self.model.module.named_parameters()}
     probe = {"offsets": offsets, "gradient_clipping": self.model.gradient_clipping()}
-    Path(os.environ["RSMATCH_PROBE_OUT"]).write_text(json.dumps(probe))
+    Path(os.environ["RSMATCH_PROBE_OUT"]).write_text(json.dumps(probe), encoding="utf-8")
     return fit(self, *args, **kwargs)
 
 

@@ -73,7 +73,7 @@ if __name__ == "__main__":
     records = gather_object([record])
     if trainer.accelerator.is_main_process:
         out = Path(trainer.cfg.train.output_dir)
-        (out / "ranks.json").write_text(json.dumps(ranks))
-        (out / "watched.json").write_text(json.dumps(records))
+        (out / "ranks.json").write_text(json.dumps(ranks), encoding="utf-8")
+        (out / "watched.json").write_text(json.dumps(records), encoding="utf-8")
     trainer.accelerator.end_training()
     exit_process(0)  # see there: a gloo worker may abort a finalising Python

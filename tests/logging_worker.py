@@ -25,6 +25,8 @@ if __name__ == "__main__":
         window = dict(reversed(window.items()))
     ranks = gather_object([{"keys": keys, "logs": logs, "swapped": reduce(window)}])
     if trainer.accelerator.is_main_process:
-        Path(trainer.cfg.train.output_dir, "logged.json").write_text(json.dumps(ranks))
+        Path(trainer.cfg.train.output_dir, "logged.json").write_text(
+            json.dumps(ranks), encoding="utf-8"
+        )
     trainer.accelerator.end_training()
     exit_process(0)  # see there: a gloo worker may abort a finalising Python

@@ -84,7 +84,7 @@ def test_build_end_to_end_with_generators_import_and_cifake(sources, tiny, tmp_p
     generated = [p for p, g in zip(unl["prompt"], gens) if g in ("sd14", "sdxl_lightning")]
     assert all(generated) and all(p == "" for p, g in zip(unl["prompt"], gens) if g == "real")
     assert not any(dd["labeled"]["is_synthetic"]) and not any(dd["test"]["is_synthetic"])
-    card = (out / "README.md").read_text()
+    card = (out / "README.md").read_text(encoding="utf-8")
     assert (
         "| unlabeled | 36 | 12 | 12 | 12 |" in card
         and "sdxl_lightning: 3" in card
@@ -184,12 +184,12 @@ def test_bad_input_fails_before_work(sources, tmp_path, capsys, extra, message):
 
 
 def test_out_under_a_file_fails_before_work(sources, tmp_path, capsys):
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     assert bb.main(_args(sources, tmp_path / "afile" / "sub")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rsmatch-build-benchmark: error: --out {tmp_path}/afile/sub: "
                    f"{tmp_path}/afile is a file, not a folder"]  # fmt: skip
-    assert (tmp_path / "afile").read_text() == "x"
+    assert (tmp_path / "afile").read_text(encoding="utf-8") == "x"
 
 
 def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):
@@ -225,7 +225,7 @@ def test_missing_classes_and_corrupt_images(sources, tmp_path, capsys):
         )
         == 0
     )
-    assert "Unreadable images skipped: 1." in (out / "README.md").read_text()
+    assert "Unreadable images skipped: 1." in (out / "README.md").read_text(encoding="utf-8")
     # skipping may leave too few: counted again, the error names the builder's flag
     argv = _args(sources, tmp_path / "o5", "--synthetic", f"b={broken}", "--replace-ratio", "1")
     assert bb.main([*argv, "--skip-corrupt"]) == 2  # 12 per class needed, 11 cats readable
@@ -305,12 +305,12 @@ def test_push_offline_fails_cleanly_and_keeps_the_build(sources, tmp_path, capsy
 def test_config_file_sets_options(sources, tmp_path):
     cfg = tmp_path / "b.yaml"
     cfg.write_text(json.dumps({"real": str(sources["real"]), "synthetic": [f"a={sources['gen_a']}"],
-                               "labels_per_class": 2, "replace_ratio": 0.25, "out": str(tmp_path / "b")}))  # fmt: skip
+                               "labels_per_class": 2, "replace_ratio": 0.25, "out": str(tmp_path / "b")}), encoding="utf-8")  # fmt: skip
     assert bb.main(["--config", str(cfg)]) == 0
     dd, meta = load_benchmark(tmp_path / "b")
     assert meta["labels_per_class"] == 2 and len(dd["labeled"]) == 6
     bad = tmp_path / "bad.yaml"
-    bad.write_text("{realz: x}")
+    bad.write_text("{realz: x}", encoding="utf-8")
     with pytest.raises(bb.BuildError, match="realz"):
         bb.parse_args(["--config", str(bad)])
 
@@ -439,7 +439,7 @@ def test_two_processes_build_one_benchmark(sources, tiny, tmp_path, generate):
 )
 def test_config_file_values_take_their_flags_types(tmp_path, text, expected):
     cfg = tmp_path / "b.yaml"
-    cfg.write_text(text)
+    cfg.write_text(text, encoding="utf-8")
     if isinstance(expected, dict):
         options = bb.parse_args(["--config", str(cfg)])
         assert {k: getattr(options, k) for k in expected} == expected
@@ -453,7 +453,7 @@ def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path
     gen = ["--generate", "sd14", "--generator-model", f"sd14={tiny['sd']}", "--prompts",
            "template", "--resolution", "32", "--export-synthetic", str(export)]  # fmt: skip
     assert bb.main(_args(sources, tmp_path / "a", *gen)) == 0
-    recipe = json.loads((export / "sd14" / "generator.json").read_text())
+    recipe = json.loads((export / "sd14" / "generator.json").read_text(encoding="utf-8"))
     assert (recipe["model"], recipe["resolution"], recipe["seed"]) == (str(tiny["sd"]), 32, 0)
     made = {f: f.stat().st_mtime_ns for f in export.rglob("*.jpg")}
     capsys.readouterr()

@@ -45,7 +45,7 @@ def test_a_resealed_manifest_lists_the_files_but_not_itself(tmp_path):
     """Sealing a folder again (a manifest already there) vouches for the others only."""
     folder = _sealed(tmp_path, 1)
     write_manifest(folder)
-    files = json.loads((folder / "manifest.json").read_text())["files"]
+    files = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]
     assert sorted(files) == ["algorithm.safetensors", "config.yaml", "ema.safetensors",
                              "trainer.json"]  # fmt: skip
     assert files["config.yaml"]["size"] == 22  # "config.yaml of step 1\n"
@@ -57,14 +57,14 @@ def test_files_in_subfolders_are_listed_by_their_relative_path(tmp_path):
     folder = tmp_path / "step_00000001"
     folder.mkdir()
     for name in REQUIRED:
-        (folder / name).write_text("x")
+        (folder / name).write_text("x", encoding="utf-8")
     (folder / "shards").mkdir()
-    (folder / "shards" / "part.bin").write_text("abc")
+    (folder / "shards" / "part.bin").write_text("abc", encoding="utf-8")
     write_manifest(folder)
-    files = json.loads((folder / "manifest.json").read_text())["files"]
+    files = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"]
     assert files["shards/part.bin"]["size"] == 3 and "part.bin" not in files
     verify(folder)
-    (folder / "shards" / "part.bin").write_text("abcd")
+    (folder / "shards" / "part.bin").write_text("abcd", encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"shards/part.bin: 4 bytes, the manifest says 3$"):
         verify(folder)
 
@@ -86,7 +86,7 @@ def test_a_missing_manifest_says_the_checkpoint_is_incomplete(tmp_path):
 )  # fmt: skip
 def test_a_malformed_manifest_is_named(tmp_path, text, problem):
     folder = _sealed(tmp_path, 1)
-    (folder / "manifest.json").write_text(text)
+    (folder / "manifest.json").write_text(text, encoding="utf-8")
     with pytest.raises(CheckpointError) as e:
         verify(folder)
     assert str(e.value) == f"{folder}/manifest.json: {problem}"
@@ -104,7 +104,9 @@ def test_each_required_file_must_be_in_the_manifest(tmp_path, name):
 
 def test_a_file_of_the_same_size_with_other_bytes_is_named(tmp_path):
     folder = _sealed(tmp_path, 1)
-    (folder / "trainer.json").write_text("trainer.json of step 2\n")  # same 23 bytes
+    (folder / "trainer.json").write_text(
+        "trainer.json of step 2\n", encoding="utf-8"
+    )  # same 23 bytes
     with pytest.raises(CheckpointError) as e:
         verify(folder)
     assert str(e.value) == f"{folder}/trainer.json: contents differ from the manifest (sha256)"
@@ -118,9 +120,9 @@ def test_save_writes_latest_config_and_trainer_state_as_given(tmp_path):
     a text that would read back as a number."""
     _, _, path = saved_by_hand(tmp_path, 3)
     assert path == tmp_path / "step_00000003"
-    assert (tmp_path / "latest").read_text() == "step_00000003\n"
-    assert (path / "config.yaml").read_text() == "zeta: 1\nalpha: '0o17'\n"
-    assert json.loads((path / "trainer.json").read_text()) == {"step": 3}
+    assert (tmp_path / "latest").read_text(encoding="utf-8") == "step_00000003\n"
+    assert (path / "config.yaml").read_text(encoding="utf-8") == "zeta: 1\nalpha: '0o17'\n"
+    assert json.loads((path / "trainer.json").read_text(encoding="utf-8")) == {"step": 3}
 
 
 def test_saved_safetensors_files_follow_the_umask(tmp_path):
@@ -161,7 +163,7 @@ def test_load_names_a_checkpoint_whose_accelerate_state_fails(tmp_path):
 
 def test_load_names_an_unreadable_trainer_state(tmp_path):
     acc, model, path = saved_by_hand(tmp_path)
-    (path / "trainer.json").write_text("{")
+    (path / "trainer.json").write_text("{", encoding="utf-8")
     with pytest.raises(CheckpointError, match=rf"^{path}: cannot be loaded \(JSONDecodeError: "):
         checkpoint.load(acc, path, model)
 
@@ -235,7 +237,7 @@ def test_a_resume_appends_to_the_run_record(tmp_path, monkeypatch):
                              resumed_from=None)  # fmt: skip
     runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=1"]), {"world_size": 2},
                              resumed_from="ck/step_00000004")  # fmt: skip
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert run["seed"] == 1 and run["world_size"] == 1 and run["git"] == {"commit": "abc",
                                                                           "dirty": False}  # fmt: skip
     assert [(h["event"], h["resumed_from"], h["world_size"]) for h in run["history"]] == [
@@ -243,10 +245,10 @@ def test_a_resume_appends_to_the_run_record(tmp_path, monkeypatch):
 
 
 def test_a_resume_with_an_unreadable_run_json_starts_a_new_record(tmp_path):
-    (tmp_path / "run.json").write_text('{"seed": 0, "hist')  # cut off
+    (tmp_path / "run.json").write_text('{"seed": 0, "hist', encoding="utf-8")  # cut off
     runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=5"]), {},
                              resumed_from="ck/step_00000002")  # fmt: skip
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert run["seed"] == 5 and [h["event"] for h in run["history"]] == ["resume"]
 
 
@@ -270,7 +272,7 @@ def test_versions_are_recorded_as_installed_local_label_and_all(monkeypatch):
 def test_the_run_config_yaml_keeps_the_config_order(tmp_path):
     """config.yaml reads like the config, not sorted: model, train, ssl; output_dir first."""
     runinfo.write_run_record(tmp_path, load_config(None, []), {}, resumed_from=None)
-    text = (tmp_path / "config.yaml").read_text()
+    text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
     assert text.startswith("algorithm: rsmatch\ndata:\n")
     assert "\ntrain:\n  output_dir: runs/demo\n  seed: 0\n  steps: 1048576\n" in text
     assert text.index("\nmodel:") < text.index("\ntrain:") < text.index("\nssl:")
@@ -279,10 +281,11 @@ def test_the_run_config_yaml_keeps_the_config_order(tmp_path):
 
 def test_trim_evals_keeps_the_step_resumed_from_and_says_how_many_it_dropped(tmp_path):
     (tmp_path / "evals.jsonl").write_text(
-        '{"step": 2, "test_acc": 0.1}\n\n{"step": 4, "test_acc": 0.2}\n{"step": 6}\n'
+        '{"step": 2, "test_acc": 0.1}\n\n{"step": 4, "test_acc": 0.2}\n{"step": 6}\n',
+        encoding="utf-8",
     )
     assert runinfo.trim_evals(tmp_path, 4) == 2  # step 6 and the blank line
-    assert (tmp_path / "evals.jsonl").read_text() == (
+    assert (tmp_path / "evals.jsonl").read_text(encoding="utf-8") == (
         '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n'
     )
     assert runinfo.trim_evals(tmp_path, 4) == 0
@@ -298,11 +301,11 @@ def test_a_last_evaluation_cut_off_by_a_crash_is_dropped_on_resume_and_skipped_b
     from rsmatch.report import read_evals
 
     cut = '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 6, "test_a'
-    (tmp_path / "evals.jsonl").write_text(cut)
+    (tmp_path / "evals.jsonl").write_text(cut, encoding="utf-8")
     assert [e["step"] for e in runinfo.eval_entries(tmp_path)] == [2, 4]
     assert [e["step"] for e in read_evals(tmp_path)] == [2, 4]
     assert runinfo.trim_evals(tmp_path, 6) == 1
-    assert (tmp_path / "evals.jsonl").read_text() == cut.rsplit("\n", 1)[0] + "\n"
+    assert (tmp_path / "evals.jsonl").read_text(encoding="utf-8") == cut.rsplit("\n", 1)[0] + "\n"
     assert runinfo.eval_entries(tmp_path / "none") == []
 
 
@@ -310,7 +313,7 @@ def test_a_last_evaluation_cut_off_by_a_crash_is_dropped_on_resume_and_skipped_b
 
 
 def test_an_output_dir_under_a_file_is_named(tmp_path):
-    (tmp_path / "f").write_text("x")
+    (tmp_path / "f").write_text("x", encoding="utf-8")
     assert runfolder.unwritable(tmp_path / "f" / "run") == f"{tmp_path}/f is a file, not a folder"
     assert runfolder.unwritable(tmp_path / "a" / "b") is None
 
@@ -337,7 +340,7 @@ def test_check_writable_checks_the_folders_a_run_writes_into(tmp_path, monkeypat
 def held_by_hand(out: Path, text: str) -> int:
     """`out/.lock` holding `text`, locked by a descriptor of this process (close it after)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".lock").write_text(text)
+    (out / ".lock").write_text(text, encoding="utf-8")
     fd = os.open(out / ".lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
@@ -373,9 +376,11 @@ def test_the_lock_file_names_only_its_holder(tmp_path):
     """A longer lock file left behind is overwritten whole, not in part."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "x" * 200, "started": "long ago"}))
+    (out / ".lock").write_text(
+        json.dumps({"pid": 1, "host": "x" * 200, "started": "long ago"}), encoding="utf-8"
+    )
     with runfolder.RunLock(out):
-        holder = json.loads((out / ".lock").read_text())
+        holder = json.loads((out / ".lock").read_text(encoding="utf-8"))
         assert holder["pid"] == os.getpid() and set(holder) == {"pid", "host", "started"}
 
 
@@ -397,14 +402,14 @@ def test_a_folder_that_cannot_be_made_leaves_no_parents_behind(tmp_path):
 
 
 def test_check_free_under_a_file_finds_nobody(tmp_path):
-    (tmp_path / "f").write_text("x")
+    (tmp_path / "f").write_text("x", encoding="utf-8")
     assert runfolder.check_free(tmp_path / "f" / "run") is None
 
 
 def test_a_new_run_is_refused_where_only_latest_is_left(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("step_00000004\n")
+    (out / "checkpoints" / "latest").write_text("step_00000004\n", encoding="utf-8")
     cfg = load_config(None, [f"train.output_dir={out}"])
     with pytest.raises(ConfigError, match="holds a run already; pass --resume or choose another"):
         runfolder.check_run_folder(cfg, None)
@@ -419,9 +424,9 @@ def test_resume_latest_by_name_and_by_true_are_the_same(tmp_path):
     folder = out / "checkpoints" / "step_00000004"
     folder.mkdir(parents=True)
     for name in REQUIRED:
-        (folder / name).write_text("{}\n")
-    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        (folder / name).write_text("{}\n", encoding="utf-8")
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)), encoding="utf-8")
     write_manifest(folder)
-    (out / "checkpoints" / "latest").write_text("step_00000004\n")
+    (out / "checkpoints" / "latest").write_text("step_00000004\n", encoding="utf-8")
     assert runfolder.check_run_folder(cfg, True) == (folder, [])
     assert runfolder.check_run_folder(cfg, "latest") == (folder, [])

@@ -32,9 +32,12 @@ def test_counted_options_are_checked_by_argparse(tmp_path, capsys, tool, argv, m
 
 
 def test_report_out_that_is_a_file_is_refused(tmp_path, capsys):
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     assert report.main([str(tmp_path), "--out", str(tmp_path / "afile")]) == 2
-    assert "--out" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+    assert (
+        "--out" in capsys.readouterr().err
+        and (tmp_path / "afile").read_text(encoding="utf-8") == "x"
+    )
 
 
 def test_push_checks_the_repo_id_before_staging(tmp_path, capsys):

@@ -351,7 +351,7 @@ def test_report_missing_folder_is_exit_2_on_stderr(tmp_path, capsys):
 @pytest.mark.parametrize("out", ["afile", "afile/report"])
 def test_report_out_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, out):
     """--out a file, or under one: a traceback (NotADirectoryError) before, one line now."""
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     out = tmp_path / out
     assert report_cli.main([str(tmp_path), "--out", str(out)]) == 2
     captured = capsys.readouterr()
@@ -367,7 +367,7 @@ def test_report_out_that_cannot_be_a_folder_is_exit_2(tmp_path, capsys, out):
 def test_build_config_keys_with_dashes_and_flags_win(tmp_path):
     """--config keys may be spelled with dashes; a flag beats the file; the command is kept."""
     cfg = tmp_path / "b.yaml"
-    cfg.write_text("replace-ratio: 0.3\nseed: 7\nskip_corrupt: true\n")
+    cfg.write_text("replace-ratio: 0.3\nseed: 7\nskip_corrupt: true\n", encoding="utf-8")
     argv = ["--config", str(cfg), "--replace-ratio", "0.5", "--out", "o"]
     opts = bb.parse_args(argv)
     assert (opts.replace_ratio, opts.seed, opts.skip_corrupt) == (0.5, 7, True)

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_overrides_win_over_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 0.1\n  mixed_precision: no\nalgorithm: fixmatch\n")
+    f.write_text(
+        "train:\n  lr: 0.1\n  mixed_precision: no\nalgorithm: fixmatch\n", encoding="utf-8"
+    )
     cfg = load_config(f, ["train.lr=0.01", "train.weight_decay=1e-3"])
     assert cfg.train.lr == 0.01
     assert cfg.train.weight_decay == 0.001
@@ -104,7 +106,7 @@ def test_a_config_folder_is_named_a_folder(tmp_path):
 def test_config_docs_are_generated_and_current():
     docs = config_docs()
     assert "`rsmatch.queue_length`" in docs and "`train.mixed_precision`" in docs
-    committed = (ROOT / "docs" / "config.md").read_text()
+    committed = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     assert committed == docs, "docs/config.md is stale: python -m rsmatch.config > docs/config.md"
     module = [sys.executable, "-m", "rsmatch.config"]
     printed = subprocess.run(module, capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -130,7 +132,7 @@ def test_near_miss_keys_suggest_the_key():
 
 def test_yaml_errors_are_one_line_with_file_line_column(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 0.1\n  steps: [1, 2\n")
+    f.write_text("train:\n  lr: 0.1\n  steps: [1, 2\n", encoding="utf-8")
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert str(e.value) == f"{f}:4:1: expected ',' or ']', but got '<stream end>'"
@@ -226,7 +228,7 @@ def test_keys_with_control_characters_fail_as_one_line(overrides):
 
 def test_yaml_key_with_a_newline_is_named_on_one_line(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text('"0\\n0": 1\n')
+    f.write_text('"0\\n0": 1\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"^'0\\n0': unknown key"):
         load_config(f, [])
 

@@ -44,7 +44,7 @@ def test_list_and_dict_defaults_are_not_shared_between_configs():
 
 def test_capitalised_true_is_a_boolean(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  progress: False\ndata:\n  real_only: True\n")
+    f.write_text("train:\n  progress: False\ndata:\n  real_only: True\n", encoding="utf-8")
     cfg = load_config(f, ["train.compile=True"])
     assert cfg.train.progress is False and cfg.data.real_only is True
     assert cfg.train.compile is True
@@ -64,7 +64,7 @@ def test_integers_are_read_as_yaml_1_2(value, expected, tmp_path):
     """A leading zero is decimal (YAML 1.1 read `010` as octal 8: a seed silently changed),
     in overrides and in files alike; 0x and 0o say their base."""
     assert load_config(None, [f"train.seed={value}"]).train.seed == expected
-    (tmp_path / "c.yaml").write_text(f"train:\n  seed: {value}\n")
+    (tmp_path / "c.yaml").write_text(f"train:\n  seed: {value}\n", encoding="utf-8")
     assert load_config(str(tmp_path / "c.yaml"), []).train.seed == expected
 
 
@@ -87,7 +87,7 @@ def test_yaml_1_1_sexagesimal_and_binary_are_not_integers(value):
 def test_floats_are_read_as_yaml_1_2(value, expected, tmp_path):
     """A point or an exponent makes a float (`1e-3` was text under YAML 1.1)."""
     assert load_config(None, [f"train.lr={value}"]).train.lr == expected
-    (tmp_path / "c.yaml").write_text(f"train:\n  lr: {value}\n")
+    (tmp_path / "c.yaml").write_text(f"train:\n  lr: {value}\n", encoding="utf-8")
     assert load_config(str(tmp_path / "c.yaml"), []).train.lr == expected
 
 
@@ -120,7 +120,7 @@ def test_a_runs_config_yaml_reads_back_as_the_same_config(tmp_path):
     texts = {"data.real": "1e5", "data.benchmark": "0o17", "train.output_dir": "no"}
     cfg = load_config(None, [f'{key}="{text}"' for key, text in texts.items()])
     write_run_record(tmp_path, cfg, {}, None)
-    saved = (tmp_path / "config.yaml").read_text()
+    saved = (tmp_path / "config.yaml").read_text(encoding="utf-8")
     assert "real: '1e5'" in saved and "benchmark: '0o17'" in saved and "output_dir: 'no'" in saved
     again = load_config(str(tmp_path / "config.yaml"), [])
     assert [again.data.real, again.data.benchmark, again.train.output_dir] == ["1e5", "0o17", "no"]
@@ -135,14 +135,14 @@ def test_null_is_accepted_where_the_key_may_be_none():
 def test_an_empty_or_comment_only_file_gives_the_defaults(tmp_path):
     for text in ("", "# nothing set\n"):
         f = tmp_path / "c.yaml"
-        f.write_text(text)
+        f.write_text(text, encoding="utf-8")
         cfg = load_config(f, ["train.steps=3"])
         assert cfg.train.steps == 3 and cfg.train.lr == 0.03 and cfg.algorithm == "rsmatch"
 
 
 def test_a_file_that_is_not_a_mapping_or_missing_is_named(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("- a\n- b\n")
+    f.write_text("- a\n- b\n", encoding="utf-8")
     assert _error([], f) == f"--config: {f} must hold a mapping at top level"
     missing = tmp_path / "nope.yaml"
     assert _error([], missing) == f"--config: no such file '{missing}'"

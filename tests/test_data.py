@@ -374,7 +374,7 @@ def test_prompts_are_kept_per_file_and_empty_where_none_was_written(sources, tmp
     for name in ("cat", "dog"):
         shutil.copytree(sources["gen_a"] / name, root / name)
     (root / "prompts.jsonl").write_text(
-        json.dumps({"file": "dog/0001.jpg", "prompt": "a dog"}) + "\n"
+        json.dumps({"file": "dog/0001.jpg", "prompt": "a dog"}) + "\n", encoding="utf-8"
     )
     ds = src.read_class_folder(root, CLASSES)
     assert ds["prompt"][12 + 1] == "a dog" and ds["prompt"].count("") == 23

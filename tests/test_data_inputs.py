@@ -145,8 +145,8 @@ def test_a_benchmark_pushed_to_the_hub_trains_from_its_id_or_a_download(
     assert (
         train.main(["--config", "configs/demo.yaml", *overrides, "data.benchmark=you/bench"]) == 0
     )
-    assert "benchmark: you/bench" in (run / "config.yaml").read_text()
-    split = json.loads((run / "run.json").read_text())["split"]
+    assert "benchmark: you/bench" in (run / "config.yaml").read_text(encoding="utf-8")
+    split = json.loads((run / "run.json").read_text(encoding="utf-8"))["split"]
     assert split == {**saved[1], "real_only": False}  # what the pushed benchmark says
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 4
 
@@ -221,7 +221,7 @@ def test_builder_real_only(sources, tmp_path, capsys):
     }  # fmt: skip
     dd, meta = load_benchmark(out)
     assert not any(dd["unlabeled"]["is_synthetic"]) and meta["synthetic"] == {}
-    assert "No synthetic sources." in (out / "README.md").read_text()
+    assert "No synthetic sources." in (out / "README.md").read_text(encoding="utf-8")
 
 
 def test_a_benchmark_with_an_empty_split_is_refused_by_name(sources, tmp_path, capsys):
@@ -282,9 +282,9 @@ def test_builder_lists_every_unreadable_image_before_any_work(sources, tmp_path,
     assert sorted(n for names in meta["skipped_corrupt"].values() for n in names) == sorted(
         str(p.resolve()) for p in bad
     )
-    assert (
-        len(dd["test"]) == 29 and "Unreadable images skipped: 3." in (out / "README.md").read_text()
-    )
+    assert len(dd["test"]) == 29 and "Unreadable images skipped: 3." in (
+        out / "README.md"
+    ).read_text(encoding="utf-8")
     labels = np.asarray([*dd["labeled"]["label"], *dd["unlabeled"]["label"]])
     assert (labels == CLASSES.index("cat")).sum() == 29  # the pool lost the zero-byte real
 
@@ -404,7 +404,7 @@ def test_generator_name_real_is_reserved(sources, tmp_path, capsys):
 def test_builder_config_errors_are_one_line(tmp_path, capsys, text, message):
     path = tmp_path / "nope.yaml"
     if text is not None:
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
     assert bb.main(["--config", str(path)]) == 2
     line = _one_error_line(capsys)
     assert f"--config {path}" in line and line.endswith(message)
@@ -420,7 +420,7 @@ def test_builder_config_errors_are_one_line(tmp_path, capsys, text, message):
 )
 def test_builder_config_values_are_type_checked(sources, tmp_path, capsys, text, message):
     path = tmp_path / "options.yaml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     out = tmp_path / "b"
     assert bb.main(["--config", str(path), "--real", str(sources["real"]), "--out", str(out)]) == 2
     assert _one_error_line(capsys).endswith(message) and not out.exists()
@@ -428,7 +428,7 @@ def test_builder_config_values_are_type_checked(sources, tmp_path, capsys, text,
 
 def test_builder_config_error_through_the_entry_point(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("real: [\n")
+    bad.write_text("real: [\n", encoding="utf-8")
     res = subprocess.run([sys.executable, str(ROOT / "launch" / "build_benchmark.py"), "--config", str(bad)],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -45,7 +45,7 @@ def _ds_config(tmp_path: Path, **extra: object) -> Path:
     on top."""
     path = tmp_path / "ds.json"
     config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 6, **extra}
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(config), encoding="utf-8")
     return path
 
 
@@ -62,7 +62,11 @@ def train_deepspeed_and_plain(
     res = train_plain(tiny_overrides(sources, plain, **extra), tmp_path)
     assert res.returncode == 0, failure(res)
     ema = lambda out: load_file(str(out / "checkpoints" / "step_00000002" / "ema.safetensors"))  # noqa: E731
-    return ema(deepspeed), ema(plain), json.loads((deepspeed / "run.json").read_text())
+    return (
+        ema(deepspeed),
+        ema(plain),
+        json.loads((deepspeed / "run.json").read_text(encoding="utf-8")),
+    )
 
 
 @pytest.mark.slow
@@ -79,7 +83,7 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
     deepspeed, plain, run = train_deepspeed_and_plain(
         sources, tmp_path, train_in_process, probe, **overrides
     )
-    probed = json.loads(probe.read_text())
+    probed = json.loads(probe.read_text(encoding="utf-8"))
     misaligned = {name: at for name, at in probed["offsets"].items() if at}
     assert not misaligned, misaligned
     # the JSON leaves gradient_clipping out: DeepSpeed's default, 1.0, unless rsmatch sets it
@@ -140,7 +144,7 @@ def test_resume_under_deepspeed_is_exact(sources, tmp_path):
     assert _train(tiny_overrides(sources, straight, **extra), ds).returncode == 0
     step2 = "step_00000002"
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
-    (resumed / "checkpoints" / "latest").write_text(step2 + "\n")
+    (resumed / "checkpoints" / "latest").write_text(step2 + "\n", encoding="utf-8")
     res = _train([*tiny_overrides(sources, resumed, **extra), "--resume"], ds)
     assert res.returncode == 0, failure(res)
     for name in ("ema.safetensors", "algorithm.safetensors"):  # EMA = the weights (decay 0)

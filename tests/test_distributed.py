@@ -44,7 +44,7 @@ def _run_both(sources, tmp_path, extra):
         return (load_file(str(ckpt / "model.safetensors")),
                 load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
 
-    return saved(one), (*saved(two), json.loads((two / "ranks.json").read_text()))
+    return saved(one), (*saved(two), json.loads((two / "ranks.json").read_text(encoding="utf-8")))
 
 
 BASE = {
@@ -94,7 +94,7 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
     # the evaluations too: each rank scores its own shard of the test set and the pool
-    evals = [[json.loads(x) for x in (tmp_path / f"p{n}" / "evals.jsonl").read_text().splitlines()]
+    evals = [[json.loads(x) for x in (tmp_path / f"p{n}" / "evals.jsonl").read_text(encoding="utf-8").splitlines()]
              for n in (1, 2)]  # fmt: skip
     assert len(evals[0]) == len(evals[1]) == 1
     for key, value in evals[0][0].items():
@@ -111,16 +111,16 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
              "train.eval_every": 4, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
     straight = tmp_path / "straight"
     _launch(tiny_overrides(sources, straight, **extra), 2)
-    ranks = json.loads((straight / "ranks.json").read_text())
+    ranks = json.loads((straight / "ranks.json").read_text(encoding="utf-8"))
     assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
     assert any("running_mean" in k for k in ranks[0])
-    watched = json.loads((straight / "watched.json").read_text())
+    watched = json.loads((straight / "watched.json").read_text(encoding="utf-8"))
     for rank in watched:  # each sync averaged (not copied from one rank), before evaluating
         checked, wrong = rank["bn_sync"]
         assert checked > 0 and wrong == 0, rank["bn_sync"]
     assert watched[0]["evaluated"] == watched[1]["evaluated"] and watched[0]["evaluated"]
     for ckpt in (straight / "checkpoints").glob("step_*"):  # sealed only once every rank wrote
-        listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+        listed = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))["files"]
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= listed.keys(), ckpt
         assert sorted(listed) == sorted(p.name for p in ckpt.iterdir() if p.name != "manifest.json")
 
@@ -129,6 +129,6 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     step2 = "step_00000002"
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
-    (resumed / "checkpoints" / "latest").write_text(step2 + "\n")
+    (resumed / "checkpoints" / "latest").write_text(step2 + "\n", encoding="utf-8")
     _launch([*tiny_overrides(sources, resumed, **extra), "--resume"], 2)
-    assert json.loads((resumed / "ranks.json").read_text()) == ranks
+    assert json.loads((resumed / "ranks.json").read_text(encoding="utf-8")) == ranks

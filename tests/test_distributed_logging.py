@@ -23,7 +23,7 @@ def test_freematch_logs_every_step_with_two_processes(sources, tmp_path):
         "train.batch_size": 2, "train.uratio": 1})  # fmt: skip
     res = torchrun(WORKER, args, 2, restore=out, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ranks = json.loads((out / "logged.json").read_text())
+    ranks = json.loads((out / "logged.json").read_text(encoding="utf-8"))
     assert len(ranks) == 2 and len(ranks[0]["logs"]) == 4
     assert ranks[0]["keys"] == ranks[1]["keys"], "ranks logged different keys"
     assert all("loss_fair" in step for step in ranks[0]["keys"])

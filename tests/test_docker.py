@@ -38,7 +38,7 @@ def _stubs(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("docker", DOCKER)):
-        (bin_dir / name).write_text(text)
+        (bin_dir / name).write_text(text, encoding="utf-8")
         (bin_dir / name).chmod(stat.S_IRWXU)
     return bin_dir
 
@@ -52,7 +52,10 @@ def _sbatch(tmp_path: Path, args: list[str], hosts: str, gpus: str, **env: str):
                "HF_CACHE": str(tmp_path / "hf"), **env}  # fmt: skip
     res = subprocess.run(["bash", str(SCRIPT), *args], env=environ, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
-    logs = {i: (tmp_path / "log" / f"node{i}.args").read_text().splitlines() for i in (0, 1)}
+    logs = {
+        i: (tmp_path / "log" / f"node{i}.args").read_text(encoding="utf-8").splitlines()
+        for i in (0, 1)
+    }
     return res, logs
 
 
@@ -99,7 +102,7 @@ def test_multi_node_config_forms_one_group_of_two_nodes(sources, tmp_path):
     res, _ = _sbatch(tmp_path, overrides, hosts="127.0.0.1 127.0.0.1", gpus="1",
                      MAIN_PORT=str(_free_port()), FAKE_DOCKER_RUN=str(ROOT))  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["world_size"] == 2
 
 
 def test_constraints_pin_every_dependency_at_its_installed_version():
@@ -113,7 +116,7 @@ def test_constraints_pin_every_dependency_at_its_installed_version():
         assert name in pins  # direct, extra and transitive dependencies alike
     # the committed file pins every package the image installs (a new dependency, scikit-learn,
     # went in unpinned); versions may move with the environment, names may not
-    committed = (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+    committed = (ROOT / "docker" / "constraints.txt").read_text(encoding="utf-8").splitlines()
     unpinned = set(pins) - {line.split("==")[0] for line in committed if "==" in line}
     assert not unpinned, (
         f"python docker/freeze_constraints.py > docker/constraints.txt ({unpinned})"

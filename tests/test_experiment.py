@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_grid(tmp_path: Path, axes: dict, overrides: list[str] = (), **extra) -> Path:
     base = tmp_path / "base.yaml"
-    base.write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n")
+    base.write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n", encoding="utf-8")
     grid = {"base": str(base), "output": str(tmp_path / "out"), "axes": axes, **extra}
     if overrides:
         grid["overrides"] = list(overrides)
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -51,9 +51,9 @@ def test_bad_grid_exits_2_naming_the_culprit_and_writes_nothing(
 ):
     grid = write_grid(tmp_path, axes)
     if extra:
-        raw = yaml.safe_load(grid.read_text())
+        raw = yaml.safe_load(grid.read_text(encoding="utf-8"))
         raw.update(extra)
-        grid.write_text(yaml.safe_dump(raw))
+        grid.write_text(yaml.safe_dump(raw), encoding="utf-8")
     before = sorted(tmp_path.rglob("*"))
     assert main([str(grid)]) == 2
     err = capsys.readouterr().err.strip()
@@ -78,7 +78,7 @@ def test_a_missing_data_folder_exits_2_before_any_run(tmp_path, capsys):
     # a finished run is not trained again: its folder may have gone since
     done = tmp_path / "out" / load_grid(grid).runs[1].name
     done.mkdir(parents=True)
-    (done / "metrics.json").write_text("{}")
+    (done / "metrics.json").write_text("{}", encoding="utf-8")
     assert main([str(grid), "--only", "typo"]) == 0
 
 
@@ -116,9 +116,9 @@ def test_dry_run_lists_states_and_only_filters(tmp_path, capsys):
     out = tmp_path / "out"
     done, partial = out / "algorithm=fixmatch,train.seed=1", out / "algorithm=rsmatch,train.seed=0"
     (done / "metrics.json").parent.mkdir(parents=True)
-    (done / "metrics.json").write_text("{}")
+    (done / "metrics.json").write_text("{}", encoding="utf-8")
     (partial / "checkpoints").mkdir(parents=True)
-    (partial / "checkpoints" / "latest").write_text("step_00000004\n")
+    (partial / "checkpoints" / "latest").write_text("step_00000004\n", encoding="utf-8")
     assert main([str(grid), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
@@ -154,8 +154,10 @@ def test_a_finished_run_with_another_config_stops_the_grid(tmp_path, capsys):
     grid = write_grid(tmp_path, {"train.seed": [0]})
     run = tmp_path / "out" / "train.seed=0"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text("{}")
-    (run / "config.yaml").write_text("algorithm: fixmatch\ntrain:\n  steps: 99\n  seed: 0\n")
+    (run / "metrics.json").write_text("{}", encoding="utf-8")
+    (run / "config.yaml").write_text(
+        "algorithm: fixmatch\ntrain:\n  steps: 99\n  seed: 0\n", encoding="utf-8"
+    )
     assert main([str(grid), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "train.steps is 99 there, 10 in the grid); move the run away or change `output` " in err
@@ -169,10 +171,10 @@ def test_a_finished_run_on_other_generators_stops_the_grid(tmp_path, capsys):
     grid = write_grid(tmp_path, {"train.seed": [0]}, [f"data.synthetic={{b: {tmp_path / 'b'}}}"])
     run = tmp_path / "out" / "train.seed=0"
     run.mkdir(parents=True)
-    (run / "metrics.json").write_text("{}")
+    (run / "metrics.json").write_text("{}", encoding="utf-8")
     saved = {"algorithm": "fixmatch", "train": {"steps": 10, "seed": 0},
              "data": {"synthetic": {"a": str(tmp_path / "a")}}}  # fmt: skip
-    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     assert main([str(grid), "--dry-run"]) == 2
     assert f"data.synthetic is {{'a': '{tmp_path / 'a'}'}} there" in capsys.readouterr().err
 
@@ -207,7 +209,9 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path,
     assert proc.returncode == 130, output
     assert "stopped during algorithm=fixmatch,train.seed=1" in output
     assert (first / "metrics.json").is_file() and not (second / "metrics.json").exists()
-    stopped_at = int((second / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    stopped_at = int(
+        (second / "checkpoints" / "latest").read_text(encoding="utf-8").strip().split("_")[1]
+    )
     assert 2 <= stopped_at < 6
     finished = _mtime(first)
 
@@ -219,10 +223,12 @@ def test_tiny_grid_runs_end_to_end_and_continues_after_a_stop(sources, tmp_path,
     assert "[grid] starting algorithm=rsmatch,train.seed=1" in log
     for run in out.iterdir():
         if run.is_dir():
-            assert json.loads((run / "metrics.json").read_text())["step"] == 6, run
+            assert json.loads((run / "metrics.json").read_text(encoding="utf-8"))["step"] == 6, run
     assert _mtime(first) == finished  # not redone
-    assert json.loads((second / "run.json").read_text())["history"][-1]["resumed_from"]
-    manifest = json.loads((out / MANIFEST).read_text())
+    assert json.loads((second / "run.json").read_text(encoding="utf-8"))["history"][-1][
+        "resumed_from"
+    ]
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     assert [r["name"] for r in manifest["runs"]] == sorted(
         p.name for p in out.iterdir() if p.is_dir()
     )
@@ -309,8 +315,10 @@ def test_a_partial_run_with_another_config_is_refused(tmp_path, capsys):
     grid = write_grid(tmp_path, {"train.seed": [0]})
     run = tmp_path / "out" / "train.seed=0"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "latest").write_text("step_00000004\n")
-    (run / "config.yaml").write_text("algorithm: fixmatch\ntrain:\n  steps: 10\n  lr: 0.5\n")
+    (run / "checkpoints" / "latest").write_text("step_00000004\n", encoding="utf-8")
+    (run / "config.yaml").write_text(
+        "algorithm: fixmatch\ntrain:\n  steps: 10\n  lr: 0.5\n", encoding="utf-8"
+    )
     assert main([str(grid), "--dry-run"]) == 2
     assert "train.lr is 0.5 there, 0.03 in the grid" in capsys.readouterr().err
 
@@ -325,11 +333,13 @@ def test_partial_runs_are_resumed_and_a_stopped_run_stops_the_grid(tmp_path, cap
     grid = load_grid(write_grid(tmp_path, {"train.seed": [0, 1]}))
     done, partial = grid.runs[0].path, grid.runs[1].path
     done.mkdir(parents=True)
-    (done / "metrics.json").write_text("{}")
+    (done / "metrics.json").write_text("{}", encoding="utf-8")
     (done / "checkpoints").mkdir()
-    (done / "checkpoints" / "latest").write_text("step_00000010\n")  # a finished run has both
+    (done / "checkpoints" / "latest").write_text(
+        "step_00000010\n", encoding="utf-8"
+    )  # a finished run has both
     (partial / "checkpoints").mkdir(parents=True)
-    (partial / "checkpoints" / "latest").write_text("step_00000004\n")
+    (partial / "checkpoints" / "latest").write_text("step_00000004\n", encoding="utf-8")
     calls = []
     assert run_grid(grid, grid.runs, lambda argv: calls.append(argv) or 0) == 130  # 0, no metrics
     assert len(calls) == 1 and calls[0][-1] == "--resume" and "train.seed=1" in calls[0]

@@ -43,9 +43,9 @@ def test_a_missing_grid_file_is_a_grid_error(tmp_path):
 def test_malformed_grids_name_the_grid_key(tmp_path, raw, message):
     """Each shape error is a GridError naming the key at fault."""
     base = tmp_path / "base.yaml"
-    base.write_text("algorithm: fixmatch\n")
+    base.write_text("algorithm: fixmatch\n", encoding="utf-8")
     text = yaml.safe_dump(raw).replace("BASE", str(base))
-    (tmp_path / "grid.yaml").write_text(text)
+    (tmp_path / "grid.yaml").write_text(text, encoding="utf-8")
     with pytest.raises(GridError) as e:
         load_grid(tmp_path / "grid.yaml")
     assert message in str(e.value)
@@ -54,11 +54,11 @@ def test_malformed_grids_name_the_grid_key(tmp_path, raw, message):
 def test_a_bad_base_config_is_blamed_on_base_without_overrides(tmp_path):
     """No `overrides`: the base file is the culprit; with them, the overrides are."""
     grid = write_grid(tmp_path, {"train.seed": [0]})
-    (tmp_path / "base.yaml").write_text("train:\n  lr: -1\n")
+    (tmp_path / "base.yaml").write_text("train:\n  lr: -1\n", encoding="utf-8")
     with pytest.raises(GridError, match=r"^base: train.lr=-1.0: must be positive"):
         load_grid(grid)
     grid = write_grid(tmp_path, {"train.seed": [0]}, overrides=["train.steps=3"])
-    (tmp_path / "base.yaml").write_text("train:\n  lr: -1\n")
+    (tmp_path / "base.yaml").write_text("train:\n  lr: -1\n", encoding="utf-8")
     with pytest.raises(GridError, match=r"^overrides: train.lr=-1.0"):
         load_grid(grid)
 
@@ -102,12 +102,14 @@ def test_output_dir_and_progress_are_no_drift(tmp_path):
     then, absolute now) or ran without progress bars is the same run; any other key drifts."""
     run = load_grid(write_grid(tmp_path, {"train.seed": [0]})).runs[0]
     run.path.mkdir(parents=True)
-    (run.path / "metrics.json").write_text("{}")
+    (run.path / "metrics.json").write_text("{}", encoding="utf-8")
     (run.path / "config.yaml").write_text(
-        "train:\n  output_dir: elsewhere/run\n  progress: false\n  steps: 10\n"
+        "train:\n  output_dir: elsewhere/run\n  progress: false\n  steps: 10\n", encoding="utf-8"
     )
     assert config_drift(run) is None
-    (run.path / "config.yaml").write_text("train:\n  output_dir: elsewhere/run\n  lr: 0.5\n")
+    (run.path / "config.yaml").write_text(
+        "train:\n  output_dir: elsewhere/run\n  lr: 0.5\n", encoding="utf-8"
+    )
     assert config_drift(run) == ("train.lr", "train.lr is 0.5 there, 0.03 in the grid")
 
 
@@ -116,9 +118,9 @@ def test_a_run_not_started_is_no_drift(tmp_path):
     before its first checkpoint) starts afresh: no drift; with metrics.json it is drift."""
     run = load_grid(write_grid(tmp_path, {"train.seed": [0]})).runs[0]
     run.path.mkdir(parents=True)
-    (run.path / "config.yaml").write_text("train:\n  steps: 99\n")
+    (run.path / "config.yaml").write_text("train:\n  steps: 99\n", encoding="utf-8")
     assert config_drift(run) is None
-    (run.path / "metrics.json").write_text("{}")
+    (run.path / "metrics.json").write_text("{}", encoding="utf-8")
     assert config_drift(run) == ("train.steps", "train.steps is 99 there, 10 in the grid")
 
 
@@ -139,16 +141,16 @@ def test_only_takes_an_axis_value_as_written_in_the_run_name(tmp_path):
 
 def _finish(run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text("{}")
+    (run_dir / "metrics.json").write_text("{}", encoding="utf-8")
 
 
 def test_run_state_needs_the_latest_pointer_to_resume(tmp_path):
     """An empty checkpoints/ (a run stopped before its first save) starts afresh: todo."""
     (tmp_path / "checkpoints").mkdir()
     assert experiment.run_state(tmp_path) == "todo"
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002\n", encoding="utf-8")
     assert experiment.run_state(tmp_path) == "partial"
-    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "metrics.json").write_text("{}", encoding="utf-8")
     assert experiment.run_state(tmp_path) == "done"
 
 
@@ -169,9 +171,9 @@ def test_run_grid_passes_the_base_config_and_overrides_and_writes_the_manifest(t
     assert run_grid(grid, grid.runs, train) == 0
     assert seen == [["--config", str(tmp_path / "base.yaml"), "train.seed=0",
                      f'train.output_dir="{out}/train.seed=0"']]  # fmt: skip
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     assert manifest["grid_file"] == str(path)
-    assert manifest["grid"] == yaml.safe_load(path.read_text())
+    assert manifest["grid"] == yaml.safe_load(path.read_text(encoding="utf-8"))
     first = manifest["runs"][0]
     assert (first["name"], first["axes"]) == ("train.seed=0", {"train.seed": "0"})
     assert first["overrides"] == ["train.seed=0", f'train.output_dir="{out}/train.seed=0"']
@@ -277,9 +279,9 @@ def test_accelerate_launcher_command_and_signal_forwarding(monkeypatch, capsys):
 def test_model_card_states_processes_generators_and_ratio(tmp_path):
     run = _run(tmp_path / "r", split={"real": "cifar10", "synthetic": {"sd14": 40},
                                       "replace_ratio": 0.3, "seed": 1})  # fmt: skip
-    record = json.loads((run / "run.json").read_text())
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
     record["world_size"] = 2
-    (run / "run.json").write_text(json.dumps(record))
+    (run / "run.json").write_text(json.dumps(record), encoding="utf-8")
     text = hub.model_card(run, "me/m")
     data = "Data: real `cifar10`, synthetic {'sd14': 40}, ? labels per class, replace ratio 0.3,"
     assert data in text
@@ -290,13 +292,13 @@ def test_stage_copies_the_record_and_replaces_an_old_staging(tmp_path):
     """RUN/hub is rebuilt: every record file and the card, nothing left from before."""
     run = _run(tmp_path / "r")
     (run / "hub").mkdir()
-    (run / "hub" / "stale.bin").write_text("old")
+    (run / "hub" / "stale.bin").write_text("old", encoding="utf-8")
     hub.stage(run, "me/m", run / "hub")
     assert sorted(p.name for p in (run / "hub").iterdir()) == [
         "README.md", "config.json", "config.yaml", "evals.jsonl", "metrics.json",
         "model.safetensors", "run.json",
     ]  # fmt: skip
-    assert (run / "hub" / "evals.jsonl").read_text() == "{}\n"
+    assert (run / "hub" / "evals.jsonl").read_text(encoding="utf-8") == "{}\n"
 
 
 def test_detector_push_of_an_unfinished_run_names_the_missing_files(tmp_path, capsys):
@@ -320,7 +322,7 @@ def test_detector_push_of_an_unfinished_run_names_the_missing_files(tmp_path, ca
 def test_an_unreadable_record_is_a_usage_error(tmp_path, capsys, metrics, error):
     """metrics.json without the algorithm, or not JSON: exit 2, one line, no traceback."""
     run = _run(tmp_path / "r")
-    (run / "metrics.json").write_text(metrics)
+    (run / "metrics.json").write_text(metrics, encoding="utf-8")
     assert hub.main([str(run), "me/m"]) == 2
     assert capsys.readouterr().err == error
 
@@ -370,7 +372,7 @@ def test_data_folders_go_to_their_own_pusher_with_private(tmp_path, monkeypatch,
                         lambda f, ds, repo, priv: calls.append(("filter", f, ds, repo, priv)))  # fmt: skip
     bench, filtered = tmp_path / "b", tmp_path / "f"
     bench.mkdir()
-    (bench / rsmatch.benchmark.store.META_FILE).write_text("{}")
+    (bench / rsmatch.benchmark.store.META_FILE).write_text("{}", encoding="utf-8")
     (filtered / "dataset").mkdir(parents=True)
     (filtered / "scores.parquet").write_bytes(b"")
     flag = ["--private"] if private else []
@@ -408,14 +410,17 @@ def test_exported_classifier_loads_in_eval_mode_readable_with_its_stem(tmp_path,
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["small_stem"] is True
+    assert (
+        json.loads((tmp_path / "m" / "config.json").read_text(encoding="utf-8"))["small_stem"]
+        is True
+    )
     model = load_classifier(tmp_path / "m")
     assert model.training is False and model.fake_head is None
     assert tuple(model.encoder.conv1.weight.shape[-2:]) == (3, 3)
     assert model.class_names == ["cat", "dog"]
     assert capsys.readouterr().out == ""
     # its own card: huggingface_hub's generic one said the model had been pushed to the Hub
-    card = (tmp_path / "m" / "README.md").read_text()
+    card = (tmp_path / "m" / "README.md").read_text(encoding="utf-8")
     assert "A `resnet18` classifier trained with **fixmatch**" in card and "- fixmatch\n" in card
     assert (
         "Classes (2): cat, dog." in card and "mean [0.5, 0.5, 0.5], std [0.25, 0.25, 0.25]" in card
@@ -433,7 +438,7 @@ def test_exported_detector_loads_in_eval_mode_silently_with_its_card(tmp_path, c
     loaded = load_detector(tmp_path / "d")
     assert loaded.training is False and loaded.image_size == [24, 16]
     assert capsys.readouterr().out == ""
-    card = (tmp_path / "d" / "README.md").read_text()
+    card = (tmp_path / "d" / "README.md").read_text(encoding="utf-8")
     assert "the labeled real images of `cifar` (called real)" in card
     assert "uint8 RGB images, NCHW, 24x16; normalised inside the model " in card
     assert "(mean [0.5, 0.5, 0.5], std [0.25, 0.25, 0.25])" in card

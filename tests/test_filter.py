@@ -119,8 +119,8 @@ def test_detector_exports_and_reloads_bit_identically(run):
     assert (det.image_size, det.threshold) == ([32, 32], 0.5)
     assert det.class_names == trainer.data.class_names and det.real_set == trainer.cfg.data.real
     assert (out / "best" / "detector" / "model.safetensors").is_file()
-    card = (out / "detector" / "README.md").read_text()
-    last = json.loads((out / "evals.jsonl").read_text().splitlines()[-1])
+    card = (out / "detector" / "README.md").read_text(encoding="utf-8")
+    last = json.loads((out / "evals.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     assert "without a single synthetic label" in card
     assert f"| detector_acc | {last['detector_acc']:.4f} |" in card
     assert "| steps (train.steps) | 4 |" in card
@@ -132,12 +132,15 @@ def test_resuming_a_finished_run_keeps_the_detector_card_metrics(sources, tmp_pa
     without metrics; they now come from the last evaluation, which the checkpoint keeps."""
     out = tmp_path / "r"
     Trainer(tiny_config(sources, out, algorithm="rsmatch")).fit()
-    last = json.loads((out / "evals.jsonl").read_text().splitlines()[-1])
+    last = json.loads((out / "evals.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     Trainer(tiny_config(sources, out, algorithm="rsmatch")).fit(resume=True)
-    card = (out / "detector" / "README.md").read_text()
+    card = (out / "detector" / "README.md").read_text(encoding="utf-8")
     assert f"| detector_acc | {last['detector_acc']:.4f} |" in card
     assert f"| queue_purity | {last['queue_purity']:.4f} |" in card
-    assert json.loads((out / "metrics.json").read_text())["detector_acc"] == last["detector_acc"]
+    assert (
+        json.loads((out / "metrics.json").read_text(encoding="utf-8"))["detector_acc"]
+        == last["detector_acc"]
+    )
 
 
 def test_shared_encoder_run_exports_no_detector(sources, tmp_path):
@@ -171,7 +174,7 @@ def test_filter_a_folder_scores_equal_the_detector_and_keep_real(run, sources, t
     want = sorted(i for i in ids if got[i] <= threshold)
     assert sorted(saved["path"]) == want and 0 < len(want) < len(ids)
     assert saved.features["label"].names == ["cat", "dog", "ship"]  # nested: class folders
-    report = json.loads((res / "report.json").read_text())
+    report = json.loads((res / "report.json").read_text(encoding="utf-8"))
     assert report["counts"]["saved"] == len(want) and report["provenance_metrics"] is None
     for name in ("README.md", "histogram.png", "most_synthetic.png", "most_real.png"):
         assert (res / name).is_file()
@@ -188,12 +191,12 @@ def test_filter_a_saved_benchmark_reports_provenance(run, bench, tmp_path):
     unl = [i for i, s in enumerate(table["split"]) if s == "unlabeled"]
     assert [table["source_id"][i] for i in unl] == src["unlabeled"]["source_id"]
     assert dd["unlabeled"]["synthetic_score"] == [table["synthetic_score"][i] for i in unl]
-    report = json.loads((res / "report.json").read_text())
+    report = json.loads((res / "report.json").read_text(encoding="utf-8"))
     truth = np.concatenate([src[s]["is_synthetic"] for s in src])
     gens = [g for s in src for g in src[s]["generator"]]
     want = provenance_metrics(np.asarray(table["synthetic_score"]), truth, gens, 0.5)
     assert report["provenance_metrics"] == pytest.approx(want, nan_ok=True)
-    assert "recall/a" in want and "roc_auc" in (res / "README.md").read_text()
+    assert "recall/a" in want and "roc_auc" in (res / "README.md").read_text(encoding="utf-8")
     rc, pool = filter_(tmp_path / "pool", "--detector", str(out), "--images", str(bench),
                        "--split", "unlabeled")  # fmt: skip
     assert rc == 0 and set(datasets.load_from_disk(str(pool / "dataset"))) == {"unlabeled"}
@@ -272,7 +275,7 @@ def test_corrupt_and_odd_sized_images(run, sources, tmp_path):
     assert rc == 2 and not res.exists()
     rc, res = filter_(tmp_path, "--detector", str(out), "--images", str(folder), "--skip-corrupt")
     assert rc == 0
-    assert (res / "corrupt.txt").read_text().split() == ["cut.jpg", "text.png"]
+    assert (res / "corrupt.txt").read_text(encoding="utf-8").split() == ["cut.jpg", "text.png"]
     got, _ = scores_of(res)
     det = load_detector(out / "detector")
     big = Image.open(io.BytesIO(png_bytes((50, 70)))).resize((32, 32), Image.Resampling.LANCZOS)
@@ -375,7 +378,7 @@ def test_push_at_the_api_boundary(run, sources, tmp_path, monkeypatch, capsys):
         "dataset",
     )
     assert "README.md" in kw["allow_patterns"]
-    card = (res / "README.md").read_text()
+    card = (res / "README.md").read_text(encoding="utf-8")
     assert "threshold **0.5**" in card and "| scored | 36 |" in card and str(out) in card
 
 
@@ -417,7 +420,7 @@ def test_rsmatch_push_detector_at_the_api_boundary(run, tmp_path, monkeypatch, c
     assert calls == [("create", "me/detector"), ("upload", str(staged))]
     names = {p.name for p in staged.iterdir()}
     assert {"model.safetensors", "config.json", "README.md", *hub.RECORD_FILES} == names
-    assert "synthetic-image detector" in (staged / "README.md").read_text()
+    assert "synthetic-image detector" in (staged / "README.md").read_text(encoding="utf-8")
     (tmp_path / "fm").mkdir()
     for name in hub.RECORD_FILES:
         shutil.copy2(out / name, tmp_path / "fm" / name)
@@ -444,7 +447,7 @@ def test_keep_fraction_calls_that_fraction_real(run, sources, tmp_path):
     assert rc == 0
     got, table = scores_of(res)
     threshold = sorted(table["synthetic_score"])[9 - 1]  # round(0.25 * 36) = 9 lowest
-    assert json.loads((res / "report.json").read_text())["threshold"] == threshold
+    assert json.loads((res / "report.json").read_text(encoding="utf-8"))["threshold"] == threshold
     assert table["call"].count("real") == sum(s <= threshold for s in got.values()) >= 9
     saved = datasets.load_from_disk(str(res / "dataset"))["train"]
     assert sorted(saved["path"]) == sorted(i for i, s in got.items() if s <= threshold)
@@ -564,7 +567,7 @@ def test_outputs_appear_whole_or_not_at_all(tmp_path):
                               datasets.DatasetDict(train=ds))  # fmt: skip
     out, tmp = tmp_path / "out", tmp_path / ".out.tmp"
     tmp.mkdir()
-    (tmp / "stale").write_text("left by a killed run")
+    (tmp / "stale").write_text("left by a killed run", encoding="utf-8")
 
     def failing(folder):
         raise RuntimeError("the report failed")
@@ -573,8 +576,10 @@ def test_outputs_appear_whole_or_not_at_all(tmp_path):
         flt.write_outputs(result, out, failing)
     assert not out.exists() and not tmp.exists()
     tmp.mkdir()
-    (tmp / "stale").write_text("left by a killed run")
-    flt.write_outputs(result, out, lambda folder: (folder / "report.json").write_text("{}"))
+    (tmp / "stale").write_text("left by a killed run", encoding="utf-8")
+    flt.write_outputs(
+        result, out, lambda folder: (folder / "report.json").write_text("{}", encoding="utf-8")
+    )
     assert sorted(p.name for p in out.iterdir()) == ["dataset", "report.json", "scores.parquet"]
     assert pq.read_table(out / "scores.parquet").to_pydict() == table and not tmp.exists()
 
@@ -692,7 +697,7 @@ def test_two_processes_score_like_one(run, sources, tmp_path):
 
 def test_exclude_scores_file_errors_name_the_setting(tmp_path):
     key = f"data.exclude_scores={str(tmp_path / 'x.parquet')!r}"
-    (tmp_path / "x.parquet").write_text("not parquet")
+    (tmp_path / "x.parquet").write_text("not parquet", encoding="utf-8")
     with pytest.raises(ValueError, match=rf"^{re.escape(key)}: not a readable parquet file"):
         kept_rows(["a"], str(tmp_path / "x.parquet"), 0.5)
     pq.write_table(pa.table({"source_id": ["a"], "score": [0.1]}), tmp_path / "x.parquet")

@@ -140,7 +140,7 @@ def test_corrupt_txt_is_one_name_a_line(tmp_path):
     dd = datasets.DatasetDict(train=ds)
     result = FilterResult(0.5, table, dd, dd, corrupt=["b.png", "c/d.jpg"])
     flt.write_outputs(result, tmp_path / "out", lambda folder: None)
-    assert (tmp_path / "out" / "corrupt.txt").read_text() == "b.png\nc/d.jpg\n"
+    assert (tmp_path / "out" / "corrupt.txt").read_text(encoding="utf-8") == "b.png\nc/d.jpg\n"
 
 
 def test_push_uploads_the_card_its_figures_and_report_json(tmp_path, monkeypatch):
@@ -261,7 +261,7 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
     metrics = {"roc_auc": 1.0, "recall": None}
     rep.write_report(tmp_path, result, "DET", "IMGS", [4, 4], metrics, keep_real)
 
-    record = json.loads((tmp_path / "report.json").read_text())
+    record = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert record["keep"] == ("real" if keep_real else "all")
     assert record["threshold"] == 0.5 and record["provenance_metrics"] == metrics
     assert record["counts"] == {
@@ -270,7 +270,7 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
         "per_class": {"cat": {"images": 2, "called_synthetic": 1},
                       "dog": {"images": 2, "called_synthetic": 1}},
     }  # fmt: skip
-    card = (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert ("only the images called real" in card) == keep_real
     assert ("every scored image" in card) == (not keep_real)
     assert f"| scored | 4 |\n| corrupt_skipped | {len(corrupt)} |\n| called_real | 2 |" in card
@@ -280,7 +280,7 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
         in card
     )
     assert "| roc_auc | 1.0000 |\n| recall | n/a |" in card
-    assert '"recall": null' in (tmp_path / "report.json").read_text()
+    assert '"recall": null' in (tmp_path / "report.json").read_text(encoding="utf-8")
     note = "1 file(s) did not decode and were skipped (corrupt.txt)."
     assert (note in card) == keep_real
     # the histogram splits by provenance; the grids: most synthetic first, most real first
@@ -295,11 +295,11 @@ def test_write_report_by_hand(tmp_path, monkeypatch, keep_real):
 
 
 def test_export_kind_needs_weights_and_a_known_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"threshold": 0.5}))
+    (tmp_path / "config.json").write_text(json.dumps({"threshold": 0.5}), encoding="utf-8")
     assert export_kind(tmp_path) is None  # no model.safetensors
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert export_kind(tmp_path) == "detector"
-    (tmp_path / "config.json").write_text(json.dumps({"backbone": "wrn10_1"}))
+    (tmp_path / "config.json").write_text(json.dumps({"backbone": "wrn10_1"}), encoding="utf-8")
     assert export_kind(tmp_path) is None  # neither a classifier's nor a detector's config
 
 

@@ -241,7 +241,7 @@ def test_deepspeed_zero2_on_one_gpu_trains_like_plain(sources, tmp_path, train_i
         sources, tmp_path, train_in_process, probe, **overrides
     )
     assert run["device"].startswith("cuda") and run["mixed_precision"] == "bf16"
-    probed = json.loads(probe.read_text())
+    probed = json.loads(probe.read_text(encoding="utf-8"))
     misaligned = {name: at for name, at in probed["offsets"].items() if at}
     assert not misaligned, misaligned
     assert probed["gradient_clipping"] == 0.0

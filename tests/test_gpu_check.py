@@ -59,7 +59,7 @@ def test_dry_run_records_every_step(tmp_path):
     done = subprocess.run(["bash", "tools/gpu_check.sh", *check],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((out / "gpu_check.json").read_text())
+    summary = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     steps = summary["steps"]
     assert summary["dry_run"] is True and summary["machine"]["gpu"] is None
     assert set(steps) == {
@@ -124,7 +124,8 @@ def test_junit_outcomes_are_grouped_per_algorithm(tmp_path):
         '<failure message="AssertionError: 2 host syncs: rsmatch/csqueue.py:80 x.item()&#10;more"/>'
         "</testcase>"
         '<testcase classname="tests.test_gpu" name="test_plain"><error message="boom"/></testcase>'
-        "</testsuite></testsuites>"
+        "</testsuite></testsuites>",
+        encoding="utf-8",
     )
     got = gpu_check.junit_results(junit, tmp_path / "unused.log")
     assert got["tests"] == {
@@ -141,7 +142,8 @@ def test_junit_missing_falls_back_to_the_verbose_log(tmp_path):
     log = tmp_path / "pytest.log"
     log.write_text(
         "tests/test_gpu.py::test_sync[fixmatch] PASSED [ 50%]\n"
-        "tests/test_gpu.py::test_sync[rsmatch] FAILED [100%]\n"
+        "tests/test_gpu.py::test_sync[rsmatch] FAILED [100%]\n",
+        encoding="utf-8",
     )
     got = gpu_check.junit_results(tmp_path / "absent.xml", log)
     assert got["tests"] == {"test_sync": {"fixmatch": "passed", "rsmatch": "failure"}}
@@ -153,7 +155,7 @@ def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
     cmd = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     result = gpu_check.run(cmd, log, 5, dict(os.environ))
     assert result["status"] == "timeout" and result["rc"] is None
-    assert time.monotonic() - start < 20 and "started" in log.read_text()
+    assert time.monotonic() - start < 20 and "started" in log.read_text(encoding="utf-8")
     failed = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], log, 30, dict(os.environ))
     assert failed["status"] == "failed" and failed["rc"] == 3
     assert gpu_check.run(cmd, log, 1, dict(os.environ))["status"] == "skipped"  # no time left

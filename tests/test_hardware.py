@@ -50,11 +50,11 @@ def test_fp16_on_a_cpu_is_refused_not_silently_fp32():
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     zen3 = tmp_path / "zen3"
-    zen3.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    zen3.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n", encoding="utf-8")
     zen4 = tmp_path / "zen4"
-    zen4.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    zen4.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n", encoding="utf-8")
     spr = tmp_path / "spr"
-    spr.write_text("flags\t\t: avx2 avx512f amx_tile amx_bf16\n")
+    spr.write_text("flags\t\t: avx2 avx512f amx_tile amx_bf16\n", encoding="utf-8")
     assert cpu_bf16_support(cpu_flags(zen3), env={}) == (False, "CPU without native bf16")
     assert cpu_bf16_support(cpu_flags(zen4), env={})[0] and cpu_bf16_support(cpu_flags(spr), {})[0]
     assert cpu_flags(tmp_path / "missing") == set()
@@ -240,7 +240,9 @@ def test_host_memory_is_left_alone_off_the_cpu_or_when_asked():
 
 def test_arm_cpu_flags_are_read_from_the_features_line(tmp_path):
     arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16 i8mm\n")
+    arm.write_text(
+        "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16 i8mm\n", encoding="utf-8"
+    )
     assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
     assert cpu_bf16_support(cpu_flags(arm), env={}) == (False, "CPU without native bf16")
 

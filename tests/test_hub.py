@@ -52,8 +52,8 @@ def test_stage_and_push_at_the_api_boundary(finished_run, monkeypatch):
     names = sorted(p.name for p in (out / "hub").iterdir())
     assert staged == str(out / "hub")
     assert names == sorted(["model.safetensors", "config.json", "README.md", *hub.RECORD_FILES])
-    card = (out / "hub" / "README.md").read_text()
-    metrics = json.loads((out / "metrics.json").read_text())
+    card = (out / "hub" / "README.md").read_text(encoding="utf-8")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert f"| test_acc | {metrics['test_acc']:.4f} |" in card and "rsmatch" in card
 
 

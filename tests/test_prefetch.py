@@ -75,7 +75,7 @@ def test_training_with_and_without_prefetch_is_identical(sources, tmp_path):
     on, off = _weights(runs[True]), _weights(runs[False])
     assert all(torch.equal(on[k], off[k]) for k in on)
     for ahead in (True, False):  # run.json says what was used; `auto` batch graphs: not on CPUs
-        record = json.loads((tmp_path / str(ahead) / "run.json").read_text())
+        record = json.loads((tmp_path / str(ahead) / "run.json").read_text(encoding="utf-8"))
         assert record["prefetch"] is ahead and record["graph_batches"] is False
 
 

@@ -53,10 +53,12 @@ def test_toy_algorithm_trains_through_the_cli(toymatch, sources, tmp_path, capsy
     out = tmp_path / "run"
     code = train_main(tiny_overrides(sources, out, algorithm="toymatch", **{"toymatch.scale": 3}))
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["algorithm"] == "toymatch"
     assert 0.0 <= metrics["toy_pool_class0"] <= 1.0
-    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    evals = [
+        json.loads(line) for line in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert all("toy_pool_class0" in e for e in evals)
     assert (out / "model" / "model.safetensors").is_file()
 

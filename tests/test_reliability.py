@@ -140,7 +140,9 @@ def test_graph_batches_auto_means_on_cuda(setting, device, graphed):
 
 
 def test_yaml_error_names_file_line_and_column(tmp_path):
-    (tmp_path / "bad.yaml").write_text("train:\n  lr: 0.1\n   steps: 3\n")  # one space too many
+    (tmp_path / "bad.yaml").write_text(
+        "train:\n  lr: 0.1\n   steps: 3\n", encoding="utf-8"
+    )  # one space too many
     line = error_line(cli_process(["--config", "bad.yaml"], tmp_path))
     assert line == "rsmatch-train: error: bad.yaml:3:9: mapping values are not allowed here", line
 
@@ -160,12 +162,12 @@ def test_a_rank_left_running_reports_its_error_after_the_wait(sources, tmp_path,
 
 
 def test_output_dir_under_a_regular_file(sources, tmp_path, cli):
-    (tmp_path / "file").write_text("x")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
     line = error_line(cli(tiny_overrides(sources, tmp_path / "file" / "run"), tmp_path))
     assert (
         f"train.output_dir='{tmp_path}/file/run': {tmp_path}/file is a file, not a folder" in line
     )
-    assert (tmp_path / "file").read_text() == "x"
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x"
 
 
 def test_output_dir_in_a_read_only_parent(sources, tmp_path, cli):
@@ -230,7 +232,9 @@ def corrupt(path: Path, how: str) -> None:
 
 
 def test_checkpoint_files_are_all_in_the_manifest(straight):
-    manifest = json.loads((straight[0] / "checkpoints" / STEP4 / "manifest.json").read_text())
+    manifest = json.loads(
+        (straight[0] / "checkpoints" / STEP4 / "manifest.json").read_text(encoding="utf-8")
+    )
     assert sorted(manifest["files"]) == sorted(FILES)
     entry = manifest["files"]["trainer.json"]
     data = (straight[0] / "checkpoints" / STEP4 / "trainer.json").read_bytes()
@@ -321,9 +325,12 @@ def test_a_sealed_checkpoint_missing_an_ema_weight_is_an_error(straight, sources
 def test_a_run_that_died_before_its_first_checkpoint_leaves_no_evaluations(sources, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "evals.jsonl").write_text('{"step": 2, "test_acc": 0.5}\n')
+    (out / "evals.jsonl").write_text('{"step": 2, "test_acc": 0.5}\n', encoding="utf-8")
     Trainer(tiny_config(sources, out)).fit()
-    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"]
+        for x in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert steps == [2, 4]
 
 
@@ -340,10 +347,13 @@ def test_auto_fallback_ends_bit_identical_to_an_uninterrupted_run(straight, sour
             assert torch.equal(v, resumed[part][k]), (part, k)
     # the broken checkpoint is kept aside, the evaluations are not doubled, the history grows
     assert (out / "checkpoints" / f"set_aside_{STEP4}").is_dir()
-    assert (out / "checkpoints" / "latest").read_text().strip() == STEP4
-    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert (out / "checkpoints" / "latest").read_text(encoding="utf-8").strip() == STEP4
+    steps = [
+        json.loads(x)["step"]
+        for x in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert steps == [2, 4]
-    history = json.loads((out / "run.json").read_text())["history"]
+    history = json.loads((out / "run.json").read_text(encoding="utf-8"))["history"]
     assert [h["event"] for h in history] == ["start", "resume"]
     assert history[1]["resumed_from"] == str(out / "checkpoints" / STEP2)
     assert not (out / ".lock").exists()
@@ -409,8 +419,11 @@ def test_resume_at_its_new_last_step_evaluates_and_finishes(sources, tmp_path):
     Trainer(tiny_config(sources, out, **keys)).fit()
     metrics = Trainer(tiny_config(sources, out, **keys, **{"train.steps": 2})).fit(resume=2)
     assert metrics["step"] == 2 and 0 <= metrics["test_acc"] <= 1
-    assert json.loads((out / "metrics.json").read_text())["step"] == 2
-    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["step"] == 2
+    steps = [
+        json.loads(x)["step"]
+        for x in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert steps == [2]  # step 4's evaluation dropped with its checkpoint set aside
 
 
@@ -551,9 +564,12 @@ def test_two_runs_racing_into_one_folder_exactly_one_trains(sources, tmp_path):
     assert codes == [0, 2], results
     loser = next(r for r in results if r[2] == 2)
     assert "in use by another run" in loser[1] or "holds a run already" in loser[1], loser[1]
-    steps = [json.loads(x)["step"] for x in (out / "evals.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"]
+        for x in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert steps == [4, 8, 12]
-    assert len(json.loads((out / "run.json").read_text())["history"]) == 1
+    assert len(json.loads((out / "run.json").read_text(encoding="utf-8"))["history"]) == 1
     assert not list((out / "checkpoints").glob(".tmp*")) and not (out / ".lock").exists()
 
 
@@ -616,7 +632,7 @@ def _sealed(root: Path, step: int) -> Path:
     folder = root / f"step_{step:08d}"
     folder.mkdir(parents=True)
     for name in REQUIRED:
-        (folder / name).write_text(f"{name} of step {step}\n")
+        (folder / name).write_text(f"{name} of step {step}\n", encoding="utf-8")
     write_manifest(folder)
     return folder
 
@@ -626,7 +642,9 @@ def test_verify_names_what_the_manifest_does_not_vouch_for(tmp_path):
 
     folder = _sealed(tmp_path, 1)
     verify(folder)
-    (folder / "trainer.json").write_text("{}")  # was "trainer.json of step 1\n": 23 bytes
+    (folder / "trainer.json").write_text(
+        "{}", encoding="utf-8"
+    )  # was "trainer.json of step 1\n": 23 bytes
     with pytest.raises(CheckpointError, match=r"trainer.json: 2 bytes, the manifest says 23$"):
         verify(folder)
     (folder / "ema.safetensors").unlink()  # a manifest sealed without a required file
@@ -636,7 +654,7 @@ def test_verify_names_what_the_manifest_does_not_vouch_for(tmp_path):
     for manifest, problem in (({"files": {"config.yaml": 3}}, "malformed"),
                               ({"files": ["config.yaml"]}, "malformed"),
                               ({"entries": {}}, r"unreadable \(KeyError\)")):  # fmt: skip
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
         with pytest.raises(CheckpointError, match=rf"manifest.json: {problem}$"):
             verify(folder)
 
@@ -645,7 +663,7 @@ def test_resume_from_a_broken_explicit_step_is_refused(tmp_path):
     from rsmatch.checkpoint import select
 
     _sealed(tmp_path, 2)
-    (_sealed(tmp_path, 4) / "config.yaml").write_text("changed\n")
+    (_sealed(tmp_path, 4) / "config.yaml").write_text("changed\n", encoding="utf-8")
     assert select(tmp_path, 2) == (tmp_path / "step_00000002", [])
     with pytest.raises(CheckpointError, match=r"step_00000004/config.yaml: .*manifest"):
         select(tmp_path, 4)
@@ -654,8 +672,8 @@ def test_resume_from_a_broken_explicit_step_is_refused(tmp_path):
 def test_a_broken_only_checkpoint_says_there_is_no_older_one(tmp_path):
     from rsmatch.checkpoint import select
 
-    (_sealed(tmp_path, 2) / "trainer.json").write_text("x")
-    (tmp_path / "latest").write_text("step_00000002\n")
+    (_sealed(tmp_path, 2) / "trainer.json").write_text("x", encoding="utf-8")
+    (tmp_path / "latest").write_text("step_00000002\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"broken \(no older checkpoint\)$"):
         select(tmp_path, "latest")
 
@@ -667,7 +685,7 @@ def test_a_file_named_like_a_checkpoint_is_not_one(tmp_path):
 
     for step in (2, 4):
         _sealed(tmp_path, step)
-    (tmp_path / "step_00000009").write_text("not a checkpoint")
+    (tmp_path / "step_00000009").write_text("not a checkpoint", encoding="utf-8")
     assert checkpoint.steps(tmp_path) == [tmp_path / "step_00000004", tmp_path / "step_00000002"]
     assert checkpoint.select(tmp_path, "auto-fallback") == (tmp_path / "step_00000004", [])
     acc = Accelerator(cpu=True)  # nor is it counted, or removed, when saves rotate
@@ -693,9 +711,9 @@ def test_set_aside_moves_the_newer_checkpoints_and_points_latest_back(tmp_path):
 
     for step in (2, 4, 6):
         _sealed(tmp_path, step)
-    (tmp_path / "latest").write_text("step_00000006\n")
+    (tmp_path / "latest").write_text("step_00000006\n", encoding="utf-8")
     (tmp_path / "set_aside_step_00000006").mkdir()  # left by an earlier fallback: replaced
-    (tmp_path / "set_aside_step_00000006" / "old").write_text("x")
+    (tmp_path / "set_aside_step_00000006" / "old").write_text("x", encoding="utf-8")
     moved = set_aside(tmp_path, tmp_path / "step_00000002")
     assert moved == [tmp_path / "set_aside_step_00000006", tmp_path / "set_aside_step_00000004"]
     assert steps(tmp_path) == [tmp_path / "step_00000002"]
@@ -761,7 +779,7 @@ def test_a_run_that_crashes_frees_its_folder(sources, tmp_path, monkeypatch):
 def test_run_record_names_both_seeds_the_versions_and_the_commit(tmp_path):
     cfg = load_config(None, ["train.seed=7", "data.split_seed=3"])
     runinfo.write_run_record(tmp_path, cfg, {}, resumed_from=None)
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert run["seed"] == 7 and run["split_seed"] == 3
     assert {"python", "rsmatch", "torch", "numpy"} <= set(run["versions"])
     assert set(run["git"]) == {"commit", "dirty"}
@@ -779,7 +797,7 @@ def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
 def test_a_new_run_record_does_not_inherit_an_earlier_run_json(tmp_path):
     runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=1"]), {}, resumed_from=None)
     runinfo.write_run_record(tmp_path, load_config(None, ["train.seed=2"]), {}, resumed_from=None)
-    run = json.loads((tmp_path / "run.json").read_text())
+    run = json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))
     assert run["seed"] == 2 and [h["event"] for h in run["history"]] == ["start"]
 
 
@@ -798,7 +816,7 @@ def test_check_free_refuses_a_held_folder_before_any_data_is_read(tmp_path):
     held = rf"in use by another run \(pid {os.getpid()} on "
     with runfolder.RunLock(out), pytest.raises(ConfigError, match=held):
         runfolder.check_free(out)
-    (out / ".lock").write_text("{}")  # a lock file nobody holds
+    (out / ".lock").write_text("{}", encoding="utf-8")  # a lock file nobody holds
     runfolder.check_free(out)
 
 

@@ -27,12 +27,12 @@ def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, bes
     for key, value in config.items():
         section, leaf = key.split("__")
         cfg[section][leaf] = value
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     ckpt = run / "checkpoints" / "step_00000010"  # checkpoints hold a copy of the config
     ckpt.mkdir(parents=True)
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     (run / "run.json").write_text(
-        json.dumps({"seed": seed, "git": {"commit": commit, "dirty": dirty}})
+        json.dumps({"seed": seed, "git": {"commit": commit, "dirty": dirty}}), encoding="utf-8"
     )
     detector = detector or {}
     evals = []
@@ -45,7 +45,7 @@ def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, bes
         evals.append(e)
     if best is None:
         evals = evals[:1]
-    (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals), encoding="utf-8")
     if best is not None:
         metrics = {
             "algorithm": algorithm,
@@ -54,7 +54,7 @@ def fake_run(root: Path, name: str, algorithm: str, ratio: float, seed: int, bes
             "step": 20,
             **detector,
         }
-        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run / "tb")) as w:
@@ -95,12 +95,12 @@ def runs(tmp_path: Path) -> Path:
                 "runs": [{"name": "fm-r0.3-s0", "axes": {"algorithm": "fixmatch", "train.seed": "0"},
                           "config": {"algorithm": "fixmatch", "data": {"replace_ratio": 0.3,
                                      "labels_per_class": 25}, "train": {"seed": 0}}}]}  # fmt: skip
-    (root / "experiment.json").write_text(json.dumps(manifest))
+    (root / "experiment.json").write_text(json.dumps(manifest), encoding="utf-8")
     return root
 
 
 def _csv(out: Path) -> dict[tuple[str, float], dict[str, str]]:
-    with open(out / "table.csv") as f:
+    with open(out / "table.csv", encoding="utf-8") as f:
         return {(r["method"], float(r["replace_ratio"])): r for r in csv.DictReader(f)}
 
 
@@ -130,7 +130,7 @@ def test_report_numbers_match_hand_computed_values(runs, tmp_path):
     never = rows["fixmatch", 0.3]
     assert (never["n"], never["n_missing"], never["best_mean"]) == ("0", "1", "")
 
-    md = (out / "README.md").read_text()
+    md = (out / "README.md").read_text(encoding="utf-8")
     best_table = md.split("## Best test accuracy (%)")[1].split("##")[0]
     lines = {
         line.split(" | ")[0].strip("| "): line
@@ -169,7 +169,7 @@ def test_report_numbers_match_hand_computed_values(runs, tmp_path):
 def test_report_figures_are_valid_non_blank_pngs(runs, tmp_path):
     out = tmp_path / "report"
     assert main([str(runs), "--out", str(out)]) == 0
-    md = (out / "README.md").read_text()
+    md = (out / "README.md").read_text(encoding="utf-8")
     for name in ("accuracy.png", "detector.png", "routing.png"):
         assert f"]({name})" in md
         with Image.open(out / name) as im:
@@ -189,7 +189,7 @@ def test_a_report_of_unfinished_runs_has_no_empty_figures(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
-    md = (out / "README.md").read_text()
+    md = (out / "README.md").read_text(encoding="utf-8")
     assert "## Missing runs" in md and "## Figures" not in md
 
 
@@ -201,7 +201,7 @@ def test_a_run_on_a_benchmark_reports_the_benchmarks_split_from_its_folder_or_hu
     comes from the local Hub cache only."""
     meta = tmp_path / "bench" / "rsmatch_benchmark.json"
     meta.parent.mkdir()
-    meta.write_text(json.dumps({"replace_ratio": 0.25, "labels_per_class": 4}))
+    meta.write_text(json.dumps({"replace_ratio": 0.25, "labels_per_class": 4}), encoding="utf-8")
     asked = []
 
     def try_to_load_from_cache(repo_id, filename, repo_type=None, **_):
@@ -225,7 +225,8 @@ def test_report_of_an_empty_folder_exits_2(tmp_path, capsys):
 
 def test_a_step_logged_twice_after_a_resume_keeps_the_last_value(tmp_path):
     (tmp_path / "evals.jsonl").write_text(
-        '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 4, "test_acc": 0.3}\n'
+        '{"step": 2, "test_acc": 0.1}\n{"step": 4, "test_acc": 0.2}\n{"step": 4, "test_acc": 0.3}\n',
+        encoding="utf-8",
     )
     assert read_evals(tmp_path) == [{"step": 2, "test_acc": 0.1}, {"step": 4, "test_acc": 0.3}]
 
@@ -266,9 +267,11 @@ def test_missing_runs_are_named_with_their_grid(tmp_path):
                           "config": {"algorithm": "fixmatch", "data": {"replace_ratio": 0.5,
                                      "labels_per_class": 25}, "train": {"seed": 0}}}]}  # fmt: skip
     (root / "g1").mkdir()
-    (root / "g1" / "experiment.json").write_text(json.dumps(manifest))
+    (root / "g1" / "experiment.json").write_text(json.dumps(manifest), encoding="utf-8")
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
-    missing = (tmp_path / "report" / "README.md").read_text().split("## Missing runs")[1]
+    missing = (
+        (tmp_path / "report" / "README.md").read_text(encoding="utf-8").split("## Missing runs")[1]
+    )
     assert "- `g1/fm`: not started" in missing and "g2/fm" not in missing
 
 
@@ -296,9 +299,11 @@ def test_a_grids_ablation_axis_is_named_by_the_method_alone(tmp_path):
     for label, fake_head, best in (("without_fake_head", False, 0.6), ("rsmatch", True, 0.9)):
         name = f"method={label}"
         fake_run(root, name, "rsmatch", 0.5, 0, best, best, rsmatch__fake_head=fake_head)
-        cfg = yaml.safe_load((root / name / "config.yaml").read_text())
+        cfg = yaml.safe_load((root / name / "config.yaml").read_text(encoding="utf-8"))
         entries.append({"name": name, "axes": {"method": label}, "config": cfg})
-    (root / "experiment.json").write_text(json.dumps({"grid": {"axes": axes}, "runs": entries}))
+    (root / "experiment.json").write_text(
+        json.dumps({"grid": {"axes": axes}, "runs": entries}), encoding="utf-8"
+    )
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
     assert set(_csv(tmp_path / "report")) == {("rsmatch (w/o fake head)", 0.5), ("rsmatch", 0.5)}
 
@@ -308,7 +313,9 @@ def test_a_run_from_a_dirty_tree_is_not_the_same_code(tmp_path):
     fake_run(root, "fm-s0", "fixmatch", 0.5, 0, 0.80, 0.80)
     fake_run(root, "fm-s1", "fixmatch", 0.5, 1, 0.82, 0.82, dirty=True)
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
-    warnings = (tmp_path / "report" / "README.md").read_text().split("## Warnings")[1]
+    warnings = (
+        (tmp_path / "report" / "README.md").read_text(encoding="utf-8").split("## Warnings")[1]
+    )
     assert "runs differ in commit (aaaaaaaaaaaa, aaaaaaaaaaaa+dirty)" in warnings
 
 
@@ -317,9 +324,9 @@ def test_the_split_trained_on_comes_from_the_run_record(tmp_path):
     run.json's `split` the benchmark's own (0.25, 10); the report files it under the latter."""
     root = tmp_path / "runs"
     run = fake_run(root, "bench", "fixmatch", 0.5, 0, 0.80, 0.80)
-    record = json.loads((run / "run.json").read_text())
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
     record["split"] = {"replace_ratio": 0.25, "labels_per_class": 10, "seed": 3}
-    (run / "run.json").write_text(json.dumps(record))
+    (run / "run.json").write_text(json.dumps(record), encoding="utf-8")
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
     (row,) = _csv(tmp_path / "report").values()
     assert (row["replace_ratio"], row["labels_per_class"]) == ("0.25", "10")
@@ -330,5 +337,7 @@ def test_a_stopped_run_is_named_with_its_last_evaluated_step(tmp_path):
     run = fake_run(root, "fm", "fixmatch", 0.5, 0, 0.80, 0.80)  # evaluated at steps 10 and 20
     (run / "metrics.json").unlink()
     assert main([str(root), "--out", str(tmp_path / "report")]) == 0
-    missing = (tmp_path / "report" / "README.md").read_text().split("## Missing runs")[1]
+    missing = (
+        (tmp_path / "report" / "README.md").read_text(encoding="utf-8").split("## Missing runs")[1]
+    )
     assert "- `fm`: stopped at step 20" in missing

@@ -24,7 +24,7 @@ from .test_report import fake_run
 
 def _report(root: Path, out: Path, *args: str) -> str:
     assert main([str(root), "--out", str(out), *args]) == 0
-    return (out / "README.md").read_text()
+    return (out / "README.md").read_text(encoding="utf-8")
 
 
 def _table_rows(md: str, title: str = "## Best test accuracy (%)") -> list[str]:
@@ -92,9 +92,9 @@ def test_the_lowest_seed_is_a_cells_reference_run(tmp_path):
     out = tmp_path / "o"
     md = _report(root, out)
     assert "z-seed0 and a-seed1 differ in config: ssl.threshold" in md
-    assert yaml.safe_load((out / "configs" / "fixmatch.yaml").read_text())["ssl"] == {
-        "threshold": 0.7
-    }
+    assert yaml.safe_load((out / "configs" / "fixmatch.yaml").read_text(encoding="utf-8"))[
+        "ssl"
+    ] == {"threshold": 0.7}
 
 
 def test_an_unfinished_runs_commit_is_neither_a_warning_nor_listed(tmp_path):
@@ -105,7 +105,9 @@ def test_an_unfinished_runs_commit_is_neither_a_warning_nor_listed(tmp_path):
     out = tmp_path / "o"
     md = _report(root, out)
     assert "differ in commit" not in md
-    assert (out / "table.csv").read_text().splitlines()[1].split(",")[-2] == "a" * 40
+    assert (out / "table.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[
+        -2
+    ] == "a" * 40
 
 
 def test_a_config_difference_names_its_first_five_keys(tmp_path):
@@ -120,7 +122,9 @@ def test_a_config_difference_names_its_first_five_keys(tmp_path):
 
 def test_evals_out_of_order_are_read_by_step(tmp_path):
     """evals.jsonl with a later step first (logs joined after a resume): sorted by step."""
-    (tmp_path / "evals.jsonl").write_text('{"step": 20, "x": 2}\n{"step": 10, "x": 1}\n')
+    (tmp_path / "evals.jsonl").write_text(
+        '{"step": 20, "x": 2}\n{"step": 10, "x": 1}\n', encoding="utf-8"
+    )
     assert [e["step"] for e in read_evals(tmp_path)] == [10, 20]
 
 
@@ -366,7 +370,7 @@ def test_an_unreadable_config_is_one_error_naming_it_and_nothing_is_written(
 ):
     """A run killed while writing config.yaml: exit 2 naming the file, no report folder."""
     (tmp_path / "runs" / "x").mkdir(parents=True)
-    (tmp_path / "runs" / "x" / "config.yaml").write_text(text)
+    (tmp_path / "runs" / "x" / "config.yaml").write_text(text, encoding="utf-8")
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsmatch-report: error: ") and "x/config.yaml: " + problem in err

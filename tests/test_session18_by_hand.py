@@ -23,7 +23,7 @@ from .test_synth_store_by_hand import _run
 def test_an_empty_folder_is_no_images_found_without_the_skipped_note(tmp_path):
     """The note on earlier filter outputs appears only when there were images inside them."""
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    (tmp_path / "empty" / "notes.txt").write_text("no image here", encoding="utf-8")
     with pytest.raises(flt.FilterError) as error:
         flt.read_folder(tmp_path / "empty")
     assert str(error.value) == f"--images {tmp_path / 'empty'}: no images found"

@@ -145,7 +145,9 @@ def test_prompt_index_lists_class_relative_files_prompts_and_seeds(tmp_path):
     """prompts.jsonl: one line per planned image, `class/file`, its prompt and its seed."""
     jobs = synth.plan_jobs(tmp_path, "sd14", {"cat": ["p"], "dog": ["q"]}, 1, 0, ".jpg")
     synth.write_prompt_index(tmp_path, jobs)
-    lines = [json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert lines == [
         {"file": "cat/cat_00000.jpg", "prompt": "p", "seed": _seed(0, "sd14", 0, 0)},
         {"file": "dog/dog_00000.jpg", "prompt": "q", "seed": _seed(0, "sd14", 1, 0)},
@@ -382,14 +384,16 @@ def test_size_categories_are_the_ones_datasets_knows():
     listed = Path(datasets.__file__).parent / "utils" / "resources" / "size_categories.json"
     if not listed.is_file():
         pytest.skip("this datasets version ships no size_categories.json")
-    assert [*card.SIZE_CATEGORIES, "n>1T"] == json.loads(listed.read_text())[1:]  # after "unknown"
+    assert [*card.SIZE_CATEGORIES, "n>1T"] == json.loads(listed.read_text(encoding="utf-8"))[
+        1:
+    ]  # after "unknown"
 
 
 def test_save_then_load_keeps_the_meta_and_class_names(tmp_path):
     """A saved benchmark loads back with its meta, splits and ClassLabel names."""
     out = tmp_path / "b"
     store.save_benchmark(_dd(), out, {"seed": 3})
-    assert json.loads((out / store.META_FILE).read_text()) == {"seed": 3}
+    assert json.loads((out / store.META_FILE).read_text(encoding="utf-8")) == {"seed": 3}
     dd, meta = store.load_benchmark(out)
     assert meta == {"seed": 3} and dd["unlabeled"].features["label"].names == ["cat", "dog"]
     assert dd["unlabeled"]["generator"] == ["real", "b", "a", "a", "real"]
@@ -410,8 +414,8 @@ def test_hub_meta_revision_only_from_a_snapshot_folder(tmp_path, monkeypatch):
     load_benchmark then records no hub_revision and asks for the latest data."""
     snap = tmp_path / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    (snap / store.META_FILE).write_text('{"seed": 1}')
-    (tmp_path / store.META_FILE).write_text('{"seed": 2}')
+    (snap / store.META_FILE).write_text('{"seed": 1}', encoding="utf-8")
+    (tmp_path / store.META_FILE).write_text('{"seed": 2}', encoding="utf-8")
     where = {"file": snap / store.META_FILE}
     asked = []
     monkeypatch.setattr(
@@ -438,13 +442,15 @@ def test_hub_meta_revision_only_from_a_snapshot_folder(tmp_path, monkeypatch):
 def _run(root: Path, dirty=False, split=None) -> Path:
     (root / "model").mkdir(parents=True)
     (root / "model" / "model.safetensors").write_bytes(b"w")
-    (root / "model" / "config.json").write_text('{"backbone": "wrn28_2"}')
-    (root / "metrics.json").write_text('{"algorithm": "fixmatch", "test_acc": 0.123456, "step": 7}')
+    (root / "model" / "config.json").write_text('{"backbone": "wrn28_2"}', encoding="utf-8")
+    (root / "metrics.json").write_text(
+        '{"algorithm": "fixmatch", "test_acc": 0.123456, "step": 7}', encoding="utf-8"
+    )
     record = {"seed": 3, "git": {"commit": "0123456789abcdef", "dirty": dirty}}
     record["split"] = split or {"real": "cifar10", "split_seed": 9, "labels_per_class": 4}
-    (root / "run.json").write_text(json.dumps(record))
-    (root / "config.yaml").write_text("x: 1\n")
-    (root / "evals.jsonl").write_text("{}\n")
+    (root / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    (root / "config.yaml").write_text("x: 1\n", encoding="utf-8")
+    (root / "evals.jsonl").write_text("{}\n", encoding="utf-8")
     return root
 
 
@@ -496,14 +502,14 @@ def test_data_folder_kind_needs_the_benchmark_meta_or_both_filter_outputs(tmp_pa
     assert hub.data_folder_kind(tmp_path) is None
     (tmp_path / "dataset").mkdir()
     assert hub.data_folder_kind(tmp_path) == "filter"
-    (tmp_path / store.META_FILE).write_text("{}")
+    (tmp_path / store.META_FILE).write_text("{}", encoding="utf-8")
     assert hub.data_folder_kind(tmp_path) == "benchmark"
 
 
 @pytest.mark.parametrize("flag", ["--detector", "--stage-only"])
 def test_run_only_flags_are_refused_for_a_data_folder(tmp_path, capsys, flag):
     """--detector / --stage-only on a benchmark: exit 2, one line naming the flag."""
-    (tmp_path / store.META_FILE).write_text("{}")
+    (tmp_path / store.META_FILE).write_text("{}", encoding="utf-8")
     assert hub.main([str(tmp_path), "me/b", flag]) == 2
     assert capsys.readouterr().err == (
         f"rsmatch-push: error: {flag}: for run folders; {tmp_path} is a benchmark output\n"
@@ -512,7 +518,7 @@ def test_run_only_flags_are_refused_for_a_data_folder(tmp_path, capsys, flag):
 
 def test_an_unreadable_benchmark_is_a_usage_error_not_a_push_failure(tmp_path, capsys):
     """A benchmark folder whose data is missing: exit 2 naming it, before any push."""
-    (tmp_path / store.META_FILE).write_text("{}")
+    (tmp_path / store.META_FILE).write_text("{}", encoding="utf-8")
     assert hub.main([str(tmp_path), "me/b"]) == 2
     assert "rsmatch-push: error: data.benchmark=" in capsys.readouterr().err
 

@@ -61,7 +61,7 @@ def _drive(monkeypatch, tmp_path, seconds, **kw):
     """drive() over fake workers with these seconds per round; (summary, write log, started)."""
     log, started = [], []
     (tmp_path / "bin").mkdir(exist_ok=True)
-    (tmp_path / "bin" / "python").write_text("")
+    (tmp_path / "bin" / "python").write_text("", encoding="utf-8")
     monkeypatch.setattr(bench, "USB_VENV", tmp_path)
 
     def start(kind, args, override=None):
@@ -296,18 +296,20 @@ def test_trailing_json_is_the_last_indented_object():
 
 def test_last_json_line(tmp_path):
     log = tmp_path / "env.log"
-    log.write_text('$ python -c ...\n{"gpu": "A"}\n{"gpu": "B"}\ntrailing words\n')
+    log.write_text(
+        '$ python -c ...\n{"gpu": "A"}\n{"gpu": "B"}\ntrailing words\n', encoding="utf-8"
+    )
     assert gpu_check.last_json_line(log) == {"gpu": "B"}
-    log.write_text('{"gpu": "A"}\n{not json\n')
+    log.write_text('{"gpu": "A"}\n{not json\n', encoding="utf-8")
     assert gpu_check.last_json_line(log) is None
 
 
 def test_run_logs_the_command_appends_and_skips_only_under_five_seconds(tmp_path):
     log = tmp_path / "step.log"
-    log.write_text("earlier\n")
+    log.write_text("earlier\n", encoding="utf-8")
     ok = gpu_check.run([sys.executable, "-c", "print('hi')"], log, 5, {})
     assert ok["status"] == "ok" and ok["rc"] == 0 and ok["limit_s"] == 5
-    text = log.read_text()
+    text = log.read_text(encoding="utf-8")
     assert text.startswith("earlier\n$ ") and text.endswith("-c print('hi')\nhi\n")
     assert gpu_check.run(["false"], log, 4.9, {}) == {
         "status": "skipped",
@@ -479,17 +481,19 @@ def test_train_dry_run_takes_two_steps_and_no_data_is_skipped(monkeypatch, tmp_p
 def test_run_results_reads_what_the_run_wrote(tmp_path):
     assert gpu_check.run_results(tmp_path) == {}
     metrics = {"test_acc": 0.5, "detector_acc": 0.75, "seconds": 10.0, "step": 4}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    (tmp_path / "evals.jsonl").write_text('{"step": 2}\n{"step": 4}\n')
-    (tmp_path / "run.json").write_text('{"counts": {"labeled": 12}, "other": 1}')
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (tmp_path / "evals.jsonl").write_text('{"step": 2}\n{"step": 4}\n', encoding="utf-8")
+    (tmp_path / "run.json").write_text('{"counts": {"labeled": 12}, "other": 1}', encoding="utf-8")
     got = gpu_check.run_results(tmp_path)
     assert got == {"test_acc": 0.5, "detector_acc": 0.75, "loop_seconds": 10.0,
                    "loop_s_per_step": 2.5, "metrics": metrics,
                    "evals": [{"step": 2}, {"step": 4}], "counts": {"labeled": 12}}  # fmt: skip
-    (tmp_path / "metrics.json").write_text('{"seconds": 3.0, "step": 0}')
+    (tmp_path / "metrics.json").write_text('{"seconds": 3.0, "step": 0}', encoding="utf-8")
     assert gpu_check.run_results(tmp_path)["loop_s_per_step"] == 3.0
     # a run stopped by the check's time budget may leave a last line cut off mid-write
-    (tmp_path / "evals.jsonl").write_text('{"step": 2}\n{"step": 4}\n{"step": 6, "te')
+    (tmp_path / "evals.jsonl").write_text(
+        '{"step": 2}\n{"step": 4}\n{"step": 6, "te', encoding="utf-8"
+    )
     assert gpu_check.run_results(tmp_path)["evals"] == [{"step": 2}, {"step": 4}]
 
 
@@ -593,7 +597,7 @@ def test_main_writes_the_summary_and_passes_the_measured_steps(stubbed_check, tm
     rc = gpu_check.main(["--out", str(out), "--started", "1000", "--train-seconds", "60",
                          "--compile", "default"])  # fmt: skip
     assert rc == 0
-    summary = json.loads((out / "gpu_check.json").read_text())
+    summary = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert summary["schema"] == 1 and summary["dry_run"] is False
     assert summary["settings"]["budget_s"] == 450 and summary["settings"]["precision"] == "auto"
     assert summary["settings"]["channels_last"] == "auto" and summary["settings"]["variant"] is None
@@ -612,7 +616,7 @@ def test_main_dry_run_defaults_and_a_failed_step_exits_1(stubbed_check, tmp_path
     stubbed_check["tp_status"] = "partial"
     rc = gpu_check.main(["--out", str(out), "--dry-run", "--skip-train", "--started", "0"])
     assert rc == 1
-    summary = json.loads((out / "gpu_check.json").read_text())
+    summary = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert summary["dry_run"] is True and summary["settings"]["budget_s"] == 300
     assert (
         summary["settings"]["precision"] == "no" and summary["settings"]["channels_last"] == "false"
@@ -641,7 +645,7 @@ def test_main_records_an_error_and_still_writes_the_summary(stubbed_check, monke
     out = tmp_path / "out"
     with pytest.raises(ValueError):
         gpu_check.main(["--out", str(out), "--skip-train"])
-    summary = json.loads((out / "gpu_check.json").read_text())
+    summary = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     assert (
         summary["error"] == "ValueError: bad" and summary["steps"]["throughput"]["status"] == "ok"
     )
@@ -683,7 +687,7 @@ def test_study_summary_table(monkeypatch, tmp_path):
     }
     for name, metrics in runs.items():
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
         evals = {"step": 5, "test_acc": metrics["test_acc"]}
         lines = [evals]
         if "detector_acc" in metrics:  # the first evaluation before the queue held anything
@@ -691,9 +695,11 @@ def test_study_summary_table(monkeypatch, tmp_path):
                       "detector_called_synthetic": 0.0},
                      evals | {"detector_acc": 0.8, "queue_purity": 0.75,
                               "detector_called_synthetic": 0.5}]  # fmt: skip
-        (tmp_path / name / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+        (tmp_path / name / "evals.jsonl").write_text(
+            "".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8"
+        )
     summarize.main(tmp_path)
-    text = (tmp_path / "summary.md").read_text()
+    text = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "| fixmatch | 60.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | - | - | 15 |" in text
     assert "| rsmatch-ood | 90.00 ± 0.00 (n=1) | 90.00 ± 0.00 (n=1) | 80.00 ± 0.00 (n=1) | " in text
     assert "| fixmatch-seed1 | 0.5000 | - | - | - | - |" in text
@@ -735,7 +741,8 @@ def test_shell_tools_help_changes_nothing(tmp_path, script, usage):
     log, out = tmp_path / "calls.log", tmp_path / "out"
     python = tmp_path / "python"
     python.write_text(
-        f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = -m ] && exit 1\nexec {sys.executable} "$@"\n'
+        f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = -m ] && exit 1\nexec {sys.executable} "$@"\n',
+        encoding="utf-8",
     )
     python.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "OUT": str(out), "HOME": str(tmp_path)}
@@ -745,7 +752,9 @@ def test_shell_tools_help_changes_nothing(tmp_path, script, usage):
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert usage in done.stdout and not done.stdout.startswith("#")  # the comment marks gone
     assert ("usage: gpu_check.py" in done.stdout) == ("gpu_check" in script)  # its Python part
-    assert not out.exists() and "-m pip" not in (log.read_text() if log.exists() else "")
+    assert not out.exists() and "-m pip" not in (
+        log.read_text(encoding="utf-8") if log.exists() else ""
+    )
     assert {p.name for p in tmp_path.iterdir()} <= {"python", "calls.log"}
 
 
@@ -761,6 +770,7 @@ def test_cpu_study_without_its_archives_writes_nothing(tmp_path):
     for name in ("cifar10-jpeg", "synth-ddpm-jpeg", "synth-cgan-jpeg"):
         (data / f".{name}").touch()
     env = {**os.environ, "SEEDS": "0", "METHODS": "fixmatch"}
+    env.pop("EXTRA", None)  # the study's own setting: a user's exported overrides stay out
     done = subprocess.run(["bash", "studies/cpu_study.sh", str(tmp_path / "none"), str(tmp_path / "out")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "cpu_study: missing" not in done.stderr

@@ -26,9 +26,9 @@ sys.exit(0 if (out / "prepared.txt").read_text() == "step 2" else 1)
 
 def test_a_native_abort_is_retried_from_the_prepared_files(tmp_path, recwarn):
     script, out, marker = tmp_path / "worker.py", tmp_path / "out", tmp_path / "marker"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT, encoding="utf-8")
     out.mkdir()
-    (out / "prepared.txt").write_text("step 2")
+    (out / "prepared.txt").write_text("step 2", encoding="utf-8")
     res = torchrun(script, [str(out), str(marker)], restore=out, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert marker.exists() and not (out / "half-written.txt").exists()
@@ -38,10 +38,10 @@ def test_a_native_abort_is_retried_from_the_prepared_files(tmp_path, recwarn):
 def test_any_other_failure_is_not_retried(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text("import sys, pathlib\np = pathlib.Path(sys.argv[1])\n"
-                      "p.write_text(p.read_text() + 'x') if p.exists() else p.write_text('x')\nsys.exit(3)\n")  # fmt: skip
+                      "p.write_text(p.read_text() + 'x') if p.exists() else p.write_text('x')\nsys.exit(3)\n", encoding="utf-8")  # fmt: skip
     count = tmp_path / "count"
     res = torchrun(script, [str(count)], processes=1, timeout=120)
-    assert res.returncode != 0 and count.read_text() == "x"
+    assert res.returncode != 0 and count.read_text(encoding="utf-8") == "x"
 
 
 def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
@@ -52,7 +52,8 @@ def test_a_launched_process_ends_flushed_without_finalising_python(tmp_path):
     script.write_text(
         "import atexit, pathlib, sys\nfrom rsmatch.cli import exit_process\n"
         "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
-        "print('metrics', end='')\nexit_process(3)\n"
+        "print('metrics', end='')\nexit_process(3)\n",
+        encoding="utf-8",
     )
     for world, finalised in (("2", False), ("1", True)):
         marker = tmp_path / f"finalised-{world}"
@@ -67,7 +68,8 @@ def test_a_crash_under_a_launcher_is_reported_and_exits_1_without_finalising(tmp
     script.write_text(
         "import atexit, pathlib, sys\nfrom rsmatch.cli import run_process\n"
         "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text('finalised'))\n"
-        "def crash():\n    raise RuntimeError('out of memory')\nrun_process(crash)\n"
+        "def crash():\n    raise RuntimeError('out of memory')\nrun_process(crash)\n",
+        encoding="utf-8",
     )
     marker = tmp_path / "finalised"
     res = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True,

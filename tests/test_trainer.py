@@ -41,19 +41,19 @@ def test_end_to_end_writes_traceable_run(sources, tmp_path, algorithm):
     out = tmp_path / "run"
     trainer = _run(tiny_config(sources, out, algorithm=algorithm))
     assert trainer.live_model is trainer.accelerator.unwrap_model(trainer.model)  # found once
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for key in ("test_acc", "best_acc", "step", "seconds"):
         assert key in metrics
     assert metrics["step"] == 4 and 0 <= metrics["test_acc"] <= 1
     assert ("detector_acc" in metrics) == (algorithm == "rsmatch")
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["seed"] == 0 and "torch" in run["versions"] and "commit" in run["git"]
     assert run["precision"]["mixed_precision"] == "no" and run["host_memory"].startswith("on")
     assert run["threads"] == torch.get_num_threads()  # a launcher may have set it to 1
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").is_file()
     exported = load_file(str(out / "model" / "model.safetensors"))
     assert exported and all(k.split(".")[0] in ("encoder", "head") for k in exported)
-    assert len((out / "evals.jsonl").read_text().splitlines()) == 2
+    assert len((out / "evals.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert trainer.state.step == 4
     # a second run into the same folder is refused instead of overwriting it
     with pytest.raises(ConfigError, match="train.output_dir"):
@@ -67,7 +67,7 @@ def assert_resume_is_exact(sources, tmp_path, **extra) -> Trainer:
     resumed_dir = tmp_path / "b" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000002", resumed_dir / "step_00000002")
-    (resumed_dir / "latest").write_text("step_00000002\n")
+    (resumed_dir / "latest").write_text("step_00000002\n", encoding="utf-8")
     resumed = _run(tiny_config(sources, tmp_path / "b", **extra), resume=True)
     a, b = _weights(straight), _weights(resumed)
     for k in a:
@@ -142,7 +142,7 @@ def test_sigterm_saves_a_loadable_checkpoint(sources, tmp_path):
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
     assert "stopped by signal" in output
-    latest = (out / "checkpoints" / "latest").read_text().strip()
+    latest = (out / "checkpoints" / "latest").read_text(encoding="utf-8").strip()
     stopped_at = int(latest.split("_")[1])
     assert 0 < stopped_at < 2000
     assert not list((out / "checkpoints").glob(".tmp*"))
@@ -163,7 +163,8 @@ def test_run_record_names_the_split_seed_trained_on(sources, tmp_path):
     write_run_record(tmp_path / "bench", cfg, {"split": {"seed": 3}}, resumed_from=None)
     write_run_record(tmp_path / "own", cfg, {"split": {"seed": 0}}, resumed_from=None)
     seeds = [
-        json.loads((tmp_path / n / "run.json").read_text())["split_seed"] for n in ("bench", "own")
+        json.loads((tmp_path / n / "run.json").read_text(encoding="utf-8"))["split_seed"]
+        for n in ("bench", "own")
     ]
     assert seeds == [3, 0]
 

@@ -97,7 +97,8 @@ def test_best_is_the_first_evaluation_of_the_highest_accuracy(sources, tmp_path,
     for step in (2, 4, 6, 8):
         trainer._evaluate(step)
     rows = [
-        json.loads(line) for line in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (tmp_path / "run" / "evals.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert [(r["step"], r["best_acc"], r["best_step"]) for r in rows] == [
         (2, 0.5, 2), (4, 0.5, 2), (6, 0.7, 6), (8, 0.7, 6)

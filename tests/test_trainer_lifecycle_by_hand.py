@@ -22,7 +22,7 @@ def _trainer(sources, tmp_path, **extra) -> Trainer:
 
 
 def _lines(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.mark.parametrize("prefetch, resolved", [(True, True), ("auto", False), (False, False)])
@@ -33,7 +33,7 @@ def test_run_json_records_what_the_trainer_resolved(sources, tmp_path, prefetch,
     trainer = _trainer(sources, tmp_path, **{"train.prefetch": prefetch})
     assert trainer.prefetch is resolved
     trainer.prepare_output()
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["world_size"] == 1 and run["device"] == "cpu"
     assert run["mixed_precision"] == "no" and run["precision"]["mixed_precision"] == "no"
     assert run["precision"]["channels_last"] is False
@@ -116,7 +116,7 @@ def test_metrics_evaluations_checkpoints_and_eval_logs_by_hand(
     want = {"algorithm": "supervised", "test_acc": 0.4, "best_acc": 0.6, "best_step": 3,
             "step": 4, "seconds": 11.23}  # fmt: skip
     assert metrics == want
-    assert json.loads((out / "metrics.json").read_text()) == want
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8")) == want
     assert _lines(out / "evals.jsonl") == [
         {"step": 3, "test_acc": 0.6, "best_acc": 0.6, "best_step": 3},
         {"step": 4, "test_acc": 0.4, "best_acc": 0.6, "best_step": 3},
@@ -127,11 +127,13 @@ def test_metrics_evaluations_checkpoints_and_eval_logs_by_hand(
     }
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step_00000003", "step_00000004"]
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (out / "checkpoints" / "latest").read_text(encoding="utf-8").strip() == "step_00000004"
     # each checkpoint holds its step's evaluation: evaluated before it is saved
     for step, acc in ((3, 0.6), (4, 0.4)):
         state = json.loads(
-            (out / "checkpoints" / f"step_0000000{step}" / "trainer.json").read_text()
+            (out / "checkpoints" / f"step_0000000{step}" / "trainer.json").read_text(
+                encoding="utf-8"
+            )
         )
         assert (state["step"], state["best_acc"], state["best_step"]) == (step, 0.6, 3)
         assert state["last_eval"] == {
@@ -191,7 +193,7 @@ def test_a_resume_says_what_it_set_aside_dropped_and_resumed_from(sources, tmp_p
     assert f"resumed from {step2} at step 2" in err
     assert trainer.state.step == 2 and trainer.state.last_eval["step"] == 2
     assert [r["step"] for r in _lines(out / "evals.jsonl")] == [1, 2]
-    history = json.loads((out / "run.json").read_text())["history"]
+    history = json.loads((out / "run.json").read_text(encoding="utf-8"))["history"]
     assert [(h["event"], h["resumed_from"]) for h in history] == [
         ("start", None), ("resume", str(step2))
     ]  # fmt: skip
@@ -269,7 +271,7 @@ def test_run_json_records_bf16_and_the_thread_count(sources, tmp_path, monkeypat
     trainer = _trainer(sources, tmp_path, **{"train.mixed_precision": "bf16"})
     monkeypatch.setattr("torch.get_num_threads", lambda: 7)
     trainer.prepare_output()
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["mixed_precision"] == "bf16" and run["precision"]["mixed_precision"] == "bf16"
     assert run["threads"] == 7
     trainer.batches.close()

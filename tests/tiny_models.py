@@ -21,8 +21,8 @@ def clip_tokenizer(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {w: i for i, w in enumerate(WORDS)}
     vocab.update({f"{w}</w>": len(WORDS) + i for i, w in enumerate(WORDS[:-2])})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
     )

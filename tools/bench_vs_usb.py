@@ -222,7 +222,7 @@ def setup_usb() -> None:
     stubs.mkdir(exist_ok=True)
     for name in STUBS:
         (stubs / f"{name}.py").write_text(
-            "# semilearn imports it; a CIFAR FixMatch step never uses it\n"
+            "# semilearn imports it; a CIFAR FixMatch step never uses it\n", encoding="utf-8"
         )
     print(f"USB venv ready: {USB_VENV}")
 
@@ -331,7 +331,7 @@ def _digits(seconds: float) -> float:
 def _machine() -> str:
     import platform
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
                   if line.startswith("model name")), platform.processor())  # fmt: skip
     import torch
 

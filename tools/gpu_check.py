@@ -140,7 +140,7 @@ def run(cmd: list[str], log: Path, limit: float, env: dict[str, str]) -> dict:
     if limit < 5:
         return {"status": "skipped", "reason": "no time left in the budget"}
     start = time.monotonic()
-    with open(log, "a") as f:
+    with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(
@@ -166,7 +166,7 @@ def run(cmd: list[str], log: Path, limit: float, env: dict[str, str]) -> dict:
 
 
 def last_json_line(log: Path) -> dict | None:
-    for line in reversed(log.read_text(errors="replace").splitlines()):
+    for line in reversed(log.read_text(errors="replace", encoding="utf-8").splitlines()):
         if line.startswith("{"):
             try:
                 return json.loads(line)
@@ -199,7 +199,9 @@ def junit_results(path: Path, log: Path) -> dict:
                     break
             outcomes[case.get("name", "?")] = outcome
     else:  # stopped before pytest wrote its report: read the verbose log's result lines
-        for name, word in re.findall(r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED)", log.read_text()):
+        for name, word in re.findall(
+            r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED)", log.read_text(encoding="utf-8")
+        ):
             outcomes[name] = {
                 "PASSED": "passed",
                 "FAILED": "failure",
@@ -459,7 +461,7 @@ def run_results(run_dir: Path) -> dict:
     """What a training run wrote: final metrics, every evaluation, the split's counts."""
     found: dict = {}
     if (run_dir / "metrics.json").is_file():
-        m = json.loads((run_dir / "metrics.json").read_text())
+        m = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         found = {"test_acc": m.get("test_acc"), "detector_acc": m.get("detector_acc"),
                  "loop_seconds": m.get("seconds"),
                  "loop_s_per_step": round(m["seconds"] / max(m["step"], 1), 4), "metrics": m}  # fmt: skip
@@ -468,7 +470,9 @@ def run_results(run_dir: Path) -> dict:
 
         found["evals"] = eval_entries(run_dir)
     if (run_dir / "run.json").is_file():
-        found["counts"] = json.loads((run_dir / "run.json").read_text()).get("counts")
+        found["counts"] = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get(
+            "counts"
+        )
     return found
 
 
@@ -538,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         summary["seconds"] = round(time.time() - args.started, 1)
-        (c.out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (c.out / "gpu_check.json").write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
         bad = [k for k, v in steps.items() if v.get("status") not in ("ok", "skipped")]
         print("\n".join(digest(summary)))
         print(f"gpu_check: {c.out / 'gpu_check.json'}; steps not ok: {', '.join(bad) or 'none'}")

@@ -62,7 +62,7 @@ def main(root: Path) -> None:
     curves: dict[str, list[list[dict]]] = defaultdict(list)
     for run in runs:
         method = run.name.rsplit("-seed", 1)[0]
-        by_method[method].append(json.loads((run / "metrics.json").read_text()))
+        by_method[method].append(json.loads((run / "metrics.json").read_text(encoding="utf-8")))
         curves[method].append(eval_entries(run))
     lines = [
         f"# Study: {root}",
@@ -101,7 +101,7 @@ def main(root: Path) -> None:
                     for e in evals
                 )
                 lines.append(f"- {method} run {i}: {points}")
-    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    (root / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -230,7 +230,7 @@ def check_recipe(folder: Path, recipe: dict) -> None:
               file=sys.stderr)  # fmt: skip
         return
     try:
-        before = json.loads(made.read_text())
+        before = json.loads(made.read_text(encoding="utf-8"))
     except ValueError:
         raise BuildError(f"{made}: unreadable; remove it if the images are this build's") from None
     changed = [k for k in sorted(before.keys() | recipe.keys()) if before.get(k) != recipe.get(k)]
@@ -271,7 +271,9 @@ def generate_missing(
         state.wait_for_everyone()
         if state.is_main_process:
             (root / g).mkdir(parents=True, exist_ok=True)
-            (root / g / RECIPE_FILE).write_text(json.dumps(recipes[g], indent=1) + "\n")
+            (root / g / RECIPE_FILE).write_text(
+                json.dumps(recipes[g], indent=1) + "\n", encoding="utf-8"
+            )
         jobs = synth.plan_jobs(
             root / g, g, prompts, per_class, opts.seed, ".jpg" if quality else ".png"
         )

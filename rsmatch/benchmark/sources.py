@@ -127,7 +127,10 @@ def _prompts(root: Path) -> dict[str, str]:
     index = root / "prompts.jsonl"
     if not index.is_file():
         return {}
-    return {row["file"]: row["prompt"] for row in map(json.loads, index.read_text().splitlines())}
+    return {
+        row["file"]: row["prompt"]
+        for row in map(json.loads, index.read_text(encoding="utf-8").splitlines())
+    }
 
 
 def missing_folder(path: Path) -> str:
@@ -286,7 +289,9 @@ def _saved_without_rows(split: Path) -> bool:
     """A folder that `Dataset.save_to_disk` wrote with no rows: no data files listed."""
     state = split / "state.json"
     try:
-        return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+        return state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get(
+            "_data_files"
+        )
     except (OSError, ValueError, AttributeError):  # unreadable: load_from_disk names it below
         return False
 

@@ -23,7 +23,7 @@ META_FILE = "rsmatch_benchmark.json"
 
 def save_benchmark(dd: datasets.DatasetDict, out: Path, meta: dict) -> None:
     dd.save_to_disk(str(out))
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
@@ -45,7 +45,7 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
             raise SourceError(f"{name}: no such folder")
         if not (path / META_FILE).is_file():
             raise SourceError(f"{name}: not a saved RS-SSL benchmark ({META_FILE} missing)")
-        meta = json.loads((path / META_FILE).read_text())
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
         saved = (path / "dataset_dict.json").is_file()  # else as pushed: parquet shards
         if not saved and not is_hub_layout(path):
             raise SourceError(
@@ -66,7 +66,7 @@ def _hub_meta(repo: str, name: str) -> tuple[dict, str | None]:
 
     try:
         file = Path(hf_hub_download(repo, META_FILE, repo_type="dataset"))
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
     except Exception as e:  # not found, offline, no access: one line naming the repo
         raise SourceError(
             f"{name}: no local folder of that name, and as a Hub dataset id: cannot read "

@@ -216,7 +216,7 @@ def generate(
 
 
 def write_prompt_index(out: Path, jobs: list[Job]) -> None:
-    with open(out / "prompts.jsonl", "w") as f:
+    with open(out / "prompts.jsonl", "w", encoding="utf-8") as f:
         for j in jobs:
             f.write(
                 json.dumps(

@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
 def _config_values(path: str, actions: dict[str, argparse.Action]) -> dict:
     """The --config file's options, or one BuildError naming the file (and line for YAML)."""
     try:
-        values = yaml.load(Path(path).read_text(), Loader=YamlLoader)  # noqa: S506 (safe)
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=YamlLoader)  # noqa: S506 (safe)
     except OSError as e:
         raise BuildError(f"--config {path}: cannot read ({e.strerror or e})") from None
     except yaml.MarkedYAMLError as e:
