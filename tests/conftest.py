@@ -122,7 +122,8 @@ def _in_the_repository(monkeypatch):
 def _no_thread_note(monkeypatch):
     """The trainer notes on stderr when OMP_NUM_THREADS holds it below the cores' share; a
     suite started with it set (tools/mutation.sh sets 1) would see that note beside the one
-    error line many tests expect. Threads are already fixed at import: this changes no speed."""
+    error line many tests expect. This process's threads are set already; processes a test
+    starts take torch's default."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
 
