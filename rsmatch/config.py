@@ -318,7 +318,7 @@ def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def _coerce(key: str, value: Any, tp: Any, in_union: bool = False) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -327,10 +327,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         for inner in options[:-1]:  # e.g. bool | str: the first type that fits wins
             try:
-                return _coerce(key, value, inner)
+                return _coerce(key, value, inner, in_union=True)
             except ConfigError:
                 continue
-        return _coerce(key, value, options[-1])
+        return _coerce(key, value, options[-1], in_union=True)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -352,6 +352,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str and not in_union and isinstance(value, (bool, int, float)):
+        # YAML reads 1e3, 007 or yes as numbers or switches; quoted, the text stays text
+        raise ConfigError(f"{key}: expected text, got the {type(value).__name__} {value!r} "
+                          f"(quote it to keep it as text)")  # fmt: skip
     if not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value

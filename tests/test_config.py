@@ -163,6 +163,9 @@ def test_yaml_errors_are_one_line_with_file_line_column(tmp_path):
         ("ssl.threshold=0", "ssl.threshold=0.0: not in (0, 1]"),
         ("train.progress=1", "train.progress: expected true/false, got 1"),
         ("train.channels_last=1", "train.channels_last: expected str, got 1"),  # not True
+        ("train.output_dir=1e3",  # YAML's number; text when quoted (no hint for bool | str keys)
+         "train.output_dir: expected text, got the float 1000.0 (quote it to keep it as text)"),
+        ("algorithm=true", "algorithm: expected text, got the bool True (quote it to keep it"),
         ("train.steps=true", "train.steps: expected an integer, got True"),
     ],
 )  # fmt: skip
@@ -170,6 +173,10 @@ def test_early_value_checks(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_quoted_number_is_text():
+    assert load_config(None, ["train.output_dir='1e3'"]).train.output_dir == "1e3"
 
 
 def test_the_ends_of_each_range_load_and_an_integer_is_read_as_a_float():
