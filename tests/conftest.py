@@ -35,7 +35,7 @@ from rsmatch.config import Config, load_config  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = ROOT.parent / "shared" / "data"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -9,9 +8,7 @@ from hypothesis import strategies as st
 
 from rsmatch.config import ConfigError, config_docs, ignored_overrides, load_config, validate
 
-from .conftest import tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, tiny_overrides
 
 
 def test_overrides_win_over_file(tmp_path):

@@ -24,9 +24,7 @@ from rsmatch.cli import train
 from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import load_train_data
 
-from .conftest import CLASSES, tiny_config, tiny_overrides, write_class_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import CLASSES, ROOT, tiny_config, tiny_overrides, write_class_folder
 
 
 def _tree(root: Path) -> dict[Path, tuple[int, int]]:

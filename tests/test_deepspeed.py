@@ -11,9 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import failure, tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, failure, tiny_overrides
 
 
 def test_deepspeed_imports():

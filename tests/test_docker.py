@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_overrides
+from .conftest import ROOT, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "docker" / "slurm_multinode.sh"
 
 # srun: one task per node, each with its own SLURM_NODEID, as SLURM runs them.

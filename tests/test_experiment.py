@@ -15,7 +15,7 @@ from rsmatch.cli.experiment import main
 from rsmatch.experiment import MANIFEST, load_grid, run_grid, select
 from tests.conftest import tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT
 
 
 def write_grid(tmp_path: Path, axes: dict, overrides: list[str] = (), **extra) -> Path:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import load_tool, write_class_folder
+from .conftest import ROOT, load_tool, write_class_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 gpu_check = load_tool("gpu_check")
 
 

@@ -1,7 +1,5 @@
 """Backbones, heads and optimizer groups."""
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -11,7 +9,6 @@ from rsmatch.models import Classifier, create_encoder
 
 from .conftest import failure, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
 

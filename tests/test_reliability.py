@@ -22,10 +22,9 @@ from rsmatch.cli import train as train_cli
 from rsmatch.config import ConfigError, load_config, to_dict
 from rsmatch.trainer import Trainer
 
-from .conftest import tiny_config, tiny_overrides
+from .conftest import ROOT, tiny_config, tiny_overrides
 from .torchrun import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 STEP2, STEP4 = "step_00000002", "step_00000004"
 
 

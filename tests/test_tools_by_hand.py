@@ -14,9 +14,8 @@ import datasets
 import pytest
 import torch
 
-from .conftest import load_tool
+from .conftest import ROOT, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 bench = load_tool("bench_vs_usb")
 gpu_check = load_tool("gpu_check")
 summarize = load_tool("summarize_study")

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import datasets
 import pytest
@@ -18,9 +17,7 @@ from rsmatch.config import ConfigError
 from rsmatch.data.loaders import load_benchmark_from_config, load_train_data
 from rsmatch.trainer import Trainer
 
-from .conftest import tiny_config, tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, tiny_config, tiny_overrides
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
