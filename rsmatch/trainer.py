@@ -326,7 +326,7 @@ class Trainer:
                 if step % t.eval_every == 0 or step == t.steps:
                     self._evaluate(step)
                     bar.set_postfix(acc=f"{self.state.last_eval['test_acc']:.4f}")
-                if self._stopping():
+                if step < t.steps and self._stopping():  # a signal in the last step: it finishes
                     interrupted = True
                     self._save(step)
                     self._note(f"\nstopped by signal at step {step}; checkpoint saved. Continue with "

@@ -175,6 +175,26 @@ def test_a_signal_stops_after_its_step_with_a_checkpoint(sources, tmp_path, caps
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_a_signal_in_the_last_step_lets_the_run_finish(sources, tmp_path, capsys):
+    """SIGTERM during step 4 of 4: the work is done, so the run evaluates, saves, exports and
+    returns its metrics instead of stopping with a checkpoint to resume from."""
+    trainer = _trainer(sources, tmp_path, **{"train.eval_every": 4, "train.save_every": 4})
+    step = trainer.train_step
+
+    def interrupted(k):
+        if k == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return step(k)
+
+    trainer.train_step = interrupted
+    metrics = trainer.fit()
+    out = tmp_path / "run"
+    assert metrics["step"] == 4 and "interrupted" not in metrics
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8")) == metrics
+    assert (out / "model" / "model.safetensors").is_file() and not (out / ".lock").exists()
+    assert "stopped by signal" not in capsys.readouterr().err
+
+
 def test_a_resume_says_what_it_set_aside_dropped_and_resumed_from(sources, tmp_path, capsys):
     """Resumed from step 2 of a finished 4-step run evaluated at every step: step 4's
     checkpoint is set aside (named by its new name, set_aside_step_N), the evaluations at steps 3 and 4 dropped,
