@@ -707,6 +707,23 @@ def test_study_summary_table(monkeypatch, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_summarize_study_on_an_ascii_console(tmp_path):
+    """A console that cannot print ± gets it escaped; summary.md and the plot are written."""
+    (tmp_path / "fixmatch-seed0").mkdir()
+    (tmp_path / "fixmatch-seed0" / "metrics.json").write_text(
+        json.dumps({"test_acc": 0.5, "best_acc": 0.6, "seconds": 10}), encoding="utf-8"
+    )
+    (tmp_path / "fixmatch-seed0" / "evals.jsonl").write_text(
+        json.dumps({"step": 5, "test_acc": 0.5}) + "\n", encoding="utf-8"
+    )
+    done = subprocess.run([sys.executable, "tools/summarize_study.py", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"| fixmatch | 50.00 \\xb1 0.00 (n=1) |" in done.stdout
+    assert "50.00 ± 0.00" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_summarize_study_refuses_a_missing_folder(tmp_path):
     done = subprocess.run([sys.executable, "tools/summarize_study.py", str(tmp_path / "none")],
                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip

@@ -130,6 +130,7 @@ if __name__ == "__main__":
     ap.add_argument("root", type=Path, nargs="?", default=Path("runs/study"),
                     help="the study folder (default runs/study); OUT is this folder")  # fmt: skip
     root = ap.parse_args().root
+    sys.stdout.reconfigure(errors="backslashreplace")  # an ASCII console still gets the summary
     if not root.is_dir():
         print(f"summarize_study: error: {root}: no such folder", file=sys.stderr)
         sys.exit(2)
