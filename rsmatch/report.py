@@ -117,7 +117,7 @@ def _benchmark_meta(bench: str) -> dict[str, Any]:
     if not file.is_file() and is_hub_id(bench):
         cached = try_to_load_from_cache(bench, META_FILE, repo_type="dataset")
         file = Path(cached) if isinstance(cached, str) else file  # else None or "not on the Hub"
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    return _load_json(file)
 
 
 def _extras(axes: dict[str, str], covered: set[str]) -> tuple[str, ...]:

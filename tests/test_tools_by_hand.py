@@ -669,6 +669,15 @@ def test_late_means_average_the_last_steps(monkeypatch, tmp_path):
     }
 
 
+def _study_run(folder, metrics, evals):
+    """A finished run of a study folder: its metrics.json and evals.jsonl."""
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (folder / "evals.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in evals), encoding="utf-8"
+    )
+
+
 def test_study_summary_table(monkeypatch, tmp_path):
     import rsmatch.figures
 
@@ -685,8 +694,6 @@ def test_study_summary_table(monkeypatch, tmp_path):
         },  # fmt: skip
     }
     for name, metrics in runs.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
         evals = {"step": 5, "test_acc": metrics["test_acc"]}
         lines = [evals]
         if "detector_acc" in metrics:  # the first evaluation before the queue held anything
@@ -694,9 +701,7 @@ def test_study_summary_table(monkeypatch, tmp_path):
                       "detector_called_synthetic": 0.0},
                      evals | {"detector_acc": 0.8, "queue_purity": 0.75,
                               "detector_called_synthetic": 0.5}]  # fmt: skip
-        (tmp_path / name / "evals.jsonl").write_text(
-            "".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8"
-        )
+        _study_run(tmp_path / name, metrics, lines)
     summarize.main(tmp_path)
     text = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "| fixmatch | 60.00 ± 14.14 (n=2) | 70.00 ± 14.14 (n=2) | - | - | 15 |" in text
@@ -709,13 +714,8 @@ def test_study_summary_table(monkeypatch, tmp_path):
 
 def test_summarize_study_on_an_ascii_console(tmp_path):
     """A console that cannot print ± gets it escaped; summary.md and the plot are written."""
-    (tmp_path / "fixmatch-seed0").mkdir()
-    (tmp_path / "fixmatch-seed0" / "metrics.json").write_text(
-        json.dumps({"test_acc": 0.5, "best_acc": 0.6, "seconds": 10}), encoding="utf-8"
-    )
-    (tmp_path / "fixmatch-seed0" / "evals.jsonl").write_text(
-        json.dumps({"step": 5, "test_acc": 0.5}) + "\n", encoding="utf-8"
-    )
+    _study_run(tmp_path / "fixmatch-seed0", {"test_acc": 0.5, "best_acc": 0.6, "seconds": 10},
+               [{"step": 5, "test_acc": 0.5}])  # fmt: skip
     done = subprocess.run([sys.executable, "tools/summarize_study.py", str(tmp_path)], cwd=ROOT,
                           capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
