@@ -24,7 +24,12 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    set_seed,
+)
 from timm.optim import param_groups_weight_decay
 from timm.utils import distribute_bn
 from tqdm.auto import tqdm
@@ -47,7 +52,9 @@ def deepspeed_launch() -> bool:
     return hardware.is_true(os.environ.get("ACCELERATE_USE_DEEPSPEED"))
 
 
-def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
+def make_accelerator(
+    cfg: Config, mixed_precision: str, deepspeed_plugin: DeepSpeedPlugin | None = None
+) -> Accelerator:
     accelerator = Accelerator(
         # Without a GPU, cpu=True is what turns several launched processes into gloo DDP;
         # it would also switch DeepSpeed off, so a DeepSpeed launch keeps its own path.
@@ -62,6 +69,7 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
         ],
+        deepspeed_plugin=deepspeed_plugin,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # N copies each training alone would be silent
@@ -78,18 +86,20 @@ def make_accelerator(cfg: Config, mixed_precision: str) -> Accelerator:
     return accelerator
 
 
-def configure_deepspeed(cfg: Config, accelerator: Accelerator, mixed_precision: str) -> None:
-    """Complete the DeepSpeed config (`hardware.complete_deepspeed_config`) and refuse what does
-    not run under DeepSpeed, before anything is written."""
+def deepspeed_plugin(cfg: Config, mixed_precision: str) -> DeepSpeedPlugin:
+    """The plugin Accelerate makes from a DeepSpeed launch's environment, its config completed
+    (`hardware.complete_deepspeed_config`) and what does not run under DeepSpeed refused: made
+    before the Accelerator, so a refusal comes before any process group or file."""
+    plugin = DeepSpeedPlugin()
     hardware.complete_deepspeed_config(
-        accelerator.state.deepspeed_plugin.deepspeed_config, mixed_precision,
-        cfg.train.clip_grad_norm,
-    )  # fmt: skip
+        plugin.deepspeed_config, mixed_precision, cfg.train.clip_grad_norm
+    )
     if cfg.train.compile:  # tried with deepspeed 0.19.8: its engine.compile() path too
         raise ConfigError(
             "train.compile=true: not under DeepSpeed (ZeRO-2's gradient hooks got no gradient "
             "from the compiled model in our trial); set train.compile=false"
         )
+    return plugin
 
 
 def cosine_schedule(steps: int, cycles: float) -> Callable[[int], float]:
@@ -116,12 +126,11 @@ class Trainer:
             cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=self.deepspeed
         )
         # Under DeepSpeed Accelerate does not autocast: the trainer does (`_autocast`), and the
-        # engine's forward through its torch_autocast (`configure_deepspeed`)
+        # engine's forward through its torch_autocast (`deepspeed_plugin`)
+        plugin = deepspeed_plugin(cfg, self.precision.mixed_precision) if self.deepspeed else None
         self.accelerator = acc = accelerator or make_accelerator(
-            cfg, "no" if self.deepspeed else self.precision.mixed_precision
+            cfg, "no" if self.deepspeed else self.precision.mixed_precision, plugin
         )
-        if self.deepspeed:
-            configure_deepspeed(cfg, acc, self.precision.mixed_precision)
         if self.precision.warning:
             self._note(f"warning: {self.precision.warning}")
         if acc.device.type == "cpu":
@@ -385,7 +394,7 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Accelerate's autocast; under DeepSpeed, which Accelerate does not autocast, torch's own
         in the resolved precision (bf16 or none; inside the engine's forward its torch_autocast
-        section, set to the same by `configure_deepspeed`)."""
+        section, set to the same by `deepspeed_plugin`)."""
         if not self.deepspeed:
             return self.accelerator.autocast()
         bf16 = self.precision.mixed_precision == "bf16"

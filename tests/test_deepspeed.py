@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT, failure, tiny_overrides
+from .torchrun import free_port
 
 
 def test_deepspeed_imports():
@@ -92,42 +93,44 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
         torch.testing.assert_close(deepspeed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.slow
-def test_deepspeed_clipping_must_match_the_config(sources, tmp_path):
+def _refused(train_in_process, sources, tmp_path: Path, overrides: list[str], **ds_extra: object):
+    """launch/train.py as `accelerate launch --use_deepspeed` starts rank 0 of 1 (the launcher's
+    DeepSpeed and process-group variables), run in this process: a refusal comes before the
+    Accelerator forms the process group, and before anything is written."""
+    env = {"ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_ds_config(tmp_path, **ds_extra)),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    res = train_in_process([*tiny_overrides(sources, tmp_path / "run"), *overrides], tmp_path, env)
+    assert res.returncode != 0
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+    return res.stderr
+
+
+def test_deepspeed_clipping_must_match_the_config(sources, tmp_path, train_in_process):
     """Refused before the data is read: an empty real folder, which the sources check would
     report first, is never looked at (the check ran after the whole dataset was decoded)."""
     (tmp_path / "empty").mkdir()
-    overrides = [*tiny_overrides(sources, tmp_path / "run"), f"data.real={tmp_path / 'empty'}"]
-    res = _train(overrides, _ds_config(tmp_path, gradient_clipping=1.0))
+    err = _refused(train_in_process, sources, tmp_path, [f"data.real={tmp_path / 'empty'}"],
+                   gradient_clipping=1.0)  # fmt: skip
     assert (
-        res.returncode != 0
-        and (
-            "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0; "
-            'set "gradient_clipping": 0.0 there, or leave it out'
-        )
-        in res.stderr
-    )
-    assert not (tmp_path / "run").exists()
+        "train.clip_grad_norm=0.0: the DeepSpeed config clips at 1.0; "
+        'set "gradient_clipping": 0.0 there, or leave it out'
+    ) in err
 
 
-@pytest.mark.slow
-def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path):
+def test_deepspeed_whole_model_bf16_is_refused(sources, tmp_path, train_in_process):
     """DeepSpeed's own bf16 casts the model (BatchNorm too) and then met fp32 images: a crash
     deep in the first forward. Now refused at start, naming the setting."""
-    ds = _ds_config(tmp_path, bf16={"enabled": True})
-    res = _train(tiny_overrides(sources, tmp_path / "run"), ds)
-    assert res.returncode != 0 and 'the DeepSpeed config enables "bf16"' in res.stderr
-    assert not (tmp_path / "run").exists()
+    err = _refused(train_in_process, sources, tmp_path, [], bf16={"enabled": True})
+    assert 'the DeepSpeed config enables "bf16"' in err
 
 
-@pytest.mark.slow
-def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path):
+def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path, train_in_process):
     """The model.compile(mode=) call was a TypeError on DeepSpeed's engine, and its own
     compile() then failed in ZeRO-2's gradient hooks: refused before anything is written."""
-    overrides = [*tiny_overrides(sources, tmp_path / "run"), "train.compile=true"]
-    res = _train(overrides, _ds_config(tmp_path))
-    assert res.returncode != 0 and "train.compile=true: not under DeepSpeed" in res.stderr
-    assert not (tmp_path / "run").exists()
+    err = _refused(train_in_process, sources, tmp_path, ["train.compile=true"])
+    assert "train.compile=true: not under DeepSpeed" in err
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """What session 18 changed and its tests left unpinned (found by a mutation audit): rsmatch-filter's
 loading errors, the report's metric format, the classifier card (export and rsmatch-push), and
-the clipping that configure_deepspeed hands on. Expected values are written out by hand."""
+the clipping that deepspeed_plugin hands on. Expected values are written out by hand."""
 
-from types import SimpleNamespace
+import json
 
 import datasets
 import pytest
@@ -13,7 +13,7 @@ from rsmatch.benchmark.errors import SourceError
 from rsmatch.config import ConfigError, load_config
 from rsmatch.export import classifier_card
 from rsmatch.filter_report import format_metric
-from rsmatch.trainer import configure_deepspeed
+from rsmatch.trainer import deepspeed_plugin
 
 from .test_synth_store_by_hand import _run
 
@@ -133,29 +133,34 @@ def test_the_pushed_card_is_the_export_card_with_the_runs_record(tmp_path):
 # -- DeepSpeed: what the trainer hands on -----------------------------------------------------
 
 
-def _accelerator(ds_config):
-    """What configure_deepspeed reads of an Accelerator: its DeepSpeed plugin's config."""
-    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
-        deepspeed_config=ds_config)))  # fmt: skip
+def _plugin(cfg, ds_config: dict, mixed_precision: str, tmp_path, monkeypatch) -> dict:
+    """deepspeed_plugin under a DeepSpeed launch of the JSON `ds_config`: the config it completed
+    (what Accelerate adds itself removed)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds_config}), encoding="utf-8")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    completed = deepspeed_plugin(cfg, mixed_precision).deepspeed_config
+    for accelerates in ("zero_optimization", "gradient_accumulation_steps", "steps_per_print"):
+        completed.pop(accelerates)
+    return completed
 
 
-def test_configure_deepspeed_clips_and_autocasts_as_the_config_says():
+def test_deepspeed_plugin_clips_and_autocasts_as_the_config_says(tmp_path, monkeypatch):
     """train.clip_grad_norm and the resolved precision go into the engine's JSON."""
-    ds, cfg = {}, load_config(None, ["train.clip_grad_norm=0.5"])
-    configure_deepspeed(cfg, _accelerator(ds), "bf16")
-    assert ds == {
+    cfg = load_config(None, ["train.clip_grad_norm=0.5"])
+    assert _plugin(cfg, {}, "bf16", tmp_path, monkeypatch) == {
         "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "gradient_clipping": 0.5,
     }  # fmt: skip
     with pytest.raises(ConfigError) as error:
-        configure_deepspeed(cfg, _accelerator({"gradient_clipping": 1.0}), "no")
+        _plugin(cfg, {"gradient_clipping": 1.0}, "no", tmp_path, monkeypatch)
     assert str(error.value) == (
         "train.clip_grad_norm=0.5: the DeepSpeed config clips at 1.0; "
         'set "gradient_clipping": 0.5 there, or leave it out'
     )
 
 
-def test_configure_deepspeed_refuses_compile():
+def test_deepspeed_plugin_refuses_compile(tmp_path, monkeypatch):
     cfg = load_config(None, ["train.compile=true"])
     with pytest.raises(ConfigError, match=r"^train.compile=true: not under DeepSpeed"):
-        configure_deepspeed(cfg, _accelerator({}), "no")
+        _plugin(cfg, {}, "no", tmp_path, monkeypatch)
