@@ -1,5 +1,6 @@
 """Run by tests under torchrun: train (or resume with --resume), then record per-rank digests
-of the algorithm state, the live model and the EMA model (buffers included).
+of the algorithm state, the live model and the EMA model (buffers included). Runs separated by
+`--then` train one after another in the same process group (a launch costs ~15 s of imports).
 
 Also recorded: at every BatchNorm sync, whether each rank's running means became the mean over
 ranks (`bn_sync`: (checked, wrong)); and at every evaluation, a digest of the EMA and live models
@@ -57,12 +58,11 @@ def watch(trainer: Trainer, record: dict) -> None:
     trainer._sync_bn_statistics, trainer._predict = checked_sync, recorded_predict
 
 
-if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--resume"]
+def train_and_record(args: list[str], resume: bool) -> Trainer:
     trainer = Trainer(load_config(None, args))
     record = {"bn_sync": [0, 0], "evaluated": []}
     watch(trainer, record)
-    trainer.fit(resume="--resume" in sys.argv)
+    trainer.fit(resume=resume)
     live = trainer.accelerator.unwrap_model(trainer.model)
     digest = {
         **digests(trainer.algorithm.state_dict(), ""),
@@ -75,5 +75,18 @@ if __name__ == "__main__":
         out = Path(trainer.cfg.train.output_dir)
         (out / "ranks.json").write_text(json.dumps(ranks), encoding="utf-8")
         (out / "watched.json").write_text(json.dumps(records), encoding="utf-8")
-    trainer.accelerator.end_training()
+    return trainer
+
+
+if __name__ == "__main__":
+    resume = "--resume" in sys.argv
+    runs = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append([])
+        elif arg != "--resume":
+            runs[-1].append(arg)
+    for args in runs:
+        trainer = train_and_record(args, resume)
+    trainer.accelerator.end_training()  # the process group, shared by the runs
     exit_process(0)  # see there: a gloo worker may abort a finalising Python

@@ -23,28 +23,23 @@ from .torchrun import torchrun
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def _launch(args: list[str], processes: int) -> None:
+def _launch(args: list[str], processes: int, restore: Path | None = None) -> None:
+    """The worker in `processes` processes; `restore` defaults to the run's output folder."""
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.output_dir=")))
-    res = torchrun(WORKER, args, processes, restore=out)
+    res = torchrun(WORKER, args, processes, restore=restore or out)
     # every rank's own traceback lines first: the launcher's tail names only the first failure
     ranks = "\n".join(x for x in res.stderr.splitlines() if x.startswith("[rank"))
     assert res.returncode == 0, ranks[-6000:] + res.stdout[-2000:] + res.stderr[-2000:]
     assert "broadcast_buffers" not in res.stderr  # torch's deprecation, silenced at the DDP wrap
 
 
-def _run_both(sources, tmp_path, extra):
-    """Train in this process and in 2 launched ones: per run, (weights, algorithm state), and
-    the 2-process run's per-rank digests."""
-    one, two = tmp_path / "p1", tmp_path / "p2"
-    Trainer(load_config(None, tiny_overrides(sources, one, **extra))).fit()
-    _launch(tiny_overrides(sources, two, **extra), 2)
-
-    def saved(out: Path) -> tuple[dict, dict]:
-        ckpt = out / "checkpoints" / "step_00000003"
-        return (load_file(str(ckpt / "model.safetensors")),
-                load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
-
-    return saved(one), (*saved(two), json.loads((two / "ranks.json").read_text(encoding="utf-8")))
+def _saved(out: Path) -> tuple[dict, dict, list]:
+    """A run's weights and algorithm state at step 3, and its per-rank digests when launched."""
+    ckpt = out / "checkpoints" / "step_00000003"
+    ranks = out / "ranks.json"
+    return (load_file(str(ckpt / "model.safetensors")),
+            load_file(str(ckpt / "algorithm.safetensors")),
+            json.loads(ranks.read_text(encoding="utf-8")) if ranks.is_file() else [])  # fmt: skip
 
 
 BASE = {
@@ -55,17 +50,54 @@ BASE = {
     "train.batch_size": 6,
     "ssl.threshold": 0.4,
 }
+BASELINES = ("flexmatch", "freematch", "simmatch")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["flexmatch", "freematch", "simmatch"])
-def test_baseline_state_is_identical_across_ranks_and_to_one_process(sources, tmp_path, algorithm):
+def _baseline(algorithm: str) -> dict:
     extra = {**BASE, "algorithm": algorithm, "simmatch.warmup_steps": 1}
     if algorithm == "freematch":
         # The fairness loss is computed on each rank's masked samples (as in USB), which is not
         # the loss of the global batch; the thresholds it depends on are compared below.
         extra["freematch.ent_loss_ratio"] = 0.0
-    (w1, s1), (w2, s2, ranks2) = _run_both(sources, tmp_path, extra)
+    return extra
+
+
+# RSMatch with (nearly) every sample passing, so that the routing losses are exercised
+QUEUE_RUN = {
+    **BASE,
+    "algorithm": "rsmatch",
+    "rsmatch.detector_backbone": "test_convnext",
+    "ssl.threshold": 0.01,
+    "rsmatch.detector_threshold": 0.01,
+    # 6 pushes a step, so that each rank's slice of the queue sample holds other images
+    "rsmatch.queue_picks": 3,
+    "rsmatch.queue_topk": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(sources, tmp_path_factory) -> Path:
+    """The baselines and QUEUE_RUN, each trained by 2 processes, one after another in one launch:
+    a folder each, named by its algorithm."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = [tiny_overrides(sources, root / a, **_baseline(a)) for a in BASELINES]
+    runs.append(tiny_overrides(sources, root / "rsmatch", **QUEUE_RUN))
+    _launch([arg for run in runs for arg in ("--then", *run)][1:], 2, restore=root)
+    return root
+
+
+def _one_process(sources, out: Path, extra: dict) -> tuple[dict, dict, list]:
+    Trainer(load_config(None, tiny_overrides(sources, out, **extra))).fit()
+    return _saved(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", BASELINES)
+def test_baseline_state_is_identical_across_ranks_and_to_one_process(
+    sources, tmp_path, two_ranks, algorithm
+):
+    w1, s1, _ = _one_process(sources, tmp_path / "p1", _baseline(algorithm))
+    w2, s2, ranks2 = _saved(two_ranks / algorithm)
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different state"
     assert s1.keys() == s2.keys()
     for k in s1:
@@ -75,18 +107,9 @@ def test_baseline_state_is_identical_across_ranks_and_to_one_process(sources, tm
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
-    extra = {
-        **BASE,
-        "algorithm": "rsmatch",
-        "rsmatch.detector_backbone": "test_convnext",
-        "ssl.threshold": 0.01,  # (nearly) every sample passes: the routing losses are exercised
-        "rsmatch.detector_threshold": 0.01,
-        # 6 pushes a step, so that each rank's slice of the queue sample holds other images
-        "rsmatch.queue_picks": 3,
-        "rsmatch.queue_topk": 2,
-    }
-    (w1, q1), (w2, q2, ranks2) = _run_both(sources, tmp_path, extra)
+def test_two_processes_match_one_with_identical_queues(sources, tmp_path, two_ranks):
+    w1, q1, _ = _one_process(sources, tmp_path / "p1", QUEUE_RUN)
+    w2, q2, ranks2 = _saved(two_ranks / "rsmatch")
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different queues"
     assert int(q2["queue.pushed"].sum()) > 0
     assert torch.equal(q1["queue.sources"], q2["queue.sources"])
@@ -94,8 +117,8 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
     # the evaluations too: each rank scores its own shard of the test set and the pool
-    evals = [[json.loads(x) for x in (tmp_path / f"p{n}" / "evals.jsonl").read_text(encoding="utf-8").splitlines()]
-             for n in (1, 2)]  # fmt: skip
+    evals = [[json.loads(x) for x in (run / "evals.jsonl").read_text(encoding="utf-8").splitlines()]
+             for run in (tmp_path / "p1", two_ranks / "rsmatch")]  # fmt: skip
     assert len(evals[0]) == len(evals[1]) == 1
     for key, value in evals[0][0].items():
         if isinstance(value, float):
