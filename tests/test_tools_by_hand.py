@@ -399,17 +399,39 @@ def test_throughput_limit_and_rsmatch_over_fixmatch(monkeypatch, tmp_path):
     assert calls[2]["limit"] == 50
 
 
-def test_profile_runs_each_algorithm_and_the_variant(monkeypatch, tmp_path):
-    m = {"median_s": {"bare": 0.1}, "aten_ops": {"bare": 9}, "machine": "M"}
-    answers = [({"status": "ok"}, m), ({"status": "failed"}, None), ({"status": "ok"}, m)]
-    calls = _recording_run_for_json(monkeypatch, answers)
-    got = gpu_check.profile(_check(tmp_path, left=200, keep=150, variant="a=b"))
+def _recording_run_and_read(monkeypatch, answers):
+    calls = []
+
+    def fake(cmd, log, limit, env):
+        calls.append({"cmd": cmd, "log": log, "limit": limit})
+        return answers[len(calls) - 1]
+
+    monkeypatch.setattr(gpu_check, "run_and_read", fake)
+    return calls
+
+
+def test_profile_runs_each_algorithm_and_the_variant_in_one_process(monkeypatch, tmp_path):
+    """One profile_step.py run for all; stopped after two of the four, it keeps those two."""
+    line = '{"profiled": "%s", "machine": "M", "median_s": {"bare": 0.1}, "aten_ops": {"bare": 9}}'
+    text = "\n".join(
+        ["warming up", line % "fixmatch", '{"precision": "no"}', line % "fixmatch a=b"]
+    )
+    calls = _recording_run_and_read(monkeypatch, [({"status": "timeout", "rc": None}, text)])
+    got = gpu_check.profile(_check(tmp_path, left=300, keep=150, variant="a=b"))
     assert got["fixmatch"] == {"status": "ok", "median_s": {"bare": 0.1}, "aten_ops": {"bare": 9}}
-    assert got["rsmatch"] == {"status": "failed"} and got["status"] == "partial"
     assert got["fixmatch a=b"]["status"] == "ok"
-    assert [c["cmd"][3] for c in calls] == ["fixmatch", "rsmatch", "fixmatch"]
-    assert calls[2]["cmd"][-1] == "--override=a=b" and "--override=a=b" not in calls[0]["cmd"]
-    assert [c["limit"] for c in calls] == [50, 50, 50] and calls[0]["log"].name == "profile.log"
+    assert got["rsmatch"] == got["rsmatch a=b"] == {"status": "timeout"}
+    assert got["status"] == "partial" and got["rc"] is None
+    assert len(calls) == 1 and calls[0]["log"].name == "profile.log"
+    assert calls[0]["cmd"][1:5] == ["tools/profile_step.py", "--algorithm", "fixmatch", "rsmatch"]
+    assert calls[0]["cmd"][-2:] == ["--variant", "a=b"]
+    assert calls[0]["limit"] == 150  # 4 x 60 s, held to what the trainings leave
+    # exited 0 without a contender's line: that one failed; without a variant, 2 x 60 s
+    calls = _recording_run_and_read(monkeypatch, [({"status": "ok"}, line % "rsmatch")])
+    got = gpu_check.profile(_check(tmp_path, left=1000))
+    assert got["fixmatch"] == {"status": "failed"} and got["rsmatch"]["status"] == "ok"
+    assert got["status"] == "partial" and calls[0]["limit"] == 120
+    assert "--variant" not in calls[0]["cmd"]
 
 
 def test_compiled_times_each_mode_in_its_own_bench(monkeypatch, tmp_path):

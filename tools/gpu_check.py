@@ -350,13 +350,18 @@ def gpu_tests(c: Check) -> dict:
     return result
 
 
+def run_and_read(cmd: list[str], log: Path, limit: float, env: dict[str, str]) -> tuple[dict, str]:
+    """run(), and what this run wrote to log (runs may share a log)."""
+    before = log.stat().st_size if log.is_file() else 0
+    result = run(cmd, log, limit, env)
+    return result, log.read_bytes()[before:].decode(errors="replace") if log.is_file() else ""
+
+
 def run_for_json(
     cmd: list[str], log: Path, limit: float, env: dict[str, str]
 ) -> tuple[dict, dict | None]:
-    """run(), and the JSON summary that ends what this run wrote to log (runs may share a log)."""
-    before = log.stat().st_size if log.is_file() else 0
-    result = run(cmd, log, limit, env)
-    text = log.read_bytes()[before:].decode(errors="replace") if log.is_file() else ""
+    """run(), and the JSON summary that ends what this run wrote to log."""
+    result, text = run_and_read(cmd, log, limit, env)
     return result, trailing_json(text)
 
 
@@ -393,23 +398,23 @@ def throughput(c: Check) -> dict:
 
 
 def profile(c: Check) -> dict:
-    """Where each algorithm's step goes (tools/profile_step.py): batch making alone, the step on a
-    made batch and the bare step, timed alternately, and the operators each dispatches (on a GPU
-    bound by issuing kernels, the count is what a step costs)."""
-    results: dict = {}
-    # with --variant, FixMatch once more with it (batch making is where the variants act)
-    runs = [(a, a, []) for a in ALGORITHMS]
-    if c.variant:
-        runs.append((f"fixmatch {c.variant}", "fixmatch", [f"--override={c.variant}"]))
-    for name, algo, extra in runs:
-        limit = min(c.limits["profile"], c.clock.left() - c.keep_for_train)
-        cmd = [c.py, "tools/profile_step.py", "--algorithm", algo, *c.sizes["profile"],
-               f"--precision={c.tool_precision}", *extra]  # fmt: skip
-        results[name], measured = run_for_json(cmd, c.out / "profile.log", limit, c.env)
-        if measured:
-            results[name] |= {k: measured[k] for k in ("median_s", "aten_ops")}
-    results["status"] = overall([results[name] for name, _, _ in runs])
-    return results
+    """Where each algorithm's step goes (tools/profile_step.py, one run for all): batch making
+    alone, the step on a made batch and the bare step, timed alternately, and the operators each
+    dispatches (on a GPU bound by issuing kernels, the count is what a step costs). With
+    --variant, each once more with it (batch making is where the variants act)."""
+    names = [*ALGORITHMS, *(f"{a} {c.variant}" for a in ALGORITHMS if c.variant)]
+    limit = min(len(names) * c.limits["profile"], c.clock.left() - c.keep_for_train)
+    cmd = [c.py, "tools/profile_step.py", "--algorithm", *ALGORITHMS, *c.sizes["profile"],
+           f"--precision={c.tool_precision}", *c.variant_flags]  # fmt: skip
+    result, text = run_and_read(cmd, c.out / "profile.log", limit, c.env)
+    # one JSON line per contender, printed as each is done: a run stopped midway keeps the first
+    profiled = [json.loads(line) for line in text.splitlines() if line.startswith('{"profiled"')]
+    figures = {p["profiled"]: {k: p[k] for k in ("median_s", "aten_ops")} for p in profiled}
+    missing = {"status": "failed" if result["status"] == "ok" else result["status"]}
+    for name in names:
+        result[name] = {"status": "ok", **figures[name]} if name in figures else dict(missing)
+    result["status"] = overall([result[name] for name in names])
+    return result
 
 
 # torch.compile modes timed with --compile (`reduce-overhead`: the compiled graphs replayed as

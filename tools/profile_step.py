@@ -1,7 +1,7 @@
 """Where a training step's time goes: batch making, the algorithm step, and the bare step.
 
-    python tools/profile_step.py --algorithm fixmatch [--batch-size 64 --uratio 7] [--trace]
-        [--override train.graph_batches=true]
+    python tools/profile_step.py --algorithm fixmatch [rsmatch ...] [--batch-size 64 --uratio 7]
+        [--trace] [--override train.graph_batches=true] [--variant train.prefetch=true]
 
 Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
@@ -11,6 +11,10 @@ one after the other). On a GPU each timing waits for the device. It also counts
 the aten operators each of the three dispatches (what a launch-bound GPU step pays for). With `--trace`
 it also prints the top operators of one profiled training step and of one bare step
 (torch.profiler), by self time on the host and, on a GPU, on the device.
+
+Each algorithm is profiled in turn in this one process (one start-up for all), and with
+`--variant KEY=VALUE` once more with that override; each prints its figures as one JSON line
+(`"profiled"`: its name) as soon as it is done.
 """
 
 from __future__ import annotations
@@ -71,27 +75,10 @@ def _on_made_batch(trainer, batch):
         trainer.batches = make
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--algorithm", default="fixmatch")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--uratio", type=int, default=7)
-    ap.add_argument("--pool", type=int, default=5000)
-    ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"))
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                    help="train.compile in this train.compile_mode, and the bare model too")  # fmt: skip
-    ap.add_argument("--trace", action="store_true")
-    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for the trainer (repeatable), e.g. train.graph_batches=true")  # fmt: skip
-    args = ap.parse_args(argv)
-    args.override = [
-        "train.prefetch=false",
-        *args.override,
-    ]  # parts timed apart, on the main thread
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    step = bench._rsmatch_step(args, args.algorithm)
+def profile(args: argparse.Namespace, name: str, algorithm: str, sync) -> dict:
+    """One algorithm's parts timed and their operators counted (with --trace, printed too),
+    under `args.override`."""
+    step = bench._rsmatch_step(args, algorithm)
     trainer = step.__self__
     bare = bench._bare_step(args)
     for k in range(args.warmup):
@@ -112,22 +99,48 @@ def main(argv: list[str] | None = None) -> int:
     with _on_made_batch(trainer, batch):
         ops["step_on_a_made_batch"] = _counted(trainer.train_step, k)[0]
     ops["bare"] = _counted(bare, k)[0]
-    print(json.dumps({"machine": bench._machine(), "algorithm": args.algorithm,
-                      "precision": trainer.precision.record(), "median_s": med,
-                      "aten_ops": ops}, indent=2))  # fmt: skip
     if args.trace:  # one step of each, operator by operator
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        for name, fn in (("train_step", trainer.train_step), ("bare", bare)):
+        for part, fn in (("train_step", trainer.train_step), ("bare", bare)):
             with torch.profiler.profile(activities=activities) as prof:
                 fn(k)
                 sync()
             averages = prof.key_averages()
-            print(f"--- {name}")
+            print(f"--- {name}: {part}")
             print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
             if torch.cuda.is_available():
                 print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
+    return {"precision": trainer.precision.record(), "median_s": med, "aten_ops": ops}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--algorithm", nargs="+", default=["fixmatch"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--uratio", type=int, default=7)
+    ap.add_argument("--pool", type=int, default=5000)
+    ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                    help="train.compile in this train.compile_mode, and the bare model too")  # fmt: skip
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the trainer (repeatable), e.g. train.graph_batches=true")  # fmt: skip
+    ap.add_argument("--variant", metavar="KEY=VALUE",
+                    help="each algorithm once more with this override too, named 'ALGORITHM KEY=VALUE'")  # fmt: skip
+    args = ap.parse_args(argv)
+    shared = ["train.prefetch=false", *args.override]  # parts timed apart, on the main thread
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    contenders = [(a, a, shared) for a in args.algorithm]
+    if args.variant:
+        contenders += [(f"{a} {args.variant}", a, [*shared, args.variant]) for a in args.algorithm]
+    for name, algorithm, overrides in contenders:
+        figures = profile(argparse.Namespace(**{**vars(args), "override": overrides}),
+                          name, algorithm, sync)  # fmt: skip
+        print(json.dumps({"profiled": name, "machine": bench._machine(), **figures}), flush=True)
     return 0
 
 
