@@ -194,7 +194,7 @@ def complete_deepspeed_config(ds_config: dict, mixed_precision: str, clip_grad_n
             )
     autocast = {"enabled": mixed_precision == "bf16", "dtype": "bfloat16",
                 "lower_precision_safe_modules": []}  # fmt: skip
-    # Accelerate keeps one config per process: a second Trainer meets what the first wrote
+    # a JSON that already holds what rsmatch would set passes
     if ds_config.get("torch_autocast", autocast) != autocast:
         raise ConfigError(
             'the DeepSpeed config sets "torch_autocast": remove it; rsmatch sets it from '
