@@ -55,11 +55,14 @@ def deepspeed_launch() -> bool:
 def make_accelerator(
     cfg: Config, mixed_precision: str, deepspeed_plugin: DeepSpeedPlugin | None = None
 ) -> Accelerator:
+    deepspeed = deepspeed_plugin is not None
     accelerator = Accelerator(
         # Without a GPU, cpu=True is what turns several launched processes into gloo DDP;
         # it would also switch DeepSpeed off, so a DeepSpeed launch keeps its own path.
-        cpu=not torch.cuda.is_available() and not deepspeed_launch(),
-        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available() and not deepspeed,
+        # Under DeepSpeed Accelerate does not autocast: the trainer does (`_autocast`), and the
+        # engine's forward through its torch_autocast (`deepspeed_plugin`)
+        mixed_precision="no" if deepspeed else mixed_precision,
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
         step_scheduler_with_optimizer=False,  # our schedule counts iterations, not processes
@@ -125,11 +128,9 @@ class Trainer:
         self.precision = hardware.resolve(
             cfg.train.mixed_precision, cfg.train.channels_last, deepspeed=self.deepspeed
         )
-        # Under DeepSpeed Accelerate does not autocast: the trainer does (`_autocast`), and the
-        # engine's forward through its torch_autocast (`deepspeed_plugin`)
         plugin = deepspeed_plugin(cfg, self.precision.mixed_precision) if self.deepspeed else None
         self.accelerator = acc = accelerator or make_accelerator(
-            cfg, "no" if self.deepspeed else self.precision.mixed_precision, plugin
+            cfg, self.precision.mixed_precision, plugin
         )
         if self.precision.warning:
             self._note(f"warning: {self.precision.warning}")

@@ -33,13 +33,16 @@ def _launch(args: list[str], processes: int, restore: Path | None = None) -> Non
     assert "broadcast_buffers" not in res.stderr  # torch's deprecation, silenced at the DDP wrap
 
 
-def _saved(out: Path) -> tuple[dict, dict, list]:
-    """A run's weights and algorithm state at step 3, and its per-rank digests when launched."""
+def _saved(out: Path) -> tuple[dict, dict]:
+    """A run's weights and algorithm state at step 3."""
     ckpt = out / "checkpoints" / "step_00000003"
-    ranks = out / "ranks.json"
     return (load_file(str(ckpt / "model.safetensors")),
-            load_file(str(ckpt / "algorithm.safetensors")),
-            json.loads(ranks.read_text(encoding="utf-8")) if ranks.is_file() else [])  # fmt: skip
+            load_file(str(ckpt / "algorithm.safetensors")))  # fmt: skip
+
+
+def _ranks(out: Path) -> list[dict]:
+    """The per-rank digests the worker wrote."""
+    return json.loads((out / "ranks.json").read_text(encoding="utf-8"))
 
 
 BASE = {
@@ -86,7 +89,7 @@ def two_ranks(sources, tmp_path_factory) -> Path:
     return root
 
 
-def _one_process(sources, out: Path, extra: dict) -> tuple[dict, dict, list]:
+def _one_process(sources, out: Path, extra: dict) -> tuple[dict, dict]:
     Trainer(load_config(None, tiny_overrides(sources, out, **extra))).fit()
     return _saved(out)
 
@@ -96,8 +99,8 @@ def _one_process(sources, out: Path, extra: dict) -> tuple[dict, dict, list]:
 def test_baseline_state_is_identical_across_ranks_and_to_one_process(
     sources, tmp_path, two_ranks, algorithm
 ):
-    w1, s1, _ = _one_process(sources, tmp_path / "p1", _baseline(algorithm))
-    w2, s2, ranks2 = _saved(two_ranks / algorithm)
+    w1, s1 = _one_process(sources, tmp_path / "p1", _baseline(algorithm))
+    (w2, s2), ranks2 = _saved(two_ranks / algorithm), _ranks(two_ranks / algorithm)
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different state"
     assert s1.keys() == s2.keys()
     for k in s1:
@@ -108,8 +111,8 @@ def test_baseline_state_is_identical_across_ranks_and_to_one_process(
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_identical_queues(sources, tmp_path, two_ranks):
-    w1, q1, _ = _one_process(sources, tmp_path / "p1", QUEUE_RUN)
-    w2, q2, ranks2 = _saved(two_ranks / "rsmatch")
+    w1, q1 = _one_process(sources, tmp_path / "p1", QUEUE_RUN)
+    (w2, q2), ranks2 = _saved(two_ranks / "rsmatch"), _ranks(two_ranks / "rsmatch")
     assert len(ranks2) == 2 and ranks2[0] == ranks2[1], "ranks hold different queues"
     assert int(q2["queue.pushed"].sum()) > 0
     assert torch.equal(q1["queue.sources"], q2["queue.sources"])
@@ -134,7 +137,7 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
              "train.eval_every": 4, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
     straight = tmp_path / "straight"
     _launch(tiny_overrides(sources, straight, **extra), 2)
-    ranks = json.loads((straight / "ranks.json").read_text(encoding="utf-8"))
+    ranks = _ranks(straight)
     assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
     assert any("running_mean" in k for k in ranks[0])
     watched = json.loads((straight / "watched.json").read_text(encoding="utf-8"))
@@ -154,4 +157,4 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
     (resumed / "checkpoints" / "latest").write_text(step2 + "\n", encoding="utf-8")
     _launch([*tiny_overrides(sources, resumed, **extra), "--resume"], 2)
-    assert json.loads((resumed / "ranks.json").read_text(encoding="utf-8")) == ranks
+    assert _ranks(resumed) == ranks

@@ -345,21 +345,23 @@ def test_check_properties(tmp_path):
     assert plain.limits["throughput"] == 120
 
 
-def _recording_run_for_json(monkeypatch, answers):
+def _recording(monkeypatch, answers, stands_for="run_for_json"):
+    """gpu_check's `stands_for` (run_for_json or run_and_read) replaced: each call recorded,
+    answered in turn from `answers`."""
     calls = []
 
     def fake(cmd, log, limit, env):
         calls.append({"cmd": cmd, "log": log, "limit": limit})
         return answers.pop(0)
 
-    monkeypatch.setattr(gpu_check, "run_for_json", fake)
+    monkeypatch.setattr(gpu_check, stands_for, fake)
     return calls
 
 
 def test_bench_records_each_contender_from_the_medians(monkeypatch, tmp_path):
     measured = {"median_s_per_step": {"bare": 0.25, "fixmatch": 0.5, "rsmatch": 0.8},
                 "ratios": {"r": 0.5}, "machine": "M"}  # fmt: skip
-    calls = _recording_run_for_json(monkeypatch, [({"status": "ok"}, measured)])
+    calls = _recording(monkeypatch, [({"status": "ok"}, measured)])
     got = gpu_check.bench(_check(tmp_path, precision="bf16"), tmp_path / "t.log", 60, ["--x"])
     assert got["bare"] == {"status": "ok", "s_per_step": 0.25, "it_per_s": 4.0}
     assert got["rsmatch"] == {"status": "ok", "s_per_step": 0.8, "it_per_s": 1.25}
@@ -370,7 +372,7 @@ def test_bench_records_each_contender_from_the_medians(monkeypatch, tmp_path):
 
 
 def test_bench_without_a_summary_gives_each_contender_the_run_status(monkeypatch, tmp_path):
-    _recording_run_for_json(monkeypatch, [({"status": "timeout", "rc": None}, None)])
+    _recording(monkeypatch, [({"status": "timeout", "rc": None}, None)])
     got = gpu_check.bench(_check(tmp_path), tmp_path / "t.log", 60, [])
     for name in ("bare", "fixmatch", "rsmatch"):
         assert got[name] == {"status": "timeout"}
@@ -379,7 +381,7 @@ def test_bench_without_a_summary_gives_each_contender_the_run_status(monkeypatch
 
 def test_a_bench_that_exits_0_without_its_summary_failed(monkeypatch, tmp_path):
     """Exit code 0 but no JSON summary (cut off, or printed nothing): no contender is `ok`."""
-    _recording_run_for_json(monkeypatch, [({"status": "ok", "rc": 0}, None)])
+    _recording(monkeypatch, [({"status": "ok", "rc": 0}, None)])
     got = gpu_check.bench(_check(tmp_path), tmp_path / "t.log", 60, [])
     assert got["status"] == "failed"
     assert [got[n] for n in ("bare", "fixmatch", "rsmatch")] == [{"status": "failed"}] * 3
@@ -389,7 +391,7 @@ def test_throughput_limit_and_rsmatch_over_fixmatch(monkeypatch, tmp_path):
     """Limit: min(share x 120 s, left - kept for training); the ratio is rsmatch / fixmatch."""
     measured = {"median_s_per_step": {"bare": 0.1, "fixmatch": 0.4, "rsmatch": 0.5},
                 "ratios": {}, "machine": "M"}  # fmt: skip
-    calls = _recording_run_for_json(monkeypatch, [({"status": "ok"}, measured)] * 3)
+    calls = _recording(monkeypatch, [({"status": "ok"}, measured)] * 3)
     got = gpu_check.throughput(_check(tmp_path, left=1000, keep=100))
     assert got["rsmatch_over_fixmatch"] == 1.25 and calls[0]["limit"] == 120
     assert calls[0]["log"].name == "throughput.log"
@@ -399,24 +401,13 @@ def test_throughput_limit_and_rsmatch_over_fixmatch(monkeypatch, tmp_path):
     assert calls[2]["limit"] == 50
 
 
-def _recording_run_and_read(monkeypatch, answers):
-    calls = []
-
-    def fake(cmd, log, limit, env):
-        calls.append({"cmd": cmd, "log": log, "limit": limit})
-        return answers[len(calls) - 1]
-
-    monkeypatch.setattr(gpu_check, "run_and_read", fake)
-    return calls
-
-
 def test_profile_runs_each_algorithm_and_the_variant_in_one_process(monkeypatch, tmp_path):
     """One profile_step.py run for all; stopped after two of the four, it keeps those two."""
     line = '{"profiled": "%s", "machine": "M", "median_s": {"bare": 0.1}, "aten_ops": {"bare": 9}}'
     text = "\n".join(
         ["warming up", line % "fixmatch", '{"precision": "no"}', line % "fixmatch a=b"]
     )
-    calls = _recording_run_and_read(monkeypatch, [({"status": "timeout", "rc": None}, text)])
+    calls = _recording(monkeypatch, [({"status": "timeout", "rc": None}, text)], "run_and_read")
     got = gpu_check.profile(_check(tmp_path, left=300, keep=150, variant="a=b"))
     assert got["fixmatch"] == {"status": "ok", "median_s": {"bare": 0.1}, "aten_ops": {"bare": 9}}
     assert got["fixmatch a=b"]["status"] == "ok"
@@ -427,7 +418,7 @@ def test_profile_runs_each_algorithm_and_the_variant_in_one_process(monkeypatch,
     assert calls[0]["cmd"][-2:] == ["--variant", "a=b"]
     assert calls[0]["limit"] == 150  # 4 x 60 s, held to what the trainings leave
     # exited 0 without a contender's line: that one failed; without a variant, 2 x 60 s
-    calls = _recording_run_and_read(monkeypatch, [({"status": "ok"}, line % "rsmatch")])
+    calls = _recording(monkeypatch, [({"status": "ok"}, line % "rsmatch")], "run_and_read")
     got = gpu_check.profile(_check(tmp_path, left=1000))
     assert got["fixmatch"] == {"status": "failed"} and got["rsmatch"]["status"] == "ok"
     assert got["status"] == "partial" and calls[0]["limit"] == 120
@@ -437,7 +428,7 @@ def test_profile_runs_each_algorithm_and_the_variant_in_one_process(monkeypatch,
 def test_compiled_times_each_mode_in_its_own_bench(monkeypatch, tmp_path):
     measured = {"median_s_per_step": {"bare": 0.5}, "ratios": {}, "machine": "M"}
     answers = [({"status": "ok"}, measured), ({"status": "timeout"}, None)]
-    calls = _recording_run_for_json(monkeypatch, answers)
+    calls = _recording(monkeypatch, answers)
     got = gpu_check.compiled(_check(tmp_path), ["default", "reduce-overhead"])
     assert [c["cmd"][-1] for c in calls] == ["--compile=default", "--compile=reduce-overhead"]
     assert got["default"]["bare"]["s_per_step"] == 0.5
