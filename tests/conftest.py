@@ -189,21 +189,22 @@ def train_in_process(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixtu
     added to stderr, where a user would see them."""
     import warnings
 
-    from rsmatch.cli import train
+    from rsmatch.experiment import train_in_process as train_here  # a fresh Accelerate state
 
     def run(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        """`env`: set for this run only."""
         monkeypatch.chdir(cwd)
-        for key, value in (env or {}).items():
-            monkeypatch.setenv(key, value)
         capfd.readouterr()
-        with warnings.catch_warnings(record=True) as caught:
+        with monkeypatch.context() as only_this_run, warnings.catch_warnings(record=True) as caught:
+            for key, value in (env or {}).items():
+                only_this_run.setenv(key, value)
             warnings.resetwarnings()
             warnings.simplefilter("default")
             for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
                           ResourceWarning):  # fmt: skip
                 warnings.simplefilter("ignore", quiet)
             try:
-                code = train.main(args)
+                code = train_here(args)
             except SystemExit as e:  # argparse's usage errors
                 code = e.code
         out, err = capfd.readouterr()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT, failure, tiny_overrides
+from .deepspeed_probe import record_engine
 from .torchrun import free_port
 
 
@@ -26,9 +27,9 @@ def test_deepspeed_imports():
 
 
 def _train(args, deepspeed_json=None, probe: Path | None = None):
-    """launch/train.py, under DeepSpeed with a JSON; with `probe`, through tests/deepspeed_probe.py
-    (the GPU's autocast path; the parameters' alignment and the engine's clipping written to
-    `probe`)."""
+    """launch/train.py, under DeepSpeed with a JSON (launched by `accelerate launch`); with
+    `probe`, through tests/deepspeed_probe.py (the GPU's autocast path; the parameters' alignment
+    and the engine's clipping written to `probe`)."""
     script = ROOT / ("tests/deepspeed_probe.py" if probe else "launch/train.py")
     launch = [sys.executable, str(script)]
     if deepspeed_json:
@@ -37,6 +38,37 @@ def _train(args, deepspeed_json=None, probe: Path | None = None):
                   str(script)]  # fmt: skip
     env = {**os.environ, "RSMATCH_PROBE_OUT": str(probe)} if probe else None
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _launcher_env(deepspeed_json: Path) -> dict[str, str]:
+    """What `accelerate launch --use_deepspeed` hands rank 0 of 1: DeepSpeed's and the process
+    group's variables."""
+    return {"ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(deepspeed_json),
+            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+
+
+@pytest.fixture
+def deepspeed_here(train_in_process, monkeypatch):
+    """`run(args, cwd, deepspeed_json, probe=None)`: launch/train.py as `accelerate launch
+    --use_deepspeed` runs it as rank 0 of 1, in this process (a launch's two fresh processes
+    spend ~15 s on imports here); `probe` as for `_train`. The process group is left down."""
+
+    def run(args: list[str], cwd: Path, deepspeed_json: Path, probe: Path | None = None):
+        from deepspeed.utils import groups
+
+        with monkeypatch.context() as this_run:
+            # DeepSpeed caches its clone of the world's process group (ZeRO's data-parallel
+            # group): an earlier run's would be a group destroyed with its run
+            this_run.setattr(groups, "_WORLD_GROUP", None)
+            if probe:
+                record_engine(probe, this_run.setattr)
+            return train_in_process(args, cwd, _launcher_env(deepspeed_json))
+
+    yield run
+    if torch.distributed.is_initialized():  # a run that failed midway
+        torch.distributed.destroy_process_group()
 
 
 def _ds_config(tmp_path: Path, **extra: object) -> Path:
@@ -49,14 +81,23 @@ def _ds_config(tmp_path: Path, **extra: object) -> Path:
 
 
 def train_deepspeed_and_plain(
-    sources, tmp_path: Path, train_plain, probe: Path | None = None, **extra: object
+    sources,
+    tmp_path: Path,
+    train_plain,
+    probe: Path | None = None,
+    deepspeed_here=None,
+    **extra: object,
 ) -> tuple[dict, dict, dict]:
-    """2 steps with ZeRO-2 (launched, through the probe when given) and 2 without, by
-    `train_plain` (the `train_in_process` fixture); EMA decay 0, so the saved EMA is the weights:
-    the weights of each, and the DeepSpeed run's run.json."""
+    """2 steps with ZeRO-2 (launched, or by the `deepspeed_here` fixture when given; through the
+    probe when given) and 2 without, by `train_plain` (the `train_in_process` fixture); EMA decay
+    0, so the saved EMA is the weights: the weights of each, and the DeepSpeed run's run.json."""
     extra = {"train.steps": 2, "train.ema_decay": 0.0, **extra}
     deepspeed, plain = tmp_path / "deepspeed", tmp_path / "plain"
-    res = _train(tiny_overrides(sources, deepspeed, **extra), _ds_config(tmp_path), probe)
+    args = tiny_overrides(sources, deepspeed, **extra)
+    if deepspeed_here:
+        res = deepspeed_here(args, tmp_path, _ds_config(tmp_path), probe)
+    else:
+        res = _train(args, _ds_config(tmp_path), probe)
     assert res.returncode == 0, failure(res)
     res = train_plain(tiny_overrides(sources, plain, **extra), tmp_path)
     assert res.returncode == 0, failure(res)
@@ -70,17 +111,22 @@ def train_deepspeed_and_plain(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algorithm, precision", [("supervised", "no"), ("rsmatch", "no"), ("rsmatch", "bf16")]
+    "algorithm, precision, launched",
+    [("supervised", "no", False), ("rsmatch", "no", False), ("rsmatch", "bf16", True)],
 )
-def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, train_in_process):
+def test_zero2_matches_plain_training(
+    sources, tmp_path, algorithm, precision, launched, train_in_process, deepspeed_here
+):
     """bf16 with channels_last, as `auto` picks them on a GPU, on the engine's GPU path (the
     probe): DeepSpeed used to crash on channels_last weights, to train fp32 whatever
-    train.mixed_precision said, and to leave parameters off 16-byte boundaries (a CUDA fault)."""
+    train.mixed_precision said, and to leave parameters off 16-byte boundaries (a CUDA fault).
+    That run goes through `accelerate launch` itself; the others emulate it in this process."""
     overrides = {"algorithm": algorithm, "train.mixed_precision": precision,
                  "train.channels_last": precision == "bf16"}  # fmt: skip
     probe = tmp_path / "offsets.json"
+    here = None if launched else deepspeed_here
     deepspeed, plain, run = train_deepspeed_and_plain(
-        sources, tmp_path, train_in_process, probe, **overrides
+        sources, tmp_path, train_in_process, probe, here, **overrides
     )
     probed = json.loads(probe.read_text(encoding="utf-8"))
     misaligned = {name: at for name, at in probed["offsets"].items() if at}
@@ -94,13 +140,10 @@ def test_zero2_matches_plain_training(sources, tmp_path, algorithm, precision, t
 
 
 def _refused(train_in_process, sources, tmp_path: Path, overrides: list[str], **ds_extra: object):
-    """launch/train.py as `accelerate launch --use_deepspeed` starts rank 0 of 1 (the launcher's
-    DeepSpeed and process-group variables), run in this process: a refusal comes before the
-    Accelerator forms the process group, and before anything is written."""
-    env = {"ACCELERATE_USE_DEEPSPEED": "true",
-           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(_ds_config(tmp_path, **ds_extra)),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    """launch/train.py as `accelerate launch --use_deepspeed` starts rank 0 of 1, run in this
+    process: a refusal comes before the Accelerator forms the process group, and before anything
+    is written."""
+    env = _launcher_env(_ds_config(tmp_path, **ds_extra))
     res = train_in_process([*tiny_overrides(sources, tmp_path / "run"), *overrides], tmp_path, env)
     assert res.returncode != 0
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
@@ -134,7 +177,7 @@ def test_compile_under_deepspeed_is_refused_at_start(sources, tmp_path, train_in
 
 
 @pytest.mark.slow
-def test_resume_under_deepspeed_is_exact(sources, tmp_path):
+def test_resume_under_deepspeed_is_exact(sources, tmp_path, deepspeed_here):
     """4 straight steps == 2 steps + resume + 2 steps, through DeepSpeed's own checkpoint
     (bf16 autocast and channels_last activations, as `auto` runs on a GPU)."""
     ds = _ds_config(tmp_path)
@@ -142,11 +185,12 @@ def test_resume_under_deepspeed_is_exact(sources, tmp_path):
              "train.eval_every": 2, "train.keep_checkpoints": 5, "train.ema_decay": 0.0,
              "train.mixed_precision": "bf16", "train.channels_last": True}  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _train(tiny_overrides(sources, straight, **extra), ds).returncode == 0
+    res = deepspeed_here(tiny_overrides(sources, straight, **extra), tmp_path, ds)
+    assert res.returncode == 0, failure(res)
     step2 = "step_00000002"
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
     (resumed / "checkpoints" / "latest").write_text(step2 + "\n", encoding="utf-8")
-    res = _train([*tiny_overrides(sources, resumed, **extra), "--resume"], ds)
+    res = deepspeed_here([*tiny_overrides(sources, resumed, **extra), "--resume"], tmp_path, ds)
     assert res.returncode == 0, failure(res)
     for name in ("ema.safetensors", "algorithm.safetensors"):  # EMA = the weights (decay 0)
         a = load_file(str(straight / "checkpoints" / "step_00000004" / name))

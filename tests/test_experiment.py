@@ -185,6 +185,21 @@ def test_launcher_arguments_need_the_accelerate_launcher(tmp_path, capsys):
     assert "need --launcher accelerate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "launched", [{"WORLD_SIZE": "2"}, {"WORLD_SIZE": "1", "ACCELERATE_USE_DEEPSPEED": "true"}]
+)
+def test_a_grid_under_accelerate_launch_is_refused(tmp_path, capsys, monkeypatch, launched):
+    """A grid trains its runs in its own process: under a launch of several ranks every rank
+    would drive the whole grid; under DeepSpeed its second run met the first one's destroyed
+    process group (DeepSpeed keeps it)."""
+    for key, value in launched.items():
+        monkeypatch.setenv(key, value)
+    grid = write_grid(tmp_path, {"train.seed": [0]})
+    assert main([str(grid)]) == 2
+    assert "start it plainly and pass --launcher accelerate" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def _mtime(run: Path) -> int:
     return (run / "metrics.json").stat().st_mtime_ns
 

@@ -54,10 +54,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, launcher_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # runs train in this process: not as one of several ranks, nor under DeepSpeed, which
+        # keeps the first run's process group for the next run
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed:
             raise GridError(
                 "rsmatch-experiment runs under accelerate launch: start it plainly and pass "
-                "--launcher accelerate instead"
+                "--launcher accelerate instead (each run then gets its own launch)"
             )
         if launcher_args and args.launcher != "accelerate":
             raise GridError(f"{launcher_args[0]}: arguments after -- need --launcher accelerate")
