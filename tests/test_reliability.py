@@ -193,9 +193,9 @@ def test_ctrl_c_before_the_training_loop_is_one_line(sources, tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
-def test_output_dir_where_no_folder_can_be_made(sources, tmp_path):
+def test_output_dir_where_no_folder_can_be_made(sources, tmp_path, cli):
     """/proc passes os.access for root but refuses a mkdir: one line, not a traceback."""
-    res = cli_process(tiny_overrides(sources, "/proc/rsmatch-run"), tmp_path)
+    res = cli(tiny_overrides(sources, "/proc/rsmatch-run"), tmp_path)
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]  # found at the lock, after DeepSpeed's import note
     assert line.startswith("rsmatch-train: error: train.output_dir='/proc/rsmatch-run': cannot "
