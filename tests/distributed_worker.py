@@ -2,10 +2,12 @@
 of the algorithm state, the live model and the EMA model (buffers included). Runs separated by
 `--then` train one after another in the same process group (a launch costs ~15 s of imports).
 
-Also recorded: at every BatchNorm sync, whether each rank's running means became the mean over
-ranks (`bn_sync`: (checked, wrong)); and at every evaluation, a digest of the EMA and live models
-it evaluates (`evaluated`), so a rank evaluating before the sync shows up even when a later
-save syncs again."""
+Also recorded (watched.json, one record per rank): at every BatchNorm sync, whether each rank's
+running means became the mean over ranks (`bn_sync`: (checked, wrong)); at every evaluation, a
+digest of the EMA and live models it evaluates (`evaluated`), so a rank evaluating before the
+sync shows up even when a later save syncs again; at every log, the keys the rank logged in its
+order (`keys`) and the reduced values (`logs`); and the reduction of a window whose keys this
+rank met in its own order (`swapped`: rank 0 met a then b, rank 1 b then a)."""
 
 import hashlib
 import json
@@ -55,14 +57,35 @@ def watch(trainer: Trainer, record: dict) -> None:
         record["evaluated"].append(hashlib.sha256(json.dumps(state).encode()).hexdigest())
         return predict(fn, images)
 
+    collect, reduce = trainer._collect, trainer._reduce
+
+    def recorded_collect(window, logged) -> None:
+        record["keys"].append(list(logged))
+        collect(window, logged)
+
+    def recorded_reduce(window) -> dict:
+        record["logs"].append(reduce(window))
+        return record["logs"][-1]
+
     trainer._sync_bn_statistics, trainer._predict = checked_sync, recorded_predict
+    trainer._collect, trainer._reduce = recorded_collect, recorded_reduce
+
+
+def reduce_swapped(trainer: Trainer) -> dict:
+    """The same keys met in a rank-dependent order must still be reduced key by key."""
+    r = float(trainer.rank)
+    window = {"a": [torch.tensor(r)], "b": [torch.tensor(10 + r)]}
+    if trainer.rank % 2:
+        window = dict(reversed(window.items()))
+    return Trainer._reduce(trainer, window)  # the trainer's own, not the recording one
 
 
 def train_and_record(args: list[str], resume: bool) -> Trainer:
     trainer = Trainer(load_config(None, args))
-    record = {"bn_sync": [0, 0], "evaluated": []}
+    record = {"bn_sync": [0, 0], "evaluated": [], "keys": [], "logs": []}
     watch(trainer, record)
     trainer.fit(resume=resume)
+    record["swapped"] = reduce_swapped(trainer)
     live = trainer.accelerator.unwrap_model(trainer.model)
     digest = {
         **digests(trainer.algorithm.state_dict(), ""),

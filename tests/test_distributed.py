@@ -7,6 +7,7 @@ rank at evaluation and in checkpoints, and exact resume.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,14 +79,28 @@ QUEUE_RUN = {
 }
 
 
+# wrn10_1 (BatchNorm), with a step-2 checkpoint that comes with no evaluation: its save must
+# sync the buffers itself
+BATCHNORM_RUN = {"algorithm": "fixmatch", "train.batch_size": 6, "train.save_every": 2,
+                 "train.eval_every": 4, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
+# FreeMatch logging every step; one unlabeled image per rank and ema_p 0: the less confident one
+# falls below the global mean, so one rank has a fairness term and the other none (a collective
+# failed before)
+LOGGING_RUN = {"algorithm": "freematch", "train.steps": 4, "train.log_every": 1,
+               "train.eval_every": 4, "train.save_every": 4, "freematch.ent_loss_ratio": 0.5,
+               "freematch.ema_p": 0.0, "train.batch_size": 2, "train.uratio": 1}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def two_ranks(sources, tmp_path_factory) -> Path:
-    """The baselines and QUEUE_RUN, each trained by 2 processes, one after another in one launch:
-    a folder each, named by its algorithm."""
+    """The baselines, QUEUE_RUN, BATCHNORM_RUN and LOGGING_RUN, each trained by 2 processes, one
+    after another in one launch: a folder each, named by its algorithm (the last two:
+    `batchnorm`, `logging`)."""
     root = tmp_path_factory.mktemp("two_ranks")
-    runs = [tiny_overrides(sources, root / a, **_baseline(a)) for a in BASELINES]
-    runs.append(tiny_overrides(sources, root / "rsmatch", **QUEUE_RUN))
-    _launch([arg for run in runs for arg in ("--then", *run)][1:], 2, restore=root)
+    runs = {**{a: _baseline(a) for a in BASELINES}, "rsmatch": QUEUE_RUN,
+            "batchnorm": BATCHNORM_RUN, "logging": LOGGING_RUN}  # fmt: skip
+    args = [tiny_overrides(sources, root / name, **extra) for name, extra in runs.items()]
+    _launch([arg for run in args for arg in ("--then", *run)][1:], 2, restore=root)
     return root
 
 
@@ -129,14 +144,10 @@ def test_two_processes_match_one_with_identical_queues(sources, tmp_path, two_ra
 
 
 @pytest.mark.slow
-def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
+def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path, two_ranks):
     """wrn10_1 has BatchNorm: per-rank statistics are averaged before evaluations and saves,
     so both ranks hold the same buffers and a 2-process run resumes exactly."""
-    # the step-2 checkpoint comes with no evaluation: its save must sync the buffers itself
-    extra = {"algorithm": "fixmatch", "train.batch_size": 6, "train.save_every": 2,
-             "train.eval_every": 4, "ssl.threshold": 0.4, "train.keep_checkpoints": 5}  # fmt: skip
-    straight = tmp_path / "straight"
-    _launch(tiny_overrides(sources, straight, **extra), 2)
+    straight = two_ranks / "batchnorm"
     ranks = _ranks(straight)
     assert ranks[0] == ranks[1], "ranks evaluate/save different weights or BN buffers"
     assert any("running_mean" in k for k in ranks[0])
@@ -156,5 +167,19 @@ def test_batchnorm_ranks_share_buffers_and_resume_exactly(sources, tmp_path):
     step2 = "step_00000002"
     shutil.copytree(straight / "checkpoints" / step2, resumed / "checkpoints" / step2)
     (resumed / "checkpoints" / "latest").write_text(step2 + "\n", encoding="utf-8")
-    _launch([*tiny_overrides(sources, resumed, **extra), "--resume"], 2)
+    _launch([*tiny_overrides(sources, resumed, **BATCHNORM_RUN), "--resume"], 2)
     assert _ranks(resumed) == ranks
+
+
+@pytest.mark.slow
+def test_freematch_logs_every_step_with_two_processes(two_ranks):
+    """Every rank reduces the same keys in the same order."""
+    ranks = json.loads((two_ranks / "logging" / "watched.json").read_text(encoding="utf-8"))
+    assert len(ranks) == 2 and len(ranks[0]["logs"]) == 4
+    assert ranks[0]["keys"] == ranks[1]["keys"], "ranks logged different keys"
+    assert all("loss_fair" in step for step in ranks[0]["keys"])
+    for log0, log1 in zip(ranks[0]["logs"], ranks[1]["logs"]):
+        assert log0.keys() == log1.keys() and all(math.isfinite(v) for v in log0.values())
+        assert log0 == pytest.approx(log1)  # the all-reduced means, the same on every rank
+    for rank in ranks:  # rank 0 met (a, b), rank 1 (b, a): means are still taken key by key
+        assert rank["swapped"]["a"] == 0.5 and rank["swapped"]["b"] == 10.5
