@@ -40,6 +40,15 @@ def tiny(tmp_path_factory):
     }
 
 
+@pytest.fixture(autouse=True)
+def _two_denoising_steps(monkeypatch):
+    """The generators' 4-50 denoising steps cut to 2 for the builds in this process: these tests
+    check what a build makes and where it goes, not how its images look, and 50 steps of even a
+    tiny UNet took most of each generating build's time."""
+    for name, spec in synth.GENERATORS.items():
+        monkeypatch.setitem(synth.GENERATORS, name, synth.replace(spec, steps=2))
+
+
 def _cifake(folder: Path, per_class: int) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(5)
