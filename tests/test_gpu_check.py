@@ -46,15 +46,9 @@ def test_dry_run_records_every_step(tmp_path):
     assert sum(n.startswith("real/train/cat/") for n in names) == 16  # the first 16 of 20
     assert "real/test/ship/0004.jpg" in names and "synthetic/cgan/dog/0005.jpg" in names
 
-    check = [
-        "--dry-run",
-        "--out",
-        str(out),
-        "--data",
-        str(gpudata),
-        "--variant",
-        "train.prefetch=true",
-    ]
+    # without --variant: its two more bench workers and profiles cost ~30 s here, and each link
+    # of it is tested by hand (tests/test_tools_by_hand.py)
+    check = ["--dry-run", "--out", str(out), "--data", str(gpudata)]
     done = subprocess.run(["bash", "tools/gpu_check.sh", *check],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -77,15 +71,10 @@ def test_dry_run_records_every_step(tmp_path):
     assert len(tests["test_steady_state_step_has_no_host_sync"]) == 6
     outcomes = [o for group in tests.values() for o in group.values()]
     assert steps["gpu_tests"]["counts"] == {"skipped": len(outcomes)} and len(outcomes) >= 24
-    # bare, FixMatch and RSMatch timed interleaved in one run of tools/bench_vs_usb.py, and
-    # FixMatch and RSMatch once more with the --variant override, in the same rounds
+    # bare, FixMatch and RSMatch timed interleaved in one run of tools/bench_vs_usb.py
     assert steps["throughput"]["bare"]["s_per_step"] > 0
-    pf = "train.prefetch=true"
     assert set(steps["throughput"]["ratios"]) == {
-        "bare / rsmatch fixmatch (>= 0.9 wanted)", "rsmatch / rsmatch fixmatch (<= 1.2 wanted)",
-        f"bare / rsmatch fixmatch {pf} (>= 0.9 wanted)",
-        f"rsmatch {pf} / rsmatch fixmatch {pf} (<= 1.2 wanted)"}  # fmt: skip
-    assert steps["throughput"][f"rsmatch {pf}"]["s_per_step"] > 0
+        "bare / rsmatch fixmatch (>= 0.9 wanted)", "rsmatch / rsmatch fixmatch (<= 1.2 wanted)"}  # fmt: skip
     for algo in ("fixmatch", "rsmatch"):
         tp = steps["throughput"][algo]
         assert tp["status"] == "ok" and tp["s_per_step"] > 0
@@ -107,7 +96,6 @@ def test_dry_run_records_every_step(tmp_path):
         assert prof[a]["aten_ops"]["batch_making"] > 100
     made = {a: prof[a]["aten_ops"]["step_on_a_made_batch"] for a in ("fixmatch", "rsmatch")}
     assert made["rsmatch"] > made["fixmatch"] > prof["fixmatch"]["aten_ops"]["bare"] > 0
-    assert prof[f"fixmatch {pf}"]["median_s"]["batch_making"] > 0  # the variant's batch making
     assert steps["data"]["from"].endswith("gpudata.tar.gz")
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # the device tool's limits

@@ -236,6 +236,19 @@ def test_start_runs_usb_in_its_venv_and_the_others_on_this_checkout(monkeypatch,
         assert kw["env"]["OMP_NUM_THREADS"] == kw["env"]["MKL_NUM_THREADS"] == "3"
 
 
+def test_a_worker_trains_with_the_override_it_is_started_with(monkeypatch):
+    """`--worker fixmatch --override=KEY=VALUE` (as `_start` writes it for a --variant) builds
+    its trainer with that override."""
+    built = []
+    monkeypatch.setattr(bench, "_serve", lambda step, args: built.append(step.__self__))
+    flags = ["--batch-size", "2", "--uratio", "1", "--pool", "48", "--precision", "no",
+             "--threads", "1"]  # fmt: skip
+    assert bench.main(["--worker", "fixmatch", *flags, "--override=train.prefetch=true"]) == 0
+    (trainer,) = built
+    assert trainer.cfg.train.prefetch is True  # the default is "auto"
+    assert trainer.cfg.algorithm == "fixmatch" and trainer.cfg.train.batch_size == 2
+
+
 def test_expect_passes_other_lines_through_to_stderr(capsys):
     lines = iter(["a warning\n", "seconds 0.5\n", "after\n"])
     proc = argparse.Namespace(stdout=lines)
@@ -263,6 +276,26 @@ def test_on_made_batch_hands_the_batch_and_restores_the_maker():
         assert trainer.batches(3) == "premade"
         raise RuntimeError
     assert trainer.batches(3) == "made 3"
+
+
+def test_main_profiles_each_algorithm_then_each_with_the_variant(monkeypatch, capsys):
+    """Every contender with the shared overrides (prefetch off: parts timed on one thread); the
+    variant's contenders with its override last; one JSON line each, named by the contender."""
+    seen = []
+    monkeypatch.setattr(profile_step, "profile",
+                        lambda args, name, algorithm, sync: seen.append((name, algorithm, args.override))
+                        or {"median_s": len(seen)})  # fmt: skip
+    monkeypatch.setattr(profile_step.bench, "_machine", lambda: "M")
+    argv = ["--algorithm", "fixmatch", "rsmatch", "--override", "a=1", "--variant", "b=2"]
+    assert profile_step.main(argv) == 0
+    shared = ["train.prefetch=false", "a=1"]
+    assert seen == [("fixmatch", "fixmatch", shared), ("rsmatch", "rsmatch", shared),
+                    ("fixmatch b=2", "fixmatch", [*shared, "b=2"]),
+                    ("rsmatch b=2", "rsmatch", [*shared, "b=2"])]  # fmt: skip
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["profiled"], x["machine"], x["median_s"]) for x in lines] == [
+        ("fixmatch", "M", 1), ("rsmatch", "M", 2), ("fixmatch b=2", "M", 3), ("rsmatch b=2", "M", 4)
+    ]  # fmt: skip
 
 
 def test_counted_counts_each_dispatched_operator():
