@@ -26,16 +26,14 @@ def test_deepspeed_imports():
     )
 
 
-def _train(args, deepspeed_json=None, probe: Path | None = None):
-    """launch/train.py, under DeepSpeed with a JSON (launched by `accelerate launch`); with
-    `probe`, through tests/deepspeed_probe.py (the GPU's autocast path; the parameters' alignment
-    and the engine's clipping written to `probe`)."""
+def _launched(args, deepspeed_json: Path, probe: Path | None = None):
+    """launch/train.py launched by `accelerate launch --use_deepspeed` with the JSON; with
+    `probe`, through tests/deepspeed_probe.py (the GPU's autocast path; the parameters'
+    alignment and the engine's clipping written to `probe`)."""
     script = ROOT / ("tests/deepspeed_probe.py" if probe else "launch/train.py")
-    launch = [sys.executable, str(script)]
-    if deepspeed_json:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
-                  str(deepspeed_json), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
-                  str(script)]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+              str(deepspeed_json), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+              str(script)]  # fmt: skip
     env = {**os.environ, "RSMATCH_PROBE_OUT": str(probe)} if probe else None
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
 
@@ -53,7 +51,7 @@ def _launcher_env(deepspeed_json: Path) -> dict[str, str]:
 def deepspeed_here(train_in_process, monkeypatch):
     """`run(args, cwd, deepspeed_json, probe=None)`: launch/train.py as `accelerate launch
     --use_deepspeed` runs it as rank 0 of 1, in this process (a launch's two fresh processes
-    spend ~15 s on imports here); `probe` as for `_train`. The process group is left down."""
+    spend ~15 s on imports here); `probe` as for `_launched`. The process group is left down."""
 
     def run(args: list[str], cwd: Path, deepspeed_json: Path, probe: Path | None = None):
         from deepspeed.utils import groups
@@ -97,7 +95,7 @@ def train_deepspeed_and_plain(
     if deepspeed_here:
         res = deepspeed_here(args, tmp_path, _ds_config(tmp_path), probe)
     else:
-        res = _train(args, _ds_config(tmp_path), probe)
+        res = _launched(args, _ds_config(tmp_path), probe)
     assert res.returncode == 0, failure(res)
     res = train_plain(tiny_overrides(sources, plain, **extra), tmp_path)
     assert res.returncode == 0, failure(res)

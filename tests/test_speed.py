@@ -308,8 +308,8 @@ def test_compile_mode_reaches_torch_compile(sources, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(sources, tmp_path):
     """RSMatch's model holds the classifier every algorithm trains (with the fake head) and the
-    detector, and the trainer compiles every algorithm's model alike: one algorithm serves (a
-    cold inductor compile takes 40-70 s on a 2-core Zen 3).
+    detector, and the trainer compiles every algorithm's model alike: one algorithm serves (with
+    a cold inductor cache this test alone takes ~85 s on a 2-core Zen 3).
 
     Compiled kernels round differently, and 4 steps of training amplify that by an amount that
     depends on the CPU's kernels, so each tensor is compared with how far eager training moved it
