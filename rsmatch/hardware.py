@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rsmatch.config import ConfigError
+from rsmatch.launcher import is_true
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN's ISA limit (DNNL_ is its older prefix, read when ONEDNN_ is unset) and the values of it
@@ -153,12 +154,6 @@ def resolve(
         if layout:  # DeepSpeed broadcasts parameters as byte views, which need contiguous rows
             reason += " kept contiguous (activations channels_last)"
     return Precision(chosen, layout, reason, warning)
-
-
-def is_true(value: object) -> bool:
-    """A boolean as Accelerate and DeepSpeed read one from the environment or a JSON: True, or
-    the string "true" in any case."""
-    return str(value).lower() == "true"
 
 
 def complete_deepspeed_config(ds_config: dict, mixed_precision: str, clip_grad_norm: float) -> None:

@@ -43,13 +43,9 @@ from rsmatch.data.check import check_sources
 from rsmatch.data.loaders import ALGORITHM, BatchMaker, load_train_data, step_generator
 from rsmatch.data.prefetch import Prefetcher
 from rsmatch.ema import ModelEma
+from rsmatch.launcher import deepspeed_launch
 from rsmatch.models import Normalize
 from rsmatch.runinfo import trim_evals, write_run_record
-
-
-def deepspeed_launch() -> bool:
-    """Whether Accelerate will run DeepSpeed, read as Accelerate reads it."""
-    return hardware.is_true(os.environ.get("ACCELERATE_USE_DEEPSPEED"))
 
 
 def make_accelerator(

@@ -137,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [(a, a, shared) for a in args.algorithm]
     if args.variant:
         contenders += [(f"{a} {args.variant}", a, [*shared, args.variant]) for a in args.algorithm]
+    machine = bench._machine()
     for name, algorithm, overrides in contenders:
         figures = profile(argparse.Namespace(**{**vars(args), "override": overrides}),
                           name, algorithm, sync)  # fmt: skip
-        print(json.dumps({"profiled": name, "machine": bench._machine(), **figures}), flush=True)
+        print(json.dumps({"profiled": name, "machine": machine, **figures}), flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from rsmatch.experiment import (
     train_in_process,
     train_with_accelerate,
 )
+from rsmatch.launcher import deepspeed_launch
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # runs train in this process: not as one of several ranks, nor under DeepSpeed, which
         # keeps the first run's process group for the next run
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed_launch():
             raise GridError(
                 "rsmatch-experiment runs under accelerate launch: start it plainly and pass "
                 "--launcher accelerate instead (each run then gets its own launch)"
