@@ -29,12 +29,16 @@ def test_deepspeed_imports():
 def _launched(args, deepspeed_json: Path, probe: Path | None = None):
     """launch/train.py launched by `accelerate launch --use_deepspeed` with the JSON; with
     `probe`, through tests/deepspeed_probe.py (the GPU's autocast path; the parameters'
-    alignment and the engine's clipping written to `probe`)."""
+    alignment and the engine's clipping written to `probe`). It runs with this process's thread
+    count, as the in-process run it is compared with does: bf16 sums round differently with
+    another (a suite started under OMP_NUM_THREADS=1 had 1 here, torch's default 2 there)."""
     script = ROOT / ("tests/deepspeed_probe.py" if probe else "launch/train.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
               str(deepspeed_json), "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
               str(script)]  # fmt: skip
-    env = {**os.environ, "RSMATCH_PROBE_OUT": str(probe)} if probe else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if probe:
+        env["RSMATCH_PROBE_OUT"] = str(probe)
     return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
