@@ -1,6 +1,8 @@
 """Bad numbers and names on the command line: one line naming the flag, exit 2, nothing written
 (each of these was a traceback, a crash after partial output, or nonsense with exit 0)."""
 
+import re
+
 import pytest
 
 from rsmatch import hub
@@ -72,6 +74,33 @@ def test_overrides_may_come_before_and_after_the_options():
                              "train.lr=0.1"])  # fmt: skip
     assert args.config == "c.yaml" and args.resume == "latest"
     assert args.overrides == ["train.steps=3", "train.seed=1", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize(
+    "argv, resume, overrides",
+    [
+        (["--resume", "latest"], "latest", []),
+        (["--resume", "auto-fallback", "train.steps=8"], "auto-fallback", ["train.steps=8"]),
+        (["--resume=auto-fallback"], "auto-fallback", []),
+        (["train.lr=0.1", "--resume"], "latest", ["train.lr=0.1"]),
+        (["--resume", "--config", "c.yaml"], "latest", []),
+        (["train.seed=2"], None, ["train.seed=2"]),
+    ],
+)
+def test_resume_takes_its_value_with_or_without_the_equals_sign(argv, resume, overrides):
+    """`--resume latest` was read as `--resume` then an override named `latest` (exit 2)."""
+    args = train.parse_args(argv)
+    assert args.resume == resume and args.overrides == overrides
+
+
+def test_a_resume_value_not_offered_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--resume", "oldest", "train.steps=8"])
+    assert stop.value.code == 2
+    # Python 3.11 quotes the choices, later ones do not
+    choices = r"\(choose from '?latest'?, '?auto-fallback'?\)"
+    err = capsys.readouterr().err
+    assert re.search(rf"error: argument --resume: invalid choice: 'oldest' {choices}\n$", err)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from rsmatch.cli import HelpWithDefaults, Once, run_process, stdout_to_stderr
 from rsmatch.config import ConfigError, ignored_overrides, load_config
 
 OTHER_RANKS_WAIT_S = 5.0  # see _report
+RESUME_CHOICES = ("latest", "auto-fallback")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", action=Once, help="YAML config file (defaults apply to missing keys)"
     )
     ap.add_argument(
-        "--resume", nargs="?", const="latest", choices=("latest", "auto-fallback"),
+        "--resume", nargs="?", const="latest", choices=RESUME_CHOICES,
         help="continue from train.output_dir's latest checkpoint, refused if it is broken; "
         "--resume=auto-fallback takes the newest intact one instead (and says so)",
     )  # fmt: skip
@@ -44,11 +45,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.01"
     )
     argv = sys.argv[1:] if argv is None else argv
-    # A bare `--resume` must not swallow the key=value after it as its optional value.
-    args = ap.parse_intermixed_args(["--resume=latest" if a == "--resume" else a for a in argv])
+    args = ap.parse_intermixed_args(_attach_resume_value(argv))
     if args.resume and args.resume_from is not None:
         ap.error("--resume and --resume-from exclude each other")
     return args
+
+
+def _attach_resume_value(argv: list[str]) -> list[str]:
+    """`--resume VALUE` as `--resume=VALUE` (argparse checks VALUE), and a bare `--resume` as
+    `--resume=latest`. The intermixed parsing would otherwise take the word after a bare
+    `--resume` as an override (`--resume latest` failed), and a bare one must not swallow the
+    key=value or option after it. Overrides hold "=", values never do."""
+    out, i = [], 0
+    while i < len(argv):
+        word, i = argv[i], i + 1
+        if word == "--resume":
+            value = argv[i] if i < len(argv) else "-"
+            takes_value = not value.startswith("-") and "=" not in value
+            word, i = f"--resume={value if takes_value else 'latest'}", i + takes_value
+        out.append(word)
+    return out
 
 
 def _report(error: Exception) -> None:
