@@ -32,6 +32,7 @@ from accelerate.utils import (
 )
 from timm.optim import param_groups_weight_decay
 from timm.utils import distribute_bn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from rsmatch import checkpoint, evaluate, hardware, runfolder
@@ -180,8 +181,15 @@ class Trainer:
             warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         # the trained module inside Accelerate's wrappers (DDP, DeepSpeed), found once: each
-        # unwrap_model call reads package metadata (~0.6 ms, one core of a 2-core EPYC)
-        self.live_model = acc.unwrap_model(self.model)
+        # unwrap_model call reads package metadata (~0.6 ms, one core of a 2-core EPYC). Not
+        # Accelerate's unwrap_model outside DeepSpeed: it imports DeepSpeed whenever installed
+        # (~1 s, and DeepSpeed's "Setting accelerator to CPU" warning on every CPU run).
+        if self.deepspeed:
+            self.live_model = acc.unwrap_model(self.model)
+        elif isinstance(self.model, DistributedDataParallel):
+            self.live_model = self.model.module
+        else:
+            self.live_model = self.model
         self.ema = ModelEma(
             self.live_model, decay=t.ema_decay, use_warmup=t.ema_warmup,
             warmup_power=1.0, exclude_buffers=True,

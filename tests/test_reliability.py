@@ -443,13 +443,15 @@ def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, t
 
 def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
     """`rsmatch-train ... | jq`: notes (here "resumed from"), warnings and libraries' prints
-    (DeepSpeed logs to stdout, at import too) go to stderr."""
+    (DeepSpeed logs to stdout, at import too) go to stderr. A run without DeepSpeed does not
+    import it: Accelerate's unwrap_model did, and DeepSpeed warned on every CPU run."""
     out = copy_run(straight, tmp_path)
     res = cli_process(["--resume", *tiny_overrides(sources, out, **{"train.steps": 5})], tmp_path)
     assert res.returncode == 0, res.stderr
     (line,) = res.stdout.splitlines()
     assert json.loads(line)["step"] == 5
     assert f"resumed from {out}/checkpoints/{STEP4} at step 4" in res.stderr
+    assert "real_accelerator.py" not in res.stderr, res.stderr  # DeepSpeed's import-time warning
 
 
 def test_what_libraries_print_while_training_goes_to_stderr(sources, tmp_path, capfd, monkeypatch):
