@@ -795,6 +795,7 @@ def test_subset_keeps_the_first_n_of_each_class_in_order():
         ("tools/gpu_wheels.sh", "bash tools/gpu_wheels.sh [PYTHON_VERSION]"),
         ("tools/prepare_gpu_data.sh", "bash tools/prepare_gpu_data.sh [SHARED_DATA] [OUT]"),
         ("studies/cpu_study.sh", "bash studies/cpu_study.sh [SHARED_DATA_DIR] [OUT_DIR] [STEPS]"),
+        ("tools/mutation.sh", "tools/mutation.sh 'rsmatch.csqueue*'"),
     ],
 )
 def test_shell_tools_help_changes_nothing(tmp_path, script, usage):
