@@ -464,15 +464,17 @@ def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
 # ---------------------------------------------------------------- --config given twice
 
 
-@pytest.mark.parametrize("cli, prog", [(train_cli, "rsmatch-train"),
-                                       (throughput_cli, "rsmatch-throughput"),
-                                       (bb, "rsmatch-build-benchmark")])  # fmt: skip
-def test_a_second_config_file_is_refused_not_silently_taken(capsys, cli, prog):
+@pytest.mark.parametrize("cli, prog, overrides", [
+    (train_cli, "rsmatch-train", "key=value"),
+    (throughput_cli, "rsmatch-throughput", "key=value"),
+    (bb, "rsmatch-build-benchmark", "these options (e.g. --seed 1)"),  # it takes no key=value
+])  # fmt: skip
+def test_a_second_config_file_is_refused_not_silently_taken(capsys, cli, prog, overrides):
     """`--config a.yaml --config b.yaml` ran with b.yaml alone (files are not merged)."""
     with pytest.raises(SystemExit) as e:
         cli.main(["--config", "a.yaml", "--config=b.yaml"])
     err = capsys.readouterr().err.splitlines()[-1]
     assert e.value.code == 2 and err == (
         f"{prog}: error: --config given twice (a.yaml, b.yaml): one file per command; override "
-        "its keys with key=value"
+        f"its keys with {overrides}"
     )

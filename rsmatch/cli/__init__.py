@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
@@ -28,13 +28,17 @@ class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
 
 class Once(argparse.Action):
     """An option given at most once: a second `--config` would silently replace the first
-    (files are not merged; overrides are `key=value`)."""
+    (files are not merged). `overrides` says what overrides the file's keys in this tool."""
+
+    def __init__(self, *args: Any, overrides: str = "key=value", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.overrides = overrides
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  value: object, option: str | None = None) -> None:  # fmt: skip
         if getattr(namespace, self.dest) is not None:
             parser.error(f"{option} given twice ({getattr(namespace, self.dest)}, {value}): "
-                         "one file per command; override its keys with key=value")  # fmt: skip
+                         f"one file per command; override its keys with {self.overrides}")  # fmt: skip
         setattr(namespace, self.dest, value)
 
 

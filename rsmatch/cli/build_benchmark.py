@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpWithDefaults, epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     add = ap.add_argument
-    add("--config", action=Once, help="YAML file whose keys are these options' names (flags win)")
+    add("--config", action=Once, overrides="these options (e.g. --seed 1)",
+        help="YAML file whose keys are these options' names (flags win)")  # fmt: skip
     add("--real", help="Hub id, folder with train/ and test/ class folders, or saved DatasetDict")
     add("--synthetic", action="append", default=[], metavar="NAME=[cifake:]FOLDER",
         help="import a folder of generated images (one subfolder per class, a saved Dataset, or CIFAKE naming); repeatable")  # fmt: skip
