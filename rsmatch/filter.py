@@ -71,6 +71,9 @@ def resolve_detector(spec: str) -> Detector:
         for folder in (path / "detector", path):
             if export_kind(folder) == "detector":
                 return load_detector(folder)
+        if export_kind(path) == "classifier":
+            raise FilterError(f"--detector {spec}: a classifier export, not a detector export "
+                              "(an RSMatch run writes both: RUN/model and RUN/detector)")  # fmt: skip
         raise FilterError(
             f"--detector {spec}: no detector export here (RSMatch runs write RUN/detector; "
             "other algorithms and rsmatch.shared_encoder=true runs have none)"

@@ -72,6 +72,10 @@ def test_loading_the_wrong_export_or_a_mistyped_path_is_one_clear_error(run, tmp
     from rsmatch.export import load_classifier
 
     out, _ = run
+    # the filter names the mistake (it said the folder held no detector export)
+    with pytest.raises(flt.FilterError, match=r"/model: a classifier export, not a detector "
+                                              r"export \(an RSMatch run writes both"):  # fmt: skip
+        flt.resolve_detector(str(out / "model"))
     with pytest.raises(ValueError, match=r"/detector: a detector export; load_classifier loads a "
                                          r"classifier export$"):  # fmt: skip
         load_classifier(out / "detector")
