@@ -441,6 +441,16 @@ def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, t
     assert f"{note} (at step 4: 0.0058527 -> 0.02319)" in capsys.readouterr().err
 
 
+def test_a_resume_without_config_continues_with_the_runs_own(cli, straight, tmp_path):
+    """`rsmatch-train --resume train.output_dir=RUN`: the run's config.yaml is the base (the
+    defaults differed from it in nine keys, each refused as a change); overrides still apply."""
+    out = copy_run(straight, tmp_path)
+    res = cli(["--resume", f"train.output_dir={out}", "train.steps=5"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["step"] == 5
+    assert f"rsmatch-train: note: no --config: resuming with {out}/config.yaml\n" in res.stderr
+
+
 def test_stdout_is_the_metrics_line_alone(straight, sources, tmp_path):
     """`rsmatch-train ... | jq`: notes (here "resumed from"), warnings and libraries' prints
     (DeepSpeed logs to stdout, at import too) go to stderr. A run without DeepSpeed does not

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, Once, run_process, stdout_to_stderr
-from rsmatch.config import ConfigError, ignored_overrides, load_config
+from rsmatch.config import Config, ConfigError, ignored_overrides, load_config
 
 OTHER_RANKS_WAIT_S = 5.0  # see _report
 RESUME_CHOICES = ("latest", "auto-fallback")
@@ -67,6 +67,18 @@ def _attach_resume_value(argv: list[str]) -> list[str]:
     return out
 
 
+def _the_runs_own_config(cfg: Config, overrides: list[str]) -> Config:
+    """A resume without `--config` continues with the keys the run was started with (its
+    config.yaml), the command line's overrides on top; the defaults would differ from them in
+    every key the run's file set, each refused as a change."""
+    saved = Path(cfg.train.output_dir) / "config.yaml"
+    if not saved.is_file():
+        return cfg  # no run there: the resume reports what is missing
+    if not int(os.environ.get("RANK", "0")):
+        print(f"rsmatch-train: note: no --config: resuming with {saved}", file=sys.stderr)
+    return load_config(str(saved), overrides)
+
+
 def _report(error: Exception) -> None:
     """Print the error on stderr, once when every process finds it.
 
@@ -89,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = args.resume_from if args.resume_from is not None else args.resume
     try:
         cfg = load_config(args.config, args.overrides)
+        if resume is not None and args.config is None:
+            cfg = _the_runs_own_config(cfg, args.overrides)
         from rsmatch import runfolder  # heavy imports after the cheap checks
 
         out = Path(cfg.train.output_dir)
