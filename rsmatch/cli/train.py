@@ -74,8 +74,6 @@ def _the_runs_own_config(cfg: Config, overrides: list[str]) -> Config:
     saved = Path(cfg.train.output_dir) / "config.yaml"
     if not saved.is_file():
         return cfg  # no run there: the resume reports what is missing
-    if not int(os.environ.get("RANK", "0")):
-        print(f"rsmatch-train: note: no --config: resuming with {saved}", file=sys.stderr)
     return load_config(str(saved), overrides)
 
 
