@@ -57,8 +57,10 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_e
 
 def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
-    old = flatten(saved)
-    new = flatten(as_saved(cfg))
+    # data.synthetic compared whole: flattened, a mapping emptied on one side showed as
+    # `data.synthetic ('<absent>' -> {})` beside a line per generator
+    old = flatten(saved, whole=("data.synthetic",))
+    new = flatten(as_saved(cfg), whole=("data.synthetic",))
     # A whole section on one side only is an algorithm registered on one side only (a plugin,
     # a newer version); it matters only when it is this run's own algorithm.
     sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}

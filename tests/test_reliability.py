@@ -632,6 +632,18 @@ def test_resume_ignores_sections_of_algorithms_registered_on_one_side_only():
         runinfo.check_resume_config(saved, cfg, Path("ckpt"))
 
 
+def test_resume_names_changed_synthetic_sources_as_one_key():
+    cfg = load_config(None, ["data.replace_ratio=0"])
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    saved["data"]["synthetic"] = {"ddpm": "d", "cgan": "c"}
+    with pytest.raises(ConfigError) as refused:
+        runinfo.check_resume_config(saved, cfg, Path("ckpt"))
+    assert str(refused.value).startswith(
+        "--resume: the config differs from ckpt in data.synthetic ({'ddpm': 'd', 'cgan': 'c'} -> "
+        "{}); only train.steps"
+    )
+
+
 # -- the checkpoint folder's own rules, on hand-made folders ------------------------------------
 
 
