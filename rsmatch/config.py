@@ -565,6 +565,12 @@ def flatten(tree: dict, whole: tuple[str, ...] = (), prefix: str = "") -> dict[s
     return out
 
 
+def flat_config(tree: dict) -> dict[str, Any]:
+    """A config's dotted keys with `data.synthetic` one value: a grid axis sets it whole, and a
+    resume compares it whole."""
+    return flatten(tree, whole=("data.synthetic",))
+
+
 # --- docs ----------------------------------------------------------------------------------
 
 

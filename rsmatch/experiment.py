@@ -43,7 +43,7 @@ from rsmatch.config import (
     ConfigError,
     as_saved,
     fixed_by_benchmark,
-    flatten,
+    flat_config,
     load_config,
     parse_yaml,
     to_dict,
@@ -212,11 +212,6 @@ def run_state(run_dir: Path) -> str:
     if (run_dir / "checkpoints" / "latest").is_file():
         return "partial"
     return "todo"
-
-
-def flat_config(tree: dict) -> dict[str, Any]:
-    """A config as a grid sees it: dotted keys, `data.synthetic` one value (an axis sets it whole)."""
-    return flatten(tree, whole=("data.synthetic",))
 
 
 def config_drift(run: Run) -> tuple[str, str] | None:

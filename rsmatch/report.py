@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from rsmatch.experiment import MANIFEST, RESULT_NEUTRAL, flat_config
+from rsmatch.config import flat_config
+from rsmatch.experiment import MANIFEST, RESULT_NEUTRAL
 from rsmatch.registry import algorithms
 from rsmatch.runinfo import eval_entries
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rsmatch.atomic import write_text_atomic
-from rsmatch.config import Config, ConfigError, as_saved, dump_yaml, flatten, to_dict
+from rsmatch.config import Config, ConfigError, as_saved, dump_yaml, flat_config, to_dict
 
 PACKAGES = ("rsmatch", "torch", "torchvision", "accelerate", "timm", "datasets", "safetensors",
             "numpy", "deepspeed", "diffusers", "transformers")  # fmt: skip
@@ -59,8 +59,8 @@ def check_resume_config(saved: dict, cfg: Config, source: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's outside RESUMABLE."""
     # data.synthetic compared whole: flattened, a mapping emptied on one side showed as
     # `data.synthetic ('<absent>' -> {})` beside a line per generator
-    old = flatten(saved, whole=("data.synthetic",))
-    new = flatten(as_saved(cfg), whole=("data.synthetic",))
+    old = flat_config(saved)
+    new = flat_config(as_saved(cfg))
     # A whole section on one side only is an algorithm registered on one side only (a plugin,
     # a newer version); it matters only when it is this run's own algorithm.
     sections = {k.split(".")[0] for k in old} ^ {k.split(".")[0] for k in new}

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from rsmatch.cli.experiment import main
-from rsmatch.config import as_saved
-from rsmatch.experiment import MANIFEST, flat_config, load_grid, run_grid, select
+from rsmatch.config import as_saved, flat_config
+from rsmatch.experiment import MANIFEST, load_grid, run_grid, select
 from tests.conftest import tiny_overrides
 
 from .conftest import ROOT

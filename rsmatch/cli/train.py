@@ -56,15 +56,13 @@ def _attach_resume_value(argv: list[str]) -> list[str]:
     `--resume=latest`. The intermixed parsing would otherwise take the word after a bare
     `--resume` as an override (`--resume latest` failed), and a bare one must not swallow the
     key=value or option after it. Overrides hold "=", values never do."""
-    out, i = [], 0
-    while i < len(argv):
-        word, i = argv[i], i + 1
-        if word == "--resume":
-            value = argv[i] if i < len(argv) else "-"
-            takes_value = not value.startswith("-") and "=" not in value
-            word, i = f"--resume={value if takes_value else 'latest'}", i + takes_value
-        out.append(word)
-    return out
+    out: list[str] = []
+    for word in argv:
+        if out and out[-1] == "--resume" and not word.startswith("-") and "=" not in word:
+            out[-1] = f"--resume={word}"
+        else:
+            out.append(word)
+    return ["--resume=latest" if word == "--resume" else word for word in out]
 
 
 def _the_runs_own_config(cfg: Config, overrides: list[str]) -> Config:
