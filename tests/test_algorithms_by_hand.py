@@ -111,13 +111,13 @@ def test_export_writes_the_ema_classifier_and_the_live_detector_with_its_card(
     the sizes and the generators (sorted), or the benchmark they come from."""
     from types import SimpleNamespace
 
-    from rsmatch.algorithms import base, rsmatch
+    from rsmatch import export
 
     from .test_rsmatch_equations import make
 
-    seen = {}
-    monkeypatch.setattr(base, "export_classifier", lambda *a: seen.update(cls=a))
-    monkeypatch.setattr(rsmatch, "export_detector", lambda *a: seen.update(det=a))
+    seen = {}  # the algorithms import the exporters when they export
+    monkeypatch.setattr(export, "export_classifier", lambda *a: seen.update(cls=a))
+    monkeypatch.setattr(export, "export_detector", lambda *a: seen.update(det=a))
     ema = SimpleNamespace(classifier="ema-cls", detector="ema-det")
     live = SimpleNamespace(classifier="live-cls", detector="live-det")
     names = ["a", "b", "c"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,13 @@ from torch import nn
 
 from rsmatch.config import Config
 from rsmatch.data.batch import Batch, Provenance, TrainData
-from rsmatch.export import export_classifier
-from rsmatch.models import Classifier
 from rsmatch.registry import algorithms, register_algorithm
+
+# The models (timm, which imports torchvision and torch._dynamo) and the export (the Hub) are
+# imported where a model is built or exported: loading a config imports every algorithm module
+# for its dataclass, and a typo in a key should not wait ~4 s for them.
+if TYPE_CHECKING:
+    from rsmatch.models import Classifier
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ class Algorithm(nn.Module):
         self.num_classes = info.num_classes
 
     def build_model(self, fake_head: bool = False) -> nn.Module:
+        from rsmatch.models import Classifier
+
         m, d = self.cfg.model, self.cfg.data
         return Classifier(
             m.backbone, self.num_classes, d.mean, d.std, m.small_stem, m.bn_momentum,
@@ -166,6 +173,8 @@ class Algorithm(nn.Module):
     ) -> None:  # fmt: skip
         """Write the inference model(s) into `out` (the classifier goes to `out/model`);
         `metrics`: this algorithm's part of the last evaluation, for model cards."""
+        from rsmatch.export import export_classifier
+
         d = self.cfg.data
         export_classifier(self.classifier(ema), out / "model", class_names, d.mean, d.std,
                           self.cfg.model.small_stem, self.cfg.algorithm)  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,10 @@ from rsmatch.algorithms.base import (
 from rsmatch.config import Config, check, option
 from rsmatch.csqueue import CSQueue
 from rsmatch.data.batch import Batch, Provenance
-from rsmatch.export import export_detector
-from rsmatch.models import Classifier, Detector, linear_head
 from rsmatch.registry import algorithms, register_algorithm
+
+if TYPE_CHECKING:  # imported where built or exported, as in rsmatch.algorithms.base
+    from rsmatch.models import Classifier, Detector
 
 REAL, SYNTHETIC = 0, 1
 
@@ -74,16 +76,18 @@ class RSMatchConfig:
 
 
 class RSMatchModel(nn.Module):
-    """Classifier + detector. forward(classifier_images, detector_images)."""
+    """Classifier + detector. forward(classifier_images, detector_images).
 
-    def __init__(self, classifier: Classifier, detector: Detector | None) -> None:
+    Ablation "w/o ind. models": no detector, and `shared_head`, the binary head on the
+    classifier's features, instead."""
+
+    def __init__(
+        self, classifier: Classifier, detector: Detector | None, shared_head: nn.Module | None
+    ) -> None:
         super().__init__()
         self.classifier = classifier
         self.detector = detector
-        # Ablation "w/o ind. models": the binary head on the classifier's features.
-        self.shared_head = (
-            linear_head(classifier.encoder.num_features, 2) if detector is None else None
-        )
+        self.shared_head = shared_head
 
     def forward(
         self, x_cls: torch.Tensor, x_det: torch.Tensor, shared: int
@@ -117,14 +121,14 @@ class RSMatch(Algorithm):
                              info.image_shape, r.class_wise)  # fmt: skip
 
     def build_model(self) -> RSMatchModel:
+        from rsmatch.models import Detector, linear_head
+
         r, d = self.cfg.rsmatch, self.cfg.data
         classifier = self.base.build_model(fake_head=r.fake_head)
-        detector = (
-            None
-            if r.shared_encoder
-            else Detector(r.detector_backbone, d.mean, d.std, self.cfg.model.bn_momentum)
-        )
-        return RSMatchModel(classifier, detector)
+        if r.shared_encoder:
+            return RSMatchModel(classifier, None, linear_head(classifier.encoder.num_features, 2))
+        detector = Detector(r.detector_backbone, d.mean, d.std, self.cfg.model.bn_momentum)
+        return RSMatchModel(classifier, detector, None)
 
     def step(self, model: nn.Module, batch: Batch, ctx: StepContext) -> StepOutput:
         r = self.cfg.rsmatch
@@ -251,6 +255,8 @@ class RSMatch(Algorithm):
         """The EMA classifier (`out/model`) and the live detector (`out/detector`), the one
         `metrics` (from `evaluate`) measure. The shared-encoder ablation has no detector of its
         own: nothing."""
+        from rsmatch.export import export_detector
+
         super().export(ema, live, out, class_names, metrics)
         if live.detector is None:
             return
