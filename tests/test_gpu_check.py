@@ -35,8 +35,9 @@ def _fake_sources(root: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_dry_run_records_every_step(tmp_path):
-    gpudata, out = tmp_path / "gpudata", tmp_path / "out"
-    env = {**os.environ, "TRAIN_PER_CLASS": "16", "PYTHON": sys.executable}
+    gpudata, out, tmp = tmp_path / "gpudata", tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TRAIN_PER_CLASS": "16", "PYTHON": sys.executable, "TMPDIR": str(tmp)}
     _, shared = _fake_sources(tmp_path)
     prep = subprocess.run(["bash", "tools/prepare_gpu_data.sh", str(shared), str(gpudata)],
                           cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
@@ -100,6 +101,7 @@ def test_dry_run_records_every_step(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())  # the device tool's limits
     assert {"gpu_check.json", "install.log", "pytest.log", "profile.log"} <= set(files)
+    assert sorted(p.name for p in tmp.iterdir()) == [], "temporary files left behind"
 
 
 def test_junit_outcomes_are_grouped_per_algorithm(tmp_path):

@@ -280,10 +280,12 @@ def test_on_made_batch_hands_the_batch_and_restores_the_maker():
 
 def test_main_profiles_each_algorithm_then_each_with_the_variant(monkeypatch, capsys):
     """Every contender with the shared overrides (prefetch off: parts timed on one thread); the
-    variant's contenders with its override last; one JSON line each, named by the contender."""
-    seen = []
+    variant's contenders with its override last; one JSON line each, named by the contender;
+    each its own run folder, in a temporary folder removed at the end."""
+    seen, outs = [], []
     monkeypatch.setattr(profile_step, "profile",
-                        lambda args, name, algorithm, sync: seen.append((name, algorithm, args.override))
+                        lambda args, name, algorithm, sync, out: outs.append(Path(out))
+                        or seen.append((name, algorithm, args.override))
                         or {"median_s": len(seen)})  # fmt: skip
     monkeypatch.setattr(profile_step.bench, "_machine", lambda: "M")
     argv = ["--algorithm", "fixmatch", "rsmatch", "--override", "a=1", "--variant", "b=2"]
@@ -296,6 +298,8 @@ def test_main_profiles_each_algorithm_then_each_with_the_variant(monkeypatch, ca
     assert [(x["profiled"], x["machine"], x["median_s"]) for x in lines] == [
         ("fixmatch", "M", 1), ("rsmatch", "M", 2), ("fixmatch b=2", "M", 3), ("rsmatch b=2", "M", 4)
     ]  # fmt: skip
+    assert len(set(outs)) == 4 and len({o.parent for o in outs}) == 1
+    assert not outs[0].parent.exists()
 
 
 def test_counted_counts_each_dispatched_operator():

@@ -88,7 +88,8 @@ def _serve(step, args: argparse.Namespace) -> None:
         hand_back_host_memory()
 
 
-def _rsmatch_step(args: argparse.Namespace, algorithm: str):
+def _rsmatch_step(args: argparse.Namespace, algorithm: str, out: str):
+    """`out`: the trainer's run folder."""
     import torch
 
     from rsmatch.config import load_config
@@ -104,7 +105,6 @@ def _rsmatch_step(args: argparse.Namespace, algorithm: str):
         provenance=Provenance(torch.zeros(args.pool, dtype=torch.bool), ["real"] * args.pool),
         split_meta={},
     )  # fmt: skip
-    out = tempfile.mkdtemp(prefix="bench-")
     cfg = load_config(None, [
         f"algorithm={algorithm}", "model.backbone=wrn28_2", f"train.batch_size={args.batch_size}",
         f"train.uratio={args.uratio}", f"train.output_dir={out}", "train.progress=false",
@@ -152,7 +152,8 @@ def _bare_step(args: argparse.Namespace):
     return step
 
 
-def _usb_step(args: argparse.Namespace):
+def _usb_step(args: argparse.Namespace, out: str):
+    """`out`: USB's save and data folder."""
     import torch
     import torchvision
 
@@ -165,7 +166,6 @@ def _usb_step(args: argparse.Namespace):
     torch.Tensor.cuda = lambda self, *a, **k: self  # patch 3: batches stay on the CPU
     from semilearn import get_algorithm, get_config, get_net_builder
 
-    out = tempfile.mkdtemp(prefix="bench-usb-")
     # USB's samplers materialise num_train_iter * batch indices as one Python list up front
     # (semilearn's DistributedSampler.__iter__: torch.cat(...).tolist()); sized for a real run
     # (2**20 steps) that list alone outgrew 22 GB and the worker was OOM-killed. Ask for the
@@ -206,8 +206,13 @@ def worker(args: argparse.Namespace) -> None:
         from rsmatch.hardware import keep_host_memory
 
         keep_host_memory("auto", "cuda" if torch.cuda.is_available() else "cpu")
-    step = {"bare": _bare_step, "usb": _usb_step}.get(kind)
-    _serve(step(args) if step else _rsmatch_step(args, kind), args)
+    # the run folder of rsmatch's trainer or USB's, removed when the driver closes stdin
+    with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as out:
+        if kind == "bare":
+            step = _bare_step(args)
+        else:
+            step = _usb_step(args, out) if kind == "usb" else _rsmatch_step(args, kind, out)
+        _serve(step, args)
 
 
 # -- the driver --------------------------------------------------------------------------------

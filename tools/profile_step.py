@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,10 +76,10 @@ def _on_made_batch(trainer, batch):
         trainer.batches = make
 
 
-def profile(args: argparse.Namespace, name: str, algorithm: str, sync) -> dict:
+def profile(args: argparse.Namespace, name: str, algorithm: str, sync, out: str) -> dict:
     """One algorithm's parts timed and their operators counted (with --trace, printed too),
-    under `args.override`."""
-    step = bench._rsmatch_step(args, algorithm)
+    under `args.override`; `out`: the trainer's run folder."""
+    step = bench._rsmatch_step(args, algorithm, out)
     trainer = step.__self__
     bare = bench._bare_step(args)
     for k in range(args.warmup):
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         contenders += [(f"{a} {args.variant}", a, [*shared, args.variant]) for a in args.algorithm]
     machine = bench._machine()
-    for name, algorithm, overrides in contenders:
-        figures = profile(argparse.Namespace(**{**vars(args), "override": overrides}),
-                          name, algorithm, sync)  # fmt: skip
-        print(json.dumps({"profiled": name, "machine": machine, **figures}), flush=True)
+    with tempfile.TemporaryDirectory(prefix="profile-", ignore_cleanup_errors=True) as scratch:
+        for i, (name, algorithm, overrides) in enumerate(contenders):
+            figures = profile(argparse.Namespace(**{**vars(args), "override": overrides}),
+                              name, algorithm, sync, f"{scratch}/{i}")  # fmt: skip
+            print(json.dumps({"profiled": name, "machine": machine, **figures}), flush=True)
     return 0
 
 
