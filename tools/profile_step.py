@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def _on_made_batch(trainer, batch):
         trainer.batches = make
 
 
-def profile(args: argparse.Namespace, name: str, algorithm: str, sync, out: str) -> dict:
+def profile(
+    args: argparse.Namespace, name: str, algorithm: str, sync: Callable[[], Any], out: str
+) -> dict:
     """One algorithm's parts timed and their operators counted (with --trace, printed too),
     under `args.override`; `out`: the trainer's run folder."""
     step = bench._rsmatch_step(args, algorithm, out)
