@@ -11,6 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rsmatch.config import ConfigError, load_config
+from rsmatch.trainer import deepspeed_plugin
+
 from .conftest import ROOT, failure, tiny_overrides
 from .deepspeed_probe import record_engine
 from .torchrun import free_port
@@ -198,3 +201,39 @@ def test_resume_under_deepspeed_is_exact(sources, tmp_path, deepspeed_here):
         a = load_file(str(straight / "checkpoints" / "step_00000004" / name))
         b = load_file(str(resumed / "checkpoints" / "step_00000004" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# -- DeepSpeed: what the trainer hands on -----------------------------------------------------
+
+
+def _plugin(cfg, ds_config: dict, mixed_precision: str, tmp_path, monkeypatch) -> dict:
+    """deepspeed_plugin under a DeepSpeed launch of the JSON `ds_config`: the config it completed
+    (what Accelerate adds itself removed)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds_config}), encoding="utf-8")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    completed = deepspeed_plugin(cfg, mixed_precision).deepspeed_config
+    for accelerates in ("zero_optimization", "gradient_accumulation_steps", "steps_per_print"):
+        completed.pop(accelerates)
+    return completed
+
+
+def test_deepspeed_plugin_clips_and_autocasts_as_the_config_says(tmp_path, monkeypatch):
+    """train.clip_grad_norm and the resolved precision go into the engine's JSON."""
+    cfg = load_config(None, ["train.clip_grad_norm=0.5"])
+    assert _plugin(cfg, {}, "bf16", tmp_path, monkeypatch) == {
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "gradient_clipping": 0.5,
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        _plugin(cfg, {"gradient_clipping": 1.0}, "no", tmp_path, monkeypatch)
+    assert str(error.value) == (
+        "train.clip_grad_norm=0.5: the DeepSpeed config clips at 1.0; "
+        'set "gradient_clipping": 0.5 there, or leave it out'
+    )
+
+
+def test_deepspeed_plugin_refuses_compile(tmp_path, monkeypatch):
+    cfg = load_config(None, ["train.compile=true"])
+    with pytest.raises(ConfigError, match=r"^train.compile=true: not under DeepSpeed"):
+        _plugin(cfg, {}, "no", tmp_path, monkeypatch)

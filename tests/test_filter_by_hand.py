@@ -13,9 +13,10 @@ import torch
 
 from rsmatch import filter as flt
 from rsmatch import filter_report as rep
+from rsmatch.benchmark.errors import SourceError
 from rsmatch.export import detector_card, export_kind
 from rsmatch.filter import FilterResult
-from rsmatch.filter_report import counts, provenance_metrics
+from rsmatch.filter_report import counts, format_metric, provenance_metrics
 from rsmatch.models import Detector
 
 from .conftest import png_bytes
@@ -314,3 +315,59 @@ def test_detector_card_states_the_threshold_and_sorts_metrics():
     assert "| detector_acc | 0.2500 |\n| queue_purity | 0.5000 |" in text
     assert "| steps (train.steps) | 7 |" in text and "24x16" in text
     assert "No detector metrics" in str(detector_card(det, {}, None))
+
+
+# -- rsmatch-filter: loading ------------------------------------------------------------------
+
+
+def test_an_empty_folder_is_no_images_found_without_the_skipped_note(tmp_path):
+    """The note on earlier filter outputs appears only when there were images inside them."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image here", encoding="utf-8")
+    with pytest.raises(flt.FilterError) as error:
+        flt.read_folder(tmp_path / "empty")
+    assert str(error.value) == f"--images {tmp_path / 'empty'}: no images found"
+
+
+def test_a_hub_id_that_does_not_load_is_named_with_its_option(tmp_path, monkeypatch):
+    """A Hub id goes through the benchmark sources' loader: one line naming `--images ID`."""
+
+    def offline(spec, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.chdir(tmp_path)  # no local folder me/data
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(SourceError) as error:
+        flt.load_images("me/data")
+    assert str(error.value) == (
+        "--images me/data: cannot load this Hub dataset id (no local folder of that name) "
+        "(ConnectionError: offline)"
+    )
+
+
+def test_a_labels_source_error_names_it_as_typed(tmp_path, sources):
+    """`--labels real=PATH` with no such folder: the error names `--labels real=PATH` (it read
+    `--labels real= PATH`, a space the user never typed)."""
+    missing = tmp_path / "nope"
+    with pytest.raises(flt.FilterError) as error:
+        flt.load_labelled({"real": str(missing), "a": str(sources["gen_a"])})
+    assert str(error.value).startswith(f"--labels real={missing}: ")
+
+
+def test_an_empty_labels_folder_is_named_as_a_labels_source(tmp_path, sources):
+    """It was blamed on `--images`."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(flt.FilterError) as error:
+        flt.load_labelled({"real": str(sources["real"]), "a": str(tmp_path / "empty")})
+    assert str(error.value).startswith("--labels a=") and "--images" not in str(error.value)
+
+
+# -- rsmatch-filter: the report ---------------------------------------------------------------
+
+
+def test_format_metric_shows_zero_as_a_number_and_only_none_as_n_a():
+    """0.0 is a measured value (no real image called synthetic), not an undefined one."""
+    assert format_metric(0.0) == "0.0000"
+    assert format_metric(None) == "n/a"
+    assert format_metric(0.12345) == "0.1235"
+    assert format_metric(1.0) == "1.0000"

@@ -1,4 +1,5 @@
-"""Exported models load back; runs stage and push to the Hub at the API boundary (offline)."""
+"""Exported models load back, their model cards; runs stage and push to the Hub at the API
+boundary (offline)."""
 
 import json
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 from rsmatch import hub
-from rsmatch.export import load_classifier
+from rsmatch.export import classifier_card, load_classifier
 from rsmatch.trainer import Trainer
 
 from .conftest import tiny_config
+from .test_synth_store_by_hand import _run
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,60 @@ def test_push_errors(finished_run, tmp_path, capsys):
     assert "not a finished run" in capsys.readouterr().err
     assert hub.main([str(out), "me/model"]) == 1  # HF_HUB_OFFLINE=1 in tests
     assert "push failed" in capsys.readouterr().err
+
+
+# -- the classifier card ----------------------------------------------------------------------
+
+CONFIG = {"backbone": "wrn28_2", "class_names": ["cat", "dog"], "mean": [0.5], "std": [0.25]}
+
+
+def test_the_exported_classifier_card_by_hand():
+    """An export's card: front matter, default title, where the scores are, classes, input,
+    output and the loading snippet with a placeholder source."""
+    card = classifier_card(CONFIG, "fixmatch")
+    assert card.data.to_dict() == {
+        "library_name": "rsmatch",
+        "tags": ["rsmatch", "image-classification", "semi-supervised-learning", "fixmatch"],
+    }
+    assert str(card) == (
+        "---\nlibrary_name: rsmatch\ntags:\n- rsmatch\n- image-classification\n"
+        "- semi-supervised-learning\n- fixmatch\n---\n\n"
+        "# rsmatch classifier\n\n"
+        "A `wrn28_2` classifier trained with **fixmatch** by the rsmatch trainer, on images whose "
+        "unlabeled part may hold AI-generated ones (RS-SSL): the encoder and the real head only "
+        "(RSMatch's fake head and detector are not needed at inference).\n\n"
+        "Its scores are in its run folder: `metrics.json`, `evals.jsonl`, `run.json`.\n\n"
+        "Classes (2): cat, dog.\n\n"
+        "Input: uint8 RGB images, NCHW, at the size it was trained on, normalised inside the "
+        "model (mean [0.5], std [0.25]). Output: `logits`, `feat`.\n\n"
+        "```python\nfrom rsmatch.export import load_classifier\n"
+        "model = load_classifier('FOLDER_OR_HUB_ID')\n"
+        "predictions = model(uint8_images)['logits'].argmax(-1)\n```\n"
+    )
+
+
+@pytest.mark.parametrize("names", [None, []])
+def test_a_card_without_class_names_has_no_classes_line(names):
+    config = {**CONFIG, "class_names": names}
+    text = str(classifier_card(config, "fixmatch"))
+    assert "Classes" not in text
+    assert "run.json`.\n\nInput: uint8 RGB images" in text
+
+
+def test_the_pushed_card_is_the_export_card_with_the_runs_record(tmp_path):
+    """rsmatch-push: the run's data and metrics replace the export's pointer to its run folder,
+    ending with what test_acc and best_acc mean; the rest is the export's card."""
+    text = hub.model_card(_run(tmp_path / "r"), "me/my-model")
+    assert text.startswith("---\nlibrary_name: rsmatch\ntags:\n- rsmatch\n")
+    assert "Its scores are in its run folder" not in text and "Classes" not in text
+    assert (
+        "| test_acc | 0.1235 |\n| step | 7 |\n\n"
+        "`test_acc` is the final EMA model's top-1 accuracy on the real test split; `best_acc` is "
+        "the best over evaluations (optimistic, as in USB). The full config, package versions and "
+        "per-evaluation metrics are in `config.yaml`, `run.json` and `evals.jsonl`.\n\n"
+        "Input: uint8 RGB images, NCHW"
+    ) in text
+    assert text.endswith(
+        "model = load_classifier('me/my-model')\n"
+        "predictions = model(uint8_images)['logits'].argmax(-1)\n```\n"
+    )
