@@ -210,8 +210,10 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as out:
         if kind == "bare":
             step = _bare_step(args)
+        elif kind == "usb":
+            step = _usb_step(args, out)
         else:
-            step = _usb_step(args, out) if kind == "usb" else _rsmatch_step(args, kind, out)
+            step = _rsmatch_step(args, kind, out)
         _serve(step, args)
 
 
