@@ -6,6 +6,7 @@ import math
 import pytest
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 from rsmatch.models import Classifier, Detector, Normalize, create_encoder, linear_head
@@ -119,6 +120,30 @@ def test_wrn28_2_has_usbs_parameter_count():
     # stem 448 + stages 70,112 + 279,488 + 1,116,032 + final bn 256 + fc 1,290
     model = timm.create_model("wrn28_2", num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == 1_467_626
+
+
+def test_wrn_speaks_timms_model_interface():
+    """What timm's own utilities call on a model: the head to replace (get_classifier,
+    reset_classifier) and the parameters to keep out of weight decay (no_weight_decay, read by
+    timm's create_optimizer_v2). WRN-10-1: one block per stage, so 16 such parameters by hand:
+    the stem's bias, bn1 and bn2 (weight, bias) of three blocks, the final bn's two, fc's bias."""
+    model = timm.create_model("wrn10_1", num_classes=10)
+    assert model.get_classifier() is model.fc
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.float32)
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)  # no head: forward gives the pooled features
+    assert isinstance(model.get_classifier(), nn.Identity) and model(x).shape == (2, 64)
+    model.reset_classifier(10)
+    blocks = [
+        f"block{s}.0.bn{b}.{t}" for s in (1, 2, 3) for b in (1, 2) for t in ("weight", "bias")
+    ]
+    assert model.no_weight_decay() == {
+        "conv1.bias", *blocks, "bn1.weight", "bn1.bias", "fc.bias"
+    }  # fmt: skip
+    groups = create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=5e-4).param_groups
+    plain = [g for g in groups if g["weight_decay"] == 0]
+    assert len(plain) == 1 and len(plain[0]["params"]) == 16
 
 
 def test_wrn_depth_must_be_6n_plus_4():
