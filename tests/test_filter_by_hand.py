@@ -3,6 +3,8 @@
 so every score, call, count and order below is computed by hand; no training is needed."""
 
 import json
+import subprocess
+import sys
 import warnings
 
 import datasets
@@ -315,6 +317,21 @@ def test_detector_card_states_the_threshold_and_sorts_metrics():
     assert "| detector_acc | 0.2500 |\n| queue_purity | 0.5000 |" in text
     assert "| steps (train.steps) | 7 |" in text and "24x16" in text
     assert "No detector metrics" in str(detector_card(det, {}, None))
+
+
+def test_an_option_error_comes_before_torch_loads(tmp_path):
+    """The options are checked (here `--out`, which exists) before torch, torchvision and
+    datasets load: 0.4 s instead of 10 s on a 2-core Zen 3."""
+    code = (
+        "import sys\n"
+        "from rsmatch.cli import filter as cli\n"
+        f"code = cli.main(['--detector', 'd', '--images', 'i', '--out', {str(tmp_path)!r}])\n"
+        "print(code, [m for m in ('torch', 'torchvision', 'datasets') if m in sys.modules])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.stdout.strip() == "2 []", res.stdout + res.stderr
+    assert res.stderr == f"rsmatch-filter: error: --out {tmp_path}: exists; choose a new folder\n"
 
 
 # -- rsmatch-filter: loading ------------------------------------------------------------------

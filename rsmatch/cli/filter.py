@@ -85,13 +85,21 @@ def labelled_sources(items: list[str]) -> dict[str, str]:
     return sources
 
 
+def _error(e: Exception) -> int:
+    print(f"rsmatch-filter: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check(args)
+    except ConfigError as e:  # before the imports below: an option error comes at once
+        return _error(e)
     from rsmatch import filter as flt  # torch, torchvision, datasets: not for --help
 
     flt.datasets.disable_progress_bars()
     try:
-        check(args)
         det = flt.resolve_detector(args.detector)
         if args.labels:
             dd = flt.load_labelled(labelled_sources(args.labels))
@@ -105,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             args.keep == "real", args.skip_corrupt, args.workers,
         )  # fmt: skip
     except (ConfigError, SourceError, flt.FilterError) as e:
-        print(f"rsmatch-filter: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     except KeyboardInterrupt:
         print(f"rsmatch-filter: interrupted; nothing written to {args.out}", file=sys.stderr)
         return 130
