@@ -177,11 +177,8 @@ def load_run_detector(run: Path) -> nn.Module | None:
 def analyze(run: Path, out: Path, samples: int = 1000, per_class: int = 2,
             classes: int | None = None, seed: int = 0) -> list[Path]:  # fmt: skip
     """Write tsne.png, gradcam_classifier.png and (with a detector) gradcam_detector.png; the
-    GradCAM++ grids show `classes` classes (default: the run's first 10)."""
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder")
-    if not (run / "model").is_dir():
-        raise FileNotFoundError(f"{run / 'model'}: no exported classifier (has the run finished?)")
+    GradCAM++ grids show `classes` classes (default: the run's first 10); `run` as
+    `rsmatch.cli.analyze.run_problem` accepts it."""
     classifier = load_classifier(run / "model")
     pool = Pool(run, samples, seed)
     if classes is None:

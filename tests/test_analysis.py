@@ -1,6 +1,7 @@
 """rsmatch-analyze on a tiny finished run: t-SNE and GradCAM++ figures."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,9 @@ def test_more_classes_than_the_run_has_are_refused(run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys):
+def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys, monkeypatch):
+    """Before rsmatch.analysis (torch, the figures' libraries) is imported: at once."""
+    monkeypatch.setitem(sys.modules, "rsmatch.analysis", None)  # importing it would raise
     assert main([str(tmp_path)]) == 2
     assert "no exported classifier" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 2

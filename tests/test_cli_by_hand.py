@@ -287,7 +287,9 @@ def test_experiment_arguments_after_the_double_dash_go_to_the_launcher():
 
 
 @pytest.fixture
-def stub_analyze(monkeypatch):
+def stub_analyze(monkeypatch, tmp_path):
+    """rsmatch.analysis.analyze recording its arguments; tmp_path a run folder with model/."""
+    (tmp_path / "model").mkdir()
     seen = {}
 
     def analyze(run, out, samples, per_class, classes, seed):
