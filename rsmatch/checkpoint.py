@@ -16,15 +16,19 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from rsmatch.atomic import write_text_atomic
 from rsmatch.config import dump_yaml
+
+# torch, Accelerate and safetensors are imported where a checkpoint is saved or loaded: the
+# command line imports CheckpointError before it reads its config, and a mistyped --config
+# path should be reported before torch loads.
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -103,6 +107,9 @@ def save(
     config: dict,
     keep: int,
 ) -> Path:
+    from accelerate.utils import broadcast_object_list
+    from safetensors.torch import save_file
+
     final = root / f"step_{step:08d}"
     # Unique per run and per save: two writers can never share a temporary folder.
     name = [f".tmp_step_{step:08d}_{os.getpid()}_{uuid.uuid4().hex[:8]}"]
@@ -202,6 +209,8 @@ def load(accelerator: Accelerator, path: Path, ema: nn.Module) -> tuple[dict, di
 
     Call :func:`verify` first; a file that still fails to load is named.
     """
+    from safetensors.torch import load_file
+
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # torch/accelerate raise many types for a bad file

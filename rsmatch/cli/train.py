@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rsmatch.benchmark.errors import SourceError
+from rsmatch.checkpoint import CheckpointError
 from rsmatch.cli import HelpWithDefaults, Once, run_process, stdout_to_stderr
 from rsmatch.config import Config, ConfigError, ignored_overrides, load_config
 
@@ -91,9 +92,6 @@ def _report(error: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # after parsing: --help and usage errors need neither datasets nor torch
-    from rsmatch.checkpoint import CheckpointError
-
     resume = args.resume_from if args.resume_from is not None else args.resume
     try:
         cfg = load_config(args.config, args.overrides)
