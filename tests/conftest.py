@@ -11,13 +11,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # inductor use: kernels compiled under ATEN_CPU_CAPABILITY=avx2 crashed a later run without
 # it, and the reverse trained to NaN. Each session compiles into its own folder, as on a fresh
 # CI machine (its processes inherit it), unless one was chosen.
+import tempfile  # noqa: E402
+
 INDUCTOR_CACHE = None
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    import tempfile
-
     INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(
         prefix="rsmatch-tests-inductor-"
     )
+
+# Every torchrun or `accelerate launch` leaves a torchelastic_* log folder in its temporary
+# directory (13 per suite run): the processes tests start get one folder, removed at the end.
+# This process keeps its own (tempfile has already read it).
+tempfile.gettempdir()
+CHILD_TMP = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="rsmatch-tests-tmp-")
 
 import importlib.util  # noqa: E402
 import io  # noqa: E402
@@ -41,6 +47,7 @@ SHARED = ROOT.parent / "shared" / "data"
 def pytest_unconfigure(config: pytest.Config) -> None:
     if INDUCTOR_CACHE is not None:
         shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
+    shutil.rmtree(CHILD_TMP, ignore_errors=True)
 
 
 def needs_cuda(test):
