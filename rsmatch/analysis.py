@@ -22,6 +22,7 @@ from rsmatch.config import ConfigError, load_config  # noqa: E402
 from rsmatch.data.decode import decode  # noqa: E402
 from rsmatch.data.loaders import load_benchmark_from_config  # noqa: E402
 from rsmatch.export import load_classifier, load_detector  # noqa: E402
+from rsmatch.runfolder import exported_model_problem  # noqa: E402
 
 
 class Pool:
@@ -177,8 +178,9 @@ def load_run_detector(run: Path) -> nn.Module | None:
 def analyze(run: Path, out: Path, samples: int = 1000, per_class: int = 2,
             classes: int | None = None, seed: int = 0) -> list[Path]:  # fmt: skip
     """Write tsne.png, gradcam_classifier.png and (with a detector) gradcam_detector.png; the
-    GradCAM++ grids show `classes` classes (default: the run's first 10); `run` as
-    `rsmatch.cli.analyze.run_problem` accepts it."""
+    GradCAM++ grids show `classes` classes (default: the run's first 10)."""
+    if problem := exported_model_problem(run):  # else `run/model` could be read as a Hub id
+        raise FileNotFoundError(problem)
     classifier = load_classifier(run / "model")
     pool = Pool(run, samples, seed)
     if classes is None:

@@ -36,6 +36,15 @@ def unwritable(out: Path, inside: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def exported_model_problem(run: Path) -> str | None:
+    """Why `run` is not a finished run folder with its exported classifier, if it is not."""
+    if not run.is_dir():
+        return f"{run}: no such run folder"
+    if not (run / "model").is_dir():
+        return f"{run / 'model'}: no exported classifier (has the run finished?)"
+    return None
+
+
 def check_writable(out: Path) -> None:
     """One-line ConfigError unless the run can create and write `out` and what it holds."""
     problem = unwritable(out, ("checkpoints", "tb"))

@@ -21,7 +21,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 # Every torchrun or `accelerate launch` leaves a torchelastic_* log folder in its temporary
 # directory (13 per suite run): the processes tests start get one folder, removed at the end.
-# This process keeps its own (tempfile has already read it).
+# This process keeps its own, read now, before TMPDIR changes.
 tempfile.gettempdir()
 CHILD_TMP = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="rsmatch-tests-tmp-")
 
@@ -176,6 +176,21 @@ def tiny_overrides(sources: dict[str, Path], out: Path, **extra: object) -> list
 
 def tiny_config(sources: dict[str, Path], out: Path, **extra: object) -> Config:
     return load_config(None, tiny_overrides(sources, out, **extra))
+
+
+def main_in_a_fresh_process(
+    module: str, argv: list[str], watched: tuple[str, ...], cwd: Path
+) -> tuple[str, str]:
+    """`module.main(argv)` in a fresh interpreter: ("EXIT_CODE [the watched modules it
+    imported]", its stderr). For what must happen before a heavy import."""
+    code = (
+        f"import sys, {module} as cli\n"
+        f"code = cli.main({argv!r})\n"
+        f"print(code, [m for m in {watched!r} if m in sys.modules])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    return res.stdout.strip(), res.stderr
 
 
 def failure(res: subprocess.CompletedProcess) -> str:

@@ -103,6 +103,18 @@ def test_simmatch_loss_in_trains_the_strong_projection_through_the_pre_update_ba
 # --- RSMatch ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("with_detector", [False, True])
+def test_the_model_takes_a_detector_or_a_shared_head_exactly_one(with_detector):
+    """Neither leaves forward nothing to call; both would train a head nothing reads."""
+    from torch import nn
+
+    from rsmatch.algorithms.rsmatch import RSMatchModel
+
+    head = nn.Identity() if with_detector else None
+    with pytest.raises(ValueError, match="a detector or a shared head, exactly one"):
+        RSMatchModel(nn.Identity(), head, head)
+
+
 def test_export_writes_the_ema_classifier_and_the_live_detector_with_its_card(
     monkeypatch, tmp_path
 ):

@@ -85,6 +85,14 @@ def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys, monkeypatch):
     assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err
 
 
+def test_analyze_called_directly_refuses_a_missing_run_folder(tmp_path):
+    """Named as a run folder, not sent to the Hub: `absent_run/model` has the shape of a Hub
+    model id, which the classifier's loader would query (~25 s of retries when offline)."""
+    with pytest.raises(FileNotFoundError, match=r"^absent_run: no such run folder$"):
+        analysis.analyze(Path("absent_run"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_viz_extra_is_named_before_any_figure(run, tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -141,7 +141,10 @@ def test_wrn_speaks_timms_model_interface():
     assert model.no_weight_decay() == {
         "conv1.bias", *blocks, "bn1.weight", "bn1.bias", "fc.bias"
     }  # fmt: skip
-    groups = create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=5e-4).param_groups
+    # filter_bias_and_bn=False: timm would otherwise exclude every 1-D parameter by its rule
+    groups = create_optimizer_v2(
+        model, "sgd", lr=0.1, weight_decay=5e-4, filter_bias_and_bn=False
+    ).param_groups
     plain = [g for g in groups if g["weight_decay"] == 0]
     assert len(plain) == 1 and len(plain[0]["params"]) == 16
 

@@ -76,7 +76,7 @@ class RSMatchConfig:
 
 
 class RSMatchModel(nn.Module):
-    """Classifier + detector. forward(classifier_images, detector_images).
+    """Classifier + detector. forward(classifier_images, detector_images, shared).
 
     Ablation "w/o ind. models": no detector, and `shared_head`, the binary head on the
     classifier's features, instead."""
@@ -84,6 +84,8 @@ class RSMatchModel(nn.Module):
     def __init__(
         self, classifier: Classifier, detector: Detector | None, shared_head: nn.Module | None
     ) -> None:
+        if (detector is None) == (shared_head is None):
+            raise ValueError("RSMatchModel: a detector or a shared head, exactly one")
         super().__init__()
         self.classifier = classifier
         self.detector = detector

@@ -14,18 +14,9 @@ from pathlib import Path
 
 from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
+from rsmatch.runfolder import exported_model_problem
 
 VIZ_MODULES = ("sklearn", "pytorch_grad_cam")  # the `viz` extra: t-SNE, GradCAM++
-
-
-def run_problem(run: Path) -> str | None:
-    """Why `run` is no folder to analyse, if it is not: checked before torch and the figures'
-    libraries load (~9 s on 2 cores), so a mistyped path is reported at once."""
-    if not run.is_dir():
-        return f"{run}: no such run folder"
-    if not (run / "model").is_dir():
-        return f"{run / 'model'}: no exported classifier (has the run finished?)"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=at_least(0), default=0, help="seed of the samples and of t-SNE")
     args = ap.parse_args(argv)
-    if problem := run_problem(args.run):
+    # before torch and the figures' libraries load (~9 s on 2 cores): a mistyped path at once
+    if problem := exported_model_problem(args.run):
         print(f"rsmatch-analyze: error: {problem}", file=sys.stderr)
         return 2
     # checked before any figure is drawn: a missing GradCAM++ came after t-SNE's was written
