@@ -150,14 +150,29 @@ def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
     assert gpu_check.run(cmd, log, 1, dict(os.environ))["status"] == "skipped"  # no time left
 
 
+def test_a_bench_worker_whose_stdin_closes_before_warming_up_ends_and_cleans_up(tmp_path):
+    """What the driver's stop relies on: a worker told nothing returns without a step, exit 0,
+    its temporary run folder removed."""
+    flags = ["--worker", "bare", "--batch-size", "2", "--uratio", "1", "--threads", "1",
+             "--precision", "no"]  # fmt: skip
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_vs_usb.py"), *flags],
+                          input="", capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bench_worker_that_died_while_starting_is_named():
     """bench_vs_usb starts every worker at once, then warms each up: one that already exited
-    (an import error, say) is named, the others are stopped, no BrokenPipeError traceback."""
+    (an import error, say) is named, no BrokenPipeError traceback, and the others are stopped
+    by closing their stdin (a worker then returns and removes its run folder; a kill would
+    leave it), not left running."""
     bench = load_tool("bench_vs_usb")
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], **pipes)
     dead.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], **pipes)
+    waiting = "import sys; sys.stdin.read(); print('stdin closed')"  # as a worker waits
+    alive = subprocess.Popen([sys.executable, "-c", waiting], **pipes)
     with pytest.raises(SystemExit, match="the rsmatch worker failed to start"):
         bench._warm_up({"rsmatch": dead, "fixmatch": alive})
-    assert alive.wait(timeout=10) != 0  # killed, not left running
+    assert alive.returncode == 0 and alive.stdout.read() == "stdin closed\n"

@@ -33,6 +33,7 @@ Prints one JSON line per round and contender, then a summary with ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -67,7 +68,8 @@ def _serve(step, args: argparse.Namespace) -> None:
 
     # on a GPU the clock is read only after the queued kernels have finished
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
-    sys.stdin.readline()  # "warmup": one worker at a time, so that their peaks never add up
+    if not sys.stdin.readline():  # "warmup": one worker at a time, so their peaks never add up
+        return  # stdin closed first: another worker failed to start
     for k in range(args.warmup):
         step(k)
     sync()
@@ -261,11 +263,19 @@ def _warm_up(workers: dict[str, subprocess.Popen]) -> None:
         except BrokenPipeError:  # it died while importing or setting up
             ready = None
         if ready is None:
-            for p in workers.values():
-                p.kill()
+            _stop_all(workers)
             raise SystemExit(
                 f"bench_vs_usb: the {kind} worker failed to start (see its stderr above)"
             )
+
+
+def _stop_all(workers: dict[str, subprocess.Popen]) -> None:
+    """Close each worker's stdin and wait: it ends its loop and removes its run folder."""
+    for proc in workers.values():
+        with contextlib.suppress(BrokenPipeError):  # it has exited already
+            proc.stdin.close()
+    for proc in workers.values():
+        proc.wait()
 
 
 def _expect(proc: subprocess.Popen, word: str) -> str | None:
@@ -307,9 +317,7 @@ def drive(args: argparse.Namespace) -> dict:
                 times[kind].append(seconds)
                 print(json.dumps({"round": r, "step": kind, "s_per_step": _digits(seconds)}))
     finally:
-        for proc in workers.values():
-            proc.stdin.close()
-            proc.wait()
+        _stop_all(workers)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {}
     for tail in ("", *([f" {args.variant}"] if args.variant else [])):
