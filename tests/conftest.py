@@ -178,15 +178,15 @@ def tiny_config(sources: dict[str, Path], out: Path, **extra: object) -> Config:
     return load_config(None, tiny_overrides(sources, out, **extra))
 
 
-def main_in_a_fresh_process(
-    module: str, argv: list[str], watched: tuple[str, ...], cwd: Path
+def loaded_in_a_fresh_process(
+    module: str, watched: tuple[str, ...], cwd: Path, argv: list[str] | None = None
 ) -> tuple[str, str]:
-    """`module.main(argv)` in a fresh interpreter: ("EXIT_CODE [the watched modules it
-    imported]", its stderr). For what must happen before a heavy import."""
+    """Import `module` in a fresh interpreter and, given `argv`, call its `main(argv)`:
+    ("[EXIT_CODE ][the watched modules loaded by then]", its stderr). For what must happen
+    before a heavy import."""
+    call = "" if argv is None else f"print(cli.main({argv!r}), end=' ')\n"
     code = (
-        f"import sys, {module} as cli\n"
-        f"code = cli.main({argv!r})\n"
-        f"print(code, [m for m in {watched!r} if m in sys.modules])\n"
+        f"import sys, {module} as cli\n{call}print([m for m in {watched!r} if m in sys.modules])\n"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                          timeout=300)  # fmt: skip

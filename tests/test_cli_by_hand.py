@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from rsmatch.cli import throughput as throughput_cli
 from rsmatch.cli import train as train_cli
 from rsmatch.config import ConfigError
 
-from .conftest import tiny_overrides
+from .conftest import ROOT, loaded_in_a_fresh_process, tiny_overrides
 
 
 class StubTrainer:
@@ -454,13 +453,8 @@ def test_run_process_exit_codes(monkeypatch, capsys):
 def test_help_and_usage_errors_load_neither_torch_nor_datasets(cli):
     """`--help` and a usage error are answered before the training stack is imported (which
     takes seconds of CPU): the module alone imports neither torch nor datasets."""
-    probe = (
-        f"import sys, rsmatch.cli.{cli}; "
-        "print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))"
-    )
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    out, err = loaded_in_a_fresh_process(f"rsmatch.cli.{cli}", ("torch", "datasets"), ROOT)
+    assert out == "[]", out + err
 
 
 # ---------------------------------------------------------------- --config given twice

@@ -19,7 +19,7 @@ from rsmatch.filter import FilterResult
 from rsmatch.filter_report import counts, format_metric, provenance_metrics
 from rsmatch.models import Detector
 
-from .conftest import main_in_a_fresh_process, png_bytes
+from .conftest import loaded_in_a_fresh_process, png_bytes
 from .test_filter import _Rank
 
 SIZE = (4, 4)
@@ -321,8 +321,8 @@ def test_an_option_error_comes_before_torch_loads(tmp_path):
     """The options are checked (here `--out`, which exists) before torch, torchvision and
     datasets load: 0.4 s instead of 10 s on a 2-core Zen 3."""
     argv = ["--detector", "d", "--images", "i", "--out", str(tmp_path)]
-    out, err = main_in_a_fresh_process(
-        "rsmatch.cli.filter", argv, ("torch", "torchvision", "datasets"), tmp_path
+    out, err = loaded_in_a_fresh_process(
+        "rsmatch.cli.filter", ("torch", "torchvision", "datasets"), tmp_path, argv
     )
     assert out == "2 []", out + err
     assert err == f"rsmatch-filter: error: --out {tmp_path}: exists; choose a new folder\n"

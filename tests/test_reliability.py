@@ -22,7 +22,7 @@ from rsmatch.cli import train as train_cli
 from rsmatch.config import ConfigError, load_config, to_dict
 from rsmatch.trainer import Trainer
 
-from .conftest import ROOT, main_in_a_fresh_process, tiny_config, tiny_overrides
+from .conftest import ROOT, loaded_in_a_fresh_process, tiny_config, tiny_overrides
 from .torchrun import torchrun
 
 STEP2, STEP4 = "step_00000002", "step_00000004"
@@ -160,7 +160,7 @@ def test_config_errors_come_before_the_heavy_libraries_load(tmp_path, args, not_
     2-core Zen 3); a mistyped key, which needs the config's dataclasses (with torch), before
     timm (which imports torchvision and torch._dynamo), datasets, the Hub client, Accelerate
     and safetensors (4 s instead of 10 s)."""
-    out, err = main_in_a_fresh_process("rsmatch.cli.train", args, not_loaded, tmp_path)
+    out, err = loaded_in_a_fresh_process("rsmatch.cli.train", not_loaded, tmp_path, args)
     assert out == "2 []", out + err
     assert err.startswith(f"rsmatch-train: error: {error}"), err
 
