@@ -1,14 +1,50 @@
-"""Writing a file so that a reader, or a crash, never meets half of it. Kept apart from the
-checkpoint code (torch, Accelerate, safetensors) so that the light commands need none of it."""
+"""Writing a file or a folder so that a reader, or a crash, never meets half of it. Kept apart
+from the checkpoint code (torch, Accelerate, safetensors) so that the light commands need none
+of it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never a part."""
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a part,
+    also after a power loss (flushed to disk before the rename). A failed write leaves no
+    temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_folder(out: Path, fill: Callable[[Path], object]) -> None:
+    """Let `fill` write into an empty folder next to `out`, then swap it in whole: a reader, or
+    a crash, meets the old `out` or the new one. A failure (Ctrl-C included) leaves `out` as it
+    was and no temporary folder. One writer per `out` (the caller holds its lock, or `out` is
+    its own new path)."""
+    tmp, old = (out.with_name(f".{out.name}.{suffix}") for suffix in ("tmp", "old"))
+    if old.exists() and not out.exists():  # a writer killed between the two renames below
+        os.replace(old, out)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
+from rsmatch.atomic import write_folder
 from rsmatch.benchmark.integrity import decode_bytes
 from rsmatch.benchmark.sources import (
     LABEL_COLUMNS,
@@ -333,24 +332,19 @@ def run_filter(det: Detector, dd: datasets.DatasetDict, accelerator: Accelerator
 
 
 def write_outputs(result: FilterResult, out: Path, report: Callable[[Path], None]) -> None:
-    """scores.parquet, dataset/, corrupt.txt and the report, written to a temporary folder
-    and renamed: a failure leaves nothing half-written."""
+    """scores.parquet, dataset/, corrupt.txt and the report, written whole or not at all
+    (`atomic.write_folder`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         pq.write_table(pa.table(result.table), tmp / "scores.parquet")
         result.dataset.save_to_disk(str(tmp / "dataset"))
         if result.corrupt:
             (tmp / "corrupt.txt").write_text("\n".join(result.corrupt) + "\n", encoding="utf-8")
         report(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, out)
+
+    write_folder(out, fill)
 
 
 def push(out: Path, dataset: datasets.DatasetDict, repo: str, private: bool) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from rsmatch import checkpoint, evaluate, hardware, runfolder
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
+from rsmatch.atomic import write_folder, write_text_atomic
 from rsmatch.config import Config, ConfigError, check_world_size, flatten, to_dict
 from rsmatch.data.batch import Provenance, TrainData
 from rsmatch.data.check import check_sources
@@ -103,8 +103,9 @@ def deepspeed_plugin(cfg: Config, mixed_precision: str) -> DeepSpeedPlugin:
 
 
 def cosine_schedule(steps: int, cycles: float) -> Callable[[int], float]:
-    """USB's learning-rate factor at step k: cos(pi * cycles * k / steps)."""
-    return lambda k: math.cos(math.pi * cycles * k / steps)
+    """USB's learning-rate factor at step k: max(0, cos(pi * cycles * k / steps)); the floor
+    holds the rate at 0 past cos's first zero (cycles > 0.5), where it would turn negative."""
+    return lambda k: max(0.0, math.cos(math.pi * cycles * k / steps))
 
 
 @dataclass
@@ -349,6 +350,8 @@ class Trainer:
                 if step % t.save_every == 0 or step == t.steps:
                     self._save(step)
                 bar.update(1)
+            if not interrupted and self.state.last_eval.get("step") != self.state.step:
+                self._evaluate(self.state.step)  # resumed at its new last step
         except BaseException:  # a crashed run frees its folder (an inline grid goes on)
             self.lock.release()
             raise
@@ -362,8 +365,6 @@ class Trainer:
         if interrupted:
             self.lock.release()
             return {"interrupted": True, "step": self.state.step}
-        if self.state.last_eval.get("step") != self.state.step:  # resumed at its new last step
-            self._evaluate(self.state.step)
         return self._finish()
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
@@ -497,13 +498,7 @@ class Trainer:
 
     def _export_best(self) -> None:
         """Keep the models behind `best_acc` in `best/`, replaced whole (never half-written)."""
-        best, tmp, old = (self.out / n for n in ("best", ".best.tmp", ".best.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.export(tmp)
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
+        write_folder(self.out / "best", self.export)
 
     def _finish(self) -> dict:
         ev = self.state.last_eval
@@ -518,9 +513,8 @@ class Trainer:
         }
         if self.accelerator.is_main_process:
             self.export()
-            (self.out / "metrics.json").write_text(
-                json.dumps(metrics, indent=2) + "\n", encoding="utf-8"
-            )
+            # last, and whole: a grid counts a run with metrics.json as done
+            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             self.lock.release()
         return metrics
 

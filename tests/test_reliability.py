@@ -443,6 +443,9 @@ def test_resume_at_its_new_last_step_evaluates_and_finishes(sources, tmp_path):
         for x in (out / "evals.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert steps == [2]  # step 4's evaluation dropped with its checkpoint set aside
+    # one TensorBoard file per start: the final evaluation is logged before the trackers close
+    # (logged after, it reopened a writer that nobody closed)
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2
 
 
 def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):

@@ -29,6 +29,8 @@ def test_cosine_schedule_by_hand():
     assert factor(8) == pytest.approx(0.7730105, abs=1e-7)  # cos(7 pi / 32)
     assert factor(16) == pytest.approx(0.1950903, abs=1e-7)  # cos(7 pi / 16)
     assert cosine_schedule(16, 1.0)(8) == pytest.approx(0.0, abs=1e-12)  # cos(pi / 2)
+    # past cos's first zero the factor stays 0, as USB's max(0, cos): cos(3 pi / 4) = -0.707
+    assert cosine_schedule(16, 1.0)(12) == 0.0 and cosine_schedule(16, 1.0)(16) == 0.0
 
 
 def test_optimizer_is_nesterov_sgd_without_decay_on_1d_parameters(sources, tmp_path):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
+from rsmatch.atomic import write_folder
 from rsmatch.benchmark import synth
 from rsmatch.benchmark.card import dataset_card
 from rsmatch.benchmark.errors import BuildError
@@ -304,18 +305,15 @@ def _drop_if_imageless(root: Path, g: str) -> None:
 
 
 def write(out: Path, dd: datasets.DatasetDict, meta: dict) -> None:
-    """Data, metadata, card and preview into a temporary folder, renamed to `out` when done;
-    removed if anything, Ctrl-C included, stops it before."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Data, metadata, card and preview, written whole or not at all, Ctrl-C included
+    (`atomic.write_folder`)."""
+
+    def fill(tmp: Path) -> None:
         save_benchmark(dd, tmp, meta)
         dataset_card(dd, meta).save(tmp / "README.md")
         preview(dd, tmp / "preview.png")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(out, fill)
 
 
 def load_sources(
