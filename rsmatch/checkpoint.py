@@ -86,6 +86,12 @@ def verify(folder: Path) -> None:
             raise CheckpointError(
                 f"{folder / name}: not in the manifest (an incomplete checkpoint)"
             )
+    # a file the manifest does not list would still be loaded (a DeepSpeed shard, another
+    # rank's RNG state): it was not written with this checkpoint
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != MANIFEST and name not in entries:
+            raise CheckpointError(f"{path}: not in the manifest (added after the checkpoint)")
     for name, entry in entries.items():
         path = folder / name
         if not path.is_file():
@@ -144,10 +150,11 @@ def save(
 
 
 def latest(root: Path) -> Path | None:
-    """The folder `latest` points at, or None when there is no pointer."""
+    """The folder `latest` points at; without a pointer, the newest checkpoint folder (a crash
+    between a checkpoint's rename and its pointer leaves it so); None when there is neither."""
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
+        return next(iter(steps(root)), None)
     return root / pointer.read_text(encoding="utf-8").strip()
 
 

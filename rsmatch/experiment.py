@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from rsmatch import checkpoint
 from rsmatch.atomic import write_text_atomic
 from rsmatch.benchmark.errors import SourceError
 from rsmatch.config import (
@@ -209,7 +210,7 @@ def run_state(run_dir: Path) -> str:
     """done (metrics.json), partial (a checkpoint to resume) or todo."""
     if (run_dir / "metrics.json").is_file():
         return "done"
-    if (run_dir / "checkpoints" / "latest").is_file():
+    if checkpoint.latest(run_dir / "checkpoints") is not None:
         return "partial"
     return "todo"
 

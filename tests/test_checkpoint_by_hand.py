@@ -195,11 +195,33 @@ def test_auto_fallback_with_nothing_intact_lists_every_reason(tmp_path):
     assert str(e.value) == f"--resume=auto-fallback: no intact checkpoint under {empty}"
 
 
-def test_resume_without_a_latest_pointer_is_refused(tmp_path):
-    _sealed(tmp_path, 2)  # a checkpoint, but no `latest`
+def test_resume_without_a_latest_pointer_takes_the_newest_checkpoint(tmp_path):
+    """A crash between a checkpoint's rename and its `latest` pointer leaves the sealed folder
+    alone: `--resume` and a grid's rerun take it (verified, as any other)."""
+    from rsmatch.experiment import run_state
+
+    run = tmp_path / "run"
+    assert checkpoint.latest(run / "checkpoints") is None and run_state(run) == "todo"
+    _sealed(run / "checkpoints", 2)
+    newest = _sealed(run / "checkpoints", 4)
+    assert checkpoint.select(run / "checkpoints", "latest") == (newest, [])
+    assert run_state(run) == "partial"
+    (newest / "trainer.json").write_text("x", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"trainer.json: .* broken \(--resume=auto-fallback"):
+        checkpoint.select(run / "checkpoints", "latest")
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path):
+    """Another rank's RNG state (or any file) added to a sealed checkpoint would be loaded
+    unchecked: refused by name."""
+    folder = _sealed(tmp_path, 1)
+    (folder / "random_states_1.pkl").write_bytes(b"not written with the checkpoint")
     with pytest.raises(CheckpointError) as e:
-        checkpoint.select(tmp_path, "latest")
-    assert str(e.value) == f"--resume: no checkpoint under {tmp_path}"
+        verify(folder)
+    assert (
+        str(e.value)
+        == f"{folder / 'random_states_1.pkl'}: not in the manifest (added after the checkpoint)"
+    )
 
 
 # -- the resume rules -------------------------------------------------------------------------
