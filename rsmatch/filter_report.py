@@ -18,6 +18,7 @@ from rsmatch.filter import FilterResult, image_column, label_column, to_tensor
 
 GRID_IMAGES = 8  # per class and grid
 GRID_CLASSES = 20  # classes shown in a grid (the first ones by index)
+UNLABELED = "(no label)"  # rows whose label is datasets' -1
 
 
 def provenance_metrics(scores: np.ndarray, is_synthetic: np.ndarray, generator: list[str],
@@ -108,7 +109,10 @@ def extremes(
         names = ds.features[col].names if col else None
         labels = ds[col] if col else [None] * len(ds)
         for row, (s, y) in enumerate(zip(ds["synthetic_score"], labels)):
-            key = (y, names[y]) if names else (0, "all")
+            if names is None:
+                key = (0, "all")
+            else:  # datasets' -1, no label: a row of its own, after the classes
+                key = (y, names[y]) if y >= 0 else (len(names), UNLABELED)
             by_class.setdefault(key, []).append((s, split, row))
     rows = []
     for key in sorted(by_class)[:GRID_CLASSES]:  # the first classes by index, not by row
@@ -139,11 +143,12 @@ def counts(result: FilterResult) -> dict:
             continue
         labels = np.asarray(ds[col])
         called = np.asarray(ds["synthetic_score"]) > result.threshold
-        for y, name in enumerate(ds.features[col].names):
-            c = per_class.setdefault(name, [0, 0])
-            is_y = labels == y
-            c[0] += int(is_y.sum())
-            c[1] += int(called[is_y].sum())
+        for y, name in [*enumerate(ds.features[col].names), (-1, UNLABELED)]:
+            is_y = labels == y  # -1: datasets' "no label"
+            if y >= 0 or is_y.any():
+                c = per_class.setdefault(name, [0, 0])
+                c[0] += int(is_y.sum())
+                c[1] += int(called[is_y].sum())
     if per_class:
         out["per_class"] = {
             k: {"images": v[0], "called_synthetic": v[1]} for k, v in per_class.items()

@@ -140,7 +140,16 @@ class ReportError(ValueError):
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The file's JSON object; {} where there is no file."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ReportError(f"{path}: not a JSON object")
+    return loaded
 
 
 def _run_config(path: Path, expected: dict[Path, tuple[dict, tuple[str, ...]]]) -> dict:
@@ -164,11 +173,16 @@ def collect(runs_dir: Path) -> list[RunInfo]:
     """Every run folder under ``runs_dir``, plus grid runs that never started."""
     expected: dict[Path, tuple[dict, tuple[str, ...]]] = {}
     for manifest_file in sorted(runs_dir.rglob(MANIFEST)):
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        covered = _covered_axes(manifest.get("grid", {}))
-        for entry in manifest["runs"]:
-            path = (manifest_file.parent / entry["name"]).resolve()
-            expected[path] = (flat_config(entry["config"]), _extras(entry["axes"], covered))
+        manifest = _load_json(manifest_file)
+        try:
+            covered = _covered_axes(manifest.get("grid", {}))
+            for entry in manifest["runs"]:
+                path = (manifest_file.parent / entry["name"]).resolve()
+                expected[path] = (flat_config(entry["config"]), _extras(entry["axes"], covered))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ReportError(
+                f"{manifest_file}: not a grid manifest ({type(e).__name__}: {e})"
+            ) from None
     root = runs_dir.resolve()
     with_config = {p.parent.resolve() for p in runs_dir.rglob("config.yaml")}
     # A run's checkpoints and the folders rsmatch-push stages (hub/, hub-detector/) keep a copy

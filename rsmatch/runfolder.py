@@ -22,6 +22,9 @@ from rsmatch.runinfo import check_resume_config
 LOCK = ".lock"
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")  # what every export holds (rsmatch.export)
+
+
 def unwritable(out: Path, inside: tuple[str, ...] = ()) -> str | None:
     """Why the folder `out` (and the named folders in it) could not be created and written to,
     or None; read-only, so a refusal leaves everything as it was."""
@@ -37,11 +40,16 @@ def unwritable(out: Path, inside: tuple[str, ...] = ()) -> str | None:
 
 
 def exported_model_problem(run: Path) -> str | None:
-    """Why `run` is not a finished run folder with its exported classifier, if it is not."""
+    """Why `run` is not a finished run folder with its exported classifier (and, where there
+    is one, detector) complete, if it is not."""
     if not run.is_dir():
         return f"{run}: no such run folder"
     if not (run / "model").is_dir():
         return f"{run / 'model'}: no exported classifier (has the run finished?)"
+    for export in (run / "model", run / "detector"):
+        missing = [n for n in EXPORT_FILES if export.is_dir() and not (export / n).is_file()]
+        if missing:
+            return f"{export}: an incomplete export ({', '.join(missing)} missing)"
     return None
 
 

@@ -30,22 +30,22 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> dict[str, str | bool]:
-    """The source's commit and whether it had uncommitted changes; where there is no git
-    checkout (an installed wheel, the Docker image), the commit the build recorded in
-    RSMATCH_GIT_COMMIT (`docker build --build-arg RSMATCH_GIT_COMMIT=$(git rev-parse HEAD)`)."""
+    """The source's commit and whether it had uncommitted changes; where the package is not in a
+    git checkout of its own (an installed wheel, the Docker image, a venv inside another
+    project's checkout), the commit the build recorded in RSMATCH_GIT_COMMIT (`docker build
+    --build-arg RSMATCH_GIT_COMMIT=$(git rev-parse HEAD)`)."""
     here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
-            ).stdout.strip()
-        )
-        return {"commit": commit, "dirty": dirty}
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == here.parent:
+            return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": os.environ.get("RSMATCH_GIT_COMMIT") or "unknown", "dirty": False}
+        pass
+    return {"commit": os.environ.get("RSMATCH_GIT_COMMIT") or "unknown", "dirty": False}
 
 
 # Keys that may change when a run is resumed. All but train.steps leave the trajectory as it

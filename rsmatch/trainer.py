@@ -115,6 +115,8 @@ class TrainerState:
     best_step: int = 0
     seconds: float = 0.0
     last_eval: dict = field(default_factory=dict)
+    world_size: int = 0  # how the checkpoint trained (0: a checkpoint from before they were kept)
+    mixed_precision: str = ""
 
 
 class Trainer:
@@ -285,7 +287,24 @@ class Trainer:
         acc.init_trackers("tb", config=_hparams(self.cfg))
         if found is not None:
             self._note(f"resumed from {found} at step {self.state.step}")
+            self._warn_if_trained_otherwise()
             self._follow_new_schedule_length(checkpoint.saved_config(found)["train"]["steps"])
+        self.state.world_size = self.world  # what the next checkpoints trained with
+        self.state.mixed_precision = self.precision.mixed_precision
+
+    def _warn_if_trained_otherwise(self) -> None:
+        """The config cannot say everything a resume changes: the process count, and what
+        `auto` precision resolves to on this machine. Either makes the run go on, but not as
+        the uninterrupted run would have."""
+        s, now = self.state, {"processes": self.world, "precision": self.precision.mixed_precision}
+        before = {"processes": s.world_size, "precision": s.mixed_precision}
+        changed = [f"{k} {before[k]} -> {now[k]}" for k in now if before[k] and before[k] != now[k]]
+        if changed:
+            self._note(
+                f"WARNING: resumed with {', '.join(changed)}: training goes on, but not as the "
+                "uninterrupted run (BatchNorm statistics and some losses are per process; "
+                "another precision rounds differently)"
+            )
 
     def _follow_new_schedule_length(self, saved_steps: int) -> None:
         """A resume may change train.steps (to extend or shorten a run); the cosine schedule

@@ -14,7 +14,7 @@ STEPS=${3:-500}
 DATA=$OUT/data
 archives=(cifar10-jpeg synth-ddpm-jpeg synth-cgan-jpeg)
 for f in "${archives[@]}"; do  # each unpacked already or present, before anything is written
-  [[ -e $DATA/.$f || -f $SHARED/$f.tar.gz ]] || { echo "cpu_study: missing $SHARED/$f.tar.gz" >&2; exit 2; }
+  [[ -e $DATA/.$f || -f $SHARED/$f.tar.gz ]] || { echo "cpu_study: missing $SHARED/$f.tar.gz (the first argument names the archives' folder: docs/studies.md)" >&2; exit 2; }
 done
 mkdir -p "$DATA"
 for f in "${archives[@]}"; do

@@ -83,6 +83,17 @@ def test_analyze_without_a_finished_run_exits_2(tmp_path, capsys, monkeypatch):
     assert "no exported classifier" in capsys.readouterr().err
     assert main([str(tmp_path / "absent")]) == 2
     assert f"{tmp_path / 'absent'}: no such run folder" in capsys.readouterr().err
+    # an export cut short (a crash while writing it): named, not a traceback after t-SNE
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}", encoding="utf-8")
+    assert main([str(tmp_path)]) == 2
+    want = "model: an incomplete export (model.safetensors missing)"
+    assert want in capsys.readouterr().err
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "detector").mkdir()
+    assert main([str(tmp_path)]) == 2
+    want = "detector: an incomplete export (config.json, model.safetensors missing)"
+    assert want in capsys.readouterr().err
 
 
 def test_analyze_called_directly_refuses_a_missing_run_folder(tmp_path):

@@ -83,6 +83,19 @@ def test_plan_refuses_bad_options_by_flag(sources, tmp_path, kw, message):
     assert str(e.value) == message
 
 
+def test_generation_without_its_extra_is_refused_before_any_work(sources, tmp_path, monkeypatch):
+    """Without diffusers the builder used to fail with a traceback after loading the prompt
+    model, leaving the export folder behind."""
+    real_find_spec = build.importlib.util.find_spec
+    monkeypatch.setattr(build.importlib.util, "find_spec",
+                        lambda name: None if name == "diffusers" else real_find_spec(name))  # fmt: skip
+    with pytest.raises(build.BuildError) as e:
+        build.plan(_opts(sources, tmp_path, replace_ratio=0.5, generate=["sd14"]))
+    assert str(e.value) == ("--generate: diffusers not installed (the generate extra: "
+                            "pip install -e '.[generate]' in the repository)")  # fmt: skip
+    build.plan(_opts(sources, tmp_path, replace_ratio=0.5, synthetic=[f"g={sources['real']}"]))
+
+
 def test_plan_accepts_the_range_bounds(sources, tmp_path):
     """The inclusive ends: JPEG quality 100 and seed 2**32 - 1 are valid."""
     p = build.plan(_opts(sources, tmp_path, jpeg_quality=100, seed=2**32 - 1))

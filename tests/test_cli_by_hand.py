@@ -289,6 +289,8 @@ def test_experiment_arguments_after_the_double_dash_go_to_the_launcher():
 def stub_analyze(monkeypatch, tmp_path):
     """rsmatch.analysis.analyze recording its arguments; tmp_path a run folder with model/."""
     (tmp_path / "model").mkdir()
+    for name in ("config.json", "model.safetensors"):  # an export's files (analyze is stubbed)
+        (tmp_path / "model" / name).write_text("", encoding="utf-8")
     seen = {}
 
     def analyze(run, out, samples, per_class, classes, seed):
@@ -314,6 +316,8 @@ def test_analyze_defaults_and_streams(stub_analyze, tmp_path, capsys):
 def test_analyze_seed_zero_is_valid_and_negative_is_not(stub_analyze, tmp_path, capsys):
     """--seed 0 passes through; --seed -1 is argparse's exit 2 naming --seed."""
     (tmp_path / "detector").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "detector" / name).write_text("", encoding="utf-8")
     assert analyze_cli.main([str(tmp_path), "--seed", "0", "--classes", "3"]) == 0
     assert (stub_analyze["seed"], stub_analyze["classes"]) == (0, 3)
     assert capsys.readouterr().err == ""  # a detector: no note

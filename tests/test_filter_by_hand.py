@@ -237,6 +237,20 @@ def test_extremes_take_the_first_classes_by_index_whatever_the_row_order(monkeyp
     assert [(n, s) for n, _, s in rep.extremes(dd, SIZE, True)] == [("c0", [0.3]), ("c1", [0.2])]
 
 
+def test_rows_without_a_label_are_their_own_row_and_count(monkeypatch):
+    """datasets' -1 (an `unlabeled` split of a Hub dataset): not the last class's images."""
+    monkeypatch.setattr(rep, "GRID_IMAGES", 2)
+    dd = datasets.DatasetDict(train=labelled([10, 20, 30, 90], [0, -1, 1, -1], ["a", "b"]))
+    top = rep.extremes(dd, SIZE, most_synthetic=True)
+    assert [(n, s) for n, _, s in top] == [("a", [0.1]), ("b", [0.3]), ("(no label)", [0.9, 0.2])]
+    result = FilterResult(0.5, {"call": ["real", "real", "real", "synthetic"]}, dd, dd, [])
+    assert counts(result)["per_class"] == {
+        "a": {"images": 1, "called_synthetic": 0},
+        "b": {"images": 1, "called_synthetic": 0},
+        "(no label)": {"images": 2, "called_synthetic": 1},
+    }  # adds up to the 4 scored
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -326,6 +340,15 @@ def test_an_option_error_comes_before_torch_loads(tmp_path):
     )
     assert out == "2 []", out + err
     assert err == f"rsmatch-filter: error: --out {tmp_path}: exists; choose a new folder\n"
+    # an --out that cannot be made: refused at once, not after every image is scored
+    (tmp_path / "blocker").write_text("a file", encoding="utf-8")
+    argv[-1] = str(tmp_path / "blocker" / "out")
+    out, err = loaded_in_a_fresh_process(
+        "rsmatch.cli.filter", ("torch", "torchvision", "datasets"), tmp_path, argv
+    )
+    assert out == "2 []", out + err
+    assert err == (f"rsmatch-filter: error: --out {argv[-1]}: {tmp_path / 'blocker'} is a file, "
+                   "not a folder\n")  # fmt: skip
 
 
 # -- rsmatch-filter: loading ------------------------------------------------------------------

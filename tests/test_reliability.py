@@ -448,6 +448,32 @@ def test_resume_at_its_new_last_step_evaluates_and_finishes(sources, tmp_path):
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2
 
 
+def test_a_resume_says_when_processes_or_precision_differ_from_the_checkpoint(
+    straight, sources, tmp_path, capsys
+):
+    """Neither is a config key (the process count comes from the launch, `auto` precision from
+    the machine): a resume that changes them is warned about; one that does not, is not."""
+    from rsmatch.checkpoint import write_manifest
+
+    out = copy_run(straight, tmp_path)
+    step4 = out / "checkpoints" / STEP4
+    saved = json.loads((step4 / "trainer.json").read_text(encoding="utf-8"))
+    assert (saved["world_size"], saved["mixed_precision"]) == (1, "no")  # how it trained
+    saved.update(world_size=2, mixed_precision="bf16")  # as if written by 2 bf16 processes
+    (step4 / "trainer.json").write_text(json.dumps(saved), encoding="utf-8")
+    write_manifest(step4)
+    trainer = Trainer(tiny_config(sources, out))
+    trainer.prepare_output(resume=True)
+    trainer.lock.release()
+    err = capsys.readouterr().err
+    assert "WARNING: resumed with processes 2 -> 1, precision bf16 -> no: training goes on" in err
+    assert (trainer.state.world_size, trainer.state.mixed_precision) == (1, "no")  # saved next
+    other = Trainer(tiny_config(sources, copy_run(straight, tmp_path / "b")))
+    other.prepare_output(resume=True)
+    other.lock.release()
+    assert "WARNING: resumed with" not in capsys.readouterr().err
+
+
 def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):
     out = copy_run(straight, tmp_path)
     trainer = Trainer(tiny_config(sources, out, **{"train.steps": 8}))
@@ -829,13 +855,26 @@ def test_run_record_names_both_seeds_the_versions_and_the_commit(tmp_path):
     assert set(run["git"]) == {"commit", "dirty"}
 
 
-def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
-    def fake(cmd, **kw):
-        out = "abc123\n" if cmd[1] == "rev-parse" else " M rsmatch/config.py\n"
-        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+def _fake_git(toplevel: Path):
+    answers = {"--show-toplevel": f"{toplevel}\n", "HEAD": "abc123\n", "--porcelain": " M x.py\n"}
 
-    monkeypatch.setattr(runinfo.subprocess, "run", fake)
+    def run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[-1]], stderr="")
+
+    return run
+
+
+def test_uncommitted_changes_mark_the_commit_dirty(monkeypatch):
+    package_checkout = Path(runinfo.__file__).resolve().parent.parent
+    monkeypatch.setattr(runinfo.subprocess, "run", _fake_git(package_checkout))
     assert runinfo.git_commit() == {"commit": "abc123", "dirty": True}
+
+
+def test_a_package_inside_another_projects_checkout_takes_the_builds_commit(monkeypatch, tmp_path):
+    """Installed into a venv inside some other git checkout, git answers for that project."""
+    monkeypatch.setattr(runinfo.subprocess, "run", _fake_git(tmp_path / "other-project"))
+    monkeypatch.setenv("RSMATCH_GIT_COMMIT", "0123abc")
+    assert runinfo.git_commit() == {"commit": "0123abc", "dirty": False}
 
 
 def test_a_new_run_record_does_not_inherit_an_earlier_run_json(tmp_path):

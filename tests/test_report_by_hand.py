@@ -348,6 +348,8 @@ def test_gradcam_explains_the_true_class_or_the_synthetic_logit(monkeypatch, tar
 def test_analyze_asks_for_as_many_classes_as_the_run_has_or_ten(tmp_path, monkeypatch):
     """--classes equal to the run's 3 classes is allowed (3 rows); unset: min(10, 3) = 3 rows."""
     (tmp_path / "run" / "model").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):  # an export's files (loading is stubbed)
+        (tmp_path / "run" / "model" / name).write_text("", encoding="utf-8")
     pool = _pool([0, 1, 2] * 2, [0, 0, 0, 1, 1, 1])
     rows_drawn = []
     monkeypatch.setattr(analysis, "load_classifier", lambda path: None)
@@ -374,4 +376,25 @@ def test_an_unreadable_config_is_one_error_naming_it_and_nothing_is_written(
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsmatch-report: error: ") and "x/config.yaml: " + problem in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("x/metrics.json", '{"test_acc": 0.', "x/metrics.json: not valid JSON"),
+        ("x/run.json", "[1, 2]", "x/run.json: not a JSON object"),
+        ("experiment.json", '{"grid": {}}', "experiment.json: not a grid manifest (KeyError"),
+    ],
+)
+def test_an_unreadable_json_file_is_one_error_naming_it(tmp_path, capsys, name, text, problem):
+    """A metrics.json cut off by a crash (or any JSON file the report reads): exit 2 naming it,
+    not a traceback; no report folder."""
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("algorithm: fixmatch\n", encoding="utf-8")
+    (tmp_path / "runs" / name).write_text(text, encoding="utf-8")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsmatch-report: error: ") and problem in err
     assert not (tmp_path / "out").exists()

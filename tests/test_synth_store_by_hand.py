@@ -407,6 +407,9 @@ def test_load_refuses_a_folder_without_meta_or_missing(tmp_path):
     _dd().save_to_disk(str(tmp_path / "d"))
     with pytest.raises(SourceError, match=r"not a saved RS-SSL benchmark \(rsmatch_benchmark"):
         store.load_benchmark(tmp_path / "d")
+    (tmp_path / "d" / store.META_FILE).write_text('{"split": ', encoding="utf-8")  # cut off
+    with pytest.raises(SourceError, match=r"/d': rsmatch_benchmark.json is not valid JSON \("):
+        store.load_benchmark(tmp_path / "d")
 
 
 def test_hub_meta_revision_only_from_a_snapshot_folder(tmp_path, monkeypatch):

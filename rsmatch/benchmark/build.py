@@ -9,6 +9,7 @@ output folder appears only once complete.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -69,6 +70,9 @@ class Plan:
     @property
     def names(self) -> list[str]:
         return sorted([*self.imports, *self.generators])
+
+
+GENERATE_NEEDS = ("diffusers", "transformers")  # the pipelines and the prompt model
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -137,6 +141,10 @@ def plan(opts: BuildOptions) -> Plan:
         )
     except ValueError as e:
         raise BuildError(str(e)) from None
+    missing = [m for m in GENERATE_NEEDS if generators and importlib.util.find_spec(m) is None]
+    if missing:  # before any image is read, not after the prompt model loads
+        raise BuildError(f"--generate: {', '.join(missing)} not installed (the generate extra: "
+                         "pip install -e '.[generate]' in the repository)")  # fmt: skip
     if opts.lightning_unet and "sdxl_lightning" in generators:
         generators["sdxl_lightning"] = replace(
             generators["sdxl_lightning"], unet=opts.lightning_unet

@@ -45,7 +45,10 @@ def load_benchmark(spec: str | Path) -> tuple[datasets.DatasetDict, dict]:
             raise SourceError(f"{name}: no such folder")
         if not (path / META_FILE).is_file():
             raise SourceError(f"{name}: not a saved RS-SSL benchmark ({META_FILE} missing)")
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise SourceError(f"{name}: {META_FILE} is not valid JSON ({e})") from None
         saved = (path / "dataset_dict.json").is_file()  # else as pushed: parquet shards
         if not saved and not is_hub_layout(path):
             raise SourceError(
@@ -73,7 +76,10 @@ def _hub_meta(repo: str, name: str) -> tuple[dict, str | None]:
             f"{META_FILE} ({type(e).__name__}: {e})"
         ) from None
     revision = file.parent.name if file.parent.parent.name == "snapshots" else None
-    return json.loads(text), revision
+    try:
+        return json.loads(text), revision
+    except ValueError as e:
+        raise SourceError(f"{name}: {META_FILE} is not valid JSON ({e})") from None
 
 
 def summary(dd: datasets.DatasetDict) -> dict:

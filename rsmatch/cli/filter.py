@@ -19,6 +19,7 @@ from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults, at_least
 from rsmatch.config import ConfigError
 from rsmatch.hub import repo_id_problem
+from rsmatch.runfolder import unwritable
 
 if TYPE_CHECKING:  # imported late: --help stays fast
     from accelerate import Accelerator
@@ -62,6 +63,8 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError("--images or --labels: give exactly one")
     if args.out.exists():
         raise ConfigError(f"--out {args.out}: exists; choose a new folder")
+    if problem := unwritable(args.out):  # before the scoring, not after it
+        raise ConfigError(f"--out {args.out}: {problem}")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold {args.threshold}: not in [0, 1]")
     if args.keep_fraction is not None and not 0 < args.keep_fraction <= 1:
