@@ -101,16 +101,10 @@ class _CamModel(nn.Module):
 
 
 def cam_target(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(model on uint8 images -> logits, layer to explain) for a classifier or a detector."""
-    if all(hasattr(model, a) for a in ("normalize", "encoder", "head")) and hasattr(
-        model.encoder, "forward_features"
-    ):
-        wrapped = _CamModel(model.normalize, model.encoder, model.head).eval()
-        return wrapped, wrapped.fmap
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"{type(model).__name__}: no convolution to explain")
-    return model.eval(), convs[-1]
+    """(model on uint8 images -> logits, layer to explain) for an exported classifier or
+    detector (each a Normalize, a timm encoder and a head): the encoder's last feature map."""
+    wrapped = _CamModel(model.normalize, model.encoder, model.head).eval()
+    return wrapped, wrapped.fmap
 
 
 def pick_grid(pool: Pool, per_class: int, classes: int, seed: int) -> tuple[list[int], int]:

@@ -17,15 +17,16 @@ Hugging Face login and is never printed.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from rsmatch.atomic import write_folder
 from rsmatch.benchmark.errors import SourceError
 from rsmatch.cli import HelpWithDefaults
+from rsmatch.runfolder import read_json_object
 
 RECORD_FILES = ("config.yaml", "run.json", "metrics.json", "evals.jsonl")
 
@@ -43,10 +44,10 @@ def model_card(run: Path, repo: str) -> str:
     """The classifier's card with the run's data, seeds, commit and metrics."""
     from rsmatch.export import classifier_card  # torch: not for --help
 
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
-    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    config = json.loads((run / "model" / "config.json").read_text(encoding="utf-8"))
-    split = record.get("split", {})
+    metrics, record, config = (
+        read_json_object(run / name) for name in ("metrics.json", "run.json", "model/config.json")
+    )
+    split, git = record.get("split", {}), record.get("git", {})
     rows = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
         for k, v in metrics.items()
@@ -54,49 +55,55 @@ def model_card(run: Path, repo: str) -> str:
     results = (
         f"Data: real `{split.get('real', '?')}`, synthetic {split.get('synthetic', {})}, "
         f"{split.get('labels_per_class', '?')} labels per class, replace ratio "
-        f"{split.get('replace_ratio', '?')}, split seed {split.get('seed', split.get('split_seed', '?'))}; "
-        f"training seed {record['seed']}; {record.get('world_size', 1)} process(es); git "
-        f"{record['git']['commit'][:12]}{' (dirty)' if record['git'].get('dirty') else ''}.", "",
+        f"{split.get('replace_ratio', '?')}, split seed {split.get('seed', record.get('split_seed', '?'))}; "
+        f"training seed {record.get('seed', '?')}; {record.get('world_size', 1)} process(es); git "
+        f"{git.get('commit', 'unknown')[:12]}{' (dirty)' if git.get('dirty') else ''}.", "",
         "| metric | value |", "|---|---|", rows, "",
         "`test_acc` is the final EMA model's top-1 accuracy on the real test split; `best_acc` is "
         "the best over evaluations (optimistic, as in USB). The full config, package versions and "
         "per-evaluation metrics are in `config.yaml`, `run.json` and `evals.jsonl`.",
     )  # fmt: skip
-    card = classifier_card(config, metrics["algorithm"], repo.split("/")[-1], repo, results)
+    algorithm = metrics.get("algorithm", "unknown")
+    card = classifier_card(config, algorithm, repo.split("/")[-1], repo, results)
     return str(card)
 
 
-def stage(run: Path, repo: str, out: Path) -> Path:
-    missing = [
-        p
-        for p in ("model/model.safetensors", "model/config.json", *RECORD_FILES)
-        if not (run / p).is_file()
-    ]
+def _stage(run: Path, out: Path, export: str, card: str | None) -> Path:
+    """`run/export`, the run record and `card` (README.md) staged in `out`, whole or not at all."""
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(run / export, tmp, dirs_exist_ok=True)
+        for name in RECORD_FILES:
+            shutil.copy2(run / name, tmp / name)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+
+    write_folder(out, fill)
+    return out
+
+
+def _missing_records(run: Path, also: tuple[str, ...] = ()) -> None:
+    missing = [p for p in (*also, *RECORD_FILES) if not (run / p).is_file()]
     if missing:
         raise FileNotFoundError(f"{run}: not a finished run (missing {', '.join(missing)})")
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(run / "model", out)
-    for name in RECORD_FILES:
-        shutil.copy2(run / name, out / name)
-    (out / "README.md").write_text(model_card(run, repo), encoding="utf-8")
-    return out
+
+
+def stage(run: Path, repo: str, out: Path) -> Path:
+    """The classifier export, the run record and its model card (built before `out` is
+    touched: a record that cannot be read leaves a staged folder as it was)."""
+    _missing_records(run, ("model/model.safetensors", "model/config.json"))
+    return _stage(run, out, "model", model_card(run, repo))
 
 
 def stage_detector(run: Path, out: Path) -> Path:
     """The detector export (weights, config, its model card) and the run record."""
-    missing = [p for p in RECORD_FILES if not (run / p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run}: not a finished run (missing {', '.join(missing)})")
+    _missing_records(run)
     if not (run / "detector" / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"{run}: no detector/ export (only RSMatch runs with a separate detector write one; "
             "rsmatch.shared_encoder=true and other algorithms do not)"
         )
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(run / "detector", out)
-    for name in RECORD_FILES:
-        shutil.copy2(run / name, out / name)
-    return out
+    return _stage(run, out, "detector", None)
 
 
 def push(folder: Path, repo: str, private: bool) -> str:
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = stage_detector(args.run, args.run / "hub-detector")
         else:
             folder = stage(args.run, args.repo, args.run / "hub")
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: a record file, named
         print(f"rsmatch-push: error: {e}", file=sys.stderr)
         return 2
     if args.stage_only:

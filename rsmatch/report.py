@@ -11,7 +11,6 @@ seeds, stds are sample standard deviations (n - 1), n/a for one seed.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import shutil
@@ -26,6 +25,7 @@ import yaml
 from rsmatch.config import flat_config
 from rsmatch.experiment import MANIFEST, RESULT_NEUTRAL
 from rsmatch.registry import algorithms
+from rsmatch.runfolder import read_json_object
 from rsmatch.runinfo import eval_entries
 
 SEED_KEYS = ("train.seed", "data.split_seed")  # what a cell averages over
@@ -144,12 +144,9 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     except ValueError as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(loaded, dict):
-        raise ReportError(f"{path}: not a JSON object")
-    return loaded
+        raise ReportError(str(e)) from None
 
 
 def _run_config(path: Path, expected: dict[Path, tuple[dict, tuple[str, ...]]]) -> dict:

@@ -39,6 +39,18 @@ def unwritable(out: Path, inside: tuple[str, ...] = ()) -> str | None:
     return None
 
 
+def read_json_object(path: Path) -> dict:
+    """A run's JSON record file as a dict; ValueError naming the file when it is not one (a
+    file cut off by a crash, say)."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return loaded
+
+
 def exported_model_problem(run: Path) -> str | None:
     """Why `run` is not a finished run folder with its exported classifier (and, where there
     is one, detector) complete, if it is not."""

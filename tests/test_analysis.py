@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from rsmatch import analysis
 from rsmatch.cli.analyze import main
@@ -59,13 +58,6 @@ def test_the_sample_is_fixed_by_its_seed(run):
     assert torch.equal(a.images, b.images) and (a.labels == b.labels).all()
     assert not torch.equal(a.images, c.images)
     assert a.synthetic.any() and (~a.synthetic).any()
-
-
-def test_cam_target_falls_back_to_the_last_convolution():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(5, 2))  # fmt: skip
-    model, layer = analysis.cam_target(net)
-    assert model is net and layer is net[2]
 
 
 def test_more_classes_than_the_run_has_are_refused(run, tmp_path, capsys):

@@ -226,7 +226,7 @@ def _check(tmp_path, *extra):
      (["--images", "i", "--threshold", "-0.1"], "--threshold -0.1: not in [0, 1]"),
      (["--images", "i", "--keep-fraction", "0"], "--keep-fraction 0.0: not in (0, 1]"),
      (["--images", "i", "--keep-fraction", "1.01"], "--keep-fraction 1.01: not in (0, 1]"),
-     (["--labels", "real=r", "ddpm"], "--labels ddpm: expected NAME=SOURCE"),
+     (["--labels", "real=r", "ddpm"], "--labels 'ddpm': expected NAME=SOURCE"),
      (["--labels", "real=r", "ddpm=a", "ddpm=b"], "--labels: 'ddpm' given twice")],
 )  # fmt: skip
 def test_filter_option_checks_name_the_flag(tmp_path, extra, message):

@@ -2,6 +2,7 @@
 boundary (offline)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -65,6 +66,27 @@ def test_push_errors(finished_run, tmp_path, capsys):
     assert "not a finished run" in capsys.readouterr().err
     assert hub.main([str(out), "me/model"]) == 1  # HF_HUB_OFFLINE=1 in tests
     assert "push failed" in capsys.readouterr().err
+
+
+def test_an_unreadable_record_is_named_and_leaves_the_staged_folder(finished_run, tmp_path, capsys):
+    """A metrics.json cut off by a crash: exit 2 naming it, and RUN/hub/ as staged before (it
+    was emptied first, and kept without its card). A run.json without a commit still stages."""
+    run = tmp_path / "r"
+    shutil.copytree(finished_run[0], run)
+    assert hub.main([str(run), "me/model", "--stage-only"]) == 0
+    before = {p.name: p.read_bytes() for p in (run / "hub").iterdir()}
+    (run / "metrics.json").write_text('{"test_acc": 0.', encoding="utf-8")
+    assert hub.main([str(run), "me/model", "--stage-only"]) == 2
+    assert (
+        f"rsmatch-push: error: {run / 'metrics.json'}: not valid JSON (" in capsys.readouterr().err
+    )
+    assert {p.name: p.read_bytes() for p in (run / "hub").iterdir()} == before
+    shutil.copy2(finished_run[0] / "metrics.json", run / "metrics.json")
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    del record["git"]
+    (run / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    assert hub.main([str(run), "me/model", "--stage-only"]) == 0
+    assert "git unknown." in (run / "hub" / "README.md").read_text(encoding="utf-8")
 
 
 # -- the classifier card ----------------------------------------------------------------------

@@ -830,7 +830,10 @@ def test_cpu_study_without_its_archives_writes_nothing(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "studies/cpu_study.sh"), str(tmp_path / "none"),
                            str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr == f"cpu_study: missing {tmp_path}/none/cifar10-jpeg.tar.gz (the first argument names the archives' folder: docs/studies.md)\n"
+    assert (
+        done.stderr
+        == f"cpu_study: missing {tmp_path}/none/cifar10-jpeg.tar.gz (the first argument names the archives' folder: docs/studies.md)\n"
+    )
     assert not (tmp_path / "out").exists()
     data = tmp_path / "out" / "data"
     data.mkdir(parents=True)

@@ -51,6 +51,7 @@ from rsmatch.benchmark.split import (
     required_per_generator,
 )
 from rsmatch.benchmark.store import save_benchmark
+from rsmatch.cli import name_value_pairs
 from rsmatch.hub import repo_id_problem
 from rsmatch.runfolder import unwritable
 
@@ -73,18 +74,6 @@ class Plan:
 
 
 GENERATE_NEEDS = ("diffusers", "transformers")  # the pipelines and the prompt model
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise BuildError(f"{flag} {item!r}: expected NAME=VALUE")
-        if name in out:
-            raise BuildError(f"{flag}: {name!r} given twice")
-        out[name] = value
-    return out
 
 
 def _flag(name: str) -> str:
@@ -129,7 +118,7 @@ def plan(opts: BuildOptions) -> Plan:
         raise BuildError(f"--out {opts.out}: {problem}")
     if opts.images_per_class and not opts.generate:  # it would be silently unused
         raise BuildError(f"--images-per-class={opts.images_per_class}: only with --generate")
-    imports = _pairs(opts.synthetic, "--synthetic")
+    imports = name_value_pairs(opts.synthetic, "--synthetic", BuildError)
     clash = sorted(set(imports) & set(opts.generate))
     if clash:
         raise BuildError(f"--synthetic and --generate both name {clash}")
@@ -137,7 +126,7 @@ def plan(opts: BuildOptions) -> Plan:
         raise BuildError(f"--synthetic: the name {REAL!r} is reserved for real images")
     try:
         generators = synth.resolve_generators(
-            opts.generate, _pairs(opts.generator_model, "--generator-model")
+            opts.generate, name_value_pairs(opts.generator_model, "--generator-model", BuildError)
         )
     except ValueError as e:
         raise BuildError(str(e)) from None
@@ -149,7 +138,7 @@ def plan(opts: BuildOptions) -> Plan:
         generators["sdxl_lightning"] = replace(
             generators["sdxl_lightning"], unet=opts.lightning_unet
         )
-    given = _pairs(opts.generator_model, "--generator-model")
+    given = name_value_pairs(opts.generator_model, "--generator-model", BuildError)
     models = {f"--generator-model {g}={m}": m for g, m in given.items()}
     if generators and opts.prompts == "t5":
         models[f"--prompt-model {opts.prompt_model}"] = opts.prompt_model

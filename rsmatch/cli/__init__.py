@@ -57,6 +57,22 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def name_value_pairs(
+    items: list[str], flag: str, error: type[Exception], value: str = "VALUE"
+) -> dict[str, str]:
+    """`FLAG NAME=VALUE ...` as {NAME: VALUE}, raising `error` on an item without a name or a
+    value, and on a name given twice (refused, not overwritten by its last value)."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, given = item.partition("=")
+        if not (sep and name and given):
+            raise error(f"{flag} {item!r}: expected NAME={value}")
+        if name in out:
+            raise error(f"{flag}: {name!r} given twice")
+        out[name] = given
+    return out
+
+
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send everything written to stdout meanwhile to stderr: Python's prints, streams that kept

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rsmatch.benchmark.errors import SourceError
-from rsmatch.cli import HelpWithDefaults, at_least
+from rsmatch.cli import HelpWithDefaults, at_least, name_value_pairs
 from rsmatch.config import ConfigError
 from rsmatch.hub import repo_id_problem
 from rsmatch.runfolder import unwritable
@@ -71,21 +71,7 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--keep-fraction {args.keep_fraction}: not in (0, 1]")
     if args.push_to_hub and (problem := repo_id_problem(args.push_to_hub)):
         raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: {problem}")
-    labelled_sources(args.labels or [])
-
-
-def labelled_sources(items: list[str]) -> dict[str, str]:
-    """`--labels NAME=SOURCE ...` as {NAME: SOURCE}; a name given twice is refused, not
-    overwritten by its last source."""
-    sources: dict[str, str] = {}
-    for item in items:
-        name, sep, source = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--labels {item}: expected NAME=SOURCE")
-        if name in sources:
-            raise ConfigError(f"--labels: {name!r} given twice")
-        sources[name] = source
-    return sources
+    name_value_pairs(args.labels or [], "--labels", ConfigError, "SOURCE")
 
 
 def _error(e: Exception) -> int:
@@ -105,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         det = flt.resolve_detector(args.detector)
         if args.labels:
-            dd = flt.load_labelled(labelled_sources(args.labels))
+            dd = flt.load_labelled(name_value_pairs(args.labels, "--labels", ConfigError, "SOURCE"))
         else:
             dd = flt.load_images(args.images)
         if args.split:
