@@ -449,8 +449,9 @@ def _run(root: Path, dirty=False, split=None) -> Path:
     (root / "metrics.json").write_text(
         '{"algorithm": "fixmatch", "test_acc": 0.123456, "step": 7}', encoding="utf-8"
     )
-    record = {"seed": 3, "git": {"commit": "0123456789abcdef", "dirty": dirty}}
-    record["split"] = split or {"real": "cifar10", "split_seed": 9, "labels_per_class": 4}
+    # run.json as written: the split's seed in its metadata ("seed"), or the record's own
+    record = {"seed": 3, "split_seed": 9, "git": {"commit": "0123456789abcdef", "dirty": dirty}}
+    record["split"] = split or {"real": "cifar10", "labels_per_class": 4}
     (root / "run.json").write_text(json.dumps(record), encoding="utf-8")
     (root / "config.yaml").write_text("x: 1\n", encoding="utf-8")
     (root / "evals.jsonl").write_text("{}\n", encoding="utf-8")
