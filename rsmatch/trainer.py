@@ -27,6 +27,7 @@ from accelerate.utils import (
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
     DistributedType,
+    gather_object,
     set_seed,
 )
 from timm.optim import param_groups_weight_decay
@@ -252,17 +253,16 @@ class Trainer:
             runfolder.check_writable(self.out)
             self.lock.acquire()
         try:
-            found, skipped = runfolder.check_run_folder(self.cfg, resume)
-            if found is not None:
-                algo_state, trainer_state = checkpoint.load(acc, found, self.ema.module)
-                try:
-                    self.algorithm.load_state_dict(algo_state)
-                    self.state = TrainerState(**trainer_state)
-                except (RuntimeError, TypeError, KeyError) as e:
-                    why = " ".join(str(e).split())
-                    raise checkpoint.CheckpointError(
-                        f"{found}: does not fit this run ({why})"
-                    ) from None
+            problem = None
+            try:
+                found, skipped = runfolder.check_run_folder(self.cfg, resume)
+                if found is not None:
+                    self._load(found)
+            except Exception as e:  # every rank learns of it before rank 0 writes anything
+                problem = e
+            problem = self._first_problem_of_every_rank(problem)
+            if problem is not None:
+                raise problem
         except BaseException:
             if acc.is_main_process:
                 self.lock.release(keep_folder=False)
@@ -291,6 +291,27 @@ class Trainer:
             self._follow_new_schedule_length(checkpoint.saved_config(found)["train"]["steps"])
         self.state.world_size = self.world  # what the next checkpoints trained with
         self.state.mixed_precision = self.precision.mixed_precision
+
+    def _load(self, found: Path) -> None:
+        algo_state, trainer_state = checkpoint.load(self.accelerator, found, self.ema.module)
+        try:
+            self.algorithm.load_state_dict(algo_state)
+            self.state = TrainerState(**trainer_state)
+        except (RuntimeError, TypeError, KeyError) as e:
+            why = " ".join(str(e).split())
+            raise checkpoint.CheckpointError(f"{found}: does not fit this run ({why})") from None
+
+    def _first_problem_of_every_rank(self, problem: Exception | None) -> Exception | None:
+        """This rank's error, else the first other rank's (named by its rank), else None: all
+        ranks agree whether the resume can go on (a file missing on one node fails one rank)."""
+        if self.world == 1:
+            return problem
+        messages = gather_object([str(problem) if problem is not None else ""])
+        failed = [(rank, message) for rank, message in enumerate(messages) if message]
+        if problem is not None or not failed:
+            return problem
+        rank, message = failed[0]
+        return checkpoint.CheckpointError(f"[rank {rank}] {message}")
 
     def _warn_if_trained_otherwise(self) -> None:
         """The config cannot say everything a resume changes: the process count, and what

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -477,6 +478,17 @@ def test_a_generated_folder_resumes_only_with_its_recipe(sources, tiny, tmp_path
     assert not (export / "glide").exists()  # refused before glide, which sorts first, began
     assert bb.main(_args(sources, tmp_path / "e", *gen, *glide)) == 0
     assert {f: f.stat().st_mtime_ns for f in (export / "sd14").rglob("*.jpg")} == made
+    # a larger build into the folder, then the first command again: that build draws from its
+    # own images only (6 a class), as it did before, not from the 9 a class now there
+    assert bb.main(_args(sources, tmp_path / "f", *gen, "--images-per-class", "9")) == 0
+    assert bb.main(_args(sources, tmp_path / "g", *gen)) == 0
+
+    def synthetic_rows(out: Path) -> list[str]:
+        pool = datasets.load_from_disk(str(out))["unlabeled"]
+        return sorted(i for i, fake in zip(pool["source_id"], pool["is_synthetic"]) if fake)
+
+    assert synthetic_rows(tmp_path / "g") == synthetic_rows(tmp_path / "c")
+    assert synthetic_rows(tmp_path / "f") != synthetic_rows(tmp_path / "c")  # it drew from 9
 
 
 def test_a_recipe_that_made_no_image_binds_nothing(sources, tiny, tmp_path, capsys):

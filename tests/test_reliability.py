@@ -640,6 +640,26 @@ def test_two_processes_print_an_error_once(sources, tmp_path):
     assert res.returncode != 0 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_a_resume_that_fails_on_one_rank_leaves_the_folder_as_it_was(straight, sources, tmp_path):
+    """Rank 0 loads, rank 1 does not: rank 0 must not set step 4 aside, trim evals.jsonl or
+    append to run.json first. It reports rank 1's error, once."""
+    out = copy_run(straight, tmp_path)
+
+    def files() -> dict[str, bytes]:
+        return {
+            p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()
+        }
+
+    before = files()
+    args = ["--resume-from", "2", *tiny_overrides(sources, out)]
+    res = torchrun(ROOT / "tests" / "load_fails_on_rank1.py", args, cwd=tmp_path, timeout=300)
+    errors = [x for x in (res.stdout + res.stderr).splitlines() if "rsmatch-train: error:" in x]
+    assert errors == ["rsmatch-train: error: [rank 1] cannot be loaded here (this test's failure "
+                      "on rank 1)"], res.stderr  # fmt: skip
+    assert res.returncode != 0 and files() == before
+
+
 def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
     from accelerate import Accelerator
 

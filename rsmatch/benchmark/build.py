@@ -287,7 +287,7 @@ def generate_missing(
         if state.is_main_process:
             synth.write_prompt_index(root / g, jobs)
         state.wait_for_everyone()
-        out[g] = read_class_folder(root / g, names)
+        out[g] = read_class_folder(root / g, names, only={j.path for j in jobs})
     return out if state.is_main_process else None
 
 

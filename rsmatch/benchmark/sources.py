@@ -138,10 +138,13 @@ def missing_folder(path: Path) -> str:
     return "not a folder" if path.exists() else "no such folder"
 
 
-def index_class_folder(root: Path, class_names: list[str] | None = None) -> SourceIndex:
+def index_class_folder(
+    root: Path, class_names: list[str] | None = None, only: set[Path] | None = None
+) -> SourceIndex:
     """One subfolder per class; the class index is the position of its name in `class_names`
     (sorted folder names when not given). Unknown class folders are an error. A
-    `prompts.jsonl` written by the generator adds a `prompt` column."""
+    `prompts.jsonl` written by the generator adds a `prompt` column. `only`: these files
+    alone (a generated folder holds an earlier, larger build's images too)."""
     if not root.is_dir():
         raise SourceError(f"{root}: {missing_folder(root)}")
     folders = _class_folders(root)
@@ -154,7 +157,7 @@ def index_class_folder(root: Path, class_names: list[str] | None = None) -> Sour
     files, keys, labels = [], [], []
     for folder in folders:
         for path in sorted(folder.iterdir()):
-            if _is_image(path):
+            if _is_image(path) and (only is None or path in only):
                 files.append(path)
                 keys.append(f"{folder.name}/{path.name}")
                 labels.append(names.index(folder.name))
@@ -163,8 +166,10 @@ def index_class_folder(root: Path, class_names: list[str] | None = None) -> Sour
     return SourceIndex(str(root), names, np.array(labels), files, keys, _prompts(root))
 
 
-def read_class_folder(root: Path, class_names: list[str] | None = None) -> datasets.Dataset:
-    return index_class_folder(root, class_names).load()
+def read_class_folder(
+    root: Path, class_names: list[str] | None = None, only: set[Path] | None = None
+) -> datasets.Dataset:
+    return index_class_folder(root, class_names, only).load()
 
 
 CIFAKE_NAME = re.compile(r"^\d+(?: \((\d+)\))?\.(?:jpe?g|png)$", re.IGNORECASE)
