@@ -48,8 +48,10 @@ def git_commit() -> dict[str, str | bool]:
     return {"commit": os.environ.get("RSMATCH_GIT_COMMIT") or "unknown", "dirty": False}
 
 
-# Keys that may change when a run is resumed. All but train.steps leave the trajectory as it
-# was; a new train.steps stretches the cosine learning rate from the resumed step on.
+# Keys that may change when a run is resumed. All but train.steps leave the weights' trajectory
+# as it was (several CPU processes average BatchNorm's running statistics at each evaluation and
+# checkpoint, so new intervals move those in their last bits); a new train.steps stretches the
+# cosine learning rate from the resumed step on.
 RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_every",
              "train.keep_checkpoints", "train.progress", "train.eval_batch_size",
              "train.output_dir")  # fmt: skip

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -107,6 +108,9 @@ def cosine_schedule(steps: int, cycles: float) -> Callable[[int], float]:
     """USB's learning-rate factor at step k: max(0, cos(pi * cycles * k / steps)); the floor
     holds the rate at 0 past cos's first zero (cycles > 0.5), where it would turn negative."""
     return lambda k: max(0.0, math.cos(math.pi * cycles * k / steps))
+
+
+BEST_RECORD = "best.json"  # in best/: the step and test accuracy of its models
 
 
 @dataclass
@@ -273,6 +277,7 @@ class Trainer:
             if found is not None:
                 for path in checkpoint.set_aside(self.ckpt_root, found):
                     self._note(f"{path.name}: newer than the checkpoint resumed from, set aside")
+                self._set_aside_newer_best()
             # evaluations after the step we start from (all, for a run that died before its
             # first checkpoint) will be repeated: each step appears once
             dropped = trim_evals(self.out, self.state.step)
@@ -537,8 +542,30 @@ class Trainer:
         }
 
     def _export_best(self) -> None:
-        """Keep the models behind `best_acc` in `best/`, replaced whole (never half-written)."""
-        write_folder(self.out / "best", self.export)
+        """Keep the models behind `best_acc` in `best/`, replaced whole (never half-written),
+        with the step and accuracy they were evaluated at (`best.json`)."""
+        record = {"step": self.state.best_step, "test_acc": self.state.best_acc}
+
+        def fill(folder: Path) -> None:
+            self.export(folder)
+            (folder / BEST_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+        write_folder(self.out / "best", fill)
+
+    def _set_aside_newer_best(self) -> None:
+        """`best/` evaluated after the step resumed from belongs to the trajectory left behind
+        (`--resume-from` an older step, auto-fallback): kept, renamed `set_aside_best_step_N`,
+        as newer checkpoints are; the resumed run exports its own best again."""
+        record = self.out / "best" / BEST_RECORD
+        if not record.is_file():  # no best yet, or written before best.json was
+            return
+        step = json.loads(record.read_text(encoding="utf-8"))["step"]
+        if step > self.state.step:
+            target = self.out / f"set_aside_best_step_{step:08d}"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(self.out / "best", target)
+            self._note(f"best/ (step {step}): newer than the checkpoint resumed from, set aside "
+                       f"as {target.name}")  # fmt: skip
 
     def _finish(self) -> dict:
         ev = self.state.last_eval

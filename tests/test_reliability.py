@@ -474,6 +474,24 @@ def test_a_resume_says_when_processes_or_precision_differ_from_the_checkpoint(
     assert "WARNING: resumed with" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("best_step, set_aside", [(4, True), (2, False)])
+def test_a_resume_from_before_the_best_sets_best_aside(
+    straight, sources, tmp_path, capsys, best_step, set_aside
+):
+    """best/ evaluated at step 4 is not the resumed run's (it restarts from step 2, whose
+    best_acc no longer counts step 4's): renamed, as the step-4 checkpoint is. From step 2
+    itself it stays."""
+    out = copy_run(straight, tmp_path)
+    (out / "best" / "best.json").write_text(json.dumps({"step": best_step, "test_acc": 0.9}))
+    trainer = Trainer(tiny_config(sources, out))
+    trainer.prepare_output(resume=2)
+    trainer.lock.release()
+    aside = out / f"set_aside_best_step_{best_step:08d}"
+    assert aside.is_dir() == set_aside and (out / "best").is_dir() != set_aside
+    note = f"best/ (step 4): newer than the checkpoint resumed from, set aside as {aside.name}"
+    assert (note in capsys.readouterr().err) == set_aside
+
+
 def test_resume_with_more_steps_follows_the_longer_schedule(straight, sources, tmp_path, capsys):
     out = copy_run(straight, tmp_path)
     trainer = Trainer(tiny_config(sources, out, **{"train.steps": 8}))

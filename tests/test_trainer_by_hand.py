@@ -109,6 +109,8 @@ def test_best_is_the_first_evaluation_of_the_highest_accuracy(sources, tmp_path,
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert "best" in names and ".best.tmp" not in names and ".best.old" not in names
     assert (tmp_path / "run" / "best" / "model" / "model.safetensors").is_file()
+    record = json.loads((tmp_path / "run" / "best" / "best.json").read_text(encoding="utf-8"))
+    assert record == {"step": 6, "test_acc": 0.7}
     trainer.lock.release()
 
 
