@@ -214,7 +214,7 @@ class Trainer:
             graphed=self.graph_batches,
         )  # fmt: skip
         self.prefetch = t.prefetch is True or (t.prefetch == "auto" and acc.device.type == "cuda")
-        self.batches = Prefetcher(make, acc.device, ahead=self.prefetch)
+        self.batches = Prefetcher(make, acc.device, ahead=self.prefetch, stop=t.steps)
         prov = self.data.provenance  # for per-step probes, on the device once (no copy per step)
         self._probe_provenance = Provenance(prov.is_synthetic.to(acc.device), prov.generator)
         self.state = TrainerState()

@@ -42,6 +42,17 @@ def test_prefetched_batches_are_the_steps_own_and_made_in_the_worker():
     assert all(name.startswith("rsmatch-batches") for name in made_by.values()), made_by
 
 
+def test_no_batch_is_made_after_the_last_step():
+    """`stop` = train.steps: the last step's call starts no batch that nothing will ask for."""
+    made = []
+    prefetcher = Prefetcher(lambda k: made.append(k) or k, torch.device("cpu"), ahead=True, stop=3)
+    try:
+        assert [prefetcher(k) for k in range(3)] == [0, 1, 2]
+    finally:
+        prefetcher.close()
+    assert made == [0, 1, 2]
+
+
 def test_an_error_in_the_worker_reaches_the_step_it_concerns():
     failures = [3]
 

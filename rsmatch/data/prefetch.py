@@ -27,10 +27,13 @@ MakeBatch = Callable[[int], Batch]
 
 class Prefetcher:
     """`prefetcher(k)` returns `make(k)` and, when `ahead`, starts making `make(k + 1)` in the
-    background (the worker starts at the first call and stops at `close`)."""
+    background unless k + 1 is `stop`, the step after the last (the worker starts at the first
+    call and stops at `close`)."""
 
-    def __init__(self, make: MakeBatch, device: torch.device, ahead: bool) -> None:
-        self.make, self.device, self.ahead = make, device, ahead
+    def __init__(
+        self, make: MakeBatch, device: torch.device, ahead: bool, stop: int | None = None
+    ) -> None:
+        self.make, self.device, self.ahead, self.stop = make, device, ahead, stop
         self.stream = torch.cuda.Stream(device) if ahead and device.type == "cuda" else None
         self.worker: ThreadPoolExecutor | None = None
         self.pending: tuple[int, Future] | None = None
@@ -46,7 +49,8 @@ class Prefetcher:
             self.pending = (step, self.worker.submit(self._make, step))
         future, self.pending = self.pending[1], None
         batch, ready = future.result()  # an error is raised here; asking again remakes it
-        self.pending = (step + 1, self.worker.submit(self._make, step + 1))
+        if self.stop is None or step + 1 < self.stop:
+            self.pending = (step + 1, self.worker.submit(self._make, step + 1))
         if ready is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ready)
