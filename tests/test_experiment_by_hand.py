@@ -314,17 +314,17 @@ def test_detector_push_of_an_unfinished_run_names_the_missing_files(tmp_path, ca
 
 
 @pytest.mark.parametrize(
-    "metrics, error",
-    [('{"test_acc": 0.5}', "rsmatch-push: error: 'algorithm'\n"),
-     ("{not json", "rsmatch-push: error: Expecting property name enclosed in double quotes: "
-                   "line 1 column 2 (char 1)\n")],
+    "metrics, problem",
+    [("{not json", "not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+                   "column 2 (char 1))"),
+     ("[0.5]", "not a JSON object")],
 )  # fmt: skip
-def test_an_unreadable_record_is_a_usage_error(tmp_path, capsys, metrics, error):
-    """metrics.json without the algorithm, or not JSON: exit 2, one line, no traceback."""
+def test_an_unreadable_record_is_a_usage_error(tmp_path, capsys, metrics, problem):
+    """metrics.json not JSON, or not an object: exit 2, one line naming it, no traceback."""
     run = _run(tmp_path / "r")
     (run / "metrics.json").write_text(metrics, encoding="utf-8")
     assert hub.main([str(run), "me/m"]) == 2
-    assert capsys.readouterr().err == error
+    assert capsys.readouterr().err == f"rsmatch-push: error: {run / 'metrics.json'}: {problem}\n"
 
 
 def test_stage_only_stages_and_pushes_nothing(tmp_path, monkeypatch, capsys):

@@ -302,13 +302,29 @@ def test_tsne_perplexity_and_provenance_legend(monkeypatch):
     assert legend == ["real (6)", "g1 (3)", "g2 (1)"]
 
 
-class _Net(nn.Module):
+class _ToFloat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+class _Encoder(nn.Module):  # timm's two halves: features, then pooling
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 2, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.float()).mean((2, 3))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def forward_head(self, f: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return f.mean((2, 3))
+
+
+class _Net(nn.Module):
+    """An exported model's shape (classifier or detector): normalize, encoder, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize, self.encoder, self.head = _ToFloat(), _Encoder(), nn.Identity()
 
 
 @pytest.mark.parametrize("target, expected", [("class", [0, 1]), ("synthetic", [1, 1])])
