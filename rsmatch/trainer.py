@@ -557,9 +557,10 @@ class Trainer:
         (`--resume-from` an older step, auto-fallback): kept, renamed `set_aside_best_step_N`,
         as newer checkpoints are; the resumed run exports its own best again."""
         record = self.out / "best" / BEST_RECORD
-        if not record.is_file():  # no best yet, or written before best.json was
+        try:
+            step = int(json.loads(record.read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # none, from before best.json, broken
             return
-        step = json.loads(record.read_text(encoding="utf-8"))["step"]
         if step > self.state.step:
             target = self.out / f"set_aside_best_step_{step:08d}"
             shutil.rmtree(target, ignore_errors=True)
