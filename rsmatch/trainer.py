@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 import torch
@@ -110,6 +111,7 @@ def cosine_schedule(steps: int, cycles: float) -> Callable[[int], float]:
     return lambda k: max(0.0, math.cos(math.pi * cycles * k / steps))
 
 
+T = TypeVar("T")
 BEST_RECORD = "best.json"  # in best/: the step and test accuracy of its models
 
 
@@ -257,16 +259,15 @@ class Trainer:
             runfolder.check_writable(self.out)
             self.lock.acquire()
         try:
-            problem = None
-            try:
-                found, skipped = runfolder.check_run_folder(self.cfg, resume)
-                if found is not None:
-                    self._load(found)
-            except Exception as e:  # every rank learns of it before rank 0 writes anything
-                problem = e
-            problem = self._first_problem_of_every_rank(problem)
-            if problem is not None:
-                raise problem
+            # Every rank learns of another's failure before rank 0 writes anything: after the
+            # checks (a file missing on one node fails its verification), before any rank
+            # enters a load; and after the load, except under DeepSpeed, whose load holds
+            # collectives of its own (a rank failing inside it exits, as any failure did).
+            found, skipped = self._agreed(lambda: runfolder.check_run_folder(self.cfg, resume))
+            if found is not None and self.deepspeed:
+                self._load(found)
+            elif found is not None:
+                self._agreed(lambda: self._load(found))
         except BaseException:
             if acc.is_main_process:
                 self.lock.release(keep_folder=False)
@@ -306,17 +307,22 @@ class Trainer:
             why = " ".join(str(e).split())
             raise checkpoint.CheckpointError(f"{found}: does not fit this run ({why})") from None
 
-    def _first_problem_of_every_rank(self, problem: Exception | None) -> Exception | None:
-        """This rank's error, else the first other rank's (named by its rank), else None: all
-        ranks agree whether the resume can go on (a file missing on one node fails one rank)."""
-        if self.world == 1:
-            return problem
-        messages = gather_object([str(problem) if problem is not None else ""])
-        failed = [(rank, message) for rank, message in enumerate(messages) if message]
-        if problem is not None or not failed:
-            return problem
-        rank, message = failed[0]
-        return checkpoint.CheckpointError(f"[rank {rank}] {message}")
+    def _agreed(self, work: Callable[[], T]) -> T:
+        """`work()` on every rank, raising on all of them when it failed on any: this rank's
+        error, else the first other rank's, named by its rank."""
+        problem, result = None, None
+        try:
+            result = work()
+        except Exception as e:
+            problem = e
+        if self.world > 1:
+            messages = gather_object([str(problem) if problem is not None else ""])
+            failed = [(rank, message) for rank, message in enumerate(messages) if message]
+            if problem is None and failed:
+                problem = checkpoint.CheckpointError("[rank {}] {}".format(*failed[0]))
+        if problem is not None:
+            raise problem
+        return result
 
     def _warn_if_trained_otherwise(self) -> None:
         """The config cannot say everything a resume changes: the process count, and what

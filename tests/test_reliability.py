@@ -678,6 +678,21 @@ def test_a_resume_that_fails_on_one_rank_leaves_the_folder_as_it_was(straight, s
     assert res.returncode != 0 and files() == before
 
 
+def test_agreed_raises_on_every_rank_what_failed_on_any(straight, sources, tmp_path, monkeypatch):
+    """The ranks' agreement, with a stand-in gather: this rank's own error first, else the first
+    failing rank's message, named by its rank; the result when every rank succeeded."""
+    trainer = Trainer(tiny_config(sources, copy_run(straight, tmp_path)))
+    trainer.world = 3
+    others = ["", "", "step_2: missing on this node"]  # what each rank reports
+    monkeypatch.setattr("rsmatch.trainer.gather_object", lambda mine: [mine[0], *others[1:]])
+    with pytest.raises(CheckpointError, match=r"^\[rank 2\] step_2: missing on this node$"):
+        trainer._agreed(lambda: 7)
+    with pytest.raises(ZeroDivisionError):  # its own, not rank 2's
+        trainer._agreed(lambda: 1 / 0)
+    others[2] = ""
+    assert trainer._agreed(lambda: 7) == 7
+
+
 def test_temporary_checkpoint_folders_are_unique_per_run(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
