@@ -27,15 +27,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_folder(out: Path, fill: Callable[[Path], object]) -> None:
-    """Let `fill` write into an empty folder next to `out`, then swap it in whole: a reader, or
-    a crash, meets the old `out` or the new one. A failure (Ctrl-C included) leaves `out` as it
-    was and no temporary folder. One writer per `out` (the caller holds its lock, or `out` is
-    its own new path)."""
+    """Let `fill` write into an empty folder next to `out`, then swap it in whole: a reader meets
+    the old `out` or the new one, never a mix. A failure (Ctrl-C included) leaves `out` as it
+    was and no temporary folder; a crash between the two renames leaves `out` as `.NAME.old`,
+    which the next call for `out` puts back first. One writer per `out` (the caller holds its
+    lock, or `out` is its own new path)."""
     tmp, old = (out.with_name(f".{out.name}.{suffix}") for suffix in ("tmp", "old"))
     if old.exists() and not out.exists():  # a writer killed between the two renames below
         os.replace(old, out)
     for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove(leftover)
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
@@ -45,6 +46,14 @@ def write_folder(out: Path, fill: Callable[[Path], object]) -> None:
     except BaseException:
         if old.exists() and not out.exists():
             os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """A folder with its contents, or a file or link (an `out` that was one)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

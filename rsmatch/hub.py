@@ -47,7 +47,7 @@ def model_card(run: Path, repo: str) -> str:
     metrics, record, config = (
         read_json_object(run / name) for name in ("metrics.json", "run.json", "model/config.json")
     )
-    split, git = record.get("split", {}), record.get("git", {})
+    split, git = record.get("split") or {}, record.get("git") or {}
     rows = "\n".join(
         f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
         for k, v in metrics.items()

@@ -49,9 +49,9 @@ def git_commit() -> dict[str, str | bool]:
 
 
 # Keys that may change when a run is resumed. All but train.steps leave the weights' trajectory
-# as it was (several CPU processes average BatchNorm's running statistics at each evaluation and
-# checkpoint, so new intervals move those in their last bits); a new train.steps stretches the
-# cosine learning rate from the resumed step on.
+# as it was (several processes without SyncBatchNorm average BatchNorm's running statistics at
+# each evaluation and checkpoint, so new intervals move those in their last bits); a new
+# train.steps stretches the cosine learning rate from the resumed step on.
 RESUMABLE = ("train.steps", "train.eval_every", "train.log_every", "train.save_every",
              "train.keep_checkpoints", "train.progress", "train.eval_batch_size",
              "train.output_dir")  # fmt: skip

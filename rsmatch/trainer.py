@@ -278,7 +278,8 @@ class Trainer:
             if found is not None:
                 for path in checkpoint.set_aside(self.ckpt_root, found):
                     self._note(f"{path.name}: newer than the checkpoint resumed from, set aside")
-                self._set_aside_newer_best()
+                if self._set_aside_newer_best() and self.state.best_step == self.state.step:
+                    self._export_best()  # the loaded EMA is the restored best: best/ again
             # evaluations after the step we start from (all, for a run that died before its
             # first checkpoint) will be repeated: each step appears once
             dropped = trim_evals(self.out, self.state.step)
@@ -316,7 +317,8 @@ class Trainer:
         except Exception as e:
             problem = e
         if self.world > 1:
-            messages = gather_object([str(problem) if problem is not None else ""])
+            mine = (str(problem) or type(problem).__name__) if problem is not None else ""
+            messages = gather_object([mine])  # "" for success: a failure's text is never empty
             failed = [(rank, message) for rank, message in enumerate(messages) if message]
             if problem is None and failed:
                 problem = checkpoint.CheckpointError("[rank {}] {}".format(*failed[0]))
@@ -558,21 +560,23 @@ class Trainer:
 
         write_folder(self.out / "best", fill)
 
-    def _set_aside_newer_best(self) -> None:
+    def _set_aside_newer_best(self) -> bool:
         """`best/` evaluated after the step resumed from belongs to the trajectory left behind
         (`--resume-from` an older step, auto-fallback): kept, renamed `set_aside_best_step_N`,
-        as newer checkpoints are; the resumed run exports its own best again."""
+        as newer checkpoints are; the resumed run exports its own best again. True if moved."""
         record = self.out / "best" / BEST_RECORD
         try:
             step = int(json.loads(record.read_text(encoding="utf-8"))["step"])
         except (OSError, ValueError, KeyError, TypeError):  # none, from before best.json, broken
-            return
+            return False
         if step > self.state.step:
             target = self.out / f"set_aside_best_step_{step:08d}"
             shutil.rmtree(target, ignore_errors=True)
             os.replace(self.out / "best", target)
             self._note(f"best/ (step {step}): newer than the checkpoint resumed from, set aside "
                        f"as {target.name}")  # fmt: skip
+            return True
+        return False
 
     def _finish(self) -> dict:
         ev = self.state.last_eval

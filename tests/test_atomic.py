@@ -82,3 +82,11 @@ def test_a_failed_rename_into_place_puts_the_old_folder_back(tmp_path, monkeypat
     with pytest.raises(OSError, match="rename failed"):
         write_folder(out, _fill_with("two"))
     assert _tree(tmp_path) == {"best/f.txt": "one"}
+
+
+def test_an_out_that_is_a_file_becomes_the_folder_and_leaves_nothing(tmp_path):
+    out = tmp_path / "best"
+    out.write_text("a file", encoding="utf-8")
+    write_folder(out, _fill_with("one"))
+    write_folder(out, _fill_with("two"))
+    assert _tree(tmp_path) == {"best/f.txt": "two"}

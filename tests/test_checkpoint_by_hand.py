@@ -222,6 +222,11 @@ def test_a_file_the_manifest_does_not_list_is_refused(tmp_path):
         str(e.value)
         == f"{folder / 'random_states_1.pkl'}: not in the manifest (added after the checkpoint)"
     )
+    (folder / "random_states_1.pkl").unlink()
+    (folder / "shards").mkdir()  # where DeepSpeed writes
+    (folder / "shards" / "extra.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"shards/extra.pt: not in the manifest"):
+        verify(folder)
 
 
 # -- the resume rules -------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_no_batch_is_made_after_the_last_step():
     prefetcher = Prefetcher(lambda k: made.append(k) or k, torch.device("cpu"), ahead=True, stop=3)
     try:
         assert [prefetcher(k) for k in range(3)] == [0, 1, 2]
+        assert prefetcher.pending is None  # nothing queued (close would cancel it unseen)
     finally:
         prefetcher.close()
     assert made == [0, 1, 2]

@@ -487,7 +487,11 @@ def test_a_resume_from_before_the_best_sets_best_aside(
     trainer.prepare_output(resume=2)
     trainer.lock.release()
     aside = out / f"set_aside_best_step_{best_step:08d}"
-    assert aside.is_dir() == set_aside and (out / "best").is_dir() != set_aside
+    assert aside.is_dir() == set_aside and (out / "best").is_dir()
+    # set aside, best/ is exported again from the loaded EMA: the restored best is step 2's
+    assert trainer.state.best_step == 2
+    saved = json.loads((out / "best" / "best.json").read_text(encoding="utf-8"))
+    assert saved["step"] == 2 and (saved["test_acc"] == 0.9) != set_aside
     note = f"best/ (step 4): newer than the checkpoint resumed from, set aside as {aside.name}"
     assert (note in capsys.readouterr().err) == set_aside
 
