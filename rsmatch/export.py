@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 from rsmatch.benchmark.sources import is_hub_id
 from rsmatch.checkpoint import readable_as_umask
 from rsmatch.models import Classifier, Detector
+from rsmatch.runfolder import EXPORT_FILES
 
 RESIZE = "PIL Lanczos (antialiased), the resize the benchmark builder applies to generated images"
 
@@ -74,10 +75,9 @@ def _quiet_hub() -> contextlib.AbstractContextManager:
 
 def export_kind(folder: Path) -> str | None:
     """`classifier`, `detector`, or None (not an rsmatch export), from its config.json."""
-    config = folder / "config.json"
-    if not (config.is_file() and (folder / "model.safetensors").is_file()):
+    if not all((folder / name).is_file() for name in EXPORT_FILES):
         return None
-    keys = json.loads(config.read_text(encoding="utf-8"))
+    keys = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return "classifier" if "num_classes" in keys else "detector" if "threshold" in keys else None
 
 

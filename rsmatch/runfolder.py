@@ -180,11 +180,8 @@ def check_run_folder(cfg: Config, resume: Resume) -> tuple[Path | None, list[str
     out = Path(cfg.train.output_dir)
     root = out / "checkpoints"
     if resume is None or resume is False:
-        if (
-            checkpoint.latest(root) is not None
-            or checkpoint.steps(root)
-            or (out / "metrics.json").exists()
-        ):
+        # latest() is the pointer's folder, else the newest step_N: any checkpoint at all
+        if checkpoint.latest(root) is not None or (out / "metrics.json").exists():
             raise ConfigError(
                 f"train.output_dir={str(out)!r}: holds a run already; pass --resume or "
                 "choose another train.output_dir"

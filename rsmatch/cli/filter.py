@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def check(args: argparse.Namespace) -> None:
-    """Option checks that need no data."""
+def check(args: argparse.Namespace) -> dict[str, str]:
+    """Option checks that need no data; returns `--labels` as {NAME: SOURCE}."""
     if (args.images is None) == (args.labels is None):
         raise ConfigError("--images or --labels: give exactly one")
     if args.out.exists():
@@ -71,7 +71,7 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--keep-fraction {args.keep_fraction}: not in (0, 1]")
     if args.push_to_hub and (problem := repo_id_problem(args.push_to_hub)):
         raise ConfigError(f"--push-to-hub {args.push_to_hub!r}: {problem}")
-    name_value_pairs(args.labels or [], "--labels", ConfigError, "SOURCE")
+    return name_value_pairs(args.labels or [], "--labels", ConfigError, "SOURCE")
 
 
 def _error(e: Exception) -> int:
@@ -82,7 +82,7 @@ def _error(e: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check(args)
+        labelled = check(args)
     except ConfigError as e:  # before the imports below: an option error comes at once
         return _error(e)
     from rsmatch import filter as flt  # torch, torchvision, datasets: not for --help
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     flt.datasets.disable_progress_bars()
     try:
         det = flt.resolve_detector(args.detector)
-        if args.labels:
-            dd = flt.load_labelled(name_value_pairs(args.labels, "--labels", ConfigError, "SOURCE"))
-        else:
-            dd = flt.load_images(args.images)
+        dd = flt.load_labelled(labelled) if args.labels else flt.load_images(args.images)
         if args.split:
             dd = flt.select_splits(dd, args.split)
         accelerator = make_accelerator(args.precision)
