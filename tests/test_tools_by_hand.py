@@ -52,7 +52,8 @@ class FakeWorker:
 
 def _bench_args(**kw):
     base = dict(only=list(bench.CONTENDERS), variant=None, rounds=3, steps=5, batch_size=64,
-                uratio=7, threads=2, precision="auto", compile=None, usb_keep_host_memory=False)  # fmt: skip
+                uratio=7, threads=2, precision="auto", compile=None, usb_keep_host_memory=False,
+                backbone=bench.USB_BACKBONE)  # fmt: skip
     return argparse.Namespace(**(base | kw))
 
 
@@ -188,11 +189,18 @@ def test_drive_without_a_usb_venv_says_how_to_make_one(monkeypatch, tmp_path):
         bench.drive(_bench_args(only=["usb"]))
 
 
+def test_drive_refuses_another_backbone_beside_usb(monkeypatch, tmp_path):
+    """USB's step trains WRN-28-2: a ratio against another classifier would mean nothing."""
+    monkeypatch.setattr(bench, "_start", lambda *a, **k: pytest.fail("started a worker"))
+    with pytest.raises(SystemExit, match="--backbone wrn10_1 beside usb, whose step is wrn28_2"):
+        bench.drive(_bench_args(only=["bare", "usb"], backbone="wrn10_1"))
+
+
 def test_shared_flags_round_trip_through_the_worker_parser(monkeypatch):
     """What the driver passes its workers parses back to the same settings."""
     args = argparse.Namespace(batch_size=3, uratio=4, threads=5, warmup=6, pool=7, usb_workers=8,
                               precision="bf16", steps=9, rounds=10, compile="reduce-overhead",
-                              usb_keep_host_memory=True)  # fmt: skip
+                              usb_keep_host_memory=True, backbone="wrn10_1")  # fmt: skip
     seen = []
     monkeypatch.setattr(bench, "worker", seen.append)
     assert bench.main(["--worker", "rsmatch", *bench._shared_flags(args)]) == 0
@@ -212,7 +220,7 @@ def test_main_defaults(monkeypatch, capsys):
     assert (a.batch_size, a.uratio, a.steps, a.rounds, a.warmup) == (64, 7, 5, 2, 2)
     assert (a.pool, a.usb_workers, a.precision, a.compile) == (50_000, 0, "auto", None)
     assert a.only == ["bare", "usb", "fixmatch", "rsmatch"] and a.variant is None
-    assert a.usb_keep_host_memory is False and a.override == []
+    assert a.usb_keep_host_memory is False and a.override == [] and a.backbone == "wrn28_2"
     bench.main(["--compile", "--only", "bare"])
     assert seen[1].compile == "default" and seen[1].only == ["bare"]
 
@@ -236,16 +244,25 @@ def test_start_runs_usb_in_its_venv_and_the_others_on_this_checkout(monkeypatch,
         assert kw["env"]["OMP_NUM_THREADS"] == kw["env"]["MKL_NUM_THREADS"] == "3"
 
 
+def test_the_bare_step_trains_the_backbone_asked_for():
+    """A 10-layer WRN dispatches fewer operators per step than the default 28-layer one."""
+    args = argparse.Namespace(batch_size=1, uratio=1, pool=8, precision="no", compile=None)
+    ops = {name: profile_step._counted(bench._bare_step(argparse.Namespace(**vars(args), backbone=name)), 0)[0]
+           for name in ("wrn10_1", "wrn28_2")}  # fmt: skip
+    assert 0 < ops["wrn10_1"] < 0.5 * ops["wrn28_2"], ops
+
+
 def test_a_worker_trains_with_the_override_it_is_started_with(monkeypatch):
     """`--worker fixmatch --override=KEY=VALUE` (as `_start` writes it for a --variant) builds
     its trainer with that override."""
     built = []
     monkeypatch.setattr(bench, "_serve", lambda step, args: built.append(step.__self__))
     flags = ["--batch-size", "2", "--uratio", "1", "--pool", "48", "--precision", "no",
-             "--threads", "1"]  # fmt: skip
+             "--threads", "1", "--backbone", "wrn10_1"]  # fmt: skip
     assert bench.main(["--worker", "fixmatch", *flags, "--override=train.prefetch=true"]) == 0
     (trainer,) = built
     assert trainer.cfg.train.prefetch is True  # the default is "auto"
+    assert trainer.cfg.model.backbone == "wrn10_1"
     assert trainer.cfg.algorithm == "fixmatch" and trainer.cfg.train.batch_size == 2
 
 

@@ -8,7 +8,9 @@ rounds, interleaved (bare, usb, fixmatch, rsmatch, bare, usb, ...), so that a dr
 machine's load hits all of them alike. Each round starts with one untimed step; between its
 rounds a worker hands its freed memory back to the OS, so idle workers do not hold their peak.
 All use the same B, mu, number of torch threads, WRN-28-2 and random uint8 CIFAR-sized images
-(10 classes, 4 labels per class, a pool of `--pool`).
+(10 classes, 4 labels per class, a pool of `--pool`). `--backbone` gives rsmatch's contenders
+and the bare step another classifier (the GPU check's CPU dry run: wrn10_1); USB's stays
+WRN-28-2, so it is refused beside `usb`.
 
 - bare: one forward + backward + SGD step of rsmatch's classifier over B + 2*mu*B images;
   no data pipeline, no EMA, no pseudo-labels. rsmatch's `auto` precision, memory format and
@@ -50,6 +52,7 @@ USB = "semilearn==0.3.2"  # without its pins (torch, torchaudio, wandb, aim): th
 USB_IMPORTS = ["progress", "ruamel.yaml", "scikit-image"]
 STUBS = ("torchaudio", "wandb", "aim")
 CONTENDERS = ("bare", "usb", "fixmatch", "rsmatch")
+USB_BACKBONE = "wrn28_2"  # semilearn's wrn_28_2, what its FixMatch step trains here
 RSMATCH_CONTENDERS = ("fixmatch", "rsmatch")
 
 
@@ -108,7 +111,7 @@ def _rsmatch_step(args: argparse.Namespace, algorithm: str, out: str):
         split_meta={},
     )  # fmt: skip
     cfg = load_config(None, [
-        f"algorithm={algorithm}", "model.backbone=wrn28_2", f"train.batch_size={args.batch_size}",
+        f"algorithm={algorithm}", f"model.backbone={args.backbone}", f"train.batch_size={args.batch_size}",
         f"train.uratio={args.uratio}", f"train.output_dir={out}", "train.progress=false",
         f"train.mixed_precision={args.precision}",
         *(["train.compile=true", f"train.compile_mode={args.compile}"] if args.compile else []),
@@ -126,7 +129,7 @@ def _bare_step(args: argparse.Namespace):
     from rsmatch.algorithms import make_algorithm
     from rsmatch.config import load_config
 
-    cfg = load_config(None, ["algorithm=fixmatch", "model.backbone=wrn28_2"])
+    cfg = load_config(None, ["algorithm=fixmatch", f"model.backbone={args.backbone}"])
     precision = hardware.resolve(args.precision, "auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = make_algorithm(cfg, CLASSES, 40, args.pool, (3, 32, 32)).build_model().train()
@@ -291,12 +294,15 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
     return [f"--batch-size={args.batch_size}", f"--uratio={args.uratio}",
             f"--threads={args.threads}", f"--warmup={args.warmup}", f"--pool={args.pool}",
             f"--usb-workers={args.usb_workers}", f"--precision={args.precision}",
-            f"--steps={args.steps}", f"--rounds={args.rounds}",
+            f"--steps={args.steps}", f"--rounds={args.rounds}", f"--backbone={args.backbone}",
             *([f"--compile={args.compile}"] if args.compile else []),
             *(["--usb-keep-host-memory"] if args.usb_keep_host_memory else [])]  # fmt: skip
 
 
 def drive(args: argparse.Namespace) -> dict:
+    if "usb" in args.only and args.backbone != USB_BACKBONE:
+        raise SystemExit(f"bench_vs_usb: --backbone {args.backbone} beside usb, whose step is "
+                         f"{USB_BACKBONE}: drop usb from --only or the --backbone")  # fmt: skip
     if "usb" in args.only and not (USB_VENV / "bin" / "python").exists():
         raise SystemExit(f"bench_vs_usb: no USB venv at {USB_VENV}; run with --setup-usb first")
     workers = {kind: _start(kind, args) for kind in args.only}
@@ -366,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--pool", type=int, default=50_000, help="unlabeled images (CIFAR-10: 50k)")
+    ap.add_argument("--backbone", default=USB_BACKBONE,
+                    help="the classifier of the bare step and rsmatch's contenders (any timm name; "
+                         "not with usb, whose step trains WRN-28-2)")  # fmt: skip
     ap.add_argument("--usb-workers", type=int, default=0,
                     help="USB DataLoader workers (0: its augmentation runs in the timed process, "
                          "as rsmatch's does)")  # fmt: skip

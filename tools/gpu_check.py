@@ -99,8 +99,17 @@ TINY = {
         "1",
         "--rounds",
         "1",
+        "--backbone",
+        "wrn10_1",
     ],  # fmt: skip
-    "profile": ["--batch-size=2", "--uratio=2", "--pool=64", "--warmup=1", "--rounds=1"],
+    "profile": [
+        "--batch-size=2",
+        "--uratio=2",
+        "--pool=64",
+        "--warmup=1",
+        "--rounds=1",
+        "--backbone=wrn10_1",
+    ],  # fmt: skip
     "train": ["train.eval_batch_size=256", "train.log_every=1"],
 }
 TINY_TRAIN_STEPS = 2

@@ -3,7 +3,7 @@
     python tools/profile_step.py --algorithm fixmatch [rsmatch ...] [--batch-size 64 --uratio 7]
         [--trace] [--override train.graph_batches=true] [--variant train.prefetch=true]
 
-Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2, random CIFAR-sized images,
+Builds the same contenders as tools/bench_vs_usb.py (WRN-28-2 or `--backbone`, random CIFAR-sized images,
 `auto` precision; on the GPU when there is one), warms them up, then times, alternating over
 `--rounds`: `trainer.batches(step)` alone, `trainer.train_step` on a pre-made batch, and the
 bare forward + backward + SGD step, with `train.prefetch` off (each part on the main thread,
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--uratio", type=int, default=7)
     ap.add_argument("--pool", type=int, default=5000)
+    ap.add_argument("--backbone", default=bench.USB_BACKBONE,
+                    help="the classifier of the trainer's step and the bare step (any timm name)")  # fmt: skip
     ap.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"))
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=5)
