@@ -438,7 +438,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.live_model, step=step + 1)
+        # the warm-up reads the step count; without it the decay holds from the first update,
+        # as USB's EMA (timm given a step would copy the weights at the first)
+        self.ema.update(self.live_model, step=step + 1 if t.ema_warmup else None)
         logged = {
             "loss": loss.detach(),
             **{k: v.detach() for k, v in out.losses.items()},

@@ -13,12 +13,12 @@ from rsmatch.models import Classifier, Detector, Normalize, create_encoder, line
 from rsmatch.models.wrn import WideResNet
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
-EPS = 1e-3  # USB's BatchNorm eps
+BLOCK_EPS, FINAL_EPS = 1e-5, 1e-3  # USB's BatchNorm eps: PyTorch's in the blocks, 0.001 at the end
 
 
-def _bn_eval(x: torch.Tensor) -> torch.Tensor:
+def _bn_eval(x: torch.Tensor, eps: float = BLOCK_EPS) -> torch.Tensor:
     """A fresh BatchNorm in eval mode (running mean 0, var 1, weight 1, bias 0), by hand."""
-    return x / math.sqrt(1 + EPS)
+    return x / math.sqrt(1 + eps)
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +156,12 @@ def test_wrn_depth_must_be_6n_plus_4():
 
 
 def test_wrn_batchnorm_eps_is_usbs():
-    """Every BatchNorm uses eps 0.001 (USB), not PyTorch's 1e-5."""
-    bns = [m for m in create_encoder("wrn10_1").modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(m.eps == EPS for m in bns)
+    """As USB's WRN (semilearn >= 0.3.0): the final BatchNorm's eps is 0.001, the blocks' keep
+    PyTorch's 1e-5 (an eps of 0.001 everywhere was semilearn 0.2's)."""
+    enc = create_encoder("wrn10_1")
+    eps = {name: m.eps for name, m in enc.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert eps.pop("bn1") == FINAL_EPS
+    assert len(eps) == 6 and set(eps.values()) == {BLOCK_EPS}  # 3 blocks x (bn1, bn2)
 
 
 def test_wrn_downsamples_32_to_8_in_the_first_block_of_stages_2_and_3():
@@ -220,7 +223,7 @@ def test_wrn_blocks_follow_usbs_preactivation_quirks():
     close(seen["block2.0.shortcut"][0], x)
     close(out, seen["block2.0.shortcut"][1] + seen["block2.0.conv2"][1])
 
-    close(feats, _lrelu(_bn_eval(seen["block3.1"][1])))
+    close(feats, _lrelu(_bn_eval(seen["block3.1"][1], FINAL_EPS)))
 
 
 def test_wrn_conv_init_is_kaiming_normal_fan_out():

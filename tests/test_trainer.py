@@ -168,9 +168,10 @@ def test_run_record_names_the_split_seed_trained_on(sources, tmp_path):
 
 @pytest.mark.parametrize(
     "warmup, decays",
-    # by hand, step k = 0, 1, 2, 3: the first update copies the weights; with the warm-up the
-    # decay is min(0.6, 1 - 1/(1+k)) = 0, 1/2, min(0.6, 2/3), min(0.6, 3/4)
-    [(True, [0.0, 0.5, 0.6, 0.6]), (False, [0.0, 0.6, 0.6, 0.6])],
+    # by hand, step k = 0, 1, 2, 3: with the warm-up the decay is min(0.6, 1 - 1/(1+k)) = 0
+    # (the first update copies the weights), 1/2, min(0.6, 2/3), min(0.6, 3/4); without it 0.6
+    # from the first update, as USB's EMA
+    [(True, [0.0, 0.5, 0.6, 0.6]), (False, [0.6, 0.6, 0.6, 0.6])],
 )
 def test_the_ema_follows_its_decay_schedule_step_by_step(sources, tmp_path, warmup, decays):
     """The trainer's EMA, as configured (decay, warm-up, its step count): each step's average

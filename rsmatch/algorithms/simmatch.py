@@ -40,7 +40,11 @@ class SimMatchConfig:
     smoothing_alpha: float = option(0.9, "Label aggregation weight alpha.")
     da_len: int = option(32, "Distribution-alignment window, in batches.")
     lambda_in: float = option(1.0, "Weight of the similarity loss L_in.")
-    warmup_steps: int = option(1024, "L_in and aggregation are off for the first N steps.")
+    warmup_steps: int = option(
+        1024,
+        "L_in and aggregation are off for the first N steps: USB's first epoch, 1/1024 of its "
+        "2^20 steps (a fixed count here; USB's epoch shrinks with a shorter schedule).",
+    )
     bank_momentum: float = option(0.7, "Labeled bank update: normalize(m*bank + (1-m)*feat).")
     usb_bank_norm: bool = option(
         False,

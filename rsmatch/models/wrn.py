@@ -2,7 +2,8 @@
 
 `timm.create_model("wrn28_2", num_classes=10)` works once this module is imported (importing
 `rsmatch.models` does it). Kept from USB on purpose: pre-activation blocks, LeakyReLU(0.1),
-BatchNorm momentum 0.001 / eps 0.001, a bias on the stem conv only, activation before the residual in
+BatchNorm momentum 0.001 (eps 0.001 on the final BatchNorm only; the blocks' keep PyTorch's 1e-5,
+as USB's have since semilearn 0.3.0), a bias on the stem conv only, activation before the residual in
 stage 1 only, and USB's quirk that the first block of stages 2 and 3 feeds its *raw* input to
 conv1 (its bn1 output is unused; it still counts as a parameter and updates running stats).
 """
@@ -16,8 +17,8 @@ from torch import nn
 BN_MOMENTUM = 0.001
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=0.001)
+def _bn(channels: int, eps: float = 1e-5) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=eps)
 
 
 class BasicBlock(nn.Module):
@@ -73,7 +74,7 @@ class WideResNet(nn.Module):
             ]
             stages.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = stages
-        self.bn1, self.relu = _bn(channels[3]), nn.LeakyReLU(0.1)
+        self.bn1, self.relu = _bn(channels[3], eps=0.001), nn.LeakyReLU(0.1)
         self.num_features = channels[3]
         self.num_classes = num_classes
         self.fc = nn.Linear(channels[3], num_classes) if num_classes else nn.Identity()
