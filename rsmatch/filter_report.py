@@ -17,7 +17,7 @@ from rsmatch.benchmark.sources import image_bytes
 from rsmatch.filter import FilterResult, image_column, label_column, to_tensor
 
 GRID_IMAGES = 8  # per class and grid
-GRID_CLASSES = 20  # classes shown in a grid (the first ones by index)
+GRID_CLASSES = 20  # classes shown in a grid (the first ones by index; unlabeled images too)
 UNLABELED = "(no label)"  # rows whose label is datasets' -1
 
 
@@ -114,8 +114,10 @@ def extremes(
             else:  # datasets' -1, no label: a row of its own, after the classes
                 key = (y, names[y]) if y >= 0 else (len(names), UNLABELED)
             by_class.setdefault(key, []).append((s, split, row))
+    keys = sorted(by_class)  # the first classes by index, not by row; unlabeled images after
+    shown = keys[:GRID_CLASSES] + [k for k in keys[GRID_CLASSES:] if k[1] == UNLABELED]
     rows = []
-    for key in sorted(by_class)[:GRID_CLASSES]:  # the first classes by index, not by row
+    for key in shown:
         ranked = sorted(by_class[key], key=lambda e: e[0], reverse=most_synthetic)
         picked = ranked[:GRID_IMAGES]
         imgs = []

@@ -243,6 +243,9 @@ def test_rows_without_a_label_are_their_own_row_and_count(monkeypatch):
     dd = datasets.DatasetDict(train=labelled([10, 20, 30, 90], [0, -1, 1, -1], ["a", "b"]))
     top = rep.extremes(dd, SIZE, most_synthetic=True)
     assert [(n, s) for n, _, s in top] == [("a", [0.1]), ("b", [0.3]), ("(no label)", [0.9, 0.2])]
+    monkeypatch.setattr(rep, "GRID_CLASSES", 1)  # more classes than a grid shows: still a row
+    top = rep.extremes(dd, SIZE, most_synthetic=True)
+    assert [(n, s) for n, _, s in top] == [("a", [0.1]), ("(no label)", [0.9, 0.2])]
     result = FilterResult(0.5, {"call": ["real", "real", "real", "synthetic"]}, dd, dd, [])
     assert counts(result)["per_class"] == {
         "a": {"images": 1, "called_synthetic": 0},
