@@ -472,6 +472,18 @@ def test_a_resume_says_when_processes_or_precision_differ_from_the_checkpoint(
     other.prepare_output(resume=True)
     other.lock.release()
     assert "WARNING: resumed with" not in capsys.readouterr().err
+    # a checkpoint from before these were recorded: nothing to compare, no "processes 0 -> 1"
+    older = copy_run(straight, tmp_path / "c")
+    step4 = older / "checkpoints" / STEP4
+    saved = json.loads((step4 / "trainer.json").read_text(encoding="utf-8"))
+    del saved["world_size"], saved["mixed_precision"]
+    (step4 / "trainer.json").write_text(json.dumps(saved), encoding="utf-8")
+    write_manifest(step4)
+    resumed = Trainer(tiny_config(sources, older))
+    resumed.prepare_output(resume=True)
+    resumed.lock.release()
+    assert "WARNING" not in capsys.readouterr().err
+    assert (resumed.state.world_size, resumed.state.mixed_precision) == (1, "no")
 
 
 @pytest.mark.parametrize("best_step, set_aside", [(4, True), (2, False)])
