@@ -81,7 +81,9 @@ class DataConfig:
     )
     mean: list[float] = option(
         [0.485, 0.456, 0.406],
-        "Normalisation mean. USB normalises CIFAR-10 with ImageNet statistics (kept).",
+        "Normalisation mean. USB normalises CIFAR-10 with ImageNet statistics (kept), CIFAR-100 "
+        "with its own: set [0.5071, 0.4867, 0.4408] and data.std [0.2675, 0.2565, 0.2761] there "
+        "(as the CIFAR-100 grids do).",
     )
     std: list[float] = option([0.229, 0.224, 0.225], "Normalisation std.")
 

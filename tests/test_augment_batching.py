@@ -28,7 +28,7 @@ def _images(seed: int, n: int = N) -> torch.Tensor:
 @pytest.mark.parametrize("name", augment.OPS)
 def test_a_batch_of_one_op_is_that_op_on_the_whole_batch(name):
     x = _images(1)
-    p = augment.sample_strong(N, torch.Generator().manual_seed(2))
+    p = augment.sample_strong(N, torch.Generator().manual_seed(2), (32, 32))
     p.ops.fill_(augment.OPS.index(name))
     p.cutout[:, 2] = 0.0  # Cutout of side 0 draws nothing
     want = augment.apply_weak(x, p.weak).float()
@@ -42,7 +42,7 @@ def test_source_maps_of_large_images_keep_their_indices(layout):
     """192 x 192 has more pixels than int16 counts: the maps must not wrap around."""
     x = torch.randint(0, 256, (4, 3, 192, 192), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(6))  # fmt: skip
-    p = augment.sample_strong(4, torch.Generator().manual_seed(7))
+    p = augment.sample_strong(4, torch.Generator().manual_seed(7), (192, 192))
     p.ops.copy_(torch.tensor([[9, 10, 11], [12, 13, 9], [11, 12, 13], [10, 9, 12]]))  # geometric
     p.cutout[:, 2] = 0.0
     want = augment.apply_weak(x, p.weak).float()
@@ -65,7 +65,7 @@ def test_geometric_ops_come_last_so_sorting_by_op_puts_them_together():
 
 def test_each_image_of_a_mixed_batch_comes_out_as_alone():
     x = _images(3, 96)
-    p = augment.sample_strong(96, torch.Generator().manual_seed(4))
+    p = augment.sample_strong(96, torch.Generator().manual_seed(4), (32, 32))
     assert all(len(p.ops[:, slot].unique()) == len(augment.OPS) for slot in range(3))
     out = augment.apply_strong(x, p)
     for i in range(len(x)):
@@ -73,7 +73,7 @@ def test_each_image_of_a_mixed_batch_comes_out_as_alone():
 
 
 def test_params_leave_the_op_indices_and_magnitudes_on_the_host():
-    p = augment.sample_strong(4, torch.Generator().manual_seed(5)).to("meta")
+    p = augment.sample_strong(4, torch.Generator().manual_seed(5), (32, 32)).to("meta")
     assert p.ops.device.type == p.mags.device.type == "cpu"
     assert {t.device.type for t in (p.cutout, p.weak.shift, p.weak.flip)} == {"meta"}
 

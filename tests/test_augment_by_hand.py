@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 def test_strong_draws_come_from_one_generator_in_a_fixed_order():
     """crop shift, flip, ops, magnitudes, Cutout centre, Cutout side: a step's seed gives the same
     views only if this order (and the weak draws first) never changes."""
-    p = augment.sample_strong(5, torch.Generator().manual_seed(11))
+    p = augment.sample_strong(5, torch.Generator().manual_seed(11), (32, 32))
     g = torch.Generator().manual_seed(11)
     assert torch.equal(p.weak.shift, torch.randint(0, 9, (5, 2), generator=g))
     assert torch.equal(p.weak.flip, torch.rand(5, generator=g) < 0.5)
@@ -40,14 +40,14 @@ def test_strong_draws_come_from_one_generator_in_a_fixed_order():
 
 def test_crop_offsets_are_every_shift_of_the_4_pixel_padding():
     """Reflect-pad 4 (USB): crop offsets 0..8 on each axis, all of them drawn, none beyond."""
-    p = augment.sample_strong(400, torch.Generator().manual_seed(12))
+    p = augment.sample_strong(400, torch.Generator().manual_seed(12), (32, 32))
     for axis in (0, 1):
         assert sorted(p.weak.shift[:, axis].unique().tolist()) == list(range(9))
 
 
 def test_flip_probability_is_one_half():
     """40 000 draws: the share flipped is 0.5 within 4 standard deviations (0.01)."""
-    flip = augment.sample_weak(40_000, torch.Generator().manual_seed(13)).flip
+    flip = augment.sample_weak(40_000, torch.Generator().manual_seed(13), (32, 32)).flip
     assert flip.dtype == torch.bool
     assert 0.49 < flip.float().mean().item() < 0.51
 
@@ -55,7 +55,7 @@ def test_flip_probability_is_one_half():
 def test_views_are_uint8_of_the_input_shape():
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8,
                       generator=torch.Generator().manual_seed(14))  # fmt: skip
-    p = augment.sample_strong(3, torch.Generator().manual_seed(15))
+    p = augment.sample_strong(3, torch.Generator().manual_seed(15), (32, 32))
     assert p.weak.shift.dtype == torch.int64 and p.weak.shift.shape == (3, 2)
     assert p.ops.shape == p.mags.shape == (3, 3) and p.cutout.shape == (3, 3)
     for out in (
@@ -72,7 +72,7 @@ def test_cutout_side_is_a_fraction_of_the_width(layout):
     centre (32, 8) (u = 0: USB's uniform(size) gives size), corner (28, 4): rows 4-7 and columns
     28-31 filled, 16 pixels (a side of 0.25 * height = 2 px would fill 1)."""
     x = torch.zeros(1, 3, 8, 32, dtype=torch.uint8)
-    weak = augment.WeakParams(torch.tensor([[4, 4]]), torch.tensor([False]))
+    weak = augment.WeakParams(torch.tensor([[1, 1]]), torch.tensor([False]))  # pads 8 // 8 = 1
     p = augment.StrongParams(weak, torch.zeros(1, 3, dtype=torch.int64), torch.zeros(1, 3),
                              torch.tensor([[0.0, 0.0, 0.25]]))  # fmt: skip
     if layout == "grouped":

@@ -157,7 +157,7 @@ def test_op_matches_pillow(images: list[Image.Image], name: str):
 
 def test_weak_view_matches_torchvision(images: list[Image.Image]):
     x = to_tensor(images)
-    p = augment.sample_weak(len(images), torch.Generator().manual_seed(2))
+    p = augment.sample_weak(len(images), torch.Generator().manual_seed(2), (32, 32))
     assert p.flip.any() and not p.flip.all() and p.shift.min() == 0 and p.shift.max() == 8
     ref = [
         usb_weak(img, int(t), int(left), bool(f))
@@ -191,7 +191,7 @@ def strong_view(x: torch.Tensor, p: augment.StrongParams, layout: str) -> torch.
 @pytest.mark.parametrize("layout", ["grouped", "fixed"])
 def test_strong_view_matches_usb_pipeline(images: list[Image.Image], layout: str):
     many = images * 16  # 16 independent draws per image
-    p = augment.sample_strong(len(many), torch.Generator().manual_seed(3))
+    p = augment.sample_strong(len(many), torch.Generator().manual_seed(3), (32, 32))
     assert torch.equal(strong_view(to_tensor(many), p, layout), usb_strong(many, p))
 
 
@@ -201,7 +201,7 @@ def test_strong_view_on_cuda_matches_usb_pipeline(images: list[Image.Image], lay
     """The trainer augments on the training device: TF32, fused kernels and CUDA's libm must
     not change a pixel."""
     many = images * 16
-    p = augment.sample_strong(len(many), torch.Generator().manual_seed(8))
+    p = augment.sample_strong(len(many), torch.Generator().manual_seed(8), (32, 32))
     assert torch.equal(strong_view(to_tensor(many).cuda(), p, layout).cpu(), usb_strong(many, p))
 
 
@@ -216,7 +216,7 @@ def test_numpy_uniform_with_one_argument():
 def test_draws_follow_usb_distributions():
     """3 ops per image drawn uniformly with replacement, magnitudes and Cutout uniform."""
     n = 40_000
-    p = augment.sample_strong(n, torch.Generator().manual_seed(4))
+    p = augment.sample_strong(n, torch.Generator().manual_seed(4), (32, 32))
     assert p.ops.shape == (n, USB_N_OPS) and p.mags.shape == (n, USB_N_OPS)
     for slot in range(USB_N_OPS):
         counts = torch.bincount(p.ops[:, slot], minlength=14).numpy()
@@ -239,7 +239,9 @@ def test_cutout_always_applied_with_usbs_size_distribution():
     with USB's own random calls, and no image may escape it."""
     n = 2000
     black = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
-    out = augment.apply_strong(black, augment.sample_strong(n, torch.Generator().manual_seed(6)))
+    out = augment.apply_strong(
+        black, augment.sample_strong(n, torch.Generator().manual_seed(6), (32, 32))
+    )
     filled = (out == torch.tensor(FILL, dtype=torch.uint8).view(1, 3, 1, 1)).all(dim=1)
     assert ((out == 0).all(dim=1) | filled).all()
     area = filled.sum(dim=(1, 2)).numpy()

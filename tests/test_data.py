@@ -180,18 +180,46 @@ def test_index_stream_covers_each_epoch_once():
 
 
 def test_weak_draws_flip_half_and_shift_uniformly():
-    """USB's weak view: horizontal flip with p = 0.5, crop offsets uniform over 0..8."""
-    p = augment.sample_weak(40_000, torch.Generator().manual_seed(0))
+    """USB's weak view: horizontal flip with p = 0.5, crop offsets uniform over 0..8 (32 x 32)."""
+    p = augment.sample_weak(40_000, torch.Generator().manual_seed(0), (32, 32))
     assert abs(p.flip.float().mean().item() - 0.5) < 0.01  # 4 standard deviations
     for axis in (0, 1):
         counts = torch.bincount(p.shift[:, axis], minlength=9)
         assert len(counts) == 9 and (counts - 40_000 / 9).abs().max() < 300  # ~3 sd
 
 
+def test_weak_crop_pads_an_eighth_of_the_image_as_usb():
+    """USB pads int(img_size * (1 - crop_ratio 0.875)): 4 px at 32, 12 at 96 (STL-10's size),
+    2 for a 20 x 28 image (its shorter side)."""
+    assert [augment.crop_pad(*hw) for hw in ((32, 32), (96, 96), (20, 28))] == [4, 12, 2]
+    shifts = augment.sample_weak(2000, torch.Generator().manual_seed(1), (96, 96)).shift
+    assert shifts.min() == 0 and shifts.max() == 24  # 0..2 * 12
+    # offset (0, 0), no flip: the image moves 12 px down and right, the top-left corner
+    # mirrored from x[12, 12] (reflect padding does not repeat the edge)
+    x = torch.randint(
+        0, 256, (1, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    out = augment.apply_weak(x, augment.WeakParams(torch.tensor([[0, 0]]), torch.tensor([False])))
+    assert torch.equal(out[..., 12:, 12:], x[..., :84, :84])
+    assert torch.equal(out[..., 0, 0], x[..., 12, 12])
+
+
+def test_batches_of_larger_images_crop_with_their_own_padding():
+    """The batch maker draws offsets for the images it has: 48 x 48 pads 6 px, offsets 0..12."""
+    g = torch.Generator().manual_seed(0)
+    img = lambda n: torch.randint(0, 256, (n, 3, 48, 48), dtype=torch.uint8, generator=g)  # noqa: E731
+    data = TrainData(img(12), torch.arange(12) % 3, img(40), img(6), torch.arange(6) % 3, CLASSES,
+                     Provenance(torch.zeros(40, dtype=torch.bool), ["real"] * 40), {})  # fmt: skip
+    maker = BatchMaker(data, 6, 2, seed=3, rank=0, world=1, device=torch.device("cpu"))
+    shifts = torch.cat([torch.cat([d.weak_lb.shift, d.weak_u.shift, d.strong_u.weak.shift])
+                        for d in map(maker.draws, range(40))])  # fmt: skip
+    assert shifts.min() == 0 and shifts.max() == 12
+
+
 def test_cutout_side_is_a_fraction_of_the_width():
     """USB's Cutout: side v * width (`img.size[0]`), on a non-square image."""
     x = torch.zeros(1, 3, 16, 32, dtype=torch.uint8)
-    weak = augment.WeakParams(torch.tensor([[4, 4]]), torch.tensor([False]))  # no shift, no flip
+    weak = augment.WeakParams(torch.tensor([[2, 2]]), torch.tensor([False]))  # no shift, no flip
     identity = torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3)
     cutout = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64)
     filled = (augment.apply_strong(x, augment.StrongParams(weak, *identity, cutout))[0] != 0).all(0)
@@ -235,7 +263,7 @@ def test_augment_views():
     assert torch.equal(augment.apply_weak(x, still), x)
     flipped = augment.WeakParams(torch.full((64, 2), 4), torch.ones(64, dtype=torch.bool))
     assert torch.equal(augment.apply_weak(x, flipped), x.flip(-1))
-    p = augment.sample_strong(64, g)
+    p = augment.sample_strong(64, g, (32, 32))
     s = augment.apply_strong(x, p)
     assert s.dtype == torch.uint8 and s.shape == x.shape
     assert torch.equal(augment.apply_strong(x[10:20], p[10:20]), s[10:20])  # per-image, sliceable

@@ -33,7 +33,7 @@ def test_fixed_strong_view_is_the_grouped_one():
         x = torch.randint(
             0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
         )
-        p = augment.sample_strong(n, torch.Generator().manual_seed(seed + 10))
+        p = augment.sample_strong(n, torch.Generator().manual_seed(seed + 10), (h, w))
         got = augment.apply_strong_fixed(x, augment.fixed(p, h, w))
         assert torch.equal(got, augment.apply_strong(x, p)), shape
 
@@ -61,7 +61,9 @@ def _launches(strong, layout) -> list[tuple]:
     """What strong-view augmentation launches on a device (`meta`), for draws of seed 0 and 1."""
     out = []
     for seed in (0, 1):
-        p = layout(augment.sample_strong(32, torch.Generator().manual_seed(seed))).to("meta")
+        p = layout(augment.sample_strong(32, torch.Generator().manual_seed(seed), (32, 32))).to(
+            "meta"
+        )
         x = torch.empty(32, 3, 32, 32, dtype=torch.uint8, device="meta")
         with _Launches() as recorded:
             strong(x, p)

@@ -38,7 +38,15 @@ OPS = (
     "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
 )  # fmt: skip
 N_OPS = 3
-PAD = 4  # weak view: reflect-pad 4 pixels, then crop back at a random offset
+CROP_RATIO = 0.875  # USB's crop_ratio: the weak view reflect-pads (1 - ratio) * size per side
+
+
+def crop_pad(h: int, w: int) -> int:
+    """Pixels of reflect padding on each side before the weak view's random crop: USB's
+    int(img_size * (1 - crop_ratio)), 4 at 32 x 32 (the shorter side for a non-square image)."""
+    return int(min(h, w) * (1 - CROP_RATIO))
+
+
 CUTOUT_FILL = (125.0, 123.0, 114.0)
 
 
@@ -52,7 +60,7 @@ class Params(Movable):
 
 @dataclass
 class WeakParams(Params):
-    shift: torch.Tensor  # [N, 2] crop offsets in [0, 2 * PAD]
+    shift: torch.Tensor  # [N, 2] crop offsets in [0, 2 * crop_pad]
     flip: torch.Tensor  # [N] bool
 
 
@@ -72,15 +80,16 @@ class StrongParams(Params):
         )
 
 
-def sample_weak(n: int, gen: torch.Generator) -> WeakParams:
+def sample_weak(n: int, gen: torch.Generator, size: tuple[int, int]) -> WeakParams:
+    """Crop offsets and flips for n images of `size` (height, width)."""
     return WeakParams(
-        shift=torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen),
+        shift=torch.randint(0, 2 * crop_pad(*size) + 1, (n, 2), generator=gen),
         flip=torch.rand(n, generator=gen) < 0.5,
     )
 
 
-def sample_strong(n: int, gen: torch.Generator) -> StrongParams:
-    weak = sample_weak(n, gen)
+def sample_strong(n: int, gen: torch.Generator, size: tuple[int, int]) -> StrongParams:
+    weak = sample_weak(n, gen, size)
     ops = torch.randint(0, len(OPS), (n, N_OPS), generator=gen)
     mags = torch.rand(n, N_OPS, generator=gen)
     centre = torch.rand(n, 2, generator=gen)
@@ -91,7 +100,8 @@ def sample_strong(n: int, gen: torch.Generator) -> StrongParams:
 def apply_weak(x: torch.Tensor, p: WeakParams) -> torch.Tensor:
     """Random crop of the reflect-padded image, then flip. uint8 [N,C,H,W] in and out."""
     n, _, h, w = x.shape
-    padded = F.pad(x.float(), (PAD, PAD, PAD, PAD), mode="reflect")
+    pad = crop_pad(h, w)
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
     rows = p.shift[:, 0, None] + torch.arange(h, device=x.device)  # [N, H]
     cols = p.shift[:, 1, None] + torch.arange(w, device=x.device)  # [N, W]
     batch = torch.arange(n, device=x.device)[:, None, None]
