@@ -515,7 +515,9 @@ class Trainer:
             self.algorithm.evaluate(EvalContext(ema, live, self._predict, self.data, warn))
         )
         live.train()
-        improved = test_acc > self.state.best_acc
+        # the first evaluation is the best so far whatever it scores (0% included: best_acc
+        # starts at 0, and a strict > alone left such a run without best/ and at best_step 0)
+        improved = self.state.best_step == 0 or test_acc > self.state.best_acc
         if improved:
             self.state.best_acc, self.state.best_step = test_acc, step
         results.update(best_acc=self.state.best_acc, best_step=self.state.best_step)

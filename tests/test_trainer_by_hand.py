@@ -114,6 +114,23 @@ def test_best_is_the_first_evaluation_of_the_highest_accuracy(sources, tmp_path,
     trainer.lock.release()
 
 
+def test_a_first_evaluation_at_zero_accuracy_is_the_best_so_far(sources, tmp_path, monkeypatch):
+    """0% (a tiny or diverged run) is still the first best: best/ and best_step name it, and a
+    later 0% is a tie, not a new best."""
+    trainer = _trainer(sources, tmp_path)
+    trainer.prepare_output()
+    accuracies = iter([0.0, 0.0, 0.25])
+    monkeypatch.setattr("rsmatch.evaluate.accuracy", lambda *_: next(accuracies))
+    for step in (2, 4):
+        trainer._evaluate(step)
+    assert (trainer.state.best_acc, trainer.state.best_step) == (0.0, 2)
+    record = json.loads((tmp_path / "run" / "best" / "best.json").read_text(encoding="utf-8"))
+    assert record == {"step": 2, "test_acc": 0.0}
+    trainer._evaluate(6)
+    assert (trainer.state.best_acc, trainer.state.best_step) == (0.25, 6)
+    trainer.lock.release()
+
+
 def test_logs_every_log_every_steps_and_the_last_partial_window(sources, tmp_path):
     """log_every = 2 over 5 steps logs at steps 2, 4 and 5, each the mean of its own window:
     the loss logged at step 5 is step 5's alone, at step 2 the mean of steps 1 and 2."""
