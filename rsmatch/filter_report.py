@@ -17,7 +17,7 @@ from rsmatch.benchmark.sources import image_bytes
 from rsmatch.filter import FilterResult, image_column, label_column, to_tensor
 
 GRID_IMAGES = 8  # per class and grid
-GRID_CLASSES = 20  # classes shown in a grid (the first ones by index; unlabeled images too)
+GRID_CLASSES = 20  # classes shown in a grid (the first ones by index), plus the (no label) row
 UNLABELED = "(no label)"  # rows whose label is datasets' -1
 
 

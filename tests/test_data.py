@@ -204,16 +204,24 @@ def test_weak_crop_pads_an_eighth_of_the_image_as_usb():
     assert torch.equal(out[..., 0, 0], x[..., 12, 12])
 
 
-def test_batches_of_larger_images_crop_with_their_own_padding():
-    """The batch maker draws offsets for the images it has: 48 x 48 pads 6 px, offsets 0..12."""
+def _images_of_side(n: int, side: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=g)
+
+
+def test_each_stream_crops_with_its_own_images_padding():
+    """The batch maker draws each view's offsets for the images it is made from: 48-px labeled
+    images pad 6 px (offsets 0..12), 64-px unlabeled ones 8 px (0..16), weak and strong alike."""
     g = torch.Generator().manual_seed(0)
-    img = lambda n: torch.randint(0, 256, (n, 3, 48, 48), dtype=torch.uint8, generator=g)  # noqa: E731
-    data = TrainData(img(12), torch.arange(12) % 3, img(40), img(6), torch.arange(6) % 3, CLASSES,
+    data = TrainData(_images_of_side(12, 48, g), torch.arange(12) % 3, _images_of_side(40, 64, g),
+                     _images_of_side(6, 48, g), torch.arange(6) % 3, CLASSES,
                      Provenance(torch.zeros(40, dtype=torch.bool), ["real"] * 40), {})  # fmt: skip
     maker = BatchMaker(data, 6, 2, seed=3, rank=0, world=1, device=torch.device("cpu"))
-    shifts = torch.cat([torch.cat([d.weak_lb.shift, d.weak_u.shift, d.strong_u.weak.shift])
-                        for d in map(maker.draws, range(40))])  # fmt: skip
-    assert shifts.min() == 0 and shifts.max() == 12
+    draws = [maker.draws(step) for step in range(40)]
+    for name, stream, high in (("weak_lb", lambda d: d.weak_lb, 12),
+                               ("weak_u", lambda d: d.weak_u, 16),
+                               ("strong_u", lambda d: d.strong_u.weak, 16)):  # fmt: skip
+        shifts = torch.cat([stream(d).shift for d in draws])
+        assert (shifts.min(), shifts.max()) == (0, high), name
 
 
 def test_cutout_side_is_a_fraction_of_the_width():

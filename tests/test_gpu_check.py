@@ -74,6 +74,7 @@ def test_dry_run_records_every_step(tmp_path):
     assert steps["gpu_tests"]["counts"] == {"skipped": len(outcomes)} and len(outcomes) >= 24
     # bare, FixMatch and RSMatch timed interleaved in one run of tools/bench_vs_usb.py
     assert steps["throughput"]["bare"]["s_per_step"] > 0
+    assert steps["throughput"]["backbone"] == "wrn10_1"  # the dry run's small classifier
     assert set(steps["throughput"]["ratios"]) == {
         "bare / rsmatch fixmatch (>= 0.9 wanted)", "rsmatch / rsmatch fixmatch (<= 1.2 wanted)"}  # fmt: skip
     for algo in ("fixmatch", "rsmatch"):

@@ -414,12 +414,12 @@ def _recording(monkeypatch, answers, stands_for="run_for_json"):
 
 def test_bench_records_each_contender_from_the_medians(monkeypatch, tmp_path):
     measured = {"median_s_per_step": {"bare": 0.25, "fixmatch": 0.5, "rsmatch": 0.8},
-                "ratios": {"r": 0.5}, "machine": "M"}  # fmt: skip
+                "ratios": {"r": 0.5}, "machine": "M", "backbone": "B"}  # fmt: skip
     calls = _recording(monkeypatch, [({"status": "ok"}, measured)])
     got = gpu_check.bench(_check(tmp_path, precision="bf16"), tmp_path / "t.log", 60, ["--x"])
     assert got["bare"] == {"status": "ok", "s_per_step": 0.25, "it_per_s": 4.0}
     assert got["rsmatch"] == {"status": "ok", "s_per_step": 0.8, "it_per_s": 1.25}
-    assert got["ratios"] == {"r": 0.5} and got["bench_machine"] == "M"
+    assert got["ratios"] == {"r": 0.5} and got["bench_machine"] == "M" and got["backbone"] == "B"
     cmd = calls[0]["cmd"]
     assert cmd[:6] == ["PY", "tools/bench_vs_usb.py", "--only", "bare", "fixmatch", "rsmatch"]
     assert "--precision=bf16" in cmd and cmd[-1] == "--x" and calls[0]["limit"] == 60
@@ -444,7 +444,7 @@ def test_a_bench_that_exits_0_without_its_summary_failed(monkeypatch, tmp_path):
 def test_throughput_limit_and_rsmatch_over_fixmatch(monkeypatch, tmp_path):
     """Limit: min(share x 120 s, left - kept for training); the ratio is rsmatch / fixmatch."""
     measured = {"median_s_per_step": {"bare": 0.1, "fixmatch": 0.4, "rsmatch": 0.5},
-                "ratios": {}, "machine": "M"}  # fmt: skip
+                "ratios": {}, "machine": "M", "backbone": "B"}  # fmt: skip
     calls = _recording(monkeypatch, [({"status": "ok"}, measured)] * 3)
     got = gpu_check.throughput(_check(tmp_path, left=1000, keep=100))
     assert got["rsmatch_over_fixmatch"] == 1.25 and calls[0]["limit"] == 120
@@ -480,7 +480,7 @@ def test_profile_runs_each_algorithm_and_the_variant_in_one_process(monkeypatch,
 
 
 def test_compiled_times_each_mode_in_its_own_bench(monkeypatch, tmp_path):
-    measured = {"median_s_per_step": {"bare": 0.5}, "ratios": {}, "machine": "M"}
+    measured = {"median_s_per_step": {"bare": 0.5}, "ratios": {}, "machine": "M", "backbone": "B"}
     answers = [({"status": "ok"}, measured), ({"status": "timeout"}, None)]
     calls = _recording(monkeypatch, answers)
     got = gpu_check.compiled(_check(tmp_path), ["default", "reduce-overhead"])

@@ -336,7 +336,7 @@ def drive(args: argparse.Namespace) -> dict:
             ratios[f"{rsm} / rsmatch {fm} (<= 1.2 wanted)"] = med[rsm] / med[fm]
     return {
         "machine": _machine(), "batch_size": args.batch_size, "uratio": args.uratio,
-        "threads": args.threads, "rsmatch_precision": args.precision, "compile": args.compile, "variant": args.variant,
+        "threads": args.threads, "backbone": args.backbone, "rsmatch_precision": args.precision, "compile": args.compile, "variant": args.variant,
         "usb_keep_host_memory": args.usb_keep_host_memory, "steps_per_round": args.steps, "rounds": args.rounds,
         "median_s_per_step": {k: _digits(v) for k, v in med.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

@@ -390,6 +390,7 @@ def bench(c: Check, log: Path, limit: float, extra: list[str]) -> dict:
                             "it_per_s": round(1 / med[name], 2)}  # fmt: skip
         result["ratios"] = measured["ratios"]
         result["bench_machine"] = measured["machine"]
+        result["backbone"] = measured["backbone"]
     for name in contenders:
         result.setdefault(name, {"status": result["status"]})
     return result

@@ -8,7 +8,7 @@
 #                             [--compile default reduce-overhead] [--variant KEY=VALUE]
 #
 # --out defaults to $OUT when set (the device tool's folder), else runs/gpu_check.
-# --dry-run: tiny sizes on the CPU, no installs, GPU tests skipped (CI runs it: 2 minutes on a 2-core Zen 3).
+# --dry-run: tiny sizes on the CPU, no installs, GPU tests skipped (CI runs it: ~1.5 minutes on a 2-core Zen 3).
 # Wheels in .whl/ (tools/gpu_wheels.sh) and data in .gpudata/ (tools/prepare_gpu_data.sh) are
 # used when present. Every other option goes to tools/gpu_check.py (see its --help).
 set -uo pipefail

@@ -116,7 +116,8 @@ def profile(
             print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
             if torch.cuda.is_available():
                 print(averages.table(sort_by="self_cuda_time_total", row_limit=12))
-    return {"precision": trainer.precision.record(), "median_s": med, "aten_ops": ops}
+    return {"backbone": args.backbone, "precision": trainer.precision.record(), "median_s": med,
+            "aten_ops": ops}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Weak and strong views of whole uint8 batches, on whatever device the batch lives on.
 
-USB's recipe, batched: weak = reflect-pad-4 random crop + horizontal flip; strong = weak +
+USB's recipe, batched: weak = random crop of the image reflect-padded by an eighth of its size
+(4 px at 32) + horizontal flip; strong = weak +
 RandAugment drawing 3 of 14 ops *with replacement*, each with a uniformly random magnitude
 (the FixMatch "RA" variant), then Cutout of side U(0, 0.5) * size filled with (125, 123, 114).
 Each op reproduces Pillow's output on uint8 images pixel for pixel, given the same draws

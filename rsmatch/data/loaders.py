@@ -187,7 +187,9 @@ class BatchMaker:
             gen = step_generator(self.seed, AUG_UNLABELED, step)
             out.idx_ulb = self.ulb_stream.indices(step)[self.ulo : self.uhi]
             out.u = d.unlabeled[out.idx_ulb]
-            out.weak_u = augment.sample_weak(self.ub, gen, size)[self.ulo : self.uhi]
+            out.weak_u = augment.sample_weak(self.ub, gen, tuple(out.u.shape[2:]))[
+                self.ulo : self.uhi
+            ]
             out.strong_u = self._strong_draws(out.u, self.ub, gen, self.ulo, self.uhi)
         return out
 

@@ -2,7 +2,7 @@
 
 `timm.create_model("wrn28_2", num_classes=10)` works once this module is imported (importing
 `rsmatch.models` does it). Kept from USB on purpose: pre-activation blocks, LeakyReLU(0.1),
-BatchNorm momentum 0.001 (eps 0.001 on the final BatchNorm only; the blocks' keep PyTorch's 1e-5,
+BatchNorm momentum 0.001 (eps 0.001 on the final BatchNorm only; the blocks keep PyTorch's 1e-5,
 as USB's have since semilearn 0.3.0), a bias on the stem conv only, activation before the residual in
 stage 1 only, and USB's quirk that the first block of stages 2 and 3 feeds its *raw* input to
 conv1 (its bn1 output is unused; it still counts as a parameter and updates running stats).
@@ -15,9 +15,10 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 BN_MOMENTUM = 0.001
+BLOCK_EPS, FINAL_EPS = 1e-5, 1e-3  # USB's: PyTorch's default in the blocks, 0.001 at the end
 
 
-def _bn(channels: int, eps: float = 1e-5) -> nn.BatchNorm2d:
+def _bn(channels: int, eps: float = BLOCK_EPS) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=eps)
 
 
@@ -74,7 +75,7 @@ class WideResNet(nn.Module):
             ]
             stages.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = stages
-        self.bn1, self.relu = _bn(channels[3], eps=0.001), nn.LeakyReLU(0.1)
+        self.bn1, self.relu = _bn(channels[3], eps=FINAL_EPS), nn.LeakyReLU(0.1)
         self.num_features = channels[3]
         self.num_classes = num_classes
         self.fc = nn.Linear(channels[3], num_classes) if num_classes else nn.Identity()
