@@ -51,6 +51,13 @@ def write_folder(out: Path, fill: Callable[[Path], object]) -> None:
     _remove(old)
 
 
+def replace_path(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, removing what `dst` held first (a folder set aside before, a
+    checkpoint written again)."""
+    _remove(dst)
+    os.replace(src, dst)
+
+
 def _remove(path: Path) -> None:
     """A folder with its contents, or a file or link (an `out` that was one)."""
     if path.is_dir() and not path.is_symlink():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from rsmatch.atomic import write_text_atomic
+from rsmatch.atomic import replace_path, write_text_atomic
 from rsmatch.config import dump_yaml
 
 # torch, Accelerate and safetensors are imported where a checkpoint is saved or loaded: the
@@ -140,8 +140,7 @@ def save(
         (tmp / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
         readable_as_umask(tmp)
         write_manifest(tmp)  # last: it vouches for everything above
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_path(tmp, final)
         write_text_atomic(root / LATEST, final.name + "\n")
         for old in steps(root)[keep:]:  # folders only: a stray `step_*` file is not counted
             shutil.rmtree(old)
@@ -244,8 +243,7 @@ def set_aside(root: Path, resumed: Path) -> list[Path]:
     for path in steps(root):
         if path.name > resumed.name:
             target = root / f"set_aside_{path.name}"
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(path, target)
+            replace_path(path, target)
             moved.append(target)
     write_text_atomic(root / LATEST, resumed.name + "\n")
     return moved

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 from rsmatch import checkpoint, evaluate, hardware, runfolder
 from rsmatch.algorithms import make_algorithm
 from rsmatch.algorithms.base import EvalContext, StepContext
-from rsmatch.atomic import write_folder, write_text_atomic
+from rsmatch.atomic import replace_path, write_folder, write_text_atomic
 from rsmatch.config import Config, ConfigError, check_world_size, flatten, to_dict
 from rsmatch.data.batch import Provenance, TrainData
 from rsmatch.data.check import check_sources
@@ -575,8 +574,7 @@ class Trainer:
             return False
         if step > self.state.step:
             target = self.out / f"set_aside_best_step_{step:08d}"
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(self.out / "best", target)
+            replace_path(self.out / "best", target)
             self._note(f"best/ (step {step}): newer than the checkpoint resumed from, set aside "
                        f"as {target.name}")  # fmt: skip
             return True

@@ -177,19 +177,15 @@ class BatchMaker:
         gen = step_generator(self.seed, AUG_LABELED, step)
         idx = self.lb_stream.indices(step)[self.lo : self.hi]
         x = d.labeled[idx]
-        size = tuple(x.shape[2:])
-        out = Draws(
-            x, d.labeled_y[idx], idx, augment.sample_weak(self.b, gen, size)[self.lo : self.hi]
-        )
+        weak = augment.sample_weak(self.b, gen, x.shape[2:])[self.lo : self.hi]
+        out = Draws(x, d.labeled_y[idx], idx, weak)
         if self.strong_labeled:  # drawn after the weak params, so those never depend on it
             out.strong_lb = self._strong_draws(x, self.b, gen, self.lo, self.hi)
         if self.use_unlabeled:
             gen = step_generator(self.seed, AUG_UNLABELED, step)
             out.idx_ulb = self.ulb_stream.indices(step)[self.ulo : self.uhi]
             out.u = d.unlabeled[out.idx_ulb]
-            out.weak_u = augment.sample_weak(self.ub, gen, tuple(out.u.shape[2:]))[
-                self.ulo : self.uhi
-            ]
+            out.weak_u = augment.sample_weak(self.ub, gen, out.u.shape[2:])[self.ulo : self.uhi]
             out.strong_u = self._strong_draws(out.u, self.ub, gen, self.ulo, self.uhi)
         return out
 
@@ -198,7 +194,7 @@ class BatchMaker:
     ) -> augment.StrongParams | augment.FixedStrongParams:
         """Strong draws for the global batch of n, this rank's rows lo:hi of them; laid out
         with fixed shapes for a graph, which replays one sequence of kernels."""
-        p = augment.sample_strong(n, gen, tuple(x.shape[2:]))[lo:hi]
+        p = augment.sample_strong(n, gen, x.shape[2:])[lo:hi]
         return augment.fixed(p, *x.shape[2:]) if self.graph is not None else p
 
     def __call__(self, step: int) -> Batch:
